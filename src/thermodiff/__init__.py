@@ -1,0 +1,34 @@
+"""thermodiff: diffusion probabilistic models (Sohl-Dickstein et al., ICML 2015).
+
+The package is layered so each part can be read on its own:
+
+- ``distributions``: closed-form KLs, entropies and log-densities (pure functions).
+- ``schedules``: the forward noise schedules beta_t, fixed or learned.
+- ``gaussian`` / ``binomial``: one object per diffusion process owning its math.
+- ``bound``: the variational bound K assembled from the processes' terms.
+- ``networks``: reverse-model networks and the temporal readout.
+- ``sampling``: ancestral sampling.
+- ``data``, ``training``, ``evaluation``, ``checkpoint``, ``config``, ``plotting``, ``cli``.
+"""
+
+from thermodiff.binomial import BinomialDiffusion, BinomialParameterization
+from thermodiff.bound import BoundEstimate, exact_bound, training_loss
+from thermodiff.gaussian import Decoder, GaussianDiffusion, GaussianParameterization
+from thermodiff.sampling import ancestral_sample
+from thermodiff.schedules import Schedule, make_schedule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BinomialDiffusion",
+    "BinomialParameterization",
+    "BoundEstimate",
+    "Decoder",
+    "GaussianDiffusion",
+    "GaussianParameterization",
+    "Schedule",
+    "ancestral_sample",
+    "exact_bound",
+    "make_schedule",
+    "training_loss",
+]

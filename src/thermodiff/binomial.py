@@ -1,0 +1,128 @@
+"""Binomial diffusion for binary data (Sohl-Dickstein et al. 2015, App. A and D.1.2).
+
+The forward kernel q(x_t = 1 | x_{t-1}) = x_{t-1} (1 - beta_t) + p beta_t decays every bit
+towards the stationary Bernoulli(p) (the paper's table writes p = 0.5; its heartbeat experiment
+uses the data's mean activity). The reverse model is any callable ``model(x_t, t) -> z`` with
+``z`` of shape ``(N, 1, *x.shape[1:])``. Times are 1-based, tables float64.
+"""
+
+from enum import Enum
+
+import torch
+from torch import Tensor, nn
+
+from thermodiff.distributions import bernoulli_entropy, bernoulli_kl, bernoulli_log_prob
+from thermodiff.gaussian import Decoder, gather, sum_except_batch
+from thermodiff.schedules import Schedule
+
+
+class BinomialParameterization(str, Enum):
+    """How the network output z becomes the reverse kernel's probability f_b(x_t, t)."""
+
+    PAPER = "paper"  # f_b = sigmoid(z) (paper App. A)
+    FORWARD_OFFSET = "forward_offset"  # logit f_b = z + logit of the forward kernel's mean
+
+
+class BinomialDiffusion(nn.Module):
+    """q(x_t | x_{t-1}) = B(x_{t-1} (1 - beta_t) + p beta_t), p(x_T) = B(p)."""
+
+    outputs_per_dim = 1
+
+    def __init__(
+        self,
+        schedule: Schedule,
+        stationary_p: float,
+        parameterization: BinomialParameterization | str = BinomialParameterization.FORWARD_OFFSET,
+        decoder: Decoder | str = Decoder.FORWARD,
+    ):
+        super().__init__()
+        if not 0 < stationary_p < 1:
+            raise ValueError(f"the stationary probability must lie in (0, 1), got {stationary_p}")
+        if schedule.learn:
+            raise ValueError("binomial diffusion supports fixed schedules only")
+        self.schedule = schedule
+        self.register_buffer("p", torch.tensor(float(stationary_p), dtype=torch.float64))
+        self.parameterization = BinomialParameterization(parameterization)
+        self.decoder = Decoder(decoder)
+
+    @property
+    def T(self) -> int:
+        return self.schedule.T
+
+    def kernel_mean(self, x_prev: Tensor, beta: Tensor) -> Tensor:
+        """q(x_t = 1 | x_{t-1}) = x_{t-1} (1 - beta_t) + p beta_t (paper App. A, binomial column)."""
+        return x_prev * (1 - beta) + self.p * beta
+
+    def marginal_mean(self, x0: Tensor, t: Tensor) -> Tensor:
+        """q(x_t = 1 | x_0) = x_0 abar_t + p (1 - abar_t), abar_t = prod_{s<=t} (1 - beta_s); t = 0 gives x_0."""
+        abar = torch.cat([torch.ones(1, dtype=torch.float64, device=x0.device), torch.cumprod(1 - self.schedule.betas(), 0)])
+        a = gather(abar, t + 1, x0)
+        return x0.double() * a + self.p * (1 - a)
+
+    def q_sample(self, x0: Tensor, t: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Draw x_t ~ q(x_t | x_0)."""
+        return torch.bernoulli(self.marginal_mean(x0, t), generator=generator).to(x0.dtype)
+
+    def q_posterior(self, x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """q(x_{t-1} = 1 | x_t, x_0), t >= 2, by Bayes' rule on q(x_{t-1}|x_0) q(x_t|x_{t-1})."""
+        beta = gather(self.schedule.betas(), t, x0)
+        prior_1 = self.marginal_mean(x0, t - 1)
+        x_t = x_t.double()
+        like_1 = bernoulli_log_prob(x_t, self.kernel_mean(torch.ones_like(x_t), beta)).exp()
+        like_0 = bernoulli_log_prob(x_t, self.kernel_mean(torch.zeros_like(x_t), beta)).exp()
+        joint_1 = prior_1 * like_1
+        return joint_1 / (joint_1 + (1 - prior_1) * like_0)
+
+    def p_prob(self, model, x_t: Tensor, t: Tensor) -> Tensor:
+        """f_b(x_t, t) = p(x_{t-1} = 1 | x_t) from the network output."""
+        z = model(x_t, t).double()[:, 0]
+        if self.parameterization is BinomialParameterization.FORWARD_OFFSET:
+            forward = self.kernel_mean(x_t.double(), gather(self.schedule.betas(), t, x_t))
+            z = z + torch.logit(forward)
+        return torch.sigmoid(z)
+
+    def prior_kl(self, x0: Tensor) -> Tensor:
+        """KL(q(x_T | x_0) || B(p)) per example (zero when beta_T = 1)."""
+        T = torch.full((len(x0),), self.T, dtype=torch.long, device=x0.device)
+        return sum_except_batch(bernoulli_kl(self.marginal_mean(x0, T), self.p.expand_as(x0)))
+
+    def reverse_kl(self, model, x0: Tensor, t: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """One-draw estimate of E_{q(x_t|x_0)} KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)), t >= 2."""
+        x_t = self.q_sample(x0, t, generator)
+        return sum_except_batch(bernoulli_kl(self.q_posterior(x0, x_t, t), self.p_prob(model, x_t, t)))
+
+    def decoder_log_likelihood(self, model, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """E_{q(x_1|x_0)} log p(x_0 | x_1) per example.
+
+        FORWARD (paper App. B.2): p(x_0|x_1) = q(x_1|x_0) pi(x_0) / pi(x_1), exact by summing over
+        x_1 in {0, 1}: -H_q(X_1|X_0) + log pi(x_0) - E log pi(x_1). LEARNED: one draw.
+        """
+        t1 = torch.ones(len(x0), dtype=torch.long, device=x0.device)
+        x0d = x0.double()
+        if self.decoder is Decoder.FORWARD:
+            m1 = self.marginal_mean(x0, t1)
+            expected_log_pi_x1 = m1 * torch.log(self.p) + (1 - m1) * torch.log1p(-self.p)
+            log_pi_x0 = bernoulli_log_prob(x0d, self.p.expand_as(x0d))
+            return sum_except_batch(-bernoulli_entropy(m1) + log_pi_x0 - expected_log_pi_x1)
+        x_1 = self.q_sample(x0, t1, generator)
+        return sum_except_batch(bernoulli_log_prob(x0d, self.p_prob(model, x_1, t1)))
+
+    def sample_prior(self, shape: tuple[int, ...], generator: torch.Generator | None = None, device=None) -> Tensor:
+        """x_T ~ B(p), independently per bit."""
+        return torch.bernoulli(self.p.float().expand(shape).to(device), generator=generator)
+
+    def step_prob(self, model, x_t: Tensor, t: int) -> Tensor:
+        """p(x_{t-1} = 1 | x_t) for the step from t (the decoder at t = 1)."""
+        tt = torch.full((len(x_t),), t, dtype=torch.long, device=x_t.device)
+        if t == 1 and self.decoder is Decoder.FORWARD:
+            # the two-state kernel is reversible w.r.t. B(p), so its reversal is itself
+            return self.kernel_mean(x_t.double(), self.schedule.betas()[0])
+        return self.p_prob(model, x_t, tt)
+
+    def p_sample(self, model, x_t: Tensor, t: int, generator: torch.Generator | None = None) -> Tensor:
+        """Draw x_{t-1} ~ p(x_{t-1} | x_t) (at t = 1, the decoder)."""
+        return torch.bernoulli(self.step_prob(model, x_t, t), generator=generator).to(x_t.dtype)
+
+    def null_log_likelihood(self, x0: Tensor) -> Tensor:
+        """log prod_i B(x_i; p) per example: the independent-Bernoulli null model L_null."""
+        return sum_except_batch(bernoulli_log_prob(x0.double(), self.p.expand_as(x0)))

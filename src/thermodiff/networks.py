@@ -1,0 +1,127 @@
+"""Reverse-model networks for vector data, and the temporal readout (paper App. D).
+
+Every network here is a callable ``net(x_t, t) -> z`` of shape ``(N, K, D)`` with K outputs
+per dimension (2 for Gaussian diffusion: z_mu, z_Sigma; 1 for binomial). As in the reference
+code, time enters only through the readout: the hidden layers are shared across t, and the
+last linear layer's weights depend on t, either separately per step or as a combination of
+J bump functions of t.
+"""
+
+from enum import Enum
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+
+class Readout(str, Enum):
+    PER_STEP = "per_step"  # separate weights for every t (paper App. D.1)
+    BUMPS = "bumps"  # J Gaussian bumps over t (paper Eqs. 62-63)
+
+
+ACTIVATIONS = {
+    "sigmoid": nn.Sigmoid,
+    "tanh": nn.Tanh,
+    "relu": nn.ReLU,
+    "leaky_relu": lambda: nn.LeakyReLU(0.05),  # the reference code's slope
+    "softplus": nn.Softplus,
+    "silu": nn.SiLU,
+}
+
+
+def temporal_basis(T: int, n_basis: int, width_factor: float = 0.5) -> Tensor:
+    """Bump weights g_j(t), shape (T, n_basis), each row summing to 1 (paper Eq. 63).
+
+    Centres linspace(-1, 1, J) over times linspace(-1, 1, T); width = ``width_factor`` times the
+    centre spacing (the reference code uses 0.5, the paper's text 1.0).
+    """
+    if n_basis < 2:
+        raise ValueError("the temporal basis needs at least 2 bumps")
+    times = np.linspace(-1, 1, T)[:, None]
+    centres = np.linspace(-1, 1, n_basis)[None, :]
+    width = width_factor * (centres[0, 1] - centres[0, 0])
+    bumps = np.exp(-((times - centres) ** 2) / (2 * width**2))
+    return torch.as_tensor(bumps / bumps.sum(1, keepdims=True), dtype=torch.float32)
+
+
+class TimeReadout(nn.Module):
+    """A linear layer whose weights depend on t: W(t) = sum_j g_j(t) W_j (paper Eq. 62), with
+    g the bump basis, or one-hot in t for a readout separate per step."""
+
+    def __init__(self, in_features: int, out_features: int, T: int, readout: Readout | str = Readout.BUMPS,
+                 n_basis: int = 10, width_factor: float = 0.5):
+        super().__init__()
+        self.readout = Readout(readout)
+        n = T if self.readout is Readout.PER_STEP else n_basis
+        if self.readout is Readout.BUMPS:
+            self.register_buffer("basis", temporal_basis(T, n_basis, width_factor))
+        # small initial weights: z ~ 0 starts the reverse kernel near the forward one
+        self.weight = nn.Parameter(torch.randn(n, in_features, out_features) * 0.1 / in_features**0.5)
+        self.bias = nn.Parameter(torch.zeros(n, out_features))
+
+    def forward(self, h: Tensor, t: Tensor) -> Tensor:
+        if self.readout is Readout.PER_STEP:
+            return torch.bmm(h.unsqueeze(1), self.weight[t - 1]).squeeze(1) + self.bias[t - 1]
+        coeffs = torch.einsum("ni,jio->njo", h, self.weight) + self.bias
+        return torch.einsum("njo,nj->no", coeffs, self.basis[t - 1])
+
+
+class NormalizedRBF(nn.Module):
+    """Normalised radial-basis-function layer: h_k = softmax_k(-|x - c_k|^2 / (2 w_k^2))
+    (paper App. D.1.1). Centres start on a grid for 2-D data (4 x 4 for 16 units)."""
+
+    def __init__(self, dim: int, units: int):
+        super().__init__()
+        side = int(round(units ** (1 / dim))) if dim <= 3 else 0
+        if side**dim == units and side > 1:
+            axis = torch.linspace(-1.5, 1.5, side)
+            centres = torch.cartesian_prod(*[axis] * dim).reshape(units, dim)
+            width = 3.0 / (side - 1)
+        else:
+            centres, width = torch.randn(units, dim), 1.0
+        self.centres = nn.Parameter(centres)
+        self.log_width = nn.Parameter(torch.full((units,), float(np.log(width))))
+
+    def forward(self, x: Tensor) -> Tensor:
+        sq_dist = torch.cdist(x, self.centres).pow(2)
+        return torch.softmax(-sq_dist / (2 * torch.exp(2 * self.log_width)), dim=1)
+
+
+class VectorReverseNet(nn.Module):
+    """Reverse model for N x D data: a time-shared feature network (an RBF layer or an MLP)
+    followed by a :class:`TimeReadout` giving K outputs per dimension."""
+
+    def __init__(self, features: nn.Module, hidden: int, dim: int, outputs_per_dim: int, T: int,
+                 readout: Readout | str = Readout.BUMPS, n_basis: int = 10, width_factor: float = 0.5):
+        super().__init__()
+        self.dim, self.outputs_per_dim = dim, outputs_per_dim
+        self.features = features
+        self.readout = TimeReadout(hidden, outputs_per_dim * dim, T, readout, n_basis, width_factor)
+
+    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
+        z = self.readout(self.features(x_t), t)
+        return z.reshape(len(x_t), self.outputs_per_dim, self.dim)
+
+
+def mlp(dim: int, hidden: int, layers: int, activation: str) -> nn.Sequential:
+    """``layers`` hidden layers of ``hidden`` units; the heartbeat net is mlp(20, 50, 3, 'sigmoid')."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; choose from {sorted(ACTIVATIONS)}")
+    blocks, width = [], dim
+    for _ in range(layers):
+        blocks += [nn.Linear(width, hidden), ACTIVATIONS[activation]()]
+        width = hidden
+    return nn.Sequential(*blocks)
+
+
+def build_vector_net(kind: str, dim: int, outputs_per_dim: int, T: int, hidden: int, layers: int = 1,
+                     activation: str = "tanh", readout: str = "bumps", n_basis: int = 10,
+                     width_factor: float = 0.5) -> VectorReverseNet:
+    """The named vector network: 'rbf' (Swiss roll) or 'mlp' (heartbeat, user data)."""
+    if kind == "rbf":
+        features = NormalizedRBF(dim, hidden)
+    elif kind == "mlp":
+        features = mlp(dim, hidden, layers, activation)
+    else:
+        raise ValueError(f"unknown network {kind!r}; choose 'rbf' or 'mlp'")
+    return VectorReverseNet(features, hidden, dim, outputs_per_dim, T, readout, n_basis, width_factor)

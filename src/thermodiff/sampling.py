@@ -1,0 +1,30 @@
+"""Ancestral sampling through the reverse chain (paper section 2.2), k-diffusion style:
+a small pure function with an optional per-step callback."""
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+
+@torch.no_grad()
+def ancestral_sample(
+    diffusion,
+    model,
+    shape: tuple[int, ...],
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    callback: Callable[[int, Tensor], None] | None = None,
+) -> Tensor:
+    """Draw x_T ~ p(x_T), then x_{t-1} ~ p(x_{t-1} | x_t) for t = T..1; returns x_0.
+
+    ``callback(t, x_t)`` is called with every state, from t = T down to t = 0.
+    """
+    x = diffusion.sample_prior(shape, generator, device)
+    for t in range(diffusion.T, 0, -1):
+        if callback is not None:
+            callback(t, x)
+        x = diffusion.p_sample(model, x, t, generator)
+    if callback is not None:
+        callback(0, x)
+    return x
