@@ -1,0 +1,5 @@
+import sys
+
+from thermodiff.cli import main
+
+sys.exit(main())

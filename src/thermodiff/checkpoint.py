@@ -1,0 +1,110 @@
+"""Checkpoints: one safetensors file holding tensors plus a JSON metadata record.
+
+Loading never executes code (safetensors has no pickle); writes are atomic (temporary file,
+fsync, rename), so an interrupted save leaves the previous checkpoint intact.
+"""
+
+import json
+import os
+import stat
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from thermodiff.errors import UserError
+
+FORMAT = "thermodiff-checkpoint"
+FORMAT_VERSION = 1
+_PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # a raw pickle, or torch.save's zip container
+
+
+def _file_mode(path: Path) -> int:
+    """The replaced file's permissions, or those a new file gets (0666 less the umask)."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the complete new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), _file_mode(path))  # mkstemp makes 0600; keep the usual permissions
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def flatten_optimizer_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split ``optimizer.state_dict()`` into tensors and JSON-able metadata."""
+    tensors, scalars = {}, {}
+    for index, entry in state["state"].items():
+        for name, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{index}.{name}"] = value.detach().clone().contiguous()
+            else:
+                scalars[f"{index}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    for key, value in meta["scalars"].items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    record = {"format": FORMAT, "version": FORMAT_VERSION, **meta}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write_bytes(path, save_safetensors(tensors, metadata={"thermodiff": json.dumps(record)}))
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a checkpoint written by :func:`save_checkpoint`; anything else is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no checkpoint there")
+    data = path.read_bytes()
+    if data.startswith(_PICKLE_MAGIC):
+        raise UserError(f"{path}: is a pickle / torch.save file; thermodiff loads only safetensors checkpoints and never unpickles")
+    try:
+        tensors = load_safetensors(data)
+        header_len = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + header_len])
+        record = json.loads(header.get("__metadata__", {}).get("thermodiff", "null"))
+    except (SafetensorError, ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not a valid safetensors checkpoint ({e})") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise UserError(f"{path}: not a thermodiff checkpoint")
+    if record.get("version") != FORMAT_VERSION:
+        raise UserError(f"{path}: checkpoint format version {record.get('version')} is not supported (this is {FORMAT_VERSION})")
+    return tensors, record

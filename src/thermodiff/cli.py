@@ -1,0 +1,211 @@
+"""The ``thermodiff`` command line. Every command can print one JSON object (``--json``);
+bad input ends with a one-line message and exit code 2."""
+
+import argparse
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from thermodiff.checkpoint import atomic_write_bytes, atomic_write_text
+from thermodiff.config import load_config
+from thermodiff.errors import UserError
+from thermodiff.evaluation import evaluate
+from thermodiff.experiment import PAPER_RESULTS, load_run
+from thermodiff.sampling import ancestral_sample
+from thermodiff.training import train
+
+
+def _emit(args, result: dict, text: str) -> None:
+    print(json.dumps(result, indent=2) if args.json else text)
+
+
+def _overrides(args) -> list[str]:
+    sets = list(args.set or [])
+    flag_keys = {"steps": "train.steps", "T": "diffusion.T", "seed": "seed", "diffusion": "diffusion.kind",
+                 "schedule": "diffusion.schedule", "data": "data.source"}
+    for flag, key in flag_keys.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            sets.append(f"{key}={json.dumps(value)}")
+    return sets
+
+
+def _train(args) -> dict:
+    cfg = load_config(args.config, _overrides(args))
+    out = Path(args.out or f"runs/{cfg.name}")
+    return train(cfg, out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+
+
+def cmd_train(args) -> None:
+    s = _train(args)
+    _emit(args, s, f"trained {s['steps']} steps in {s['wall_s']:.1f} s -> {s['run_dir']} "
+                   f"(running K estimate {s['K_bits_running']:.3f} bits/sample)")
+
+
+def _evaluate(run_dir: str, args, data: str | None = None) -> dict:
+    run = load_run(run_dir, data)
+    result = evaluate(run, args.draws, args.max_examples, args.eval_seed, progress=not args.quiet,
+                      split_name="test" if data is None else str(data))
+    if data is None:
+        atomic_write_text(Path(run_dir) / "evaluation.json", json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _describe(r: dict) -> str:
+    lines = [f"{r['experiment']} ({r['split']} split, {r['n_examples']} examples, {r['n_draws']} draws/t, T = {r['T']}, "
+             f"{r['parameterization']} parameterisation, {r['schedule']} schedule, step {r['train_steps']})",
+             f"  K              = {r['K_bits']:.4f} +- {r['stderr_bits']:.4f} bits/sample ({r['K_bits_per_dim']:.4f} bits/dim)",
+             f"  K - L_null     = {r['K_minus_L_null_bits']:.4f} +- {r['K_minus_L_null_stderr_bits']:.4f} bits/sample",
+             f"  K (orig units) = {r['K_original_units_bits']:.4f} bits/sample"]
+    if "paper" in r:
+        p = r["paper"]
+        lines.append(f"  paper (Table 1): K = {p['K_bits']} bits, K - L_null = {p['K_minus_L_null_bits']} bits")
+    return "\n".join(lines)
+
+
+def cmd_evaluate(args) -> None:
+    r = _evaluate(args.run_dir, args, args.data)
+    _emit(args, r, _describe(r))
+
+
+def _refuse_existing(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise UserError(f"{path}: already exists; pass --overwrite to replace it")
+
+
+def cmd_sample(args) -> None:
+    out = Path(args.out)
+    if out.suffix != ".npy":
+        raise UserError(f"--out {out}: sample files are .npy")
+    if args.n < 1:
+        raise UserError(f"-n must be at least 1, got {args.n}")
+    _refuse_existing(out, args.overwrite)
+    run = load_run(args.run_dir)
+    generator = torch.Generator().manual_seed(args.seed)
+    x = ancestral_sample(run.diffusion, run.model, (args.n, run.dataset.train.shape[1]), generator).numpy()
+    x = run.dataset.scaling.invert(x.astype(np.float64))
+    buffer = io.BytesIO()
+    np.save(buffer, x)
+    atomic_write_bytes(out, buffer.getvalue())
+    _emit(args, {"out": str(out), "n": args.n, "shape": list(x.shape), "units": "original"},
+          f"wrote {args.n} samples (original units) to {out}")
+
+
+def _plot(run_dir: str, out_dir: str | None, quiet: bool) -> list[str]:
+    from thermodiff import plotting
+
+    run = load_run(run_dir)
+    out = Path(out_dir or run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    if run.dataset.train.shape[1] == 2:
+        written.append(plotting.figure_1(run, out / "figure1.png"))
+    written.append(plotting.samples_panel(run, out / "samples.png"))
+    evaluation_path = Path(run_dir) / "evaluation.json"
+    if evaluation_path.exists():
+        evaluation = json.loads(evaluation_path.read_text())
+    else:
+        evaluation = evaluate(run, n_draws=1, max_examples=1000, progress=not quiet)
+    written.append(plotting.bound_terms(evaluation, out / "bound.png"))
+    return [str(p) for p in written]
+
+
+def cmd_plot(args) -> None:
+    files = _plot(args.run_dir, args.out, args.quiet)
+    _emit(args, {"files": files}, "wrote " + ", ".join(files))
+
+
+def cmd_reproduce(args) -> None:
+    if args.experiment not in PAPER_RESULTS:
+        raise UserError(f"reproduce: unknown experiment {args.experiment!r}; choose from {', '.join(PAPER_RESULTS)}")
+    args.config, args.resume = args.experiment, False
+    summary = _train(args)
+    result = _evaluate(summary["run_dir"], args)
+    files = _plot(summary["run_dir"], None, args.quiet)
+    p = result["paper"]
+    table = "\n".join([
+        _describe(result),
+        "",
+        f"  {'':14}{'thermodiff':>22}{'paper':>10}",
+        f"  {'K':14}{result['K_bits']:>12.3f} +- {result['stderr_bits']:.3f}{p['K_bits']:>10}",
+        f"  {'K - L_null':14}{result['K_minus_L_null_bits']:>12.3f} +- {result['K_minus_L_null_stderr_bits']:.3f}{p['K_minus_L_null_bits']:>10}",
+        f"  trained {summary['steps']} steps in {summary['wall_s']:.0f} s; figures: {', '.join(files)}",
+    ])
+    _emit(args, {"train": summary, "evaluation": result, "figures": files}, table)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="thermodiff", description="Diffusion probabilistic models (Sohl-Dickstein et al. 2015).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    common.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    def training_flags(p):
+        p.add_argument("--out", help="run directory (default runs/NAME)")
+        p.add_argument("--steps", type=int, help="training steps (train.steps)")
+        p.add_argument("--T", type=int, help="diffusion steps (diffusion.T)")
+        p.add_argument("--seed", type=int, help="seed for data, split, init and noise")
+        p.add_argument("--schedule", help="reference | learned | linear | cosine | erase")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.lr=3e-4")
+
+    def eval_flags(p):
+        p.add_argument("--draws", type=int, help="noise draws per example and timestep (eval.n_draws)")
+        p.add_argument("--max-examples", type=int, help="evaluate on the first N test examples")
+        p.add_argument("--eval-seed", type=int, default=0)
+
+    p = sub.add_parser("train", parents=[common], help="train a model")
+    p.add_argument("config", help="experiment name (configs/NAME.toml) or a .toml path")
+    p.add_argument("--data", help="a .npy, .npz or .csv array (N x D) instead of the config's data")
+    p.add_argument("--diffusion", choices=["auto", "gaussian", "binomial"])
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    training_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", parents=[common], help="the bound K on held-out data")
+    p.add_argument("run_dir")
+    p.add_argument("--data", help="evaluate on this array (original units) instead of the test split")
+    eval_flags(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("sample", parents=[common], help="draw samples (original units) to a .npy file")
+    p.add_argument("run_dir")
+    p.add_argument("-n", type=int, default=1000)
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("plot", parents=[common], help="figures of a run (Figure 1 for 2-D data)")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="folder for the PNGs (default the run directory)")
+    p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("reproduce", parents=[common], help="train, evaluate and plot a paper experiment")
+    p.add_argument("experiment", help=", ".join(PAPER_RESULTS))
+    training_flags(p)
+    eval_flags(p)
+    p.set_defaults(func=cmd_reproduce)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"thermodiff {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("thermodiff: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Experiment configuration: one TOML file per experiment (``configs/NAME.toml``), sections
+matching the dataclasses below; command-line flags override single keys. Unknown or
+ill-typed keys are errors that name the file and the key."""
+
+import dataclasses
+import json
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from thermodiff.errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class DataConfig:
+    source: str = "swissroll"  # 'swissroll', 'heartbeat', or a .npy/.npz/.csv path
+    key: str | None = None  # which array of a .npz
+    n: int = 20000  # examples generated for the built-in sets (train + test)
+    noise: float = 0.0  # Swiss roll: std of added Gaussian noise, original units
+    test_fraction: float = 0.2
+    scaling: str = "global"  # 'global' (one scalar, the paper's), 'per_dimension' or 'none'
+
+
+@dataclass
+class DiffusionConfig:
+    kind: str = "auto"  # 'gaussian', 'binomial', or 'auto' (binomial iff the data are {0, 1})
+    T: int = 40
+    schedule: str = "reference"  # reference | learned | linear | cosine | erase
+    beta_1: float | None = None  # fixed first-step beta (None: the schedule's own)
+    parameterization: str = "auto"  # gaussian: reference | paper; binomial: paper | forward_offset
+    decoder: str = "forward"  # forward (paper App. B.2) | learned
+    stationary_p: float | None = None  # binomial: None = the training data's mean activity
+
+
+@dataclass
+class ModelConfig:
+    network: str = "rbf"  # rbf | mlp
+    hidden: int = 16
+    layers: int = 1
+    activation: str = "tanh"
+    readout: str = "per_step"  # per_step | bumps
+    n_basis: int = 10
+    bump_width: float = 0.5  # bump width in centre spacings (reference code 0.5, paper 1.0)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 20000
+    batch_size: int = 512
+    optimizer: str = "adam"  # adam | rmsprop (the reference code's)
+    lr: float = 1e-3
+    lr_decay_every: int = 0  # multiply lr by lr_decay every this many steps (0: never)
+    lr_decay: float = 0.1
+    lr_min: float = 1e-4
+    grad_clip: float = 0.0  # max gradient norm (0: off)
+    checkpoint_every: int = 1000
+    log_every: int = 100
+    max_nonfinite: int = 20  # stop after this many non-finite losses in a row
+
+
+@dataclass
+class EvalConfig:
+    n_draws: int = 4  # noise draws per example and timestep in the exact bound
+    batch_size: int = 2000
+    max_examples: int = 0  # 0: the whole test split
+
+
+@dataclass
+class Config:
+    name: str = "custom"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict, origin: str = "config") -> "Config":
+        return _build(cls, raw, origin, prefix="")
+
+
+def _check_type(value, annotation, where: str):
+    """Return ``value`` if it fits ``annotation`` (ints are accepted as floats)."""
+    options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    for option in options:
+        if option is type(None) and value is None:
+            return value
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option in (str, bool) and type(value) is option:
+            return value
+    names = " or ".join("none" if o is type(None) else o.__name__ for o in options)
+    raise UserError(f"{where}: expected {names}, got {value!r}")
+
+
+def _build(cls, raw: dict, origin: str, prefix: str):
+    if not isinstance(raw, dict):
+        raise UserError(f"{origin}: [{prefix.rstrip('.')}] must be a table")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise UserError(f"{origin}: unknown key '{prefix}{key}' (known: {', '.join(fields)})")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, origin, prefix=f"{prefix}{key}.")
+        else:
+            kwargs[key] = _check_type(value, hint, f"{origin}: {prefix}{key}")
+    return cls(**kwargs)
+
+
+def find_config(name_or_path: str) -> Path:
+    """A TOML path as given, or the experiment of that name in the packaged ``configs/``."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.is_file():  # a folder named like an experiment does not shadow it
+        if not path.is_file():
+            raise UserError(f"{path}: no such config file")
+        return path
+    candidate = CONFIG_DIR / f"{name_or_path}.toml"
+    if not candidate.is_file():
+        known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.toml")))
+        raise UserError(f"unknown experiment {name_or_path!r}; known: {known} (or give a .toml path)")
+    return candidate
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    """'section.key=value' with a TOML value (bare words are taken as strings; a bare ``none``
+    or ``null`` is None, which TOML cannot spell, so that optional keys can be reset)."""
+    if "=" not in text:
+        raise UserError(f"--set {text!r}: expected section.key=value")
+    key, value = text.split("=", 1)
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        word = value.strip()  # a bare word, as in 'key = word'
+        parsed = None if word.lower() in ("none", "null") else word
+    return key.strip().split("."), parsed
+
+
+def load_config(name_or_path: str, overrides: list[str] = ()) -> Config:
+    """Read a config and apply ``section.key=value`` overrides, validating everything."""
+    path = find_config(name_or_path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid TOML: {e}") from None
+    raw.setdefault("name", path.stem)
+    for text in overrides:
+        keys, value = parse_override(text)
+        table = raw
+        for k in keys[:-1]:
+            table = table.setdefault(k, {})
+            if not isinstance(table, dict):
+                raise UserError(f"--set {text!r}: '{k}' is not a section")
+        table[keys[-1]] = value
+    return Config.from_dict(raw, origin=str(path))
+
+
+def config_from_json(path: Path) -> Config:
+    try:
+        return Config.from_dict(json.loads(path.read_text(encoding="utf-8")), origin=str(path))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON: {e}") from None

@@ -1,0 +1,192 @@
+"""Vector data: the paper's toy sets, user arrays, the seeded split and the global scaling.
+
+Every loader returns float64 arrays of shape (N, D) and raises :class:`UserError` naming the
+file and the problem, so the CLI can report bad input in one line.
+"""
+
+import math
+import warnings
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from thermodiff.errors import UserError
+
+
+def _check_n(n: int) -> None:
+    if n < 2:
+        raise UserError(f"data.n must be at least 2, got {n}")
+
+
+def swiss_roll(n: int, noise: float = 0.0, seed: int = 0) -> np.ndarray:
+    """The 2-D Swiss roll: angle a = 1.5 pi (1 + 2u), u ~ U(0, 1), point a (cos a, sin a)
+    (scikit-learn's make_swiss_roll without its height axis), plus N(0, noise^2) if noise > 0."""
+    _check_n(n)
+    if not (noise >= 0 and math.isfinite(noise)):  # also refuses NaN, which 'noise < 0' let through
+        raise UserError(f"data.noise must be a finite number >= 0, got {noise}")
+    rng = np.random.default_rng(seed)
+    angle = 1.5 * np.pi * (1 + 2 * rng.random(n))
+    x = np.stack([angle * np.cos(angle), angle * np.sin(angle)], axis=1)
+    return x + noise * rng.standard_normal(x.shape) if noise > 0 else x
+
+
+def heartbeat(n: int, length: int = 20, period: int = 5, seed: int = 0) -> np.ndarray:
+    """Binary sequences with a 1 every ``period``-th bin at a uniformly random phase (paper
+    App. D.1.2). Its true log-likelihood is log(1/period) per sequence."""
+    _check_n(n)
+    rng = np.random.default_rng(seed)
+    phase = rng.integers(0, period, n)
+    x = np.zeros((n, length))
+    for p in range(period):
+        x[phase == p, p::period] = 1.0
+    return x
+
+
+def _read_npz(path: Path, key: str | None) -> np.ndarray:
+    with open(path, "rb") as f:  # our own handle: np.load leaks its own when the zip is corrupt
+        archive = np.load(f, allow_pickle=False)
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise UserError(f"{path}: holds a single .npy array, not an .npz archive; rename it to .npy")
+        return _pick_npz_array(path, archive, key)
+
+
+def _pick_npz_array(path: Path, archive, key: str | None) -> np.ndarray:
+    with archive:
+        keys = list(archive.keys())
+        if key is None:
+            if len(keys) != 1:
+                raise UserError(f"{path}: holds arrays {keys}; name one with data.key")
+            key = keys[0]
+        if key not in keys:
+            raise UserError(f"{path}: has no array {key!r} (it holds {keys})")
+        return archive[key]
+
+
+def load_array(path: str | Path, key: str | None = None) -> np.ndarray:
+    """Load an N x D numeric array from ``.npy``, ``.npz`` (``key`` picks the array) or ``.csv``
+    (comma-separated, an optional non-numeric header line). Never unpickles."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, expected a .npy, .npz or .csv file")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path}: file is empty")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npy":
+            with open(path, "rb") as f:
+                x = np.load(f, allow_pickle=False)
+                if not isinstance(x, np.ndarray):
+                    raise UserError(f"{path}: is an .npz archive, not a .npy array; rename it to .npz")
+        elif suffix == ".npz":
+            x = _read_npz(path, key)
+        elif suffix == ".csv":
+            x = _read_csv(path)
+        else:
+            raise UserError(f"{path}: unsupported format {suffix or '(none)'}; use .npy, .npz or .csv")
+    except UserError:
+        raise
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot be read as {suffix[1:]}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return validate_array(x, str(path))
+
+
+def _read_csv(path: Path) -> np.ndarray:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not a header
+        first = f.readline()
+    try:
+        [float(v) for v in first.strip().split(",")]
+        skip = 0
+    except ValueError:
+        skip = 1  # a header line
+    with warnings.catch_warnings():  # an empty body is reported by validate_array, not as a warning
+        warnings.simplefilter("ignore", UserWarning)
+        x = np.loadtxt(path, delimiter=",", skiprows=skip, ndmin=2, encoding="utf-8-sig")
+    return x
+
+
+def validate_array(x: np.ndarray, name: str) -> np.ndarray:
+    """Check that ``x`` is a finite numeric N x D array with N >= 2; return it as float64."""
+    if not isinstance(x, np.ndarray):  # e.g. an .npz member that is not an .npy file comes back as bytes
+        raise UserError(f"{name}: expected a numeric array, got {type(x).__name__}")
+    if x.dtype == object or np.iscomplexobj(x) or not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
+        raise UserError(f"{name}: expected a numeric array, got dtype {x.dtype}")
+    if x.ndim != 2:
+        raise UserError(f"{name}: expected an N x D array, got shape {tuple(x.shape)}")
+    if x.shape[0] < 2 or x.shape[1] < 1:
+        raise UserError(f"{name}: needs at least 2 rows and 1 column, got shape {tuple(x.shape)}")
+    x = x.astype(np.float64)
+    bad = ~np.isfinite(x)
+    if bad.any():
+        row = int(np.argwhere(bad)[0][0])
+        raise UserError(f"{name}: contains {int(bad.sum())} NaN or infinite values (first in row {row})")
+    return x
+
+
+def is_binary(x: np.ndarray) -> bool:
+    return bool(np.isin(x, (0.0, 1.0)).all())
+
+
+@dataclass
+class Scaling:
+    """x -> (x - shift) / scale with one global scalar pair (the paper's choice) or one per
+    dimension. ``log_det`` converts a log-density of scaled data back to original units."""
+
+    shift: list[float]
+    scale: list[float]
+
+    @classmethod
+    def fit(cls, x: np.ndarray, mode: str) -> "Scaling":
+        d = x.shape[1]
+        if mode == "none":
+            return cls([0.0] * d, [1.0] * d)
+        if mode == "global":
+            return cls([float(x.mean())] * d, [float(x.std())] * d)
+        if mode == "per_dimension":
+            return cls(x.mean(0).tolist(), x.std(0).tolist())
+        raise UserError(f"data.scaling must be 'global', 'per_dimension' or 'none', got {mode!r}")
+
+    def __post_init__(self):
+        if any(not (s > 0 and math.isfinite(s)) for s in self.scale):
+            raise UserError("the data have zero variance in some dimension; cannot scale them (use data.scaling = 'none')")
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        return (x - np.asarray(self.shift)) / np.asarray(self.scale)
+
+    def invert(self, x: np.ndarray) -> np.ndarray:
+        return x * np.asarray(self.scale) + np.asarray(self.shift)
+
+    @property
+    def log_det(self) -> float:
+        """log |d scaled / d original| = -sum_d log scale_d, added to a log-density of the
+        scaled data to give the log-density in original units (change of variables)."""
+        return -float(np.sum(np.log(self.scale)))
+
+
+def split(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded random train/test index split."""
+    if not 0 < test_fraction < 1:
+        raise UserError(f"data.test_fraction must lie in (0, 1), got {test_fraction}")
+    order = np.random.default_rng(seed).permutation(n)
+    n_test = max(1, int(round(n * test_fraction)))
+    if n_test >= n:
+        raise UserError(f"too few examples ({n}) to hold out a test split")
+    return np.sort(order[n_test:]), np.sort(order[:n_test])
+
+
+@dataclass
+class Dataset:
+    """Train and test arrays as the model sees them (scaled), and how they were made."""
+
+    train: np.ndarray
+    test: np.ndarray
+    scaling: Scaling
+    binary: bool
+    source: str
+
+    def describe(self) -> dict:
+        return {"source": self.source, "n_train": len(self.train), "n_test": len(self.test),
+                "dim": int(self.train.shape[1]), "binary": self.binary, "scaling": asdict(self.scaling)}

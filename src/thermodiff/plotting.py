@@ -1,0 +1,96 @@
+"""Figures: the paper's Figure 1 for 2-D data, sample panels, and the per-timestep bound."""
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from thermodiff.experiment import Run, to_tensor  # noqa: E402
+from thermodiff.sampling import ancestral_sample  # noqa: E402
+
+
+def _times(T: int) -> list[int]:
+    return [0, T // 2, T]
+
+
+@torch.no_grad()
+def figure_1(run: Run, path: Path, n: int = 2000, seed: int = 0) -> Path:
+    """Paper Fig. 1: the forward trajectory q(x_t) (top), reverse samples p(x_t) (middle) and
+    the learned drift mu(x_t, t) - x_t (bottom), at t = 0, T/2, T; 2-D data only."""
+    diffusion, model, T = run.diffusion, run.model, run.diffusion.T
+    generator = torch.Generator().manual_seed(seed)
+    x0 = to_tensor(run.dataset.test[:n])
+    times = _times(T)
+    reverse = {}
+    ancestral_sample(diffusion, model, (len(x0), 2), generator,
+                     callback=lambda t, x: reverse.__setitem__(t, x.numpy()) if t in times else None)
+    lim = 1.1 * float(np.abs(run.dataset.test).max()) + 0.5
+    fig, axes = plt.subplots(3, 3, figsize=(10, 10), sharex=True, sharey=True)
+    grid = np.linspace(-lim, lim, 17)
+    gx, gy = np.meshgrid(grid, grid)
+    points = torch.as_tensor(np.stack([gx.ravel(), gy.ravel()], 1), dtype=torch.float32)
+    for col, t in enumerate(times):
+        tt = torch.full((len(x0),), max(t, 1), dtype=torch.long)
+        forward = x0 if t == 0 else diffusion.q_sample(x0, tt, generator)
+        axes[0, col].scatter(*forward.numpy().T, s=1, alpha=0.5)
+        axes[0, col].set_title(f"q(x_t), t = {t}")
+        axes[1, col].scatter(*reverse[t].T, s=1, alpha=0.5, color="C1")
+        axes[1, col].set_title(f"p(x_t), t = {t}")
+        mean, _ = diffusion.step_distribution(model, points, max(t, 1))
+        drift = (mean.float() - points).numpy()
+        axes[2, col].scatter(*reverse[t].T, s=1, alpha=0.15, color="C1")
+        axes[2, col].quiver(gx, gy, drift[:, 0].reshape(gx.shape), drift[:, 1].reshape(gx.shape), color="k")
+        axes[2, col].set_title(f"drift mu(x_t, t) - x_t, t = {max(t, 1)}")
+    for ax in axes.flat:
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+        ax.set_aspect("equal")
+    fig.suptitle(f"{run.config.name}: forward trajectory, reverse samples, drift (T = {T}, step {run.step})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+@torch.no_grad()
+def samples_panel(run: Run, path: Path, n: int = 40, seed: int = 0) -> Path:
+    """Samples next to training data: rows as images for binary sequences, else a scatter of
+    the first two dimensions."""
+    generator = torch.Generator().manual_seed(seed)
+    dim = run.dataset.train.shape[1]
+    samples = ancestral_sample(run.diffusion, run.model, (n, dim), generator).numpy()
+    data = run.dataset.train[:n]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
+    for ax, x, title in ((axes[0], data, "training data"), (axes[1], samples, "samples")):
+        if run.dataset.binary or dim > 2 and dim <= 64 and np.isin(x, (0, 1)).all():
+            ax.imshow(x, cmap="gray_r", aspect="auto", interpolation="nearest")
+            ax.set_xlabel("dimension")
+            ax.set_ylabel("example")
+        else:
+            ax.scatter(x[:, 0], x[:, 1 if dim > 1 else 0], s=4)
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def bound_terms(evaluation: dict, path: Path) -> Path:
+    """Per-timestep loss terms of the bound (bits): KL at t = 2..T, with the decoder and prior terms."""
+    terms = np.asarray(evaluation["per_timestep_bits"])
+    T = len(terms) - 1
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(np.arange(2, T + 1), terms[1:T], marker="." if T <= 100 else None)
+    ax.set_xlabel("t")
+    ax.set_ylabel("E KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t))  [bits]")
+    ax.set_yscale("log")
+    ax.set_title(f"{evaluation['experiment']}: K = {evaluation['K_bits']:.3f} ± {evaluation['stderr_bits']:.3f} bits; "
+                 f"decoder {-terms[0]:.3f}, prior KL {terms[T]:.4f} bits", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
