@@ -4,6 +4,7 @@ bad input ends with a one-line message and exit code 2."""
 import argparse
 import io
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -19,8 +20,19 @@ from thermodiff.sampling import ancestral_sample
 from thermodiff.training import train
 
 
+def _finite(obj):
+    """NaN and infinities become null, so the output is strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def _emit(args, result: dict, text: str) -> None:
-    print(json.dumps(result, indent=2) if args.json else text)
+    print(json.dumps(_finite(result), indent=2, allow_nan=False) if args.json else text)
 
 
 def _overrides(args) -> list[str]:
@@ -30,7 +42,7 @@ def _overrides(args) -> list[str]:
     for flag, key in flag_keys.items():
         value = getattr(args, flag, None)
         if value is not None:
-            sets.append(f"{key}={json.dumps(value)}")
+            sets.append(f"{key}={json.dumps(value, ensure_ascii=False)}")
     return sets
 
 
@@ -47,11 +59,14 @@ def cmd_train(args) -> None:
 
 
 def _evaluate(run_dir: str, args, data: str | None = None) -> dict:
+    for flag, value, least in (("--draws", args.draws, 1), ("--max-examples", args.max_examples, 0)):
+        if value is not None and value < least:
+            raise UserError(f"{flag} must be at least {least}, got {value}")
     run = load_run(run_dir, data)
     result = evaluate(run, args.draws, args.max_examples, args.eval_seed, progress=not args.quiet,
                       split_name="test" if data is None else str(data))
     if data is None:
-        atomic_write_text(Path(run_dir) / "evaluation.json", json.dumps(result, indent=2) + "\n")
+        atomic_write_text(Path(run_dir) / "evaluation.json", json.dumps(_finite(result), indent=2, allow_nan=False) + "\n")
     return result
 
 
@@ -73,6 +88,8 @@ def cmd_evaluate(args) -> None:
 
 
 def _refuse_existing(path: Path, overwrite: bool) -> None:
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory")
     if path.exists() and not overwrite:
         raise UserError(f"{path}: already exists; pass --overwrite to replace it")
 
@@ -100,6 +117,8 @@ def _plot(run_dir: str, out_dir: str | None, quiet: bool) -> list[str]:
 
     run = load_run(run_dir)
     out = Path(out_dir or run_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     written = []
     if run.dataset.train.shape[1] == 2:

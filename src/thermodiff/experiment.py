@@ -37,7 +37,7 @@ def raw_data(cfg: Config) -> tuple[np.ndarray, str]:
         return datasets.swiss_roll(cfg.data.n, cfg.data.noise, seed=cfg.seed), "swissroll"
     if source == "heartbeat":
         return datasets.heartbeat(cfg.data.n, seed=cfg.seed), "heartbeat"
-    return datasets.load_array(source, cfg.data.key), str(Path(source).resolve())
+    return datasets.load_array(source, cfg.data.key), source
 
 
 def diffusion_kind(cfg: Config, binary: bool, origin: str) -> str:
@@ -49,6 +49,12 @@ def diffusion_kind(cfg: Config, binary: bool, origin: str) -> str:
     if kind == "binomial" and not binary:
         raise UserError(f"{origin}: data are not binary (values other than 0 and 1), so binomial diffusion cannot model them")
     return kind
+
+
+def resolve_source(cfg: Config) -> None:
+    """Make a data file path absolute, so a run can be evaluated from any folder."""
+    if cfg.data.source not in BUILTIN_SOURCES:
+        cfg.data.source = str(Path(cfg.data.source).resolve())
 
 
 def prepare_dataset(cfg: Config, override: np.ndarray | None = None, scaling: datasets.Scaling | None = None) -> tuple[datasets.Dataset, str]:

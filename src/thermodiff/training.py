@@ -18,7 +18,8 @@ from thermodiff.checkpoint import (atomic_write_text, flatten_optimizer_state, l
                                    unflatten_optimizer_state)
 from thermodiff.config import Config
 from thermodiff.errors import UserError
-from thermodiff.experiment import build_diffusion, build_model, file_digest, load_state, prepare_dataset, to_tensor
+from thermodiff.experiment import (build_diffusion, build_model, file_digest, load_state, prepare_dataset,
+                                   resolve_source, to_tensor)
 
 LN2 = math.log(2.0)
 METRIC_FIELDS = ["step", "K_bits_running", "loss_bits", "lr", "elapsed_s", "nonfinite_skipped"]
@@ -78,36 +79,36 @@ def append_metrics(run_dir: Path, record: dict) -> None:
             f.write(line)
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> bool:
-    """Returns whether there is a checkpoint to resume from; refuses to clobber a run."""
-    checkpoint = run_dir / "checkpoint.safetensors"
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber anything: only an existing *run* may be replaced, and only with
+    ``overwrite``; ``resume`` needs a checkpoint."""
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"{run_dir}: exists and is not a directory")
     if resume:
-        if not checkpoint.exists():
+        if not (run_dir / "checkpoint.safetensors").exists():
             raise UserError(f"{run_dir}: nothing to resume (no checkpoint.safetensors)")
-        return True
+        return
     if run_dir.exists() and any(run_dir.iterdir()):
         if not overwrite:
             raise UserError(f"{run_dir}: already exists; pass --resume to continue it or --overwrite to replace it")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return False
+        if not any((run_dir / name).exists() for name in ("checkpoint.safetensors", "config.json")):
+            raise UserError(f"{run_dir}: is not a thermodiff run directory; refusing to delete it with --overwrite")
 
 
 def train(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
     """Train ``cfg`` into ``run_dir``; returns a summary. With ``resume`` the run continues from
     its checkpoint (its own config, with ``cfg.train.steps`` as the new total)."""
     run_dir = Path(run_dir)
-    resuming = prepare_run_dir(run_dir, resume, overwrite)
-    tensors, meta = (load_checkpoint(run_dir / "checkpoint.safetensors") if resuming else ({}, {}))
-    if resuming:
+    check_run_dir(run_dir, resume, overwrite)
+    tensors, meta = (load_checkpoint(run_dir / "checkpoint.safetensors") if resume else ({}, {}))
+    if resume:
         steps = cfg.train.steps
         cfg = Config.from_dict(meta["config"], origin=str(run_dir))
         cfg.train.steps = steps
     validate_train_config(cfg)
     torch.manual_seed(cfg.seed)
-    dataset, kind = prepare_dataset(cfg)
+    dataset, kind = prepare_dataset(cfg)  # bad input fails here, before anything on disk changes
+    resolve_source(cfg)
     data_mean = float(dataset.train.mean())
     diffusion = build_diffusion(cfg, kind, data_mean)
     model = build_model(cfg, diffusion, dataset.train.shape[1])
@@ -116,7 +117,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: boo
     noise_gen = torch.Generator().manual_seed(cfg.seed + 1)
     order_gen = torch.Generator().manual_seed(cfg.seed + 2)
     step, skipped_total, running = 0, 0, None
-    if resuming:
+    if resume:
         load_state(model, tensors, "model.", str(run_dir))
         load_state(diffusion, tensors, "diffusion.", str(run_dir))
         optimizer.load_state_dict(unflatten_optimizer_state(tensors, meta["optimizer"]))
@@ -127,7 +128,10 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: boo
                                      "seed": cfg.seed}
     if Path(cfg.data.source).is_file():
         data_info["sha256"] = file_digest(Path(cfg.data.source))
-    if not resuming:
+    if not resume:
+        if run_dir.exists():
+            shutil.rmtree(run_dir)  # check_run_dir allowed it: --overwrite of a run
+        run_dir.mkdir(parents=True)
         atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
     rewrite_metrics(run_dir, step)
 

@@ -1,0 +1,129 @@
+"""Shared fixtures for the user-facing tests: a tiny, fast experiment config (Swiss roll, 400
+points, T = 6, a couple of dozen steps), a helper that runs the CLI in-process, and one trained
+run that read-only tests share (tests that change a run work on their own copy)."""
+
+import contextlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from thermodiff.cli import main
+
+TINY_N = 400
+TINY_TEST_FRACTION = 0.25
+TINY_SEED = 0
+TINY_STEPS = 20
+TINY_MAX_EXAMPLES = 40
+
+TINY_TOML = f"""\
+name = "tiny"
+seed = {TINY_SEED}
+
+[data]
+source = "swissroll"
+n = {TINY_N}
+test_fraction = {TINY_TEST_FRACTION}
+scaling = "global"
+
+[diffusion]
+kind = "auto"
+T = 6
+schedule = "reference"
+
+[model]
+network = "rbf"
+hidden = 8
+
+[train]
+steps = {TINY_STEPS}
+batch_size = 64
+lr = 3e-3
+checkpoint_every = 10
+log_every = 5
+
+[eval]
+n_draws = 1
+batch_size = 500
+max_examples = {TINY_MAX_EXAMPLES}
+"""
+
+
+def write_tiny_config(folder: Path, text: str = TINY_TOML) -> Path:
+    path = Path(folder) / "tiny.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def tiny_config(tmp_path) -> Path:
+    """tiny.toml in this test's tmp_path."""
+    return write_tiny_config(tmp_path)
+
+
+class CliResult:
+    def __init__(self, rc: int, out: str, err: str):
+        self.rc, self.out, self.err = rc, out, err
+
+    def json(self) -> dict:
+        """stdout as exactly one JSON object (strict: no NaN / Infinity, nothing after it)."""
+        def refuse(constant):
+            raise AssertionError(f"stdout is not strict JSON: it contains {constant}")
+
+        value = json.loads(self.out, parse_constant=refuse)
+        assert isinstance(value, dict), f"stdout is JSON but not one object: {self.out[:200]!r}"
+        return value
+
+    def __repr__(self):
+        return f"CliResult(rc={self.rc}, out={self.out[-500:]!r}, err={self.err[-1500:]!r})"
+
+
+@pytest.fixture
+def cli(capsys):
+    """cli(*args) runs ``thermodiff ARGS`` in-process and returns its exit code, stdout, stderr."""
+    def run(*args) -> CliResult:
+        capsys.readouterr()
+        rc = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return CliResult(rc, out, err)
+
+    return run
+
+
+def assert_one_line_error(result: CliResult, *needles: str) -> str:
+    """Exit code 2, and stderr exactly one line (no traceback) that mentions every needle."""
+    assert result.rc == 2, result
+    assert "Traceback" not in result.err, result
+    assert result.err.endswith("\n") and result.err.count("\n") == 1, f"stderr is not one line: {result.err!r}"
+    assert result.err.startswith("thermodiff "), result.err
+    for needle in needles:
+        assert needle in result.err, f"{needle!r} not in {result.err!r}"
+    return result.err
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> dict:
+    """One tiny Swiss roll run, trained once per session through the CLI. Do not modify it:
+    copy it with ``copy_run`` first. Returns {"config", "run_dir", "summary"}."""
+    folder = tmp_path_factory.mktemp("shared_run")
+    config = write_tiny_config(folder)
+    run_dir = folder / "run"
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(["train", str(config), "--out", str(run_dir), "--quiet", "--json"])
+    assert rc == 0, err.getvalue()
+    return {"config": config, "run_dir": run_dir, "summary": json.loads(out.getvalue())}
+
+
+@pytest.fixture
+def copy_run(trained_run, tmp_path):
+    """A private copy of the shared run (for tests that write into or damage a run), without
+    what evaluate and plot may have added to the shared one."""
+    def copy(name: str = "run_copy") -> Path:
+        target = tmp_path / name
+        shutil.copytree(trained_run["run_dir"], target, ignore=shutil.ignore_patterns("evaluation.json", "*.png"))
+        return target
+
+    return copy
