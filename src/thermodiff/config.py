@@ -34,7 +34,7 @@ class DataConfig:
 class DiffusionConfig:
     kind: str = "auto"  # 'gaussian', 'binomial', or 'auto' (binomial iff the data are {0, 1})
     T: int = 40
-    schedule: str = "reference"  # reference | learned | linear | cosine | erase
+    schedule: str = "reference"  # reference | learned | linear | cosine | erase | auto (learned / erase)
     beta_1: float | None = None  # fixed first-step beta (None: the schedule's own)
     parameterization: str = "auto"  # gaussian: reference | paper; binomial: paper | forward_offset
     decoder: str = "forward"  # forward (paper App. B.2) | learned

@@ -37,6 +37,8 @@ def raw_data(cfg: Config) -> tuple[np.ndarray, str]:
         return datasets.swiss_roll(cfg.data.n, cfg.data.noise, seed=cfg.seed), "swissroll"
     if source == "heartbeat":
         return datasets.heartbeat(cfg.data.n, seed=cfg.seed), "heartbeat"
+    if not source:
+        raise UserError(f"experiment {cfg.name!r} has no data: pass --data PATH (a .npy, .npz or .csv array)")
     return datasets.load_array(source, cfg.data.key), source
 
 
@@ -74,18 +76,29 @@ def prepare_dataset(cfg: Config, override: np.ndarray | None = None, scaling: da
     return datasets.Dataset(scaling.apply(train), scaling.apply(test), scaling, binary, source), kind
 
 
+def resolve_auto(cfg: Config, kind: str) -> None:
+    """Replace 'auto' choices by the paper's choice for the process, so that a run's saved
+    config names exactly what produced its figures."""
+    d = cfg.diffusion
+    d.kind = kind
+    if d.schedule == "auto":
+        d.schedule = "erase" if kind == "binomial" else "learned"
+    if d.parameterization == "auto":
+        d.parameterization = (BinomialParameterization.FORWARD_OFFSET if kind == "binomial"
+                              else GaussianParameterization.REFERENCE).value
+
+
 def build_diffusion(cfg: Config, kind: str, data_mean: float) -> nn.Module:
     """The configured process; a binomial one is stationary at ``data_mean`` unless the config
     fixes ``stationary_p``."""
+    resolve_auto(cfg, kind)
     d = cfg.diffusion
     try:
         schedule = make_schedule(d.schedule, d.T, d.beta_1)
         if kind == "binomial":
             p = d.stationary_p if d.stationary_p is not None else data_mean
-            param = BinomialParameterization.FORWARD_OFFSET if d.parameterization == "auto" else d.parameterization
-            return BinomialDiffusion(schedule, p, param, d.decoder)
-        param = GaussianParameterization.REFERENCE if d.parameterization == "auto" else d.parameterization
-        return GaussianDiffusion(schedule, param, d.decoder)
+            return BinomialDiffusion(schedule, p, d.parameterization, d.decoder)
+        return GaussianDiffusion(schedule, d.parameterization, d.decoder)
     except ValueError as e:
         raise UserError(f"diffusion: {e}") from None
 
