@@ -522,3 +522,22 @@ def test_data_path_with_non_ascii_characters(tiny_config, cli, tmp_path, name):
     r = cli("train", tiny_config, "--data", path, "--out", tmp_path / "run", "--steps", "1", "--quiet", "--json")
     assert r.rc == 0, r
     assert r.json()["data"]["source"] == str(path.resolve())
+
+
+@pytest.mark.parametrize("binary, schedule, parameterization",
+                         [(True, "erase", "forward_offset"), (False, "learned", "reference")])
+def test_vectors_config_resolves_auto_choices_into_the_saved_config(cli, tmp_path, binary, schedule, parameterization):
+    rng = np.random.default_rng(5)
+    x = (rng.random((300, 4)) < 0.3).astype(float) if binary else rng.standard_normal((300, 4)) * 3 + 1
+    np.save(tmp_path / "x.npy", x)
+    r = cli("train", "vectors", "--data", tmp_path / "x.npy", "--out", tmp_path / "run", "--steps", "2",
+            "--T", "5", "--quiet", "--json")
+    assert r.rc == 0, r
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["diffusion"]
+    assert (saved["kind"], saved["schedule"], saved["parameterization"]) == (
+        "binomial" if binary else "gaussian", schedule, parameterization)
+
+
+def test_vectors_config_without_data_is_a_one_line_error(cli, tmp_path):
+    assert_one_line_error(cli("train", "vectors", "--out", tmp_path / "run", "--quiet"), "--data")
+    assert not (tmp_path / "run").exists()
