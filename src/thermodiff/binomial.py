@@ -59,9 +59,15 @@ class BinomialDiffusion(nn.Module):
         a = gather(abar, t + 1, x0)
         return x0.double() * a + self.p * (1 - a)
 
-    def q_sample(self, x0: Tensor, t: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Draw x_t ~ q(x_t | x_0)."""
-        return torch.bernoulli(self.marginal_mean(x0, t), generator=generator).to(x0.dtype)
+    def noise_like(self, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """The uniform draws that :meth:`q_sample` turns into x_t."""
+        return torch.rand(x0.shape, generator=generator, device=x0.device, dtype=torch.float64)
+
+    def q_sample(self, x0: Tensor, t: Tensor, generator: torch.Generator | None = None, noise: Tensor | None = None) -> Tensor:
+        """Draw x_t ~ q(x_t | x_0): a bit is 1 where ``noise`` (uniform, see :meth:`noise_like`) falls
+        below q(x_t = 1 | x_0)."""
+        noise = self.noise_like(x0, generator) if noise is None else noise
+        return (noise < self.marginal_mean(x0, t)).to(x0.dtype)
 
     def q_posterior(self, x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         """q(x_{t-1} = 1 | x_t, x_0), t >= 2, by Bayes' rule on q(x_{t-1}|x_0) q(x_t|x_{t-1})."""
@@ -86,12 +92,14 @@ class BinomialDiffusion(nn.Module):
         T = torch.full((len(x0),), self.T, dtype=torch.long, device=x0.device)
         return sum_except_batch(bernoulli_kl(self.marginal_mean(x0, T), self.p.expand_as(x0)))
 
-    def reverse_kl(self, model, x0: Tensor, t: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def reverse_kl(self, model, x0: Tensor, t: Tensor, generator: torch.Generator | None = None,
+                   noise: Tensor | None = None) -> Tensor:
         """One-draw estimate of E_{q(x_t|x_0)} KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)), t >= 2."""
-        x_t = self.q_sample(x0, t, generator)
+        x_t = self.q_sample(x0, t, generator, noise)
         return sum_except_batch(bernoulli_kl(self.q_posterior(x0, x_t, t), self.p_prob(model, x_t, t)))
 
-    def decoder_log_likelihood(self, model, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def decoder_log_likelihood(self, model, x0: Tensor, generator: torch.Generator | None = None,
+                               noise: Tensor | None = None) -> Tensor:
         """E_{q(x_1|x_0)} log p(x_0 | x_1) per example.
 
         FORWARD (paper App. B.2): p(x_0|x_1) = q(x_1|x_0) pi(x_0) / pi(x_1), exact by summing over
@@ -104,7 +112,7 @@ class BinomialDiffusion(nn.Module):
             expected_log_pi_x1 = m1 * torch.log(self.p) + (1 - m1) * torch.log1p(-self.p)
             log_pi_x0 = bernoulli_log_prob(x0d, self.p.expand_as(x0d))
             return sum_except_batch(-bernoulli_entropy(m1) + log_pi_x0 - expected_log_pi_x1)
-        x_1 = self.q_sample(x0, t1, generator)
+        x_1 = self.q_sample(x0, t1, generator, noise)
         return sum_except_batch(bernoulli_log_prob(x0d, self.p_prob(model, x_1, t1)))
 
     def sample_prior(self, shape: tuple[int, ...], generator: torch.Generator | None = None, device=None) -> Tensor:

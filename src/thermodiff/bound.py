@@ -46,17 +46,37 @@ class BoundEstimate:
         return float(self.per_example.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
 
 
-def training_loss(diffusion, model, x0: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+@dataclass
+class TrainingDraws:
+    """The randomness of one training step: t ~ U{2..T} per example, and the noise that draws
+    x_t and (for a learned decoder) x_1. Drawn for a whole global batch and sliced per process,
+    data-parallel training sees exactly the draws of a single process."""
+
+    t: Tensor
+    noise_t: Tensor
+    noise_1: Tensor
+
+    def __getitem__(self, index) -> "TrainingDraws":
+        return TrainingDraws(self.t[index], self.noise_t[index], self.noise_1[index])
+
+
+def training_draws(diffusion, x0: Tensor, generator: torch.Generator | None = None) -> TrainingDraws:
+    t = torch.randint(2, diffusion.T + 1, (len(x0),), generator=generator, device=x0.device)
+    return TrainingDraws(t, diffusion.noise_like(x0, generator), diffusion.noise_like(x0, generator))
+
+
+def training_loss(diffusion, model, x0: Tensor, generator: torch.Generator | None = None,
+                  draws: TrainingDraws | None = None) -> tuple[Tensor, Tensor]:
     """Unbiased one-draw estimate of K per example, with one t ~ U{2..T} per example weighted
     by T - 1 (the reference code draws one t per batch and weights it by T, T/(T-1) too much).
 
     Returns (loss, K_estimate): loss = -mean K in nats, differentiable in the model and a
     learned schedule; K_estimate per example, detached, float64.
     """
-    T = diffusion.T
-    t = torch.randint(2, T + 1, (len(x0),), generator=generator, device=x0.device)
-    diffusion_terms = (T - 1) * diffusion.reverse_kl(model, x0, t, generator)
-    k = diffusion.decoder_log_likelihood(model, x0, generator) - diffusion_terms - diffusion.prior_kl(x0)
+    d = training_draws(diffusion, x0, generator) if draws is None else draws
+    diffusion_terms = (diffusion.T - 1) * diffusion.reverse_kl(model, x0, d.t, noise=d.noise_t)
+    decoder = diffusion.decoder_log_likelihood(model, x0, noise=d.noise_1)
+    k = decoder - diffusion_terms - diffusion.prior_kl(x0)
     return -k.mean(), k.detach()
 
 

@@ -49,7 +49,7 @@ def _overrides(args) -> list[str]:
 def _train(args) -> dict:
     cfg = load_config(args.config, _overrides(args))
     out = Path(args.out or f"runs/{cfg.name}")
-    return train(cfg, out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    return train(cfg, out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet, device=args.device)
 
 
 def cmd_train(args) -> None:
@@ -171,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, help="seed for data, split, init and noise")
         p.add_argument("--schedule", help="reference | learned | linear | cosine | erase")
         p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+        p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.lr=3e-4")
 
     def eval_flags(p):

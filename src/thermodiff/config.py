@@ -65,6 +65,8 @@ class TrainConfig:
     checkpoint_every: int = 1000
     log_every: int = 100
     max_nonfinite: int = 20  # stop after this many non-finite losses in a row
+    ema_decay: float = 0.0  # exponential moving average of the weights (0: off); evaluation uses it
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast, GPU only)
 
 
 @dataclass

@@ -64,10 +64,15 @@ class GaussianDiffusion(nn.Module):
         """log abar_t = sum_{s <= t} log(1 - beta_s), t = 1..T (float64)."""
         return torch.cumsum(torch.log1p(-self.schedule.betas()), 0)
 
-    def q_sample(self, x0: Tensor, t: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Draw x_t ~ q(x_t | x_0) = N(x_0 sqrt(abar_t), (1 - abar_t) I) (paper App. A)."""
+    def noise_like(self, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """The standard normal draws that :meth:`q_sample` turns into x_t."""
+        return torch.randn(x0.shape, generator=generator, device=x0.device, dtype=torch.float64)
+
+    def q_sample(self, x0: Tensor, t: Tensor, generator: torch.Generator | None = None, noise: Tensor | None = None) -> Tensor:
+        """Draw x_t ~ q(x_t | x_0) = N(x_0 sqrt(abar_t), (1 - abar_t) I) (paper App. A), from
+        ``noise`` (standard normal, see :meth:`noise_like`) when given."""
         abar = gather(self.log_alphas_cumprod().exp(), t, x0)
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=torch.float64)
+        noise = self.noise_like(x0, generator) if noise is None else noise
         return (x0 * abar.sqrt() + noise * (1 - abar).sqrt()).to(x0.dtype)
 
     def q_posterior(self, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -105,15 +110,17 @@ class GaussianDiffusion(nn.Module):
         kl = gaussian_kl(x0.double() * abar_T.sqrt(), (1 - abar_T).expand_as(x0), torch.zeros_like(x0, dtype=torch.float64), torch.ones_like(x0, dtype=torch.float64))
         return sum_except_batch(kl)
 
-    def reverse_kl(self, model, x0: Tensor, t: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def reverse_kl(self, model, x0: Tensor, t: Tensor, generator: torch.Generator | None = None,
+                   noise: Tensor | None = None) -> Tensor:
         """One-draw estimate of E_{q(x_t|x_0)} KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) per
         example, t >= 2: the terms summed in the paper's Eq. 14."""
-        x_t = self.q_sample(x0, t, generator)
+        x_t = self.q_sample(x0, t, generator, noise)
         mean_q, var_q = self.q_posterior(x0.double(), x_t.double(), t)
         mean_p, var_p = self.p_mean_var(model, x_t, t)
         return sum_except_batch(gaussian_kl(mean_q, var_q, mean_p, var_p))
 
-    def decoder_log_likelihood(self, model, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def decoder_log_likelihood(self, model, x0: Tensor, generator: torch.Generator | None = None,
+                               noise: Tensor | None = None) -> Tensor:
         """E_{q(x_1|x_0)} log p(x_0 | x_1) per example.
 
         FORWARD (paper App. B.2): p(x_0|x_1) = q(x_1|x_0) pi(x_0) / pi(x_1), so the term is
@@ -125,7 +132,7 @@ class GaussianDiffusion(nn.Module):
         if self.decoder is Decoder.FORWARD:
             per_dim = -gaussian_entropy(beta_1.expand_as(x0d)) + 0.5 * beta_1 * (1 - x0d**2)
             return sum_except_batch(per_dim)
-        x_1 = self.q_sample(x0, t1, generator)
+        x_1 = self.q_sample(x0, t1, generator, noise)
         mean, var = self.p_mean_var(model, x_1, t1)
         return sum_except_batch(gaussian_log_prob(x0d, mean, var))
 

@@ -1,6 +1,7 @@
 """The training loop: maximise the stochastic estimate of K with Adam or RMSProp, log
 metrics, checkpoint atomically, resume exactly (model, optimiser, step and RNG states)."""
 
+import contextlib
 import csv
 import io
 import json
@@ -11,9 +12,12 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from thermodiff.bound import training_loss
+from thermodiff import distributed
+from thermodiff.bound import TrainingDraws, training_draws, training_loss
 from thermodiff.checkpoint import (atomic_write_text, flatten_optimizer_state, load_checkpoint, save_checkpoint,
                                    unflatten_optimizer_state)
 from thermodiff.config import Config
@@ -41,8 +45,14 @@ def learning_rate(cfg: Config, step: int) -> float:
     return max(t.lr * t.lr_decay ** (step // t.lr_decay_every), min(t.lr_min, t.lr))
 
 
-def validate_train_config(cfg: Config) -> None:
+def validate_train_config(cfg: Config, world_size: int = 1) -> None:
     t = cfg.train
+    if t.batch_size % world_size:
+        raise UserError(f"train.batch_size {t.batch_size} must be divisible by the number of processes ({world_size})")
+    if not 0 <= t.ema_decay < 1:
+        raise UserError(f"train.ema_decay must lie in [0, 1), got {t.ema_decay}")
+    if t.precision not in ("fp32", "bf16", "fp16"):
+        raise UserError(f"train.precision must be 'fp32', 'bf16' or 'fp16', got {t.precision!r}")
     for name in ("steps", "batch_size", "checkpoint_every", "log_every", "max_nonfinite"):
         if getattr(t, name) < 1:
             raise UserError(f"train.{name} must be at least 1, got {getattr(t, name)}")
@@ -95,68 +105,128 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
             raise UserError(f"{run_dir}: is not a thermodiff run directory; refusing to delete it with --overwrite")
 
 
-def train(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
+class Objective(nn.Module):
+    """The network and the process together, so that DDP synchronises a learned schedule too."""
+
+    def __init__(self, model: nn.Module, diffusion: nn.Module):
+        super().__init__()
+        self.model, self.diffusion = model, diffusion
+
+    def forward(self, x0: torch.Tensor, draws: TrainingDraws) -> tuple[torch.Tensor, torch.Tensor]:
+        return training_loss(self.diffusion, self.model, x0, draws=draws)
+
+
+class EMA:
+    """Exponential moving average of the floating-point weights (evaluated in place of them)."""
+
+    def __init__(self, module: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in module.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        for k, v in module.state_dict().items():
+            if k in self.shadow:
+                self.shadow[k].lerp_(v, 1 - self.decay)
+
+
+def autocast(cfg: Config, device: torch.device):
+    precision = cfg.train.precision
+    if precision == "fp32" or device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def train(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: bool = False, progress: bool = True,
+          device: str = "auto") -> dict:
     """Train ``cfg`` into ``run_dir``; returns a summary. With ``resume`` the run continues from
-    its checkpoint (its own config, with ``cfg.train.steps`` as the new total)."""
-    run_dir = Path(run_dir)
+    its checkpoint (its own config, with ``cfg.train.steps`` as the new total). Under ``torchrun``
+    every process trains on its shard of each global batch and process 0 writes the files."""
+    ctx = distributed.setup(device)
+    try:
+        return _train(cfg, Path(run_dir), resume, overwrite, progress and ctx.is_main, ctx)
+    finally:
+        distributed.teardown(ctx)
+
+
+def _train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, progress: bool, ctx: distributed.Context) -> dict:
     check_run_dir(run_dir, resume, overwrite)
     tensors, meta = (load_checkpoint(run_dir / "checkpoint.safetensors") if resume else ({}, {}))
     if resume:
         steps = cfg.train.steps
         cfg = Config.from_dict(meta["config"], origin=str(run_dir))
         cfg.train.steps = steps
-    validate_train_config(cfg)
+    validate_train_config(cfg, ctx.world_size)
     torch.manual_seed(cfg.seed)
     dataset, kind = prepare_dataset(cfg)  # bad input fails here, before anything on disk changes
     resolve_source(cfg)
-    data_mean = float(dataset.train.mean())
-    diffusion = build_diffusion(cfg, kind, data_mean)
+    diffusion = build_diffusion(cfg, kind, float(dataset.train.mean()))
     model = build_model(cfg, diffusion, dataset.train.shape[1])
-    params = list(model.parameters()) + list(diffusion.parameters())
-    optimizer = make_optimizer(cfg, params)
-    noise_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    objective = Objective(model, diffusion)
+    noise_gen = torch.Generator(ctx.device).manual_seed(cfg.seed + 1)
     order_gen = torch.Generator().manual_seed(cfg.seed + 2)
     step, skipped_total, running = 0, 0, None
-    if resume:
+    if resume:  # load before moving and wrapping in DDP
         load_state(model, tensors, "model.", str(run_dir))
         load_state(diffusion, tensors, "diffusion.", str(run_dir))
-        optimizer.load_state_dict(unflatten_optimizer_state(tensors, meta["optimizer"]))
         noise_gen.set_state(tensors["rng.noise"])
         order_gen.set_state(tensors["rng.order"])
         step, skipped_total, running = meta["step"], meta["nonfinite_skipped"], meta["K_bits_running"]
+    objective.to(ctx.device)
+    params = list(objective.parameters())
+    optimizer = make_optimizer(cfg, params)
+    if resume:
+        optimizer.load_state_dict(unflatten_optimizer_state(tensors, meta["optimizer"]))
+    ema = EMA(objective, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+    if ema is not None and resume and any(k.startswith("ema.") for k in tensors):
+        ema.shadow = {k: tensors[f"ema.{k}"].to(ctx.device) for k in ema.shadow}
+    trainer = DistributedDataParallel(objective) if ctx.distributed else objective
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.precision == "fp16" and ctx.device.type == "cuda")
     data_info = dataset.describe() | {"kind": kind, "stationary_p": getattr(diffusion, "p", None) and float(diffusion.p),
                                      "seed": cfg.seed}
     if Path(cfg.data.source).is_file():
         data_info["sha256"] = file_digest(Path(cfg.data.source))
-    if not resume:
+    if ctx.is_main and not resume:
         if run_dir.exists():
             shutil.rmtree(run_dir)  # check_run_dir allowed it: --overwrite of a run
         run_dir.mkdir(parents=True)
         atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
-    rewrite_metrics(run_dir, step)
+    if ctx.is_main:
+        rewrite_metrics(run_dir, step)
 
     def checkpoint() -> None:
+        if not ctx.is_main:
+            return
         state = {f"model.{k}": v for k, v in model.state_dict().items()}
         state |= {f"diffusion.{k}": v for k, v in diffusion.state_dict().items()}
+        if ema is not None:
+            state |= {f"ema.{k}": v for k, v in ema.shadow.items()}
         optim_tensors, optim_meta = flatten_optimizer_state(optimizer.state_dict())
         state |= optim_tensors | {"rng.noise": noise_gen.get_state(), "rng.order": order_gen.get_state()}
         save_checkpoint(run_dir / "checkpoint.safetensors", state, {
             "config": cfg.to_dict(), "data": data_info, "step": step, "optimizer": optim_meta,
-            "nonfinite_skipped": skipped_total, "K_bits_running": running})
+            "nonfinite_skipped": skipped_total, "K_bits_running": running, "world_size": ctx.world_size})
 
     train_x = to_tensor(dataset.train)
+    shard = ctx.shard(cfg.train.batch_size)
     in_a_row, window = 0, []
     start_time, start_step = time.perf_counter(), step
     bar = tqdm(total=cfg.train.steps, initial=step, desc=f"train {cfg.name}", unit="step",
                file=sys.stderr, disable=not progress, mininterval=1.0)
-    model.train()
+    objective.train()
     while step < cfg.train.steps:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(cfg, step)
-        idx = torch.randint(0, len(train_x), (cfg.train.batch_size,), generator=order_gen)
-        loss, k = training_loss(diffusion, model, train_x[idx], noise_gen)
+        # every process draws the whole global batch and its randomness, then takes its shard:
+        # the same numbers as one process training on the global batch
+        x0 = train_x[torch.randint(0, len(train_x), (cfg.train.batch_size,), generator=order_gen)].to(ctx.device)
+        draws = training_draws(diffusion, x0, noise_gen)
+        with autocast(cfg, ctx.device):
+            loss, k = trainer(x0[shard], draws[shard])
         step += 1
-        if not torch.isfinite(loss):
+        stats = ctx.all_reduce_sum(torch.stack([k.sum(), (~torch.isfinite(loss)).double(),
+                                                torch.tensor(float(len(k)), dtype=torch.float64, device=k.device)]))
+        if stats[1] > 0:  # any process saw a non-finite loss: all skip the step together
             skipped_total += 1
             in_a_row += 1
             if in_a_row >= cfg.train.max_nonfinite:
@@ -166,16 +236,20 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: boo
             continue
         in_a_row = 0
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
         if cfg.train.grad_clip > 0:
+            scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
-        optimizer.step()
-        k_bits = float(k.mean()) / LN2
+        scaler.step(optimizer)
+        scaler.update()
+        if ema is not None:
+            ema.update(objective)
+        k_bits = float(stats[0] / stats[2]) / LN2
         window.append(k_bits)
         running = k_bits if running is None else 0.99 * running + 0.01 * k_bits
         bar.update(1)
         bar.set_postfix(K_bits=f"{running:.3f}")
-        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+        if ctx.is_main and (step % cfg.train.log_every == 0 or step == cfg.train.steps):
             append_metrics(run_dir, {"step": step, "K_bits_running": round(running, 6),
                                      "loss_bits": round(-sum(window) / len(window), 6),
                                      "lr": learning_rate(cfg, step - 1),
@@ -187,7 +261,9 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: boo
     bar.close()
     if step % cfg.train.checkpoint_every != 0:
         checkpoint()  # the last step may have been a skipped one
+    ctx.barrier()
     wall = time.perf_counter() - start_time
     return {"run_dir": str(run_dir), "steps": step, "K_bits_running": running, "wall_s": round(wall, 3),
             "steps_per_s": round((step - start_step) / wall, 2) if wall > 0 else None,
-            "nonfinite_skipped": skipped_total, "data": data_info}
+            "nonfinite_skipped": skipped_total, "world_size": ctx.world_size, "device": str(ctx.device),
+            "data": data_info}
