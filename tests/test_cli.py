@@ -74,9 +74,9 @@ def test_train_summary(trained_run):
     train, test = tiny_split_by_hand()
     mean, std = global_scaling_by_hand(train)
     d = s["data"]
-    assert (d["kind"], d["binary"], d["dim"], d["n_train"], d["n_test"]) == ("gaussian", False, 2, len(train), len(test))
-    np.testing.assert_allclose(d["scaling"]["shift"], [mean, mean], rtol=1e-12)
-    np.testing.assert_allclose(d["scaling"]["scale"], [std, std], rtol=1e-12)
+    assert (d["kind"], d["binary"], d["shape"], d["n_train"], d["n_test"]) == ("gaussian", False, [2], len(train), len(test))
+    np.testing.assert_allclose(d["scaling"]["shift"], [mean], rtol=1e-12)  # one global pair
+    np.testing.assert_allclose(d["scaling"]["scale"], [std], rtol=1e-12)
     run_dir = trained_run["run_dir"]
     for name in ("checkpoint.safetensors", "config.json", "metrics.jsonl", "metrics.csv"):
         assert (run_dir / name).is_file(), name
@@ -194,14 +194,14 @@ def test_train_on_a_user_array_npy_and_csv(tiny_config, cli, tmp_path):
         assert r.rc == 0, r
         s = summaries[path.suffix] = r.json()
         d = s["data"]
-        assert (d["kind"], d["binary"], d["dim"], d["n_train"], d["n_test"]) == ("gaussian", False, 3, 225, 75)
+        assert (d["kind"], d["binary"], d["shape"], d["n_train"], d["n_test"]) == ("gaussian", False, [3], 225, 75)
         assert d["source"] == str(path.resolve())
         assert d["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert summaries[".npy"]["data"]["scaling"] == summaries[".csv"]["data"]["scaling"]  # same numbers either way
 
     train_idx, test_idx = split(300, TINY_TEST_FRACTION, TINY_SEED)
     mean, std = global_scaling_by_hand(x[train_idx])
-    np.testing.assert_allclose(summaries[".npy"]["data"]["scaling"]["scale"], [std] * 3, rtol=1e-12)
+    np.testing.assert_allclose(summaries[".npy"]["data"]["scaling"]["scale"], [std], rtol=1e-12)
     r = cli("evaluate", tmp_path / "run_npy", "--json", "--quiet", "--max-examples", "0")
     assert r.rc == 0, r
     e = r.json()
@@ -229,7 +229,7 @@ def test_binary_user_array_selects_binomial(tiny_config, cli, tmp_path):
     p_hat = float(bits[train_idx].mean())
     assert d["kind"] == "binomial" and d["binary"] is True
     assert d["stationary_p"] == pytest.approx(p_hat, rel=1e-6)
-    assert d["scaling"] == {"shift": [0.0] * 8, "scale": [1.0] * 8}  # binary data are not rescaled
+    assert d["scaling"] == {"shift": [0.0], "scale": [1.0]}  # binary data are not rescaled
 
     r = cli("evaluate", run, "--json", "--quiet", "--max-examples", "0")
     assert r.rc == 0, r

@@ -326,13 +326,13 @@ def test_scaling_global_by_hand(anisotropic):
     s = Scaling.fit(x, "global")
     mean = x.sum() / x.size
     std = math.sqrt(((x - mean) ** 2).sum() / x.size)
-    np.testing.assert_allclose(s.shift, [mean] * 3, rtol=1e-12)
-    np.testing.assert_allclose(s.scale, [std] * 3, rtol=1e-12)
+    np.testing.assert_allclose(s.shift, [mean], rtol=1e-12)
+    np.testing.assert_allclose(s.scale, [std], rtol=1e-12)
     z = s.apply(x)
     assert abs(z.mean()) < 1e-12 and abs(z.std() - 1) < 1e-12  # one global pair: unit variance overall ...
     assert z.std(0)[1] > 5 * z.std(0)[0]  # ... but the shape of the data is kept
     np.testing.assert_allclose(s.invert(z), x, rtol=1e-12, atol=1e-12)
-    assert s.log_det == pytest.approx(-3 * math.log(std), rel=1e-12)
+    assert s.log_det(3) == pytest.approx(-3 * math.log(std), rel=1e-12)
 
 
 def test_scaling_per_dimension_by_hand(anisotropic):
@@ -343,14 +343,14 @@ def test_scaling_per_dimension_by_hand(anisotropic):
     np.testing.assert_allclose(z.std(0), 1, rtol=1e-12)
     np.testing.assert_allclose(s.invert(z), x, rtol=1e-12, atol=1e-12)
     stds = [math.sqrt(((x[:, d] - x[:, d].mean()) ** 2).mean()) for d in range(3)]
-    assert s.log_det == pytest.approx(-sum(math.log(v) for v in stds), rel=1e-12)
+    assert s.log_det(3) == pytest.approx(-sum(math.log(v) for v in stds), rel=1e-12)
 
 
 def test_scaling_none_is_the_identity(anisotropic):
     s = Scaling.fit(anisotropic, "none")
     np.testing.assert_array_equal(s.apply(anisotropic), anisotropic)
     np.testing.assert_array_equal(s.invert(anisotropic), anisotropic)
-    assert s.log_det == 0.0
+    assert s.log_det(3) == 0.0
 
 
 @pytest.mark.parametrize("mode", ["global", "per_dimension"])
@@ -362,7 +362,7 @@ def test_scaling_log_det_is_the_change_of_variables(mode, anisotropic):
     scaled = (-0.5 * z**2 - 0.5 * math.log(2 * math.pi)).sum(1)
     shift, scale = np.asarray(s.shift), np.asarray(s.scale)
     original = (-0.5 * ((x - shift) / scale) ** 2 - np.log(scale) - 0.5 * math.log(2 * math.pi)).sum(1)
-    np.testing.assert_allclose(scaled + s.log_det, original, rtol=1e-12)
+    np.testing.assert_allclose(scaled + s.log_det(x.shape[1]), original, rtol=1e-12)
 
 
 def test_scaling_refuses_constant_data_and_unknown_modes():

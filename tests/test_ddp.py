@@ -85,5 +85,5 @@ def test_two_gloo_processes_stay_in_sync_and_match_one_process(tmp_path):
     torch.manual_seed(cfg.seed)
     dataset, kind = prepare_dataset(cfg)
     diffusion = build_diffusion(cfg, kind, float(dataset.train.mean()))
-    initial = {f"model.{k}": v for k, v in build_model(cfg, diffusion, 2).state_dict().items()}
+    initial = {f"model.{k}": v for k, v in build_model(cfg, diffusion, (2,)).state_dict().items()}
     assert max(float((single[k] - initial[k]).abs().max()) for k in initial) > 1e-2

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from thermodiff.checkpoint import atomic_write_bytes, atomic_write_text
 from thermodiff.config import load_config
@@ -38,7 +39,9 @@ def _emit(args, result: dict, text: str) -> None:
 def _overrides(args) -> list[str]:
     sets = list(args.set or [])
     flag_keys = {"steps": "train.steps", "T": "diffusion.T", "seed": "seed", "diffusion": "diffusion.kind",
-                 "schedule": "diffusion.schedule", "data": "data.source"}
+                 "schedule": "diffusion.schedule", "data": "data.source", "data_dir": "data.data_dir"}
+    if getattr(args, "download", False):
+        sets.append("data.download=true")
     for flag, key in flag_keys.items():
         value = getattr(args, flag, None)
         if value is not None:
@@ -96,19 +99,35 @@ def _refuse_existing(path: Path, overwrite: bool) -> None:
 
 def cmd_sample(args) -> None:
     out = Path(args.out)
-    if out.suffix != ".npy":
-        raise UserError(f"--out {out}: sample files are .npy")
-    if args.n < 1:
-        raise UserError(f"-n must be at least 1, got {args.n}")
+    if out.suffix not in (".npy", ".png"):
+        raise UserError(f"--out {out}: samples are written as .npy (original units) or .png (an image grid)")
+    for flag, value in (("-n", args.n), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
     _refuse_existing(out, args.overwrite)
     run = load_run(args.run_dir)
+    if out.suffix == ".png" and not run.dataset.is_image:
+        raise UserError(f"--out {out}: a .png grid needs an image model; write .npy for vector data")
     generator = torch.Generator().manual_seed(args.seed)
-    x = ancestral_sample(run.diffusion, run.model, (args.n, run.dataset.train.shape[1]), generator).numpy()
-    x = run.dataset.scaling.invert(x.astype(np.float64))
-    buffer = io.BytesIO()
-    np.save(buffer, x)
+    batches = [min(args.batch_size, args.n - i) for i in range(0, args.n, args.batch_size)]
+    parts = []
+    with tqdm(total=len(batches) * run.diffusion.T, desc="sample", unit="t", disable=args.quiet, mininterval=1.0) as bar:
+        for size in batches:
+            x = ancestral_sample(run.diffusion, run.model, (size, *run.dataset.event_shape), generator,
+                                 callback=lambda t, x: bar.update(1) if t > 0 else None)
+            parts.append(run.dataset.from_model(x))
+    samples = np.concatenate(parts)
+    if out.suffix == ".png":
+        from thermodiff.plotting import image_grid
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        Image.fromarray(image_grid(samples)).save(buffer, format="PNG")
+    else:
+        buffer = io.BytesIO()
+        np.save(buffer, samples)
     atomic_write_bytes(out, buffer.getvalue())
-    _emit(args, {"out": str(out), "n": args.n, "shape": list(x.shape), "units": "original"},
+    _emit(args, {"out": str(out), "n": args.n, "shape": list(samples.shape), "units": "original"},
           f"wrote {args.n} samples (original units) to {out}")
 
 
@@ -121,7 +140,7 @@ def _plot(run_dir: str, out_dir: str | None, quiet: bool) -> list[str]:
         raise UserError(f"--out {out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    if run.dataset.train.shape[1] == 2:
+    if run.dataset.event_shape == (2,):
         written.append(plotting.figure_1(run, out / "figure1.png"))
     written.append(plotting.samples_panel(run, out / "samples.png"))
     evaluation_path = Path(run_dir) / "evaluation.json"
@@ -183,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="experiment name (configs/NAME.toml) or a .toml path")
     p.add_argument("--data", help="a .npy, .npz or .csv array (N x D) instead of the config's data")
     p.add_argument("--diffusion", choices=["auto", "gaussian", "binomial"])
+    p.add_argument("--data-dir", help="folder holding MNIST / CIFAR-10 files (data.data_dir)")
+    p.add_argument("--download", action="store_true", help="download MNIST / CIFAR-10 and verify md5")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     training_flags(p)
     p.set_defaults(func=cmd_train)
@@ -196,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", parents=[common], help="draw samples (original units) to a .npy file")
     p.add_argument("run_dir")
     p.add_argument("-n", type=int, default=1000)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="FILE.npy (original units) or FILE.png (image grid)")
+    p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_sample)

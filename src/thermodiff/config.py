@@ -22,9 +22,13 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 
 @dataclass
 class DataConfig:
-    source: str = "swissroll"  # 'swissroll', 'heartbeat', or a .npy/.npz/.csv path
+    source: str = "swissroll"  # swissroll | heartbeat | mnist | cifar10 | dead_leaves | texture | a path
     key: str | None = None  # which array of a .npz
-    n: int = 20000  # examples generated for the built-in sets (train + test)
+    n: int = 20000  # examples generated (train + test); for MNIST / CIFAR-10 a cap on training images (0: all)
+    data_dir: str = ""  # where MNIST / CIFAR-10 files are (or are downloaded to)
+    download: bool = False  # fetch MNIST / CIFAR-10 and verify their md5
+    path: str = ""  # the texture image for source = 'texture'
+    size: int = 32  # image side for generated images and texture crops (and resizing image folders)
     noise: float = 0.0  # Swiss roll: std of added Gaussian noise, original units
     test_fraction: float = 0.2
     scaling: str = "global"  # 'global' (one scalar, the paper's), 'per_dimension' or 'none'
@@ -43,7 +47,9 @@ class DiffusionConfig:
 
 @dataclass
 class ModelConfig:
-    network: str = "rbf"  # rbf | mlp
+    network: str = "rbf"  # rbf | mlp (vectors) | conv (images)
+    preset: str = "small"  # conv presets: paper, paper_mnist, reference_mnist, reference_cifar10, small
+    conv: dict = field(default_factory=dict)  # overrides of the conv preset, e.g. {n_conv_layers = 6}
     hidden: int = 16
     layers: int = 1
     activation: str = "tanh"
@@ -104,7 +110,7 @@ def _check_type(value, annotation, where: str):
             return float(value)
         if option is int and isinstance(value, int) and not isinstance(value, bool):
             return value
-        if option in (str, bool) and type(value) is option:
+        if option in (str, bool, dict) and type(value) is option:
             return value
     names = " or ".join("none" if o is type(None) else o.__name__ for o in options)
     raise UserError(f"{where}: expected {names}, got {value!r}")

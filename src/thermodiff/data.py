@@ -11,8 +11,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from thermodiff.errors import UserError
+from thermodiff.image_data import from_unit_float, pixel_log_jacobian, to_unit_float, validate_images
 
 
 def _check_n(n: int) -> None:
@@ -64,8 +66,9 @@ def _pick_npz_array(path: Path, archive, key: str | None) -> np.ndarray:
         return archive[key]
 
 
-def load_array(path: str | Path, key: str | None = None) -> np.ndarray:
+def load_array(path: str | Path, key: str | None = None, images: bool = False) -> np.ndarray:
     """Load an N x D numeric array from ``.npy``, ``.npz`` (``key`` picks the array) or ``.csv``
+    (with ``images``, also image stacks of 3 or 4 dimensions, as uint8 (N, C, H, W))
     (comma-separated, an optional non-numeric header line). Never unpickles."""
     path = Path(path)
     if not path.exists():
@@ -91,6 +94,8 @@ def load_array(path: str | Path, key: str | None = None) -> np.ndarray:
         raise
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, UnicodeDecodeError) as e:
         raise UserError(f"{path}: cannot be read as {suffix[1:]}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if images and x.ndim in (3, 4):
+        return validate_images(x, str(path))
     return validate_array(x, str(path))
 
 
@@ -132,20 +137,22 @@ def is_binary(x: np.ndarray) -> bool:
 
 @dataclass
 class Scaling:
-    """x -> (x - shift) / scale with one global scalar pair (the paper's choice) or one per
-    dimension. ``log_det`` converts a log-density of scaled data back to original units."""
+    """x -> (x - shift) / scale with one global scalar pair (the paper's choice: one-element
+    lists) or one pair per dimension of N x D data. ``log_det`` converts a log-density of
+    scaled data back to original units."""
 
     shift: list[float]
     scale: list[float]
 
     @classmethod
     def fit(cls, x: np.ndarray, mode: str) -> "Scaling":
-        d = x.shape[1]
         if mode == "none":
-            return cls([0.0] * d, [1.0] * d)
+            return cls([0.0], [1.0])
         if mode == "global":
-            return cls([float(x.mean())] * d, [float(x.std())] * d)
+            return cls([float(x.mean())], [float(x.std())])
         if mode == "per_dimension":
+            if x.ndim != 2:
+                raise UserError("data.scaling = 'per_dimension' is for N x D arrays; images use 'global'")
             return cls(x.mean(0).tolist(), x.std(0).tolist())
         raise UserError(f"data.scaling must be 'global', 'per_dimension' or 'none', got {mode!r}")
 
@@ -159,11 +166,11 @@ class Scaling:
     def invert(self, x: np.ndarray) -> np.ndarray:
         return x * np.asarray(self.scale) + np.asarray(self.shift)
 
-    @property
-    def log_det(self) -> float:
-        """log |d scaled / d original| = -sum_d log scale_d, added to a log-density of the
-        scaled data to give the log-density in original units (change of variables)."""
-        return -float(np.sum(np.log(self.scale)))
+    def log_det(self, dim: int) -> float:
+        """log |d scaled / d original| for ``dim``-dimensional examples (-dim log scale for a
+        global pair), added to a log-density of scaled data to give it in original units."""
+        scale = np.asarray(self.scale)
+        return -float(dim * np.log(scale[0]) if len(scale) == 1 else np.sum(np.log(scale)))
 
 
 def split(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -179,14 +186,47 @@ def split(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarr
 
 @dataclass
 class Dataset:
-    """Train and test arrays as the model sees them (scaled), and how they were made."""
+    """Train and test data in original units (float vectors, or uint8 images), and how they
+    become the model's input: uniform dequantisation of 8-bit images, y = (v + u - 0.5) / 255
+    drawn afresh each time (the paper's), then one scaling."""
 
     train: np.ndarray
     test: np.ndarray
     scaling: Scaling
     binary: bool
     source: str
+    dequantize: bool = False
+
+    @property
+    def event_shape(self) -> tuple[int, ...]:
+        return tuple(self.train.shape[1:])
+
+    @property
+    def dim(self) -> int:
+        return int(np.prod(self.event_shape))
+
+    @property
+    def is_image(self) -> bool:
+        return len(self.event_shape) == 3
+
+    def to_model(self, x: np.ndarray, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+        """Original units -> the float32 tensor the model sees (fresh dequantisation noise)."""
+        y = to_unit_float(x, generator, torch.float64) if self.dequantize else torch.as_tensor(x, dtype=torch.float64)
+        shift = torch.as_tensor(self.scaling.shift, dtype=torch.float64)
+        scale = torch.as_tensor(self.scaling.scale, dtype=torch.float64)
+        return ((y - shift) / scale).float().to(device)
+
+    def from_model(self, x: torch.Tensor) -> np.ndarray:
+        """The model's space -> original units (8-bit images are rounded back to uint8)."""
+        y = self.scaling.invert(x.detach().cpu().double().numpy())
+        return from_unit_float(y) if self.dequantize else y
+
+    def log_det(self) -> float:
+        """log |d model input / d original units| per example: the scaling's, plus -D log 255 for
+        dequantised 8-bit images, so that K + log_det bounds the log-density in pixel units [0, 256)."""
+        return self.scaling.log_det(self.dim) + (pixel_log_jacobian(self.dim) if self.dequantize else 0.0)
 
     def describe(self) -> dict:
         return {"source": self.source, "n_train": len(self.train), "n_test": len(self.test),
-                "dim": int(self.train.shape[1]), "binary": self.binary, "scaling": asdict(self.scaling)}
+                "shape": list(self.event_shape), "binary": self.binary, "dequantized": self.dequantize,
+                "scaling": asdict(self.scaling)}

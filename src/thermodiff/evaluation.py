@@ -9,7 +9,7 @@ import torch
 from tqdm import tqdm
 
 from thermodiff.bound import exact_bound
-from thermodiff.experiment import PAPER_RESULTS, Run, to_tensor
+from thermodiff.experiment import BUILTIN_SOURCES, PAPER_RESULTS, Run
 
 LN2 = math.log(2.0)
 
@@ -29,18 +29,17 @@ def evaluate(run: Run, n_draws: int | None = None, max_examples: int | None = No
     cfg = run.config
     n_draws = n_draws or cfg.eval.n_draws
     max_examples = max_examples if max_examples is not None else cfg.eval.max_examples
-    x = to_tensor(run.dataset.test)
-    if max_examples:
-        x = x[:max_examples]
-    batches = torch.split(x, cfg.eval.batch_size)
     generator = torch.Generator().manual_seed(seed)
+    test = run.dataset.test[:max_examples] if max_examples else run.dataset.test
+    x = run.dataset.to_model(test, generator)  # fresh dequantisation noise for images
+    batches = torch.split(x, cfg.eval.batch_size)
     with tqdm(total=len(batches) * run.diffusion.T, desc="bound", unit="t", disable=not progress, leave=False, mininterval=1.0) as bar:
         estimate = exact_bound(run.diffusion, run.model, batches, n_draws, generator,
                                callback=lambda done, total: bar.update(done - bar.n))
     null = run.diffusion.null_log_likelihood(x.double())
     gain = estimate.per_example - null
-    dim = x.shape[1]
-    log_det_bits = run.dataset.scaling.log_det / LN2
+    dim = run.dataset.dim
+    log_det_bits = run.dataset.log_det() / LN2
     result = {
         "experiment": cfg.name,
         "run_dir": str(run.path),
@@ -54,7 +53,7 @@ def evaluate(run: Run, n_draws: int | None = None, max_examples: int | None = No
         "decoder": run.diffusion.decoder.value,
         "schedule": cfg.diffusion.schedule,
         "beta_1": float(run.diffusion.schedule.betas()[0].detach()),
-        "unit": "bits/sample",
+        "unit": "bits/image" if run.dataset.is_image else "bits/sample",
         "dim": dim,
         "K_bits": estimate.mean / LN2,
         "stderr_bits": estimate.stderr / LN2,
@@ -67,6 +66,17 @@ def evaluate(run: Run, n_draws: int | None = None, max_examples: int | None = No
         "per_timestep_bits": (estimate.terms / LN2).tolist(),
         "hardware": hardware(),
     }
-    if cfg.name in PAPER_RESULTS and run.dataset.source == cfg.name and split_name == "test":
+    if run.dataset.is_image:
+        pixels = dim // run.dataset.event_shape[0]  # all colour channels of a pixel together
+        result |= {
+            "K_bits_per_pixel": result["K_bits"] / pixels,
+            "stderr_bits_per_pixel": result["stderr_bits"] / pixels,
+            "K_minus_L_null_bits_per_pixel": result["K_minus_L_null_bits"] / pixels,
+            "K_minus_L_null_stderr_bits_per_pixel": result["K_minus_L_null_stderr_bits"] / pixels,
+            # the bound as a negative log-likelihood of the 8-bit data, dequantised, in pixel units
+            "nll_bits_per_dim": -result["K_original_units_bits"] / dim if run.dataset.dequantize else None,
+            "nll_stderr_bits_per_dim": result["stderr_bits"] / dim,
+        }
+    if cfg.name in PAPER_RESULTS and cfg.data.source in BUILTIN_SOURCES and split_name == "test":
         result["paper"] = PAPER_RESULTS[cfg.name]
     return result

@@ -10,36 +10,77 @@ import torch
 from torch import nn
 
 from thermodiff import data as datasets
+from thermodiff import image_data
 from thermodiff.binomial import BinomialDiffusion, BinomialParameterization
 from thermodiff.checkpoint import load_checkpoint
 from thermodiff.config import Config
+from thermodiff.convnet import build_conv_net
 from thermodiff.errors import UserError
 from thermodiff.gaussian import GaussianDiffusion, GaussianParameterization
 from thermodiff.networks import build_vector_net
 from thermodiff.schedules import make_schedule
 
-# The paper's figures (v8, Table 1), in bits per sample.
+# The paper's figures (v8, Tables 1 and 2): bits per sample, per pixel for images.
 PAPER_RESULTS = {
     "swissroll": {"K_bits": 2.35, "K_minus_L_null_bits": 6.45},
     "heartbeat": {"K_bits": -2.414, "K_minus_L_null_bits": 12.024, "true_log_likelihood_bits": float(np.log2(1 / 5))},
+    "dead_leaves": {"K_bits_per_pixel": 1.489, "K_minus_L_null_bits_per_pixel": 3.536},
+    "bark": {"K_bits_per_pixel": -0.55, "K_minus_L_null_bits_per_pixel": 1.5},
+    "cifar10": {"K_bits_per_pixel": 5.4, "K_minus_L_null_bits_per_pixel": 11.5},
+    "mnist": {"parzen_bits": 317},
 }
-BUILTIN_SOURCES = ("swissroll", "heartbeat")
+VECTOR_SOURCES = ("swissroll", "heartbeat")
+IMAGE_SOURCES = ("mnist", "cifar10", "dead_leaves", "texture")
+BUILTIN_SOURCES = VECTOR_SOURCES + IMAGE_SOURCES
 
 
 def file_digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def raw_data(cfg: Config) -> tuple[np.ndarray, str]:
-    """The whole data set in original units, and a description of where it came from."""
-    source = cfg.data.source
-    if source == "swissroll":
-        return datasets.swiss_roll(cfg.data.n, cfg.data.noise, seed=cfg.seed), "swissroll"
-    if source == "heartbeat":
-        return datasets.heartbeat(cfg.data.n, seed=cfg.seed), "heartbeat"
-    if not source:
-        raise UserError(f"experiment {cfg.name!r} has no data: pass --data PATH (a .npy, .npz or .csv array)")
-    return datasets.load_array(source, cfg.data.key), source
+def _data_dir(cfg: Config) -> Path:
+    if cfg.data.data_dir:
+        return Path(cfg.data.data_dir)
+    if cfg.data.download:
+        return Path.home() / ".cache" / "thermodiff"
+    raise UserError(f"{cfg.data.source}: no data directory; pass --data-dir DIR (a local copy) or --download")
+
+
+def _seeded_split(x: np.ndarray, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
+    train_idx, test_idx = datasets.split(len(x), cfg.data.test_fraction, cfg.seed)
+    return x[train_idx], x[test_idx]
+
+
+def load_splits(cfg: Config) -> tuple[np.ndarray, np.ndarray, str]:
+    """Train and test data in original units, and where they came from. Official splits for
+    MNIST and CIFAR-10 (``data.n`` > 0 caps the training set), disjoint regions for texture
+    crops, separate seeds for generated images, and a seeded split of everything else."""
+    d = cfg.data
+    n_test = max(1, round(d.n * d.test_fraction))
+    if d.source == "swissroll":
+        return *_seeded_split(datasets.swiss_roll(d.n, d.noise, seed=cfg.seed), cfg), "swissroll"
+    if d.source == "heartbeat":
+        return *_seeded_split(datasets.heartbeat(d.n, seed=cfg.seed), cfg), "heartbeat"
+    if d.source in ("mnist", "cifar10"):
+        folder = image_data.ensure_dataset(d.source, _data_dir(cfg), d.download)
+        load = image_data.load_mnist if d.source == "mnist" else image_data.load_cifar10
+        train, test = load(folder, "train")[0], load(folder, "test")[0]
+        return (train[: d.n] if d.n > 0 else train), test, d.source
+    if d.source == "dead_leaves":
+        return (image_data.dead_leaves(d.n - n_test, d.size, seed=cfg.seed),
+                image_data.dead_leaves(n_test, d.size, seed=cfg.seed + 1_000_003), "dead_leaves")
+    if d.source == "texture":
+        if not d.path:
+            raise UserError("data.source = 'texture' needs data.path, a grey texture image")
+        image = image_data.load_grey_image(d.path)
+        crops = [image_data.texture_crops(image, n, d.size, cfg.seed, region, d.test_fraction)
+                 for n, region in ((d.n - n_test, "train"), (n_test, "test"))]
+        return crops[0], crops[1], f"texture:{Path(d.path).resolve()}"
+    if not d.source:
+        raise UserError(f"experiment {cfg.name!r} has no data: pass --data PATH (an array or a folder of images)")
+    path = Path(d.source)
+    x = image_data.load_image_folder(path, d.size or None) if path.is_dir() else datasets.load_array(path, d.key, images=True)
+    return *_seeded_split(x, cfg), d.source
 
 
 def diffusion_kind(cfg: Config, binary: bool, origin: str) -> str:
@@ -54,26 +95,45 @@ def diffusion_kind(cfg: Config, binary: bool, origin: str) -> str:
 
 
 def resolve_source(cfg: Config) -> None:
-    """Make a data file path absolute, so a run can be evaluated from any folder."""
+    """Make data paths absolute, so a run can be evaluated from any folder."""
     if cfg.data.source not in BUILTIN_SOURCES:
         cfg.data.source = str(Path(cfg.data.source).resolve())
+    for key in ("path", "data_dir"):
+        if getattr(cfg.data, key):
+            setattr(cfg.data, key, str(Path(getattr(cfg.data, key)).resolve()))
+
+
+def image_scaling(images: np.ndarray) -> datasets.Scaling:
+    """One global pair over the pixels of uint8 images on the dequantised scale v / 255,
+    accumulated in chunks (CIFAR-10 would need 1.2 GB as float64 at once)."""
+    total, squares, count = 0.0, 0.0, images.size
+    for chunk in np.array_split(images.reshape(len(images), -1), max(1, len(images) // 4096)):
+        c = chunk.astype(np.float64) / 255
+        total, squares = total + c.sum(), squares + (c**2).sum()
+    mean = total / count
+    return datasets.Scaling([mean], [float(np.sqrt(max(squares / count - mean**2, 0.0)))])
 
 
 def prepare_dataset(cfg: Config, override: np.ndarray | None = None, scaling: datasets.Scaling | None = None) -> tuple[datasets.Dataset, str]:
-    """Split (seeded by ``cfg.seed``) and scale the data; returns the data set and the
-    diffusion kind. With ``override`` and a fitted ``scaling`` (evaluating a trained run on
-    other data), all of ``override`` is the test split."""
-    x, source = raw_data(cfg)
-    binary = datasets.is_binary(x)
+    """Load, split and scale the data; returns the data set and the diffusion kind. With
+    ``override`` and a fitted ``scaling`` (evaluating a trained run on other data), all of
+    ``override`` is the test split."""
+    train, test, source = load_splits(cfg)
+    image = train.ndim == 4
+    if image != (cfg.model.network == "conv"):
+        what = f"images of shape {train.shape[1:]}" if image else f"vectors of shape {train.shape[1:]}"
+        raise UserError(f"{source}: holds {what}, but model.network = {cfg.model.network!r} is for "
+                        f"{'vectors' if image else 'images'}")
+    binary = datasets.is_binary(train)
     kind = diffusion_kind(cfg, binary, source)
-    train_idx, test_idx = datasets.split(len(x), cfg.data.test_fraction, cfg.seed)
-    if scaling is None:
-        mode = "none" if kind == "binomial" else cfg.data.scaling
-        scaling = datasets.Scaling.fit(x[train_idx], mode)
-    train, test = x[train_idx], x[test_idx]
     if override is not None:
         test = override
-    return datasets.Dataset(scaling.apply(train), scaling.apply(test), scaling, binary, source), kind
+    if scaling is None:
+        if kind == "binomial" or cfg.data.scaling == "none":
+            scaling = datasets.Scaling.fit(train, "none")
+        else:
+            scaling = image_scaling(train) if image else datasets.Scaling.fit(train, cfg.data.scaling)
+    return datasets.Dataset(train, test, scaling, binary, source, dequantize=image and kind == "gaussian"), kind
 
 
 def resolve_auto(cfg: Config, kind: str) -> None:
@@ -96,6 +156,8 @@ def build_diffusion(cfg: Config, kind: str, data_mean: float) -> nn.Module:
     try:
         schedule = make_schedule(d.schedule, d.T, d.beta_1)
         if kind == "binomial":
+            if d.stationary_p is None and not 0 < data_mean < 1:
+                raise ValueError("the binary data are constant (all 0 or all 1); nothing to model")
             p = d.stationary_p if d.stationary_p is not None else data_mean
             return BinomialDiffusion(schedule, p, d.parameterization, d.decoder)
         return GaussianDiffusion(schedule, d.parameterization, d.decoder)
@@ -103,12 +165,22 @@ def build_diffusion(cfg: Config, kind: str, data_mean: float) -> nn.Module:
         raise UserError(f"diffusion: {e}") from None
 
 
-def build_model(cfg: Config, diffusion: nn.Module, dim: int) -> nn.Module:
+def build_model(cfg: Config, diffusion: nn.Module, event_shape: tuple[int, ...]) -> nn.Module:
+    """The configured network for examples of ``event_shape``: (D,) vectors or (C, H, W) images."""
     m = cfg.model
+    image = len(event_shape) == 3
+    if image != (m.network == "conv"):
+        need = "'conv'" if image else "'rbf' or 'mlp'"
+        raise UserError(f"model.network = {m.network!r} does not fit data of shape {tuple(event_shape)}; use {need}")
     try:
-        return build_vector_net(m.network, dim, diffusion.outputs_per_dim, diffusion.T, m.hidden, m.layers,
+        if image:
+            channels, height, width = event_shape
+            if height != width:
+                raise ValueError(f"images must be square, got {height} x {width}")
+            return build_conv_net(m.preset, channels, height, diffusion.outputs_per_dim, diffusion.T, **m.conv)
+        return build_vector_net(m.network, event_shape[0], diffusion.outputs_per_dim, diffusion.T, m.hidden, m.layers,
                                 m.activation, m.readout, m.n_basis, m.bump_width)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         raise UserError(f"model: {e}") from None
 
 
@@ -148,20 +220,21 @@ def load_run(run_dir: str | Path, data_path: str | None = None) -> Run:
     scaling = datasets.Scaling(**meta["data"]["scaling"])
     override = None
     if data_path is not None:
-        override = datasets.load_array(data_path)
-        if override.shape[1] != len(scaling.shift):
-            raise UserError(f"{data_path}: has {override.shape[1]} columns but run {run_dir} models {len(scaling.shift)}-dimensional data")
+        path = Path(data_path)
+        override = image_data.load_image_folder(path, cfg.data.size or None) if path.is_dir() else datasets.load_array(path, images=True)
+        expected, got = tuple(meta["data"]["shape"]), tuple(override.shape[1:])
+        if got != expected:
+            what = (f"has {got[0]} columns but run {run_dir} models {expected[0]}-dimensional data" if len(got) == len(expected) == 1
+                    else f"holds examples of shape {got}, but run {run_dir} models shape {expected}")
+            raise UserError(f"{data_path}: {what}")
     dataset, kind = prepare_dataset(cfg, override, scaling)
     if kind == "binomial" and override is not None and not datasets.is_binary(override):
         raise UserError(f"{data_path}: data are not binary, but run {run_dir} is a binomial diffusion")
     diffusion = build_diffusion(cfg, kind, float(dataset.train.mean()))
-    model = build_model(cfg, diffusion, dataset.train.shape[1])
-    load_state(model, tensors, "model.", str(run_dir))
-    load_state(diffusion, tensors, "diffusion.", str(run_dir))
+    model = build_model(cfg, diffusion, dataset.event_shape)
+    weights = "ema." if any(k.startswith("ema.") for k in tensors) else ""  # evaluate the averaged weights
+    load_state(model, tensors, f"{weights}model.", str(run_dir))
+    load_state(diffusion, tensors, f"{weights}diffusion.", str(run_dir))
     model.eval()
     return Run(run_dir, cfg, dataset, diffusion, model, int(meta["step"]), meta)
-
-
-def to_tensor(x: np.ndarray) -> torch.Tensor:
-    return torch.as_tensor(x, dtype=torch.float32)
 

@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from thermodiff.experiment import Run, to_tensor  # noqa: E402
+from thermodiff.experiment import Run  # noqa: E402
 from thermodiff.sampling import ancestral_sample  # noqa: E402
 
 
@@ -23,12 +23,12 @@ def figure_1(run: Run, path: Path, n: int = 2000, seed: int = 0) -> Path:
     the learned drift mu(x_t, t) - x_t (bottom), at t = 0, T/2, T; 2-D data only."""
     diffusion, model, T = run.diffusion, run.model, run.diffusion.T
     generator = torch.Generator().manual_seed(seed)
-    x0 = to_tensor(run.dataset.test[:n])
+    x0 = run.dataset.to_model(run.dataset.test[:n])
     times = _times(T)
     reverse = {}
     ancestral_sample(diffusion, model, (len(x0), 2), generator,
                      callback=lambda t, x: reverse.__setitem__(t, x.numpy()) if t in times else None)
-    lim = 1.1 * float(np.abs(run.dataset.test).max()) + 0.5
+    lim = 1.1 * float(x0.abs().max()) + 0.5
     fig, axes = plt.subplots(3, 3, figsize=(10, 10), sharex=True, sharey=True)
     grid = np.linspace(-lim, lim, 17)
     gx, gy = np.meshgrid(grid, grid)
@@ -56,22 +56,49 @@ def figure_1(run: Run, path: Path, n: int = 2000, seed: int = 0) -> Path:
     return path
 
 
+def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
+    """uint8 (N, C, H, W) -> one (rows*H, columns*W[, C]) image, tiles separated by 1-pixel gaps."""
+    n, c, h, w = images.shape
+    columns = columns or int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / columns))
+    grid = np.full((c, rows * (h + 1) - 1, columns * (w + 1) - 1), 255, dtype=np.uint8)
+    for i, image in enumerate(images):
+        r, col = divmod(i, columns)
+        grid[:, r * (h + 1): r * (h + 1) + h, col * (w + 1): col * (w + 1) + w] = image
+    return grid[0] if c == 1 else grid.transpose(1, 2, 0)
+
+
+def save_image_grid(images: np.ndarray, path: Path) -> Path:
+    from PIL import Image
+
+    Image.fromarray(image_grid(images)).save(path)
+    return path
+
+
 @torch.no_grad()
 def samples_panel(run: Run, path: Path, n: int = 40, seed: int = 0) -> Path:
-    """Samples next to training data: rows as images for binary sequences, else a scatter of
-    the first two dimensions."""
+    """Samples next to training data: image grids for images, rows as images for binary
+    sequences, else a scatter of the first two dimensions."""
     generator = torch.Generator().manual_seed(seed)
-    dim = run.dataset.train.shape[1]
-    samples = ancestral_sample(run.diffusion, run.model, (n, dim), generator).numpy()
-    data = run.dataset.train[:n]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
+    dataset = run.dataset
+    if dataset.is_image:
+        n = 36
+    samples = ancestral_sample(run.diffusion, run.model, (n, *dataset.event_shape), generator)
+    data = dataset.train[:n]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5 if not dataset.is_image else 5.2))
     for ax, x, title in ((axes[0], data, "training data"), (axes[1], samples, "samples")):
-        if run.dataset.binary or dim > 2 and dim <= 64 and np.isin(x, (0, 1)).all():
-            ax.imshow(x, cmap="gray_r", aspect="auto", interpolation="nearest")
-            ax.set_xlabel("dimension")
-            ax.set_ylabel("example")
+        if dataset.is_image:
+            images = dataset.from_model(x) if torch.is_tensor(x) else x
+            ax.imshow(image_grid(np.asarray(images)), cmap="gray", vmin=0, vmax=255)
+            ax.axis("off")
         else:
-            ax.scatter(x[:, 0], x[:, 1 if dim > 1 else 0], s=4)
+            x = dataset.to_model(x).numpy() if not torch.is_tensor(x) else x.numpy()
+            if dataset.binary:
+                ax.imshow(x, cmap="gray_r", aspect="auto", interpolation="nearest")
+                ax.set_xlabel("dimension")
+                ax.set_ylabel("example")
+            else:
+                ax.scatter(x[:, 0], x[:, 1 if x.shape[1] > 1 else 0], s=4)
         ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -23,7 +23,7 @@ from thermodiff.checkpoint import (atomic_write_text, flatten_optimizer_state, l
 from thermodiff.config import Config
 from thermodiff.errors import UserError
 from thermodiff.experiment import (build_diffusion, build_model, file_digest, load_state, prepare_dataset,
-                                   resolve_source, to_tensor)
+                                   resolve_source)
 
 LN2 = math.log(2.0)
 METRIC_FIELDS = ["step", "K_bits_running", "loss_bits", "lr", "elapsed_s", "nonfinite_skipped"]
@@ -161,7 +161,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, progress: 
     dataset, kind = prepare_dataset(cfg)  # bad input fails here, before anything on disk changes
     resolve_source(cfg)
     diffusion = build_diffusion(cfg, kind, float(dataset.train.mean()))
-    model = build_model(cfg, diffusion, dataset.train.shape[1])
+    model = build_model(cfg, diffusion, dataset.event_shape)
     objective = Objective(model, diffusion)
     noise_gen = torch.Generator(ctx.device).manual_seed(cfg.seed + 1)
     order_gen = torch.Generator().manual_seed(cfg.seed + 2)
@@ -207,7 +207,6 @@ def _train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, progress: 
             "config": cfg.to_dict(), "data": data_info, "step": step, "optimizer": optim_meta,
             "nonfinite_skipped": skipped_total, "K_bits_running": running, "world_size": ctx.world_size})
 
-    train_x = to_tensor(dataset.train)
     shard = ctx.shard(cfg.train.batch_size)
     in_a_row, window = 0, []
     start_time, start_step = time.perf_counter(), step
@@ -219,7 +218,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, progress: 
             group["lr"] = learning_rate(cfg, step)
         # every process draws the whole global batch and its randomness, then takes its shard:
         # the same numbers as one process training on the global batch
-        x0 = train_x[torch.randint(0, len(train_x), (cfg.train.batch_size,), generator=order_gen)].to(ctx.device)
+        idx = torch.randint(0, len(dataset.train), (cfg.train.batch_size,), generator=order_gen)
+        x0 = dataset.to_model(dataset.train[idx.numpy()], order_gen, ctx.device)
         draws = training_draws(diffusion, x0, noise_gen)
         with autocast(cfg, ctx.device):
             loss, k = trainer(x0[shard], draws[shard])
