@@ -58,7 +58,7 @@ def _train(args) -> dict:
 def cmd_train(args) -> None:
     s = _train(args)
     _emit(args, s, f"trained {s['steps']} steps in {s['wall_s']:.1f} s -> {s['run_dir']} "
-                   f"(running K estimate {s['K_bits_running']:.3f} bits/sample)")
+                   f"(running K estimate {s['K_bits_running']:.3f} bits per example)")
 
 
 def _evaluate(run_dir: str, args, data: str | None = None) -> dict:
@@ -73,15 +73,26 @@ def _evaluate(run_dir: str, args, data: str | None = None) -> dict:
     return result
 
 
+# (label, key, its standard error's key) of the figures compared with the paper's
+COMPARED = [("K", "K_bits", "stderr_bits"), ("K - L_null", "K_minus_L_null_bits", "K_minus_L_null_stderr_bits"),
+            ("K", "K_bits_per_pixel", "stderr_bits_per_pixel"),
+            ("K - L_null", "K_minus_L_null_bits_per_pixel", "K_minus_L_null_stderr_bits_per_pixel")]
+
+
 def _describe(r: dict) -> str:
     lines = [f"{r['experiment']} ({r['split']} split, {r['n_examples']} examples, {r['n_draws']} draws/t, T = {r['T']}, "
              f"{r['parameterization']} parameterisation, {r['schedule']} schedule, step {r['train_steps']})",
-             f"  K              = {r['K_bits']:.4f} +- {r['stderr_bits']:.4f} bits/sample ({r['K_bits_per_dim']:.4f} bits/dim)",
-             f"  K - L_null     = {r['K_minus_L_null_bits']:.4f} +- {r['K_minus_L_null_stderr_bits']:.4f} bits/sample",
-             f"  K (orig units) = {r['K_original_units_bits']:.4f} bits/sample"]
-    if "paper" in r:
-        p = r["paper"]
-        lines.append(f"  paper (Table 1): K = {p['K_bits']} bits, K - L_null = {p['K_minus_L_null_bits']} bits")
+             f"  K              = {r['K_bits']:.4f} +- {r['stderr_bits']:.4f} {r['unit']} ({r['K_bits_per_dim']:.4f} bits/dim)",
+             f"  K - L_null     = {r['K_minus_L_null_bits']:.4f} +- {r['K_minus_L_null_stderr_bits']:.4f} {r['unit']}",
+             f"  K (orig units) = {r['K_original_units_bits']:.4f} {r['unit']}"]
+    if "K_bits_per_pixel" in r:
+        lines.append(f"  per pixel: K = {r['K_bits_per_pixel']:.4f} +- {r['stderr_bits_per_pixel']:.4f}, "
+                     f"K - L_null = {r['K_minus_L_null_bits_per_pixel']:.4f} bits/pixel")
+    if r.get("nll_bits_per_dim") is not None:
+        lines.append(f"  NLL bound of the 8-bit data (dequantised) = {r['nll_bits_per_dim']:.4f} bits/dim")
+    for label, key, _ in COMPARED:
+        if key in r.get("paper", {}):
+            lines.append(f"  paper: {label} = {r['paper'][key]} ({key})")
     return "\n".join(lines)
 
 
@@ -164,13 +175,14 @@ def cmd_reproduce(args) -> None:
     summary = _train(args)
     result = _evaluate(summary["run_dir"], args)
     files = _plot(summary["run_dir"], None, args.quiet)
-    p = result["paper"]
+    unit = lambda key: "bits/pixel" if key.endswith("per_pixel") else result["unit"]  # noqa: E731
+    rows = [f"  {f'{label} [{unit(key)}]':28}{result[key]:>10.3f} +- {result[err]:<8.3f}{result['paper'][key]:>10}"
+            for label, key, err in COMPARED if key in result.get("paper", {})]
     table = "\n".join([
         _describe(result),
         "",
-        f"  {'':14}{'thermodiff':>22}{'paper':>10}",
-        f"  {'K':14}{result['K_bits']:>12.3f} +- {result['stderr_bits']:.3f}{p['K_bits']:>10}",
-        f"  {'K - L_null':14}{result['K_minus_L_null_bits']:>12.3f} +- {result['K_minus_L_null_stderr_bits']:.3f}{p['K_minus_L_null_bits']:>10}",
+        f"  {'':28}{'thermodiff':>21}{'paper':>9}",
+        *rows,
         f"  trained {summary['steps']} steps in {summary['wall_s']:.0f} s; figures: {', '.join(files)}",
     ])
     _emit(args, {"train": summary, "evaluation": result, "figures": files}, table)
