@@ -22,11 +22,18 @@ def test_swissroll_config():
     assert cfg.name == "swissroll"
     assert (cfg.data.source, cfg.data.n, cfg.data.noise, cfg.data.scaling) == ("swissroll", 20000, 0.0, "global")
     assert (cfg.diffusion.kind, cfg.diffusion.T, cfg.diffusion.schedule) == ("gaussian", 40, "learned")
-    assert cfg.diffusion.beta_1 == 1e-3
-    assert (cfg.model.network, cfg.model.hidden, cfg.model.readout) == ("rbf", 16, "per_step")
+    assert cfg.diffusion.beta_1 == 1e-6
+    assert (cfg.model.network, cfg.model.hidden, cfg.model.readout) == ("rbf", 256, "per_step")
     assert cfg.train.lr == 3e-3 and type(cfg.train.lr) is float
-    assert type(cfg.train.steps) is int and cfg.train.steps == 20000
+    assert type(cfg.train.steps) is int and cfg.train.steps == 60000
     assert cfg.eval.n_draws == 4
+
+
+def test_swissroll_paper_config_differs_only_in_the_network_size():
+    ours, paper = load_config("swissroll").to_dict(), load_config("swissroll_paper").to_dict()
+    assert paper["model"].pop("hidden") == 16 and ours["model"].pop("hidden") == 256
+    assert paper.pop("name") == "swissroll_paper" and ours.pop("name") == "swissroll"
+    assert ours == paper
 
 
 def test_heartbeat_config():

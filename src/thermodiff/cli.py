@@ -16,7 +16,7 @@ from thermodiff.checkpoint import atomic_write_bytes, atomic_write_text
 from thermodiff.config import load_config
 from thermodiff.errors import UserError
 from thermodiff.evaluation import evaluate
-from thermodiff.experiment import PAPER_RESULTS, load_run
+from thermodiff.experiment import PAPER_RESULTS, load_run, paper_row
 from thermodiff.sampling import ancestral_sample
 from thermodiff.training import train
 
@@ -169,8 +169,8 @@ def cmd_plot(args) -> None:
 
 
 def cmd_reproduce(args) -> None:
-    if args.experiment not in PAPER_RESULTS:
-        raise UserError(f"reproduce: unknown experiment {args.experiment!r}; choose from {', '.join(PAPER_RESULTS)}")
+    if paper_row(load_config(args.experiment)) is None:
+        raise UserError(f"reproduce: {args.experiment!r} is not one of the paper's experiments ({', '.join(PAPER_RESULTS)})")
     args.config, args.resume = args.experiment, False
     summary = _train(args)
     result = _evaluate(summary["run_dir"], args)
@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("reproduce", parents=[common], help="train, evaluate and plot a paper experiment")
-    p.add_argument("experiment", help=", ".join(PAPER_RESULTS))
+    p.add_argument("experiment", help="a config of one of the paper's experiments: swissroll, swissroll_paper, heartbeat, ...")
     training_flags(p)
     eval_flags(p)
     p.set_defaults(func=cmd_reproduce)

@@ -9,7 +9,7 @@ import torch
 from tqdm import tqdm
 
 from thermodiff.bound import exact_bound
-from thermodiff.experiment import BUILTIN_SOURCES, PAPER_RESULTS, Run
+from thermodiff.experiment import Run, paper_row
 
 LN2 = math.log(2.0)
 
@@ -77,6 +77,6 @@ def evaluate(run: Run, n_draws: int | None = None, max_examples: int | None = No
             "nll_bits_per_dim": -result["K_original_units_bits"] / dim if run.dataset.dequantize else None,
             "nll_stderr_bits_per_dim": result["stderr_bits"] / dim,
         }
-    if cfg.name in PAPER_RESULTS and cfg.data.source in BUILTIN_SOURCES and split_name == "test":
-        result["paper"] = PAPER_RESULTS[cfg.name]
+    if paper_row(cfg) is not None and split_name == "test":
+        result["paper"] = paper_row(cfg)
     return result

@@ -34,6 +34,13 @@ IMAGE_SOURCES = ("mnist", "cifar10", "dead_leaves", "texture")
 BUILTIN_SOURCES = VECTOR_SOURCES + IMAGE_SOURCES
 
 
+def paper_row(cfg: Config) -> dict | None:
+    """The paper's figures for this experiment: by name (bark, a texture), or by built-in data."""
+    if cfg.name in PAPER_RESULTS and cfg.data.source in BUILTIN_SOURCES:
+        return PAPER_RESULTS[cfg.name]
+    return PAPER_RESULTS.get(cfg.data.source)
+
+
 def file_digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
