@@ -17,6 +17,7 @@ from thermodiff.config import load_config
 from thermodiff.errors import UserError
 from thermodiff.evaluation import evaluate
 from thermodiff.experiment import PAPER_RESULTS, load_run, paper_row
+from thermodiff.parzen import parzen_evaluate
 from thermodiff.sampling import ancestral_sample
 from thermodiff.training import train
 
@@ -168,6 +169,18 @@ def cmd_plot(args) -> None:
     _emit(args, {"files": files}, "wrote " + ", ".join(files))
 
 
+def cmd_parzen(args) -> None:
+    r = parzen_evaluate(load_run(args.run_dir), args.samples, args.valid, args.max_test, seed=args.seed,
+                        progress=not args.quiet)
+    atomic_write_text(Path(args.run_dir) / "parzen.json", json.dumps(_finite(r), indent=2, allow_nan=False) + "\n")
+    paper = f"; paper {r['paper']['parzen_bits']} bits" if "paper" in r else ""
+    edge = " (on the grid's edge)" if r["sigma_on_grid_edge"] else ""
+    _emit(args, r, f"{r['experiment']}: Parzen-window log-likelihood of {r['n_test']} test images = "
+                   f"{r['parzen_bits']:.2f} +- {r['parzen_stderr_bits']:.2f} bits ({r['parzen_nats']:.2f} nats){paper}\n"
+                   f"  sigma = {r['sigma']:.4g}{edge}, chosen on {r['n_valid']} validation images; "
+                   f"{r['n_samples']} samples (step {r['train_steps']})")
+
+
 def cmd_reproduce(args) -> None:
     if paper_row(load_config(args.experiment)) is None:
         raise UserError(f"reproduce: {args.experiment!r} is not one of the paper's experiments ({', '.join(PAPER_RESULTS)})")
@@ -175,9 +188,11 @@ def cmd_reproduce(args) -> None:
     summary = _train(args)
     result = _evaluate(summary["run_dir"], args)
     files = _plot(summary["run_dir"], None, args.quiet)
-    unit = lambda key: "bits/pixel" if key.endswith("per_pixel") else result["unit"]  # noqa: E731
-    rows = [f"  {f'{label} [{unit(key)}]':28}{result[key]:>10.3f} +- {result[err]:<8.3f}{result['paper'][key]:>10}"
-            for label, key, err in COMPARED if key in result.get("paper", {})]
+    rows = []
+    for label, key, err in COMPARED:
+        if key in result.get("paper", {}):
+            unit = "bits/pixel" if key.endswith("per_pixel") else result["unit"]
+            rows.append(f"  {f'{label} [{unit}]':28}{result[key]:>10.3f} +- {result[err]:<8.3f}{result['paper'][key]:>10}")
     table = "\n".join([
         _describe(result),
         "",
@@ -239,6 +254,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--out", help="folder for the PNGs (default the run directory)")
     p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("parzen", parents=[common], help="Parzen-window log-likelihood of the test images (paper Table 2)")
+    p.add_argument("run_dir")
+    p.add_argument("--samples", type=int, default=10000, help="samples the window is fitted on")
+    p.add_argument("--valid", type=int, default=10000, help="validation images for the bandwidth (the last training images)")
+    p.add_argument("--max-test", type=int, help="use the first N test images")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    p.set_defaults(func=cmd_parzen)
 
     p = sub.add_parser("reproduce", parents=[common], help="train, evaluate and plot a paper experiment")
     p.add_argument("experiment", help="a config of one of the paper's experiments: swissroll, swissroll_paper, heartbeat, ...")
