@@ -43,7 +43,9 @@ def test_heartbeat_config():
     assert (cfg.diffusion.kind, cfg.diffusion.T, cfg.diffusion.schedule) == ("binomial", 2000, "erase")
     assert cfg.diffusion.parameterization == "forward_offset"
     assert cfg.diffusion.beta_1 is None and cfg.diffusion.stationary_p is None
-    assert (cfg.model.network, cfg.model.hidden, cfg.model.layers, cfg.model.activation) == ("mlp", 50, 3, "sigmoid")
+    assert (cfg.model.network, cfg.model.hidden, cfg.model.layers, cfg.model.activation) == ("mlp", 128, 3, "tanh")
+    paper = load_config("heartbeat_paper")
+    assert (paper.model.hidden, paper.model.activation, paper.diffusion.decoder) == (50, "sigmoid", "forward")
 
 
 @pytest.mark.skipif(not REPO_CONFIGS.is_dir(), reason="no configs/ folder next to tests/")

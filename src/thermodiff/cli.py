@@ -5,6 +5,7 @@ import argparse
 import io
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -281,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("thermodiff: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`thermodiff evaluate RUN | head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return 0
 
 
