@@ -127,9 +127,13 @@ class BinomialDiffusion(nn.Module):
             return self.kernel_mean(x_t.double(), self.schedule.betas()[0])
         return self.p_prob(model, x_t, tt)
 
-    def p_sample(self, model, x_t: Tensor, t: int, generator: torch.Generator | None = None) -> Tensor:
-        """Draw x_{t-1} ~ p(x_{t-1} | x_t) (at t = 1, the decoder)."""
-        return torch.bernoulli(self.step_prob(model, x_t, t), generator=generator).to(x_t.dtype)
+    def p_sample(self, model, x_t: Tensor, t: int, generator: torch.Generator | None = None, factor=None) -> Tensor:
+        """Draw x_{t-1} ~ p(x_{t-1} | x_t) (at t = 1, the decoder), multiplied by ``factor``
+        (see :mod:`thermodiff.posterior`) when one is given."""
+        prob = self.step_prob(model, x_t, t)
+        if factor is not None:
+            prob = factor.bernoulli(prob, t)
+        return torch.bernoulli(prob, generator=generator).to(x_t.dtype)
 
     def null_log_likelihood(self, x0: Tensor) -> Tensor:
         """log prod_i B(x_i; p) per example: the independent-Bernoulli null model L_null."""

@@ -148,9 +148,12 @@ class GaussianDiffusion(nn.Module):
             return x_t.double() * (1 - beta_1).sqrt(), beta_1.expand(x_t.shape)
         return self.p_mean_var(model, x_t, tt)
 
-    def p_sample(self, model, x_t: Tensor, t: int, generator: torch.Generator | None = None) -> Tensor:
-        """Draw x_{t-1} ~ p(x_{t-1} | x_t) (at t = 1, the decoder)."""
+    def p_sample(self, model, x_t: Tensor, t: int, generator: torch.Generator | None = None, factor=None) -> Tensor:
+        """Draw x_{t-1} ~ p(x_{t-1} | x_t) (at t = 1, the decoder), multiplied by ``factor``
+        (see :mod:`thermodiff.posterior`) when one is given."""
         mean, var = self.step_distribution(model, x_t, t)
+        if factor is not None:
+            mean, var = factor.gaussian(mean, var, t)
         noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=torch.float64)
         return (mean + var.sqrt() * noise).to(x_t.dtype)
 

@@ -15,16 +15,19 @@ def ancestral_sample(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     callback: Callable[[int, Tensor], None] | None = None,
+    factor=None,
 ) -> Tensor:
     """Draw x_T ~ p(x_T), then x_{t-1} ~ p(x_{t-1} | x_t) for t = T..1; returns x_0.
 
-    ``callback(t, x_t)`` is called with every state, from t = T down to t = 0.
+    ``callback(t, x_t)`` is called with every state, from t = T down to t = 0. With a
+    ``factor`` r (see :mod:`thermodiff.posterior`) every kernel is multiplied by r, which samples
+    the posterior p(x_0) r(x_0) / Z (paper section 4).
     """
     x = diffusion.sample_prior(shape, generator, device)
     for t in range(diffusion.T, 0, -1):
         if callback is not None:
             callback(t, x)
-        x = diffusion.p_sample(model, x, t, generator)
+        x = diffusion.p_sample(model, x, t, generator, factor)
     if callback is not None:
         callback(0, x)
     return x

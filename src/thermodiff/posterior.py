@@ -1,0 +1,95 @@
+"""Posteriors by multiplying distributions (paper section 4).
+
+To sample from p~(x_0) proportional to p(x_0) r(x_0), every reverse kernel p(x_{t-1} | x_t)
+is multiplied by a factor r(x_{t-1}) and renormalised. For the Gaussian kernels of continuous
+data this is exact when r is Gaussian (a product of Gaussians), exact when r pins some entries
+to known values (variance 0), and a first-order perturbation for any smooth r: the mean moves
+by Sigma * grad log r (paper section 4.3). For Bernoulli kernels, known bits are clamped.
+
+A factor is an object with ``gaussian(mean, var, t) -> (mean, var)`` and/or
+``bernoulli(prob, t) -> prob``; the processes' ``p_sample`` applies it at every step.
+All values are in the model's space (after the data's scaling).
+"""
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from thermodiff.errors import UserError
+
+
+def _observed(mask: Tensor | None, like: Tensor) -> Tensor:
+    return torch.ones_like(like, dtype=torch.bool) if mask is None else mask.to(torch.bool).expand_as(like)
+
+
+class GaussianObservation:
+    """r(x) = N(y; x, noise_var) on the entries where ``mask`` is true (all when None): the
+    paper's denoising factor, the same at every step (r(x_t) = r(x_0)). Exact for Gaussian
+    kernels: var' = (1/var + 1/noise_var)^-1, mean' = var' (mean/var + y/noise_var)."""
+
+    def __init__(self, y: Tensor, noise_var: float | Tensor, mask: Tensor | None = None):
+        noise_var = torch.as_tensor(noise_var, dtype=torch.float64)
+        if not bool((noise_var > 0).all()):
+            raise UserError("the observation noise variance must be positive")
+        self.y, self.noise_var, self.mask = y.double(), noise_var, mask
+
+    def gaussian(self, mean: Tensor, var: Tensor, t: int) -> tuple[Tensor, Tensor]:
+        var_new = 1 / (1 / var + 1 / self.noise_var)
+        mean_new = var_new * (mean / var + self.y / self.noise_var)
+        observed = _observed(self.mask, mean)
+        return torch.where(observed, mean_new, mean), torch.where(observed, var_new, var)
+
+    def bernoulli(self, prob: Tensor, t: int) -> Tensor:
+        raise UserError("a Gaussian observation factor needs Gaussian diffusion; clamp binary data instead")
+
+
+class Clamp:
+    """Known entries pinned to their values at every step (paper Fig. 5, inpainting): the
+    factor is a delta at the value, so the kernel there becomes a point mass."""
+
+    def __init__(self, values: Tensor, mask: Tensor):
+        if not bool(mask.any()):
+            raise UserError("the mask marks no known values")
+        self.values, self.mask = values.double(), mask.to(torch.bool)
+
+    def gaussian(self, mean: Tensor, var: Tensor, t: int) -> tuple[Tensor, Tensor]:
+        known = self.mask.expand_as(mean)
+        return torch.where(known, self.values, mean), torch.where(known, torch.zeros_like(var), var)
+
+    def bernoulli(self, prob: Tensor, t: int) -> Tensor:
+        return torch.where(self.mask.expand_as(prob), self.values, prob)
+
+
+class SmoothFactor:
+    """Any smooth log r(x) given as a callable: the kernel's mean is shifted by
+    Sigma * grad log r(mean), its variance kept (paper section 4.3, first order in Sigma)."""
+
+    def __init__(self, log_r: Callable[[Tensor], Tensor]):
+        self.log_r = log_r
+
+    def gaussian(self, mean: Tensor, var: Tensor, t: int) -> tuple[Tensor, Tensor]:
+        with torch.enable_grad():
+            x = mean.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(self.log_r(x).sum(), x)
+        return mean + var * grad, var
+
+    def bernoulli(self, prob: Tensor, t: int) -> Tensor:
+        raise UserError("a smooth log-factor needs Gaussian diffusion")
+
+
+class Product:
+    """Several factors applied in turn (e.g. a clamp and a noisy observation)."""
+
+    def __init__(self, *factors):
+        self.factors = factors
+
+    def gaussian(self, mean: Tensor, var: Tensor, t: int) -> tuple[Tensor, Tensor]:
+        for f in self.factors:
+            mean, var = f.gaussian(mean, var, t)
+        return mean, var
+
+    def bernoulli(self, prob: Tensor, t: int) -> Tensor:
+        for f in self.factors:
+            prob = f.bernoulli(prob, t)
+        return prob

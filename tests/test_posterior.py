@@ -1,0 +1,86 @@
+"""Posterior sampling by multiplying every reverse kernel by a factor r (paper section 4)."""
+
+import math
+
+import pytest
+import torch
+
+from thermodiff.binomial import BinomialDiffusion
+from thermodiff.errors import UserError
+from thermodiff.gaussian import GaussianDiffusion
+from thermodiff.posterior import Clamp, GaussianObservation, Product, SmoothFactor
+from thermodiff.sampling import ancestral_sample
+from thermodiff.schedules import make_schedule
+
+
+def zero_model(k: int):
+    return lambda x, t: torch.zeros(len(x), k, *x.shape[1:])
+
+
+def test_gaussian_observation_matches_the_closed_form_of_the_perturbed_chain():
+    """With the zero model every kernel is N(a_t x, b_t); times N(y; x, s^2) it stays linear-
+    Gaussian, so the distribution of x_0 follows from a two-number recursion written here."""
+    T, y, noise_var = 12, 1.5, 0.5
+    diffusion = GaussianDiffusion(make_schedule("reference", T))
+    betas = diffusion.schedule.betas().tolist()
+    mean, var = 0.0, 1.0  # x_T ~ N(0, 1)
+    for t in range(T, 0, -1):
+        b = betas[t - 1]
+        a = math.sqrt(1 - b)
+        v = 1 / (1 / b + 1 / noise_var)
+        mean, var = v * (a * mean / b + y / noise_var), (v * a / b) ** 2 * var + v
+    n = 40000
+    x = ancestral_sample(diffusion, zero_model(2), (n, 1), torch.Generator().manual_seed(0),
+                         factor=GaussianObservation(torch.tensor(y), noise_var)).double()
+    se_mean, se_var = math.sqrt(var / n), var * math.sqrt(2 / (n - 1))
+    assert abs(float(x.mean()) - mean) < 4 * se_mean
+    assert abs(float(x.var()) - var) < 4 * se_var
+
+
+def test_gaussian_observation_is_the_product_of_gaussians():
+    mean, var = torch.tensor([0.3, -1.0]), torch.tensor([0.2, 0.5])
+    y, s2 = torch.tensor([1.0, 2.0]), 0.25
+    new_mean, new_var = GaussianObservation(y, s2, mask=torch.tensor([True, False])).gaussian(mean, var, 3)
+    # by hand, observed entry: precision-weighted average; unobserved entry unchanged
+    assert new_var[0].item() == pytest.approx(1 / (1 / 0.2 + 1 / 0.25))
+    assert new_mean[0].item() == pytest.approx(new_var[0].item() * (0.3 / 0.2 + 1.0 / 0.25))
+    assert (new_mean[1].item(), new_var[1].item()) == (pytest.approx(-1.0), pytest.approx(0.5))
+
+
+def test_smooth_factor_shifts_the_mean_by_sigma_grad_log_r():
+    y, s2 = torch.tensor([0.7, -0.2]), 0.3
+    mean, var = torch.tensor([0.1, 0.4], dtype=torch.float64), torch.tensor([1e-3, 2e-3], dtype=torch.float64)
+    new_mean, new_var = SmoothFactor(lambda x: -((x - y) ** 2) / (2 * s2)).gaussian(mean, var, 5)
+    torch.testing.assert_close(new_mean, mean + var * (y.double() - mean) / s2)
+    torch.testing.assert_close(new_var, var)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "binomial"])
+def test_clamped_values_are_exactly_preserved(kind):
+    T, n, d = 8, 500, 6
+    mask = torch.tensor([True, False, True, False, False, True])
+    if kind == "gaussian":
+        diffusion, model = GaussianDiffusion(make_schedule("reference", T)), zero_model(2)
+        values = torch.tensor([0.5, 0.0, -1.25, 0.0, 0.0, 2.0])
+    else:
+        diffusion, model = BinomialDiffusion(make_schedule("erase", T), 0.3), zero_model(1)
+        values = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0, 1.0])
+    states = []
+    x = ancestral_sample(diffusion, model, (n, d), torch.Generator().manual_seed(1), factor=Clamp(values, mask),
+                         callback=lambda t, x: states.append(x.clone()) if t < T else None)
+    for state in [*states, x]:  # every state after the first step, and the output
+        assert torch.equal(state[:, mask], values[mask].expand(n, -1).to(state.dtype))
+    assert x[:, ~mask].std() > 0.1  # the free entries are still sampled
+
+
+def test_clamp_and_observation_compose_and_bad_factors_are_refused():
+    mask = torch.tensor([True, False])
+    both = Product(Clamp(torch.tensor([1.0, 0.0]), mask), GaussianObservation(torch.tensor([0.0, 3.0]), 1e-6, ~mask))
+    mean, var = both.gaussian(torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64), 1)
+    assert mean[0].item() == 1.0 and var[0].item() == 0.0 and mean[1].item() == pytest.approx(3.0, rel=1e-5)
+    with pytest.raises(UserError, match="no known"):
+        Clamp(torch.zeros(3), torch.zeros(3, dtype=torch.bool))
+    with pytest.raises(UserError, match="positive"):
+        GaussianObservation(torch.zeros(2), 0.0)
+    with pytest.raises(UserError, match="Gaussian diffusion"):
+        GaussianObservation(torch.zeros(2), 1.0).bernoulli(torch.full((2,), 0.5), 1)
