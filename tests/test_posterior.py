@@ -84,3 +84,73 @@ def test_clamp_and_observation_compose_and_bad_factors_are_refused():
         GaussianObservation(torch.zeros(2), 0.0)
     with pytest.raises(UserError, match="Gaussian diffusion"):
         GaussianObservation(torch.zeros(2), 1.0).bernoulli(torch.full((2,), 0.5), 1)
+
+
+# --------------------------------------------------------------------------- the CLI commands
+
+def _cli(*args) -> int:
+    from thermodiff.cli import main
+
+    return main([str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    """A tiny Swiss roll run and a tiny binary run (binomial diffusion)."""
+    import numpy as np
+
+    root = tmp_path_factory.mktemp("posterior_runs")
+    bits = (np.random.default_rng(0).random((300, 10)) < 0.3).astype(float)
+    np.save(root / "bits.npy", bits)
+    common = ["--steps", "3", "--T", "5", "--quiet"]
+    assert _cli("train", "swissroll_paper", "--set", "data.n=300", "--out", root / "roll", *common) == 0
+    assert _cli("train", "vectors", "--data", root / "bits.npy", "--out", root / "bits", *common) == 0
+    return root
+
+
+def test_denoise_and_inpaint_commands(tiny_runs, tmp_path):
+    import numpy as np
+
+    np.save(tmp_path / "noisy.npy", np.array([[1.0, -2.0], [3.0, 0.5]]))
+    assert _cli("denoise", tiny_runs / "roll", "--input", tmp_path / "noisy.npy", "--sigma", "0.5", "-n", "3",
+                "--out", tmp_path / "d.npz", "--quiet") == 0
+    d = np.load(tmp_path / "d.npz")
+    assert d["samples"].shape == (3, 2, 2) and np.allclose(d["mean"], d["samples"].mean(0))
+
+    row = np.array([1, 0, 0, 1, 0, 0, 1, 0, 0, 1], dtype=float)
+    mask = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0], dtype=float)
+    np.save(tmp_path / "row.npy", row)
+    np.save(tmp_path / "mask.npy", mask)
+    assert _cli("inpaint", tiny_runs / "bits", "--input", tmp_path / "row.npy", "--mask", tmp_path / "mask.npy",
+                "-n", "5", "--out", tmp_path / "i.npz", "--quiet") == 0
+    samples = np.load(tmp_path / "i.npz")["samples"]
+    assert samples.shape == (5, 1, 10) and (samples[..., :4] == row[:4]).all()  # known bits kept exactly
+    assert np.isin(samples, (0, 1)).all()
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("wrong_mask_shape", "does not match"), ("empty_mask", "no known"), ("non_binary_known", "0 or 1"),
+    ("full_mask", "nothing to fill"), ("other_data", "does not fit"), ("binomial_denoise", "binomial"),
+    ("bad_sigma", "positive")])
+def test_posterior_commands_refuse_bad_input(tiny_runs, tmp_path, capsys, case, needle):
+    import numpy as np
+
+    row = np.zeros(10)
+    np.save(tmp_path / "row.npy", row)
+    masks = {"wrong_mask_shape": np.ones(7), "empty_mask": np.zeros(10), "full_mask": np.ones(10)}
+    np.save(tmp_path / "mask.npy", masks.get(case, np.r_[np.ones(3), np.zeros(7)]))
+    if case == "non_binary_known":
+        np.save(tmp_path / "row.npy", np.full(10, 0.5))
+    if case == "other_data":
+        np.save(tmp_path / "row.npy", np.zeros(3))
+    if case in ("binomial_denoise", "bad_sigma"):
+        run = tiny_runs / ("bits" if case == "binomial_denoise" else "roll")
+        np.save(tmp_path / "row.npy", np.zeros(10 if case == "binomial_denoise" else 2))
+        args = ["denoise", run, "--input", tmp_path / "row.npy", "--sigma", "1" if case == "binomial_denoise" else "0"]
+    else:
+        args = ["inpaint", tiny_runs / "bits", "--input", tmp_path / "row.npy", "--mask", tmp_path / "mask.npy"]
+    capsys.readouterr()
+    assert _cli(*args, "--out", tmp_path / "o.npz", "--quiet") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err, err
+    assert not (tmp_path / "o.npz").exists()

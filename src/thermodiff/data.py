@@ -209,9 +209,15 @@ class Dataset:
     def is_image(self) -> bool:
         return len(self.event_shape) == 3
 
-    def to_model(self, x: np.ndarray, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-        """Original units -> the float32 tensor the model sees (fresh dequantisation noise)."""
-        y = to_unit_float(x, generator, torch.float64) if self.dequantize else torch.as_tensor(x, dtype=torch.float64)
+    def to_model(self, x: np.ndarray, generator: torch.Generator | None = None, device=None,
+                 dequantize: bool = True) -> torch.Tensor:
+        """Original units -> the float32 tensor the model sees: with fresh dequantisation noise for
+        8-bit training and test images, or (``dequantize=False``) v / 255 as it is, for inputs such
+        as noisy images that are not 8-bit data."""
+        if self.dequantize and dequantize:
+            y = to_unit_float(x, generator, torch.float64)
+        else:
+            y = torch.as_tensor(np.asarray(x, dtype=np.float64)) / (255 if self.dequantize else 1)
         shift = torch.as_tensor(self.scaling.shift, dtype=torch.float64)
         scale = torch.as_tensor(self.scaling.scale, dtype=torch.float64)
         return ((y - shift) / scale).float().to(device)
@@ -220,6 +226,11 @@ class Dataset:
         """The model's space -> original units (8-bit images are rounded back to uint8)."""
         y = self.scaling.invert(x.detach().cpu().double().numpy())
         return from_unit_float(y) if self.dequantize else y
+
+    def model_scale(self) -> torch.Tensor:
+        """How much one original unit is in the model's space (per dimension, broadcastable)."""
+        scale = torch.as_tensor(self.scaling.scale, dtype=torch.float64)
+        return 1 / (scale * 255) if self.dequantize else 1 / scale
 
     def log_det(self) -> float:
         """log |d model input / d original units| per example: the scaling's, plus -D log 255 for

@@ -707,7 +707,7 @@ def texture_crops(image: np.ndarray, n: int, size: int, seed: int = 0, region: s
     return (crops, np.stack([rows, cols], 1)) if return_positions else crops
 
 
-def _image_array(path: Path, size: int | tuple[int, int] | None) -> np.ndarray:
+def load_image(path: Path, size: int | tuple[int, int] | None = None) -> np.ndarray:
     """One image file as uint8 (C, H, W): C = 1 for grey modes, 3 otherwise (alpha dropped)."""
     from PIL import Image
 
@@ -748,7 +748,7 @@ def load_image_folder(path: str | Path, size: int | tuple[int, int] | None = Non
         raise UserError(f"{path}: holds no .png, .jpg or .jpeg files")
     arrays = []
     for f in files:
-        a = _image_array(f, size)
+        a = load_image(f, size)
         if arrays and a.shape[0] != arrays[0].shape[0]:
             kinds = {1: "grey", 3: "colour"}
             raise UserError(f"{f}: is {kinds[a.shape[0]]} but {files[0].name} is {kinds[arrays[0].shape[0]]}; "
