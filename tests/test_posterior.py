@@ -40,7 +40,7 @@ def test_gaussian_observation_matches_the_closed_form_of_the_perturbed_chain():
 def test_gaussian_observation_is_the_product_of_gaussians():
     mean, var = torch.tensor([0.3, -1.0]), torch.tensor([0.2, 0.5])
     y, s2 = torch.tensor([1.0, 2.0]), 0.25
-    new_mean, new_var = GaussianObservation(y, s2, mask=torch.tensor([True, False])).gaussian(mean, var, 3)
+    new_mean, new_var = GaussianObservation(y, s2, mask=torch.tensor([True, False])).gaussian(mean, var, 3, None)
     # by hand, observed entry: precision-weighted average; unobserved entry unchanged
     assert new_var[0].item() == pytest.approx(1 / (1 / 0.2 + 1 / 0.25))
     assert new_mean[0].item() == pytest.approx(new_var[0].item() * (0.3 / 0.2 + 1.0 / 0.25))
@@ -50,7 +50,7 @@ def test_gaussian_observation_is_the_product_of_gaussians():
 def test_smooth_factor_shifts_the_mean_by_sigma_grad_log_r():
     y, s2 = torch.tensor([0.7, -0.2]), 0.3
     mean, var = torch.tensor([0.1, 0.4], dtype=torch.float64), torch.tensor([1e-3, 2e-3], dtype=torch.float64)
-    new_mean, new_var = SmoothFactor(lambda x: -((x - y) ** 2) / (2 * s2)).gaussian(mean, var, 5)
+    new_mean, new_var = SmoothFactor(lambda x: -((x - y) ** 2) / (2 * s2)).gaussian(mean, var, 5, None)
     torch.testing.assert_close(new_mean, mean + var * (y.double() - mean) / s2)
     torch.testing.assert_close(new_var, var)
 
@@ -76,14 +76,14 @@ def test_clamped_values_are_exactly_preserved(kind):
 def test_clamp_and_observation_compose_and_bad_factors_are_refused():
     mask = torch.tensor([True, False])
     both = Product(Clamp(torch.tensor([1.0, 0.0]), mask), GaussianObservation(torch.tensor([0.0, 3.0]), 1e-6, ~mask))
-    mean, var = both.gaussian(torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64), 1)
+    mean, var = both.gaussian(torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64), 1, None)
     assert mean[0].item() == 1.0 and var[0].item() == 0.0 and mean[1].item() == pytest.approx(3.0, rel=1e-5)
     with pytest.raises(UserError, match="no known"):
         Clamp(torch.zeros(3), torch.zeros(3, dtype=torch.bool))
     with pytest.raises(UserError, match="positive"):
         GaussianObservation(torch.zeros(2), 0.0)
     with pytest.raises(UserError, match="Gaussian diffusion"):
-        GaussianObservation(torch.zeros(2), 1.0).bernoulli(torch.full((2,), 0.5), 1)
+        GaussianObservation(torch.zeros(2), 1.0).bernoulli(torch.full((2,), 0.5), 1, None)
 
 
 # --------------------------------------------------------------------------- the CLI commands
@@ -154,3 +154,30 @@ def test_posterior_commands_refuse_bad_input(tiny_runs, tmp_path, capsys, case, 
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and needle in err, err
     assert not (tmp_path / "o.npz").exists()
+
+
+def test_forward_clamp_follows_the_forward_posterior_and_ends_exactly():
+    T = 10
+    diffusion = GaussianDiffusion(make_schedule("reference", T))
+    values, mask = torch.tensor([0.8, 0.0]), torch.tensor([True, False])
+    clamp = Clamp(values, mask, forward=diffusion)
+    x_t = torch.tensor([[0.3, -0.4]])
+    t = 6
+    b = diffusion.schedule.betas()
+    abar = torch.cumprod(1 - b, 0)
+    bt, a_t, a_prev = b[t - 1], abar[t - 1], abar[t - 2]
+    # DDPM's form of q(x_{t-1} | x_t, x_0), written independently of the library's
+    expected_mean = a_prev.sqrt() * bt / (1 - a_t) * 0.8 + (1 - bt).sqrt() * (1 - a_prev) / (1 - a_t) * 0.3
+    expected_var = bt * (1 - a_prev) / (1 - a_t)
+    mean, var = clamp.gaussian(torch.zeros(1, 2, dtype=torch.float64), torch.ones(1, 2, dtype=torch.float64), t, x_t)
+    assert mean[0, 0].item() == pytest.approx(expected_mean.item()) and var[0, 0].item() == pytest.approx(expected_var.item())
+    assert (mean[0, 1].item(), var[0, 1].item()) == (0.0, 1.0)  # unknown entries untouched
+    mean, var = clamp.gaussian(torch.zeros(1, 2, dtype=torch.float64), torch.ones(1, 2, dtype=torch.float64), 1, x_t)
+    assert (mean[0, 0].item(), var[0, 0].item()) == (pytest.approx(0.8), 0.0)  # the last step lands on the value
+    x = ancestral_sample(diffusion, zero_model(2), (200, 2), torch.Generator().manual_seed(2), factor=clamp)
+    assert torch.equal(x[:, 0], torch.full((200,), 0.8))
+
+    bits = BinomialDiffusion(make_schedule("erase", T), 0.3)
+    clamp = Clamp(torch.tensor([1.0, 0.0]), mask, forward=bits)
+    x = ancestral_sample(bits, zero_model(1), (200, 2), torch.Generator().manual_seed(3), factor=clamp)
+    assert torch.equal(x[:, 0], torch.ones(200))

@@ -132,7 +132,7 @@ class BinomialDiffusion(nn.Module):
         (see :mod:`thermodiff.posterior`) when one is given."""
         prob = self.step_prob(model, x_t, t)
         if factor is not None:
-            prob = factor.bernoulli(prob, t)
+            prob = factor.bernoulli(prob, t, x_t)
         return torch.bernoulli(prob, generator=generator).to(x_t.dtype)
 
     def null_log_likelihood(self, x0: Tensor) -> Tensor:

@@ -154,8 +154,9 @@ def _plot(run_dir: str, out_dir: str | None, quiet: bool) -> list[str]:
         raise UserError(f"--out {out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    if run.dataset.event_shape == (2,):
+    if run.dataset.event_shape == (2,) and not run.dataset.binary:
         written.append(plotting.figure_1(run, out / "figure1.png"))
+        written.append(plotting.conditional_figure(run, out / "conditional.png"))
     written.append(plotting.samples_panel(run, out / "samples.png"))
     evaluation_path = Path(run_dir) / "evaluation.json"
     if evaluation_path.exists():
@@ -281,7 +282,7 @@ def cmd_inpaint(args) -> None:
         raise UserError(f"--input {args.input}: known pixels must be integers in 0..255")
     if isinstance(run.diffusion, BinomialDiffusion) and not np.isin(known, (0, 1)).all():
         raise UserError(f"--input {args.input}: known values must be 0 or 1 for a binomial run")
-    samples = inpaint(run, values, mask, args.n, args.seed, progress=not args.quiet)
+    samples = inpaint(run, values, mask, args.n, args.seed, progress=not args.quiet, known=args.known)
     _write_posterior(out, values, samples, run)
     _emit(args, {"out": str(out), "inputs": len(values), "samples_per_input": args.n,
                  "known_fraction": float(mask.mean())},
@@ -344,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--sigma", type=float, required=True, help="noise std in original units (pixel values 0..255)")
         else:
             p.add_argument("--mask", required=True, help="same shape as one example; nonzero = known")
+            p.add_argument("--known", choices=["clamp", "forward"], default="clamp",
+                           help="known values held at their values at every step (the paper's, default) or "
+                                "following a forward trajectory to them")
         p.add_argument("--out", help="FILE.npz (input, samples, mean) or FILE.png (grid: input, mean, samples)")
         p.add_argument("-n", type=int, default=4, help="posterior samples per input")
         p.add_argument("--seed", type=int, default=0)

@@ -52,13 +52,19 @@ def denoise(run: Run, noisy: np.ndarray, sigma: float, n_samples: int, seed: int
     return sample_with_factor(run, len(noisy), n_samples, GaussianObservation(y, noise_var), seed, progress)
 
 
-def inpaint(run: Run, values: np.ndarray, mask: np.ndarray, n_samples: int, seed: int = 0, progress: bool = True) -> np.ndarray:
-    """Samples with the entries where ``mask`` is true clamped to ``values`` at every step and the
-    rest drawn (paper Fig. 5). Clamped entries come back exactly as given."""
-    known = torch.as_tensor(mask.astype(bool))
-    if bool(known.all()):
+def inpaint(run: Run, values: np.ndarray, mask: np.ndarray, n_samples: int, seed: int = 0, progress: bool = True,
+            known: str = "clamp") -> np.ndarray:
+    """Samples with the entries where ``mask`` is true fixed to ``values`` and the rest drawn.
+    ``known = "clamp"`` holds them at their values at every step (paper Fig. 5); "forward" lets
+    them follow a forward trajectory to their values (see :class:`~thermodiff.posterior.Clamp`).
+    Known entries come back exactly as given."""
+    if known not in ("clamp", "forward"):
+        raise UserError(f"--known must be 'clamp' or 'forward', got {known!r}")
+    keep = torch.as_tensor(mask.astype(bool))
+    if bool(keep.all()):
         raise UserError("the mask marks every value as known; nothing to fill in")
-    clamp = Clamp(run.dataset.to_model(values, dequantize=False).double(), known)
+    clamp = Clamp(run.dataset.to_model(values, dequantize=False).double(), keep,
+                  forward=run.diffusion if known == "forward" else None)
     samples = sample_with_factor(run, len(values), n_samples, clamp, seed, progress)
     samples[:, mask.astype(bool)] = np.broadcast_to(values, samples.shape)[:, mask.astype(bool)]  # exact, not rounded
     return samples

@@ -153,7 +153,7 @@ class GaussianDiffusion(nn.Module):
         (see :mod:`thermodiff.posterior`) when one is given."""
         mean, var = self.step_distribution(model, x_t, t)
         if factor is not None:
-            mean, var = factor.gaussian(mean, var, t)
+            mean, var = factor.gaussian(mean, var, t, x_t)
         noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=torch.float64)
         return (mean + var.sqrt() * noise).to(x_t.dtype)
 

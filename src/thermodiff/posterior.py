@@ -6,9 +6,10 @@ data this is exact when r is Gaussian (a product of Gaussians), exact when r pin
 to known values (variance 0), and a first-order perturbation for any smooth r: the mean moves
 by Sigma * grad log r (paper section 4.3). For Bernoulli kernels, known bits are clamped.
 
-A factor is an object with ``gaussian(mean, var, t) -> (mean, var)`` and/or
-``bernoulli(prob, t) -> prob``; the processes' ``p_sample`` applies it at every step.
-All values are in the model's space (after the data's scaling).
+A factor is an object with ``gaussian(mean, var, t, x_t) -> (mean, var)`` and/or
+``bernoulli(prob, t, x_t) -> prob`` acting on the kernel that draws x_{t-1} from x_t; the
+processes' ``p_sample`` applies it at every step. All values are in the model's space (after
+the data's scaling).
 """
 
 from collections.abc import Callable
@@ -34,31 +35,43 @@ class GaussianObservation:
             raise UserError("the observation noise variance must be positive")
         self.y, self.noise_var, self.mask = y.double(), noise_var, mask
 
-    def gaussian(self, mean: Tensor, var: Tensor, t: int) -> tuple[Tensor, Tensor]:
+    def gaussian(self, mean: Tensor, var: Tensor, t: int, x_t: Tensor) -> tuple[Tensor, Tensor]:
         var_new = 1 / (1 / var + 1 / self.noise_var)
         mean_new = var_new * (mean / var + self.y / self.noise_var)
         observed = _observed(self.mask, mean)
         return torch.where(observed, mean_new, mean), torch.where(observed, var_new, var)
 
-    def bernoulli(self, prob: Tensor, t: int) -> Tensor:
+    def bernoulli(self, prob: Tensor, t: int, x_t: Tensor) -> Tensor:
         raise UserError("a Gaussian observation factor needs Gaussian diffusion; clamp binary data instead")
 
 
 class Clamp:
-    """Known entries pinned to their values at every step (paper Fig. 5, inpainting): the
-    factor is a delta at the value, so the kernel there becomes a point mass."""
+    """Known entries pinned to their values (inpainting). The paper (Fig. 5) holds them at their
+    clean values at every step. With ``forward`` (the diffusion process) they instead follow a
+    forward trajectory that ends at their values, x_{t-1} ~ q(x_{t-1} | x_t, x_0 = value), so the
+    network sees known entries noised like the data it was trained on; both are exact at t = 1."""
 
-    def __init__(self, values: Tensor, mask: Tensor):
+    def __init__(self, values: Tensor, mask: Tensor, forward=None):
         if not bool(mask.any()):
             raise UserError("the mask marks no known values")
-        self.values, self.mask = values.double(), mask.to(torch.bool)
+        self.values, self.mask, self.forward = values.double(), mask.to(torch.bool), forward
 
-    def gaussian(self, mean: Tensor, var: Tensor, t: int) -> tuple[Tensor, Tensor]:
+    def _posterior_step(self, x_t: Tensor, t: int):
+        tt = torch.full((len(x_t),), t, dtype=torch.long, device=x_t.device)
+        return self.forward.q_posterior(self.values.expand_as(x_t), x_t.double(), tt)
+
+    def gaussian(self, mean: Tensor, var: Tensor, t: int, x_t: Tensor) -> tuple[Tensor, Tensor]:
         known = self.mask.expand_as(mean)
-        return torch.where(known, self.values, mean), torch.where(known, torch.zeros_like(var), var)
+        target_mean, target_var = self.values.expand_as(mean), torch.zeros_like(var)
+        if self.forward is not None and t > 1:
+            target_mean, target_var = self._posterior_step(x_t, t)
+        return torch.where(known, target_mean, mean), torch.where(known, target_var, var)
 
-    def bernoulli(self, prob: Tensor, t: int) -> Tensor:
-        return torch.where(self.mask.expand_as(prob), self.values, prob)
+    def bernoulli(self, prob: Tensor, t: int, x_t: Tensor) -> Tensor:
+        target = self.values.expand_as(prob)
+        if self.forward is not None and t > 1:
+            target = self._posterior_step(x_t, t)
+        return torch.where(self.mask.expand_as(prob), target, prob)
 
 
 class SmoothFactor:
@@ -68,13 +81,13 @@ class SmoothFactor:
     def __init__(self, log_r: Callable[[Tensor], Tensor]):
         self.log_r = log_r
 
-    def gaussian(self, mean: Tensor, var: Tensor, t: int) -> tuple[Tensor, Tensor]:
+    def gaussian(self, mean: Tensor, var: Tensor, t: int, x_t: Tensor) -> tuple[Tensor, Tensor]:
         with torch.enable_grad():
             x = mean.detach().requires_grad_(True)
             (grad,) = torch.autograd.grad(self.log_r(x).sum(), x)
         return mean + var * grad, var
 
-    def bernoulli(self, prob: Tensor, t: int) -> Tensor:
+    def bernoulli(self, prob: Tensor, t: int, x_t: Tensor) -> Tensor:
         raise UserError("a smooth log-factor needs Gaussian diffusion")
 
 
@@ -84,12 +97,12 @@ class Product:
     def __init__(self, *factors):
         self.factors = factors
 
-    def gaussian(self, mean: Tensor, var: Tensor, t: int) -> tuple[Tensor, Tensor]:
+    def gaussian(self, mean: Tensor, var: Tensor, t: int, x_t: Tensor) -> tuple[Tensor, Tensor]:
         for f in self.factors:
-            mean, var = f.gaussian(mean, var, t)
+            mean, var = f.gaussian(mean, var, t, x_t)
         return mean, var
 
-    def bernoulli(self, prob: Tensor, t: int) -> Tensor:
+    def bernoulli(self, prob: Tensor, t: int, x_t: Tensor) -> Tensor:
         for f in self.factors:
-            prob = f.bernoulli(prob, t)
+            prob = f.bernoulli(prob, t, x_t)
         return prob
