@@ -165,7 +165,7 @@ def test_plot(copy_run, cli, tmp_path):
     r = cli("plot", run, "--out", figs, "--json")
     assert r.rc == 0, r
     files = r.json()["files"]
-    assert sorted(Path(f).name for f in files) == ["bound.png", "figure1.png", "samples.png"]
+    assert sorted(Path(f).name for f in files) == ["bound.png", "conditional.png", "figure1.png", "samples.png"]
     for f in files:
         assert Path(f).parent == figs
         assert_png(f)
@@ -318,7 +318,7 @@ def test_reproduce_json(cli, tmp_path):
     assert set(j) == {"train", "evaluation", "figures"}
     assert j["train"]["steps"] == 4 and j["evaluation"]["n_examples"] == 20 and j["evaluation"]["T"] == 6
     assert j["evaluation"]["paper"] == {"K_bits": 2.35, "K_minus_L_null_bits": 6.45}
-    assert sorted(Path(f).name for f in j["figures"]) == ["bound.png", "figure1.png", "samples.png"]
+    assert sorted(Path(f).name for f in j["figures"]) == ["bound.png", "conditional.png", "figure1.png", "samples.png"]
     for f in j["figures"]:
         assert_png(f)
     assert (out / "evaluation.json").is_file()
