@@ -140,7 +140,7 @@ def fake_server(monkeypatch, files: dict[str, Path]) -> list[str]:
             raise UserError(f"{url}: download failed (404)")
         shutil.copyfile(files[name], dest)
 
-    monkeypatch.setattr(image_data, "download_file", fetch)
+    monkeypatch.setattr(image_data.official, "download_file", fetch)
     return asked
 
 
@@ -148,7 +148,7 @@ def no_network(monkeypatch):
     def fail(url, dest, timeout=60.0):
         raise AssertionError(f"tried to download {url}")
 
-    monkeypatch.setattr(image_data, "download_file", fail)
+    monkeypatch.setattr(image_data.official, "download_file", fail)
 
 
 # --------------------------------------------------------------------------- MNIST
@@ -441,7 +441,7 @@ def test_mocked_download_tries_the_next_mirror(tmp_path, monkeypatch):
             raise UserError(f"{url}: download failed (503)")
         shutil.copyfile(files[url.rsplit("/", 1)[1]], dest)
 
-    monkeypatch.setattr(image_data, "download_file", fetch)
+    monkeypatch.setattr(image_data.official, "download_file", fetch)
     ensure_dataset("mnist", tmp_path / "data", download=True)
     assert len(asked) == 8 and sum("alive" in u for u in asked) == 4
 
@@ -845,7 +845,7 @@ def test_real_cifar10(monkeypatch):
     folder = ensure_dataset("cifar10", SHARED)  # md5 of the five official batches; the partial test file unchecked
     images, labels, info = load_cifar10(SHARED, "train")
     assert images.shape == (50000, 3, 32, 32) and info["complete"]
-    batch1 = image_data._read_cifar_bin(folder / "data_batch_1.bin")
+    batch1 = image_data.official._read_cifar_bin(folder / "data_batch_1.bin")
     assert batch1[0].shape == (10000, 3, 32, 32) and set(batch1[1].tolist()) == set(range(10))
     assert batch1[1][:10].tolist() == [6, 9, 9, 4, 1, 1, 2, 7, 8, 3]
     images, labels, info = load_cifar10(SHARED, "test")
