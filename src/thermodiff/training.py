@@ -248,7 +248,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, progress: 
         window.append(k_bits)
         running = k_bits if running is None else 0.99 * running + 0.01 * k_bits
         bar.update(1)
-        bar.set_postfix(K_bits=f"{running:.3f}")
+        bar.set_postfix(K_bits=f"{running:.3f}", refresh=False)
         if ctx.is_main and (step % cfg.train.log_every == 0 or step == cfg.train.steps):
             append_metrics(run_dir, {"step": step, "K_bits_running": round(running, 6),
                                      "loss_bits": round(-sum(window) / len(window), 6),
