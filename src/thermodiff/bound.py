@@ -22,6 +22,11 @@ import torch
 from torch import Tensor
 
 
+def standard_error(x: Tensor) -> float:
+    """Standard error of the mean of ``x`` (NaN for fewer than 2 values)."""
+    return float(x.std(unbiased=True) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
+
+
 @dataclass
 class BoundEstimate:
     """K per example (nats) and the mean loss of each term over examples.
@@ -42,8 +47,7 @@ class BoundEstimate:
     def stderr(self) -> float:
         """Standard error of the mean over examples (each example's value is itself an unbiased
         noisy estimate, so this covers both data and noise-draw variability)."""
-        n = len(self.per_example)
-        return float(self.per_example.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
+        return standard_error(self.per_example)
 
 
 @dataclass

@@ -132,15 +132,13 @@ def cmd_sample(args) -> None:
             parts.append(run.dataset.from_model(x))
     samples = np.concatenate(parts)
     if out.suffix == ".png":
-        from thermodiff.plotting import image_grid
-        from PIL import Image
+        from thermodiff.plotting import image_grid_png
 
-        buffer = io.BytesIO()
-        Image.fromarray(image_grid(samples)).save(buffer, format="PNG")
+        atomic_write_bytes(out, image_grid_png(samples))
     else:
         buffer = io.BytesIO()
         np.save(buffer, samples)
-    atomic_write_bytes(out, buffer.getvalue())
+        atomic_write_bytes(out, buffer.getvalue())
     _emit(args, {"out": str(out), "n": args.n, "shape": list(samples.shape), "units": "original"},
           f"wrote {args.n} samples (original units) to {out}")
 
@@ -227,20 +225,18 @@ def _read_input(path: str, run, flag: str) -> np.ndarray:
 
 def _write_posterior(out: Path, inputs: np.ndarray, samples: np.ndarray, run) -> None:
     mean = samples.astype(np.float64).mean(0)
-    buffer = io.BytesIO()
     if out.suffix == ".png":
         if not run.dataset.is_image:
             raise UserError(f"--out {out}: a .png needs an image run; write .npz")
-        from PIL import Image
-
-        from thermodiff.plotting import image_grid
+        from thermodiff.plotting import image_grid_png
 
         rows = [np.clip(np.rint(inputs), 0, 255).astype(np.uint8), np.clip(np.rint(mean), 0, 255).astype(np.uint8),
                 *samples.astype(np.uint8)]
-        Image.fromarray(image_grid(np.concatenate(rows), columns=len(inputs))).save(buffer, format="PNG")
+        atomic_write_bytes(out, image_grid_png(np.concatenate(rows), columns=len(inputs)))
     else:
+        buffer = io.BytesIO()
         np.savez(buffer, input=inputs, samples=samples, mean=mean)
-    atomic_write_bytes(out, buffer.getvalue())
+        atomic_write_bytes(out, buffer.getvalue())
 
 
 def _posterior_out(args, default_suffix: str) -> Path:

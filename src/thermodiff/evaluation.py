@@ -8,18 +8,15 @@ import platform
 import torch
 from tqdm import tqdm
 
-from thermodiff.bound import exact_bound
+from thermodiff.bound import exact_bound, standard_error
 from thermodiff.experiment import Run, paper_row
+from thermodiff.image_data import bits_per_dim
 
 LN2 = math.log(2.0)
 
 
 def hardware() -> str:
     return f"{platform.machine()} CPU ({os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads)"
-
-
-def stderr(x: torch.Tensor) -> float:
-    return float(x.std(unbiased=True) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
 
 
 def evaluate(run: Run, n_draws: int | None = None, max_examples: int | None = None, seed: int = 0,
@@ -58,7 +55,7 @@ def evaluate(run: Run, n_draws: int | None = None, max_examples: int | None = No
         "K_bits": estimate.mean / LN2,
         "stderr_bits": estimate.stderr / LN2,
         "K_minus_L_null_bits": float(gain.mean()) / LN2,
-        "K_minus_L_null_stderr_bits": stderr(gain) / LN2,
+        "K_minus_L_null_stderr_bits": standard_error(gain) / LN2,
         "L_null_bits": float(null.mean()) / LN2,
         "K_bits_per_dim": estimate.mean / LN2 / dim,
         "K_original_units_bits": estimate.mean / LN2 + log_det_bits,
@@ -74,7 +71,8 @@ def evaluate(run: Run, n_draws: int | None = None, max_examples: int | None = No
             "K_minus_L_null_bits_per_pixel": result["K_minus_L_null_bits"] / pixels,
             "K_minus_L_null_stderr_bits_per_pixel": result["K_minus_L_null_stderr_bits"] / pixels,
             # the bound as a negative log-likelihood of the 8-bit data, dequantised, in pixel units
-            "nll_bits_per_dim": -result["K_original_units_bits"] / dim if run.dataset.dequantize else None,
+            "nll_bits_per_dim": (bits_per_dim(estimate.mean + run.dataset.scaling.log_det(dim), dim)
+                                 if run.dataset.dequantize else None),
             "nll_stderr_bits_per_dim": result["stderr_bits"] / dim,
         }
     if paper_row(cfg) is not None and split_name == "test":

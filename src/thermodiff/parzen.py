@@ -17,7 +17,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from thermodiff.errors import UserError
-from thermodiff.evaluation import hardware, stderr
+from thermodiff.bound import standard_error
+from thermodiff.evaluation import hardware
 from thermodiff.experiment import Run, paper_row
 from thermodiff.sampling import ancestral_sample
 
@@ -121,9 +122,9 @@ def parzen_evaluate(run: Run, n_samples: int = 10000, n_valid: int = 10000, max_
         "run_dir": str(run.path),
         "train_steps": run.step,
         "parzen_bits": float(log_p.mean()) / LN2,
-        "parzen_stderr_bits": stderr(log_p) / LN2,
+        "parzen_stderr_bits": standard_error(log_p) / LN2,
         "parzen_nats": float(log_p.mean()),
-        "parzen_stderr_nats": stderr(log_p),
+        "parzen_stderr_nats": standard_error(log_p),
         "sigma": sigma,
         "sigma_on_grid_edge": sigma in (min(sigmas), max(sigmas)),
         "sigmas_scores": [{"sigma": s, "valid_nats": float(v)} for s, v in zip(sigmas, scores)],

@@ -102,11 +102,15 @@ def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
     return grid[0] if c == 1 else grid.transpose(1, 2, 0)
 
 
-def save_image_grid(images: np.ndarray, path: Path) -> Path:
+def image_grid_png(images: np.ndarray, columns: int | None = None) -> bytes:
+    """uint8 (N, C, H, W) -> the PNG file of their :func:`image_grid`."""
+    import io
+
     from PIL import Image
 
-    Image.fromarray(image_grid(images)).save(path)
-    return path
+    buffer = io.BytesIO()
+    Image.fromarray(image_grid(images, columns)).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 @torch.no_grad()
