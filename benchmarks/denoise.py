@@ -2,7 +2,7 @@
 the data's, the posterior mean of `thermodiff denoise` against the noisy input and a Wiener
 filter fitted on the training images (the best linear estimator under a Gaussian model).
 
-    python benchmarks/denoise.py RUN_DIR [--images 100] [--samples 4] [--seed 0]
+    python benchmarks/denoise.py RUN_DIR [--images 100] [--samples 4] [--seed 0] [--methods start product]
 
 Writes benchmarks/results/denoise_<experiment>.json with PSNRs in dB (peak 255).
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from thermodiff.conditioning import denoise
+from thermodiff.conditioning import DENOISE_METHODS, denoise, denoise_mean
 from thermodiff.experiment import load_run
 
 
@@ -45,6 +45,10 @@ if __name__ == "__main__":
     parser.add_argument("--images", type=int, default=100)
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--methods", nargs="+", choices=DENOISE_METHODS, default=["start"],
+                        help="posterior samplers to compare (see thermodiff.conditioning.DENOISE_METHODS)")
+    parser.add_argument("--one-step-draws", type=int, default=4,
+                        help="draws averaged by the one-call posterior mean (thermodiff.conditioning.denoise_mean)")
     args = parser.parse_args()
     run = load_run(args.run_dir)
     if not run.dataset.is_image:
@@ -52,22 +56,25 @@ if __name__ == "__main__":
     truth = run.dataset.test[: args.images].astype(np.float64)
     sigma = float(run.dataset.train.astype(np.float64).std())  # SNR 1: noise variance = data variance
     noisy = truth + np.random.default_rng(args.seed).normal(0, sigma, truth.shape)
-    start = time.perf_counter()
-    samples = denoise(run, noisy, sigma, args.samples, args.seed, progress=True)
-    seconds = time.perf_counter() - start
-    posterior_mean = samples.astype(np.float64).mean(0)
-    results = {
-        "posterior_mean": summary(psnr(posterior_mean, truth)),
-        "posterior_sample": summary(psnr(samples[0], truth)),
-        "noisy_input": summary(psnr(noisy, truth)),
-        "wiener_filter": summary(psnr(wiener(run.dataset.train, noisy, sigma**2), truth)),
-    }
+    results, seconds = {}, {}
+    for method in args.methods:
+        start = time.perf_counter()
+        samples = denoise(run, noisy, sigma, args.samples, args.seed, progress=True, method=method)
+        seconds[method] = round(time.perf_counter() - start, 1)
+        results[f"posterior_mean_{method}"] = summary(psnr(samples.astype(np.float64).mean(0), truth))
+        results[f"posterior_sample_{method}"] = summary(psnr(samples[0], truth))
+    results["posterior_mean_one_step"] = summary(psnr(denoise_mean(run, noisy, sigma, args.one_step_draws, args.seed), truth))
+    results["noisy_input"] = summary(psnr(noisy, truth))
+    results["wiener_filter"] = summary(psnr(wiener(run.dataset.train, noisy, sigma**2), truth))
     record = {
-        "command": f"python benchmarks/denoise.py {args.run_dir} --images {args.images} --samples {args.samples} --seed {args.seed}",
+        "command": f"python benchmarks/denoise.py {args.run_dir} --images {args.images} --samples {args.samples} "
+                   f"--seed {args.seed} --methods {' '.join(args.methods)} --one-step-draws {args.one_step_draws}",
         "experiment": run.config.name, "train_steps": run.step, "T": run.diffusion.T,
         "setup": f"first {args.images} test images, noise std {sigma:.2f} grey levels (= the training data's std, SNR 1), "
-                 f"posterior mean of {args.samples} samples; paper's per-step product with N(y; x, sigma^2)",
-        "psnr": results, "sampling_seconds": round(seconds, 1),
+                 f"posterior mean of {args.samples} samples per method: 'start' = the reverse chain from y at the step "
+                 f"whose noise level matches sigma, 'product' = the paper's per-step product with N(y; x, sigma^2); "
+                 f"'one_step' = the model's E[x | y] from the kernel mean at that step, {args.one_step_draws} draws",
+        "psnr": results, "sampling_seconds": seconds,
         "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__},
     }
     out = Path(__file__).parent / "results" / f"denoise_{run.config.name}.json"

@@ -10,6 +10,8 @@ import torch
 from thermodiff import BinomialDiffusion, GaussianDiffusion, exact_bound, make_schedule, training_loss
 from thermodiff.schedules import Schedule
 
+from linear_gaussian import analytic_model as _analytic_model, true_reverse as _true_reverse
+
 LOG_2PI = math.log(2 * math.pi)
 
 
@@ -120,40 +122,6 @@ def test_training_loss_gradients_reach_the_model():
 
 # ----------------------------------------------------------------------------------------------
 # an exactly solvable case: 1-D Gaussian data N(0, s^2) and the true reverse conditionals
-
-def _true_reverse(betas, s):
-    """q(x_{t-1} | x_t) = N(a_t x_t, r_t) for the forward process started at N(0, s^2):
-    v_t = Var q(x_t), a_t = sqrt(1 - b_t) v_{t-1} / v_t, r_t = v_{t-1} - (1 - b_t) v_{t-1}^2 / v_t."""
-    v = [s * s]
-    for b in betas:
-        v.append((1 - b) * v[-1] + b)
-    a = [math.sqrt(1 - b) * v[t] / v[t + 1] for t, b in enumerate(betas)]
-    r = [v[t] - (1 - b) * v[t] ** 2 / v[t + 1] for t, b in enumerate(betas)]
-    return np.array(a), np.array(r), np.array(v)
-
-
-def _analytic_model(betas, s, parameterization):
-    """A reverse model whose kernels p(x_{t-1}|x_t) are exactly q(x_{t-1}|x_t), t = 1..T."""
-    T = len(betas)
-    a, r, _ = _true_reverse(betas, s)
-    b = np.asarray(betas)
-    logit = lambda v: np.log(v) - np.log1p(-v)  # noqa: E731
-    if parameterization == "reference":
-        # mean = x sqrt(1 - b) + z_mu sqrt(b) = a x;  var = sigmoid(z_S / sqrt(T) + logit b) = r
-        mu_gain = (a - np.sqrt(1 - b)) / np.sqrt(b)
-        z_sigma = math.sqrt(T) * (logit(r) - logit(b))
-    else:
-        # var = sigmoid(z_S + logit b) = r;  mean = x (1 - r) + z_mu r = a x
-        mu_gain = (a - (1 - r)) / r
-        z_sigma = logit(r) - logit(b)
-    mu_gain, z_sigma = torch.tensor(mu_gain), torch.tensor(z_sigma)
-
-    def model(x, t):
-        x = x.double()
-        return torch.stack([mu_gain[t - 1][:, None] * x, z_sigma[t - 1][:, None].expand_as(x)], 1)
-
-    return model
-
 
 def _exact_k(betas, s, x0):
     """log p(x_0) and the exact ELBO K(x_0) = log p(x_0) - KL(q(x_{1:T}|x_0) || p(x_{1:T}|x_0))

@@ -12,6 +12,8 @@ from thermodiff.posterior import Clamp, GaussianObservation, Product, SmoothFact
 from thermodiff.sampling import ancestral_sample
 from thermodiff.schedules import make_schedule
 
+from linear_gaussian import analytic_model
+
 
 def zero_model(k: int):
     return lambda x, t: torch.zeros(len(x), k, *x.shape[1:])
@@ -112,10 +114,11 @@ def test_denoise_and_inpaint_commands(tiny_runs, tmp_path):
     import numpy as np
 
     np.save(tmp_path / "noisy.npy", np.array([[1.0, -2.0], [3.0, 0.5]]))
-    assert _cli("denoise", tiny_runs / "roll", "--input", tmp_path / "noisy.npy", "--sigma", "0.5", "-n", "3",
-                "--out", tmp_path / "d.npz", "--quiet") == 0
-    d = np.load(tmp_path / "d.npz")
-    assert d["samples"].shape == (3, 2, 2) and np.allclose(d["mean"], d["samples"].mean(0))
+    for method in ("start", "product"):
+        assert _cli("denoise", tiny_runs / "roll", "--input", tmp_path / "noisy.npy", "--sigma", "0.5", "-n", "3",
+                    "--method", method, "--out", tmp_path / f"{method}.npz", "--quiet") == 0
+        d = np.load(tmp_path / f"{method}.npz")
+        assert d["samples"].shape == (3, 2, 2) and np.allclose(d["mean"], d["samples"].mean(0))
 
     row = np.array([1, 0, 0, 1, 0, 0, 1, 0, 0, 1], dtype=float)
     mask = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0], dtype=float)
@@ -181,3 +184,46 @@ def test_forward_clamp_follows_the_forward_posterior_and_ends_exactly():
     clamp = Clamp(torch.tensor([1.0, 0.0]), mask, forward=bits)
     x = ancestral_sample(bits, zero_model(1), (200, 2), torch.Generator().manual_seed(3), factor=clamp)
     assert torch.equal(x[:, 0], torch.ones(200))
+
+
+@pytest.mark.parametrize("on_grid", [True, False])
+def test_denoising_from_the_matching_step_samples_the_exact_posterior(on_grid):
+    """Gaussian data N(0, s^2) and the true reverse kernels: starting the chain from the
+    observation y = x_0 + N(0, sigma^2) at the step whose noise level rho_t reaches sigma^2
+    samples p(x_0 | y) = N(s^2 y / (s^2 + sigma^2), s^2 sigma^2 / (s^2 + sigma^2)) exactly when
+    sigma^2 = rho_t, and the posterior given y plus the gap's extra noise otherwise."""
+    T, s, y = 20, 0.7, 1.3
+    diffusion = GaussianDiffusion(make_schedule("reference", T), decoder="learned")
+    abar = diffusion.log_alphas_cumprod().exp()
+    rho = ((1 - abar) / abar).tolist()
+    noise_var = rho[7] if on_grid else 0.5 * (rho[6] + rho[7])
+    n = 40000
+    t, x_t = diffusion.diffuse_observation(torch.full((n, 1), y, dtype=torch.float64), noise_var,
+                                           torch.Generator().manual_seed(0))
+    assert t == 8
+    x = ancestral_sample(diffusion, analytic_model(diffusion.schedule.betas().tolist(), s, "reference"), (n, 1),
+                         torch.Generator().manual_seed(1), start=(t, x_t)).double()
+    level = rho[7]  # the observation as seen from step 8, extra noise included
+    mean, var = s * s * y / (s * s + level), s * s * level / (s * s + level)
+    extra = (level - noise_var) * (s * s / (s * s + level)) ** 2  # spread of the mean over the extra noise
+    assert abs(float(x.mean()) - mean) < 4 * math.sqrt((var + extra) / n)
+    assert abs(float(x.var()) - (var + extra)) < 4 * (var + extra) * math.sqrt(2 / (n - 1))
+
+
+def test_observation_noisier_than_the_chain_is_refused():
+    diffusion = GaussianDiffusion(make_schedule("reference", 10))
+    with pytest.raises(ValueError, match="exceeds"):
+        diffusion.diffuse_observation(torch.zeros(2, 1), 1e6)
+
+
+def test_expected_x0_of_the_true_reverse_kernels_is_the_closed_form_posterior_mean():
+    """Data N(0, s^2): E[x_0 | x_t] = sqrt(abar) s^2 x_t / (abar s^2 + 1 - abar)."""
+    T, s = 15, 0.8
+    diffusion = GaussianDiffusion(make_schedule("reference", T), decoder="learned")
+    model = analytic_model(diffusion.schedule.betas().tolist(), s, "reference")
+    x_t = torch.linspace(-2, 2, 7, dtype=torch.float64)[:, None]
+    abar = diffusion.log_alphas_cumprod().exp()
+    for t in (2, 8, T):
+        a = float(abar[t - 1])
+        expected = math.sqrt(a) * s * s * x_t / (a * s * s + 1 - a)
+        assert torch.allclose(diffusion.expected_x0(model, x_t, t), expected, rtol=1e-9, atol=1e-12)

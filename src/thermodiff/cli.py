@@ -7,6 +7,7 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from thermodiff.errors import UserError
 from thermodiff.evaluation import evaluate
 from thermodiff.experiment import PAPER_RESULTS, load_run, paper_row
 from thermodiff.parzen import parzen_evaluate
+from thermodiff.respace import respace
 from thermodiff.sampling import ancestral_sample
 from thermodiff.training import train
 
@@ -69,9 +71,10 @@ def _evaluate(run_dir: str, args, data: str | None = None) -> dict:
         if value is not None and value < least:
             raise UserError(f"{flag} must be at least {least}, got {value}")
     run = load_run(run_dir, data)
+    respace_to = getattr(args, "respace", None)
     result = evaluate(run, args.draws, args.max_examples, args.eval_seed, progress=not args.quiet,
-                      split_name="test" if data is None else str(data))
-    if data is None:
+                      split_name="test" if data is None else str(data), respace_to=respace_to)
+    if data is None and respace_to is None:  # evaluation.json is the full chain's
         atomic_write_text(Path(run_dir) / "evaluation.json", json.dumps(_finite(result), indent=2, allow_nan=False) + "\n")
     return result
 
@@ -82,17 +85,39 @@ COMPARED = [("K", "K_bits", "stderr_bits"), ("K - L_null", "K_minus_L_null_bits"
             ("K - L_null", "K_minus_L_null_bits_per_pixel", "K_minus_L_null_stderr_bits_per_pixel")]
 
 
+def _describe_baseline(r: dict) -> str:
+    head = f"{r['experiment']} ({r['model']} baseline, {r['split']} split, {r['n_examples']} examples, step {r['train_steps']})"
+    if r["model"] == "dae":
+        psnr = (lambda name: f" (PSNR {r[f'{name}_psnr_db']:.2f} dB)" if f"{name}_psnr_db" in r else "")
+        return "\n".join([head, f"  denoised output: MSE {r['output_mse']:.4g} +- {r['output_mse_stderr']:.2g}{psnr('output')}",
+                          f"  noisy input:     MSE {r['noisy_input_mse']:.4g} +- {r['noisy_input_mse_stderr']:.2g}"
+                          f"{psnr('noisy_input')} (noise std {r['noise_std']} of the scaled data)"])
+    lines = [head, f"  ELBO           = {r['K_bits']:.4f} +- {r['stderr_bits']:.4f} {r['unit']} ({r['K_bits_per_dim']:.4f} bits/dim, "
+                   f"{r['n_draws']} draws of z)",
+             f"  importance-weighted ({r['n_importance']}) = {r['K_iw_bits']:.4f} +- {r['K_iw_stderr_bits']:.4f} {r['unit']}",
+             f"  ELBO - L_null  = {r['K_minus_L_null_bits']:.4f} +- {r['K_minus_L_null_stderr_bits']:.4f} {r['unit']}"]
+    if r.get("nll_bits_per_dim") is not None:
+        lines.append(f"  NLL bound of the 8-bit data ({r['nll_bound']}) = {r['nll_bits_per_dim']:.4f} bits/dim")
+    return "\n".join(lines)
+
+
 def _describe(r: dict) -> str:
-    lines = [f"{r['experiment']} ({r['split']} split, {r['n_examples']} examples, {r['n_draws']} draws/t, T = {r['T']}, "
+    if "model" in r:
+        return _describe_baseline(r)
+    respaced = f" respaced from {r['T_trained']}" if "T_trained" in r else ""
+    lines = [f"{r['experiment']} ({r['split']} split, {r['n_examples']} examples, {r['n_draws']} draws/t, T = {r['T']}{respaced}, "
              f"{r['parameterization']} parameterisation, {r['schedule']} schedule, step {r['train_steps']})",
              f"  K              = {r['K_bits']:.4f} +- {r['stderr_bits']:.4f} {r['unit']} ({r['K_bits_per_dim']:.4f} bits/dim)",
              f"  K - L_null     = {r['K_minus_L_null_bits']:.4f} +- {r['K_minus_L_null_stderr_bits']:.4f} {r['unit']}",
              f"  K (orig units) = {r['K_original_units_bits']:.4f} {r['unit']}"]
+    if "continuous_time" in r:
+        c = r["continuous_time"]
+        lines.append(f"  K, continuous time = {c['K_bits']:.4f} +- {c['stderr_bits']:.4f} {r['unit']} ({c['n_draws']} draws of t)")
     if "K_bits_per_pixel" in r:
         lines.append(f"  per pixel: K = {r['K_bits_per_pixel']:.4f} +- {r['stderr_bits_per_pixel']:.4f}, "
                      f"K - L_null = {r['K_minus_L_null_bits_per_pixel']:.4f} bits/pixel")
     if r.get("nll_bits_per_dim") is not None:
-        lines.append(f"  NLL bound of the 8-bit data (dequantised) = {r['nll_bits_per_dim']:.4f} bits/dim")
+        lines.append(f"  NLL bound of the 8-bit data ({r['nll_bound']}) = {r['nll_bits_per_dim']:.4f} bits/dim")
     for label, key, _ in COMPARED:
         if key in r.get("paper", {}):
             lines.append(f"  paper: {label} = {r['paper'][key]} ({key})")
@@ -122,14 +147,20 @@ def cmd_sample(args) -> None:
     run = load_run(args.run_dir)
     if out.suffix == ".png" and not run.dataset.is_image:
         raise UserError(f"--out {out}: a .png grid needs an image model; write .npy for vector data")
+    try:
+        diffusion = run.diffusion if args.respace is None else respace(run.diffusion, args.respace)
+    except ValueError as e:
+        raise UserError(f"--respace: {e}") from None
     generator = torch.Generator().manual_seed(args.seed)
     batches = [min(args.batch_size, args.n - i) for i in range(0, args.n, args.batch_size)]
     parts = []
-    with tqdm(total=len(batches) * run.diffusion.T, desc="sample", unit="t", disable=args.quiet, mininterval=1.0) as bar:
+    start = time.perf_counter()
+    with tqdm(total=len(batches) * diffusion.T, desc="sample", unit="t", disable=args.quiet, mininterval=1.0) as bar:
         for size in batches:
-            x = ancestral_sample(run.diffusion, run.model, (size, *run.dataset.event_shape), generator,
+            x = ancestral_sample(diffusion, run.model, (size, *run.dataset.event_shape), generator,
                                  callback=lambda t, x: bar.update(1) if t > 0 else None)
             parts.append(run.dataset.from_model(x))
+    wall = time.perf_counter() - start
     samples = np.concatenate(parts)
     if out.suffix == ".png":
         from thermodiff.plotting import image_grid_png
@@ -139,23 +170,25 @@ def cmd_sample(args) -> None:
         buffer = io.BytesIO()
         np.save(buffer, samples)
         atomic_write_bytes(out, buffer.getvalue())
-    _emit(args, {"out": str(out), "n": args.n, "shape": list(samples.shape), "units": "original"},
-          f"wrote {args.n} samples (original units) to {out}")
+    _emit(args, {"out": str(out), "n": args.n, "shape": list(samples.shape), "units": "original", "steps": diffusion.T,
+                 "sample_wall_s": round(wall, 3)},
+          f"wrote {args.n} samples (original units, {diffusion.T} steps, {wall:.1f} s) to {out}")
 
 
-def _plot(run_dir: str, out_dir: str | None, quiet: bool) -> list[str]:
+def _plot(run_dir: str, out_dir: str | None, quiet: bool, overwrite: bool) -> list[str]:
     from thermodiff import plotting
 
     run = load_run(run_dir)
     out = Path(out_dir or run_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
+    figures = [(plotting.samples_panel, "samples.png")]
     if run.dataset.event_shape == (2,) and not run.dataset.binary:
-        written.append(plotting.figure_1(run, out / "figure1.png"))
-        written.append(plotting.conditional_figure(run, out / "conditional.png"))
-    written.append(plotting.samples_panel(run, out / "samples.png"))
+        figures = [(plotting.figure_1, "figure1.png"), (plotting.conditional_figure, "conditional.png"), *figures]
+    for name in [name for _, name in figures] + ["bound.png"]:
+        _refuse_existing(out / name, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [draw(run, out / name) for draw, name in figures]
     evaluation_path = Path(run_dir) / "evaluation.json"
     if evaluation_path.exists():
         evaluation = json.loads(evaluation_path.read_text())
@@ -166,7 +199,7 @@ def _plot(run_dir: str, out_dir: str | None, quiet: bool) -> list[str]:
 
 
 def cmd_plot(args) -> None:
-    files = _plot(args.run_dir, args.out, args.quiet)
+    files = _plot(args.run_dir, args.out, args.quiet, args.overwrite)
     _emit(args, {"files": files}, "wrote " + ", ".join(files))
 
 
@@ -188,7 +221,7 @@ def cmd_reproduce(args) -> None:
     args.config, args.resume = args.experiment, False
     summary = _train(args)
     result = _evaluate(summary["run_dir"], args)
-    files = _plot(summary["run_dir"], None, args.quiet)
+    files = _plot(summary["run_dir"], None, args.quiet, args.overwrite)
     rows = []
     for label, key, err in COMPARED:
         if key in result.get("paper", {}):
@@ -202,6 +235,22 @@ def cmd_reproduce(args) -> None:
         f"  trained {summary['steps']} steps in {summary['wall_s']:.0f} s; figures: {', '.join(files)}",
     ])
     _emit(args, {"train": summary, "evaluation": result, "figures": files}, table)
+
+
+def cmd_compare(args) -> None:
+    from thermodiff.compare import compare, format_table
+
+    if args.minutes is not None and not 0 < args.minutes < math.inf:
+        raise UserError(f"--minutes must be positive, got {args.minutes}")
+    if args.samples < 1:
+        raise UserError(f"--samples must be at least 1, got {args.samples}")
+    sets = _overrides(args)
+    if args.minutes is not None:  # time decides, not steps
+        sets += [f"train.max_minutes={args.minutes}", f"train.steps={10**9}"]
+    configs = [load_config(name, sets) for name in args.configs]
+    record = compare(configs, list(args.configs), Path(args.out), args.overwrite, not args.quiet, args.device,
+                     args.draws, args.max_examples, args.eval_seed, args.samples)
+    _emit(args, record, format_table(record))
 
 
 def _read_input(path: str, run, flag: str) -> np.ndarray:
@@ -255,9 +304,10 @@ def cmd_denoise(args) -> None:
     out = _posterior_out(args, "_denoised.npz")
     run = load_run(args.run_dir)
     noisy = as_examples(_read_input(args.input, run, "--input"), run, args.input)
-    samples = denoise(run, noisy, args.sigma, args.n, args.seed, progress=not args.quiet)
+    samples = denoise(run, noisy, args.sigma, args.n, args.seed, progress=not args.quiet, method=args.method)
     _write_posterior(out, noisy, samples, run)
-    _emit(args, {"out": str(out), "inputs": len(noisy), "samples_per_input": args.n, "sigma": args.sigma},
+    _emit(args, {"out": str(out), "inputs": len(noisy), "samples_per_input": args.n, "sigma": args.sigma,
+                 "method": args.method},
           f"wrote {args.n} posterior samples and their mean for {len(noisy)} input(s) to {out}")
 
 
@@ -268,6 +318,8 @@ def cmd_inpaint(args) -> None:
     run = load_run(args.run_dir)
     values = as_examples(_read_input(args.input, run, "--input"), run, args.input)
     mask = _read_input(args.mask, run, "--mask")
+    if not np.isfinite(mask).all():
+        raise UserError(f"--mask {args.mask}: contains NaN or infinite values")
     if mask.shape != values.shape[1:] and mask.shape != values.shape:
         raise UserError(f"--mask {args.mask}: shape {mask.shape} does not match the input's {values.shape[1:]}")
     mask = np.broadcast_to(mask, values.shape) != 0
@@ -285,8 +337,30 @@ def cmd_inpaint(args) -> None:
           f"wrote {args.n} completions and their mean for {len(values)} input(s) to {out}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line too (argparse prints the whole usage first), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _seed(text: str) -> int:
+    """An argparse type: a seed that every generator accepts."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must lie in 0 .. 2**32 - 1, got {value}")
+    return value
+
+
+RESPACE_HELP = ("a respaced chain: N steps evenly spaced from 1 to T, or a comma-separated list of the trained "
+                "steps to keep, from 1 to T (Gaussian runs)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="thermodiff", description="Diffusion probabilistic models (Sohl-Dickstein et al. 2015).")
+    parser = _Parser(prog="thermodiff", description="Diffusion probabilistic models (Sohl-Dickstein et al. 2015).")
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -305,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     def eval_flags(p):
         p.add_argument("--draws", type=int, help="noise draws per example and timestep (eval.n_draws)")
         p.add_argument("--max-examples", type=int, help="evaluate on the first N test examples")
-        p.add_argument("--eval-seed", type=int, default=0)
+        p.add_argument("--eval-seed", type=_seed, default=0)
 
     p = sub.add_parser("train", parents=[common], help="train a model")
     p.add_argument("config", help="experiment name (configs/NAME.toml) or a .toml path")
@@ -321,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--data", help="evaluate on this array (original units) instead of the test split")
     eval_flags(p)
+    p.add_argument("--respace", metavar="N|STEPS", help=RESPACE_HELP)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("sample", parents=[common], help="draw samples (original units) to a .npy file")
@@ -328,8 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=1000)
     p.add_argument("--out", required=True, help="FILE.npy (original units) or FILE.png (image grid)")
     p.add_argument("--batch-size", type=int, default=500)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--respace", metavar="N|STEPS", help=RESPACE_HELP)
     p.set_defaults(func=cmd_sample)
 
     for name, help_text in (("denoise", "posterior samples of clean data given noisy data (paper Fig. 3)"),
@@ -339,6 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--input", required=True, help="a .npy array (one example or a stack) or, for image runs, a .png")
         if name == "denoise":
             p.add_argument("--sigma", type=float, required=True, help="noise std in original units (pixel values 0..255)")
+            p.add_argument("--method", choices=["start", "product"], default="start",
+                           help="start the reverse chain from y at the step whose noise level matches sigma (exact "
+                                "under the model, default) or multiply every kernel by N(y; x, sigma^2) (the paper's)")
         else:
             p.add_argument("--mask", required=True, help="same shape as one example; nonzero = known")
             p.add_argument("--known", choices=["clamp", "forward"], default="clamp",
@@ -346,13 +425,14 @@ def build_parser() -> argparse.ArgumentParser:
                                 "following a forward trajectory to them")
         p.add_argument("--out", help="FILE.npz (input, samples, mean) or FILE.png (grid: input, mean, samples)")
         p.add_argument("-n", type=int, default=4, help="posterior samples per input")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=_seed, default=0)
         p.add_argument("--overwrite", action="store_true")
         p.set_defaults(func=cmd_denoise if name == "denoise" else cmd_inpaint)
 
     p = sub.add_parser("plot", parents=[common], help="figures of a run (Figure 1 for 2-D data)")
     p.add_argument("run_dir")
     p.add_argument("--out", help="folder for the PNGs (default the run directory)")
+    p.add_argument("--overwrite", action="store_true", help="replace figures that exist")
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("parzen", parents=[common], help="Parzen-window log-likelihood of the test images (paper Table 2)")
@@ -360,8 +440,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=10000, help="samples the window is fitted on")
     p.add_argument("--valid", type=int, default=10000, help="validation images for the bandwidth (the last training images)")
     p.add_argument("--max-test", type=int, help="use the first N test images")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the sampling")
     p.set_defaults(func=cmd_parzen)
+
+    p = sub.add_parser("compare", parents=[common], help="train several configs on one data set: one table, bound vs training time")
+    p.add_argument("configs", nargs="+", metavar="CONFIG", help="experiment names or .toml paths, all with the same [data] and seed")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=int, help="train each for N steps (train.steps)")
+    budget.add_argument("--minutes", type=float, help="train each for M minutes of training time")
+    p.add_argument("--out", default="runs/compare", help="folder for the runs (OUT/NAME), compare.json and bound_vs_time.png")
+    p.add_argument("--samples", type=int, default=200, help="samples drawn to time sampling")
+    p.add_argument("--overwrite", action="store_true", help="replace existing runs of these names")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key in every config")
+    eval_flags(p)
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("reproduce", parents=[common], help="train, evaluate and plot a paper experiment")
     p.add_argument("experiment", help="a config of one of the paper's experiments: swissroll, swissroll_paper, heartbeat, ...")

@@ -1,6 +1,8 @@
 """Denoising and inpainting with a trained run: the posterior samplers of
 :mod:`thermodiff.posterior` applied in the run's own units (paper section 4, Figs. 3 and 5)."""
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -25,31 +27,80 @@ def as_examples(x: np.ndarray, run: Run, name: str) -> np.ndarray:
     return x
 
 
-def sample_with_factor(run: Run, n_inputs: int, n_samples: int, factor, seed: int = 0,
-                       progress: bool = True) -> np.ndarray:
+def sample_with_factor(run: Run, n_inputs: int, n_samples: int, factor=None, seed: int = 0,
+                       progress: bool = True, start: Callable[[torch.Generator], tuple[int, torch.Tensor]] | None = None,
+                       ) -> np.ndarray:
     """``n_samples`` posterior draws for each of ``n_inputs`` inputs (the factor's batch), in
-    original units: (n_samples, n_inputs, *shape)."""
+    original units: (n_samples, n_inputs, *shape). ``start(generator) -> (t, x_t)`` begins each
+    chain part-way instead of at the prior."""
     generator = torch.Generator().manual_seed(seed)
     shape = run.dataset.event_shape
+    chains = [None if start is None else start(generator) for _ in range(n_samples)]
+    steps = sum(run.diffusion.T if c is None else c[0] for c in chains)
     draws = []
-    with tqdm(total=n_samples * run.diffusion.T, desc="posterior", unit="t", disable=not progress, mininterval=1.0) as bar:
-        for _ in range(n_samples):
-            x = ancestral_sample(run.diffusion, run.model, (n_inputs, *shape), generator, factor=factor,
+    with tqdm(total=steps, desc="posterior", unit="t", disable=not progress, mininterval=1.0) as bar:
+        for chain in chains:
+            x = ancestral_sample(run.diffusion, run.model, (n_inputs, *shape), generator, factor=factor, start=chain,
                                  callback=lambda t, x: bar.update(1) if t > 0 else None)
             draws.append(run.dataset.from_model(x))
     return np.stack(draws)
 
 
-def denoise(run: Run, noisy: np.ndarray, sigma: float, n_samples: int, seed: int = 0, progress: bool = True) -> np.ndarray:
-    """Samples of p(x | y) for y = x + N(0, sigma^2) per entry, sigma in original units (pixel
-    values 0..255 for images): every reverse kernel times N(y; x, sigma^2), as in paper Fig. 3."""
+#: How ``denoise`` conditions on y: "start" begins the reverse chain at the step whose noise level
+#: matches sigma, from y itself (exact under the model, see GaussianDiffusion.diffuse_observation);
+#: "product" multiplies every reverse kernel by N(y; x, sigma^2), the paper's section 4 recipe.
+DENOISE_METHODS = ("start", "product")
+
+
+def _observation(run: Run, noisy: np.ndarray, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """y and the noise variance in the model's space, for a Gaussian run."""
     if not sigma > 0:
         raise UserError(f"--sigma must be positive, got {sigma}")
     if isinstance(run.diffusion, BinomialDiffusion):
         raise UserError(f"run {run.path} is a binomial diffusion; Gaussian denoising needs a Gaussian one (use inpaint)")
-    y = run.dataset.to_model(noisy, dequantize=False).double()
-    noise_var = (sigma * run.dataset.model_scale()) ** 2
-    return sample_with_factor(run, len(noisy), n_samples, GaussianObservation(y, noise_var), seed, progress)
+    return run.dataset.to_model(noisy, dequantize=False), (sigma * run.dataset.model_scale()) ** 2
+
+
+def _start_level(run: Run, y: torch.Tensor, noise_var: torch.Tensor, sigma: float) -> float:
+    """The one noise level of y in the model's space, checked to fit in the chain."""
+    if noise_var.numel() > 1 and not bool((noise_var == noise_var.flatten()[0]).all()):
+        raise UserError("--method start needs one noise level for every dimension (a global data scaling)")
+    level = float(noise_var.flatten()[0])
+    try:
+        run.diffusion.diffuse_observation(y, level)
+    except ValueError as e:
+        raise UserError(f"--sigma {sigma}: {e}; use --method product") from None
+    return level
+
+
+def denoise(run: Run, noisy: np.ndarray, sigma: float, n_samples: int, seed: int = 0, progress: bool = True,
+            method: str = "start") -> np.ndarray:
+    """Samples of p(x | y) for y = x + N(0, sigma^2) per entry, sigma in original units (pixel
+    values 0..255 for images), by ``method`` (see :data:`DENOISE_METHODS`)."""
+    if method not in DENOISE_METHODS:
+        raise UserError(f"--method must be one of {', '.join(DENOISE_METHODS)}, got {method!r}")
+    y, noise_var = _observation(run, noisy, sigma)
+    if method == "product":
+        return sample_with_factor(run, len(noisy), n_samples, GaussianObservation(y.double(), noise_var), seed, progress)
+    level = _start_level(run, y, noise_var, sigma)
+    return sample_with_factor(run, len(noisy), n_samples, None, seed, progress,
+                              start=lambda g: run.diffusion.diffuse_observation(y, level, g))
+
+
+@torch.no_grad()
+def denoise_mean(run: Run, noisy: np.ndarray, sigma: float, draws: int = 4, seed: int = 0) -> np.ndarray:
+    """The model's posterior mean E[x | y] in one network call per draw, with no chain: y as the
+    forward state at its matching step (as ``method="start"``), then
+    :meth:`~thermodiff.gaussian.GaussianDiffusion.expected_x0`, averaged over ``draws`` draws of
+    the step's extra noise. Original units."""
+    y, noise_var = _observation(run, noisy, sigma)
+    level = _start_level(run, y, noise_var, sigma)
+    generator = torch.Generator().manual_seed(seed)
+    total = torch.zeros(y.shape, dtype=torch.float64)
+    for _ in range(draws):
+        t, x_t = run.diffusion.diffuse_observation(y, level, generator)
+        total += run.diffusion.expected_x0(run.model, x_t, t) if t >= 2 else x_t.double()
+    return run.dataset.from_model(total / draws)
 
 
 def inpaint(run: Run, values: np.ndarray, mask: np.ndarray, n_samples: int, seed: int = 0, progress: bool = True,

@@ -16,15 +16,17 @@ def ancestral_sample(
     device: torch.device | str | None = None,
     callback: Callable[[int, Tensor], None] | None = None,
     factor=None,
+    start: tuple[int, Tensor] | None = None,
 ) -> Tensor:
     """Draw x_T ~ p(x_T), then x_{t-1} ~ p(x_{t-1} | x_t) for t = T..1; returns x_0.
 
     ``callback(t, x_t)`` is called with every state, from t = T down to t = 0. With a
     ``factor`` r (see :mod:`thermodiff.posterior`) every kernel is multiplied by r, which samples
-    the posterior p(x_0) r(x_0) / Z (paper section 4).
+    the posterior p(x_0) r(x_0) / Z (paper section 4). ``start = (t, x_t)`` runs the chain from
+    that state instead of the prior (``shape`` is then x_t's), drawing from p(x_0 | x_t).
     """
-    x = diffusion.sample_prior(shape, generator, device)
-    for t in range(diffusion.T, 0, -1):
+    t_start, x = (diffusion.T, diffusion.sample_prior(shape, generator, device)) if start is None else start
+    for t in range(t_start, 0, -1):
         if callback is not None:
             callback(t, x)
         x = diffusion.p_sample(model, x, t, generator, factor)

@@ -1,0 +1,80 @@
+"""Record a budget-limited image run: the exact bound on held-out images (and for MNIST the
+Parzen-window log-likelihood), the training curve and the time to a stated bound.
+
+    python benchmarks/budget.py RUN_DIR --train-command "..." [--max-examples 200] [--parzen-samples 0]
+
+Runs `thermodiff evaluate` (and `thermodiff parzen`) in-process on a finished run and writes
+benchmarks/results/<experiment>_budget.json. The training curve is the running training
+estimate of K (per pixel) from the run's metrics log against wall time, so the time to reach a
+level is read off it ("time to bound"); the held-out figure is the evaluation's.
+"""
+
+import argparse
+import contextlib
+import io
+import json
+import platform
+import shlex
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from thermodiff.cli import main
+
+
+def thermodiff_json(argv: list[str]) -> dict:
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main([*argv, "--json", "--quiet"])
+    if code != 0:
+        raise SystemExit(code)
+    return json.loads(stdout.getvalue())
+
+
+def training_curve(run_dir: Path, dim: int, smooth: int = 10) -> list[dict]:
+    """(step, elapsed_s, running K in bits/pixel averaged over the last ``smooth`` log records)."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    k = np.array([r["K_bits_running"] for r in records]) / dim
+    smoothed = np.convolve(k, np.ones(smooth) / smooth, mode="full")[: len(k)] / np.minimum(np.arange(1, len(k) + 1) / smooth, 1)
+    return [{"step": r["step"], "elapsed_s": r["elapsed_s"], "K_bits_per_pixel_running": round(float(s), 4)}
+            for r, s in zip(records, smoothed)]
+
+
+def time_to(curve: list[dict], level: float) -> dict | None:
+    """The first log record whose smoothed running bound reaches ``level`` bits/pixel."""
+    return next(({"level_bits_per_pixel": level, "step": c["step"], "elapsed_s": c["elapsed_s"]}
+                 for c in curve if c["K_bits_per_pixel_running"] >= level), None)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir")
+    parser.add_argument("--train-command", required=True, help="the command that trained the run, for the record")
+    parser.add_argument("--max-examples", type=int, default=200)
+    parser.add_argument("--parzen-samples", type=int, default=0, help="0: no Parzen estimate")
+    parser.add_argument("--notes", default="")
+    args = parser.parse_args()
+    run_dir = Path(args.run_dir)
+    evaluation = thermodiff_json(["evaluate", str(run_dir), "--max-examples", str(args.max_examples)])
+    commands = [args.train_command, f"thermodiff evaluate {run_dir} --max-examples {args.max_examples}"]
+    curve = training_curve(run_dir, evaluation["dim"])
+    record = {"commands": commands, "notes": args.notes}
+    if args.parzen_samples:
+        record["parzen"] = thermodiff_json(["parzen", str(run_dir), "--samples", str(args.parzen_samples)])
+        commands.append(f"thermodiff parzen {run_dir} --samples {args.parzen_samples}")
+    final = evaluation["K_bits_per_pixel"]
+    record |= {
+        "benchmark_command": "python benchmarks/budget.py " + shlex.join([str(run_dir), "--train-command", args.train_command,
+                                                                          "--max-examples", str(args.max_examples),
+                                                                          "--parzen-samples", str(args.parzen_samples)]),
+        "train": {"steps": curve[-1]["step"], "wall_s": curve[-1]["elapsed_s"], "device": "cpu"},
+        "time_to_bound": [time_to(curve, level) for level in (final - 1.0, final - 0.5, final - 0.2)],
+        "training_curve": curve[:: max(1, len(curve) // 40)] + curve[-1:],
+        "evaluation": evaluation,
+        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__},
+    }
+    out = Path(__file__).parent / "results" / f"{evaluation['experiment']}_budget.json"
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"K = {final:.3f} +- {evaluation['stderr_bits_per_pixel']:.3f} bits/pixel, "
+          f"NLL {evaluation.get('nll_bits_per_dim', float('nan')):.3f} bits/dim -> {out}")
