@@ -44,6 +44,8 @@ class BinomialDiffusion(nn.Module):
         self.register_buffer("p", torch.tensor(float(stationary_p), dtype=torch.float64))
         self.parameterization = BinomialParameterization(parameterization)
         self.decoder = Decoder(decoder)
+        if self.decoder is Decoder.DISCRETIZED:
+            raise ValueError("the discretized decoder is for Gaussian diffusion of 8-bit data; binary data are discrete already")
 
     @property
     def T(self) -> int:

@@ -1,25 +1,36 @@
 """Gaussian diffusion for continuous data (Sohl-Dickstein et al. 2015, section 2 and App. A).
 
 One object owns the process math. The reverse model is any callable
-``model(x_t, t) -> z`` with ``z`` of shape ``(N, 2, *x.shape[1:])`` holding (z_mu, z_Sigma);
-the parameterisation turns z into the reverse kernel's mean and variance. Times are the
-paper's, 1-based: t = 1..T, and tables are float64, indexed at t - 1.
+``model(x_t, t) -> z`` with ``z`` of shape ``(N, 2, *x.shape[1:])``; the parameterisation turns
+z into the reverse kernel's mean and variance, so that every parameterisation is scored by the
+same bound. Times are the paper's, 1-based: t = 1..T, and tables are float64, indexed at t - 1.
 """
 
+from dataclasses import dataclass
 from enum import Enum
 
 import torch
 from torch import Tensor, nn
 
-from thermodiff.distributions import gaussian_entropy, gaussian_kl, gaussian_log_prob
+from thermodiff.distributions import (discretized_gaussian_log_prob, gaussian_entropy, gaussian_kl,
+                                      gaussian_log_prob)
 from thermodiff.schedules import Schedule
 
 
 class GaussianParameterization(str, Enum):
-    """How the network output (z_mu, z_Sigma) becomes the reverse kernel's mean and variance."""
+    """How the network output z becomes the reverse kernel's mean and variance."""
 
-    REFERENCE = "reference"  # reference code: perturbation around the forward kernel
+    REFERENCE = "reference"  # reference code: (z_mu, z_Sigma) perturb the forward kernel
     PAPER = "paper"  # paper Eqs. 64-65: decay towards z_mu
+    EPS = "eps"  # Ho et al. (2020): z[:, 0] predicts the noise; a fixed variance (FixedVariance)
+    EPS_LEARNED_VAR = "eps_learned_var"  # Nichol & Dhariwal (2021): the noise, and z[:, 1] places the variance
+
+
+class FixedVariance(str, Enum):
+    """The reverse variance of the EPS parameterisation (improved-diffusion's ModelVarType)."""
+
+    BETA_TILDE = "beta_tilde"  # q(x_{t-1}|x_t,x_0)'s: exact for a point-mass x_0 (FIXED_SMALL)
+    BETA = "beta"  # the forward step's: exact for x_0 ~ N(0, I) (FIXED_LARGE)
 
 
 class Decoder(str, Enum):
@@ -27,6 +38,22 @@ class Decoder(str, Enum):
 
     FORWARD = "forward"  # the forward step reversed, T_pi(x_0 | x_1; beta_1) (paper App. B.2)
     LEARNED = "learned"  # the network's kernel at t = 1
+    DISCRETIZED = "discretized"  # the network's kernel at t = 1 over the bins of 8-bit data (Ho et al. 2020)
+
+
+@dataclass(frozen=True)
+class Bins:
+    """Where discrete data lie in the model's units: low + k width, k = 0..count - 1. For 8-bit
+    images, width is one grey level after the data's scaling and count = 256."""
+
+    low: float
+    width: float
+    count: int = 256
+
+    def snap(self, x: Tensor) -> Tensor:
+        """The centre of the bin that x falls in (the edge bins take the tails)."""
+        k = torch.clamp(torch.round((x - self.low) / self.width), 0, self.count - 1)
+        return (self.low + k * self.width).to(x.dtype)
 
 
 def sum_except_batch(x: Tensor) -> Tensor:
@@ -48,13 +75,23 @@ class GaussianDiffusion(nn.Module):
         schedule: Schedule,
         parameterization: GaussianParameterization | str = GaussianParameterization.REFERENCE,
         decoder: Decoder | str = Decoder.FORWARD,
+        eps_variance: FixedVariance | str | None = None,
+        bins: Bins | None = None,
     ):
+        """``eps_variance`` (EPS only; default beta-tilde) fixes the reverse variance; ``bins``
+        (the data's, for the DISCRETIZED decoder) says where 8-bit values lie in model units."""
         super().__init__()
         if not bool((schedule.betas() < 1).all()):
             raise ValueError("Gaussian diffusion needs every beta_t < 1")
         self.schedule = schedule
         self.parameterization = GaussianParameterization(parameterization)
+        if eps_variance is not None and self.parameterization is not GaussianParameterization.EPS:
+            raise ValueError(f"eps_variance applies to the 'eps' parameterisation, not {self.parameterization.value!r}")
+        self.eps_variance = FixedVariance(eps_variance or FixedVariance.BETA_TILDE)
         self.decoder = Decoder(decoder)
+        if self.decoder is Decoder.DISCRETIZED and bins is None:
+            raise ValueError("the discretized decoder is for 8-bit data: it needs their bins in model units")
+        self.bins = bins
 
     @property
     def T(self) -> int:
@@ -75,32 +112,78 @@ class GaussianDiffusion(nn.Module):
         noise = self.noise_like(x0, generator) if noise is None else noise
         return (x0 * abar.sqrt() + noise * (1 - abar).sqrt()).to(x0.dtype)
 
+    def posterior_tables(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(c0_t, c_t, beta-tilde_t), t = 1..T: q(x_{t-1} | x_t, x_0) = N(c0_t x_0 + c_t x_t,
+        beta-tilde_t) with c0_t = sqrt(abar_{t-1}) beta_t / (1 - abar_t), c_t = sqrt(1 - beta_t)
+        (1 - abar_{t-1}) / (1 - abar_t), beta-tilde_t = beta_t (1 - abar_{t-1}) / (1 - abar_t)
+        (Ho et al. 2020, Eqs. 6-7; the product of q(x_{t-1}|x_0) and q(x_t|x_{t-1}), PAPER.md
+        section 1). At t = 1 (abar_0 = 1) it is the point x_0: c0 = 1, c = 0, beta-tilde = 0."""
+        betas, log_abar = self.schedule.betas(), self.log_alphas_cumprod()
+        log_abar_prev = torch.cat([log_abar.new_zeros(1), log_abar[:-1]])
+        one_minus, one_minus_prev = -torch.expm1(log_abar), -torch.expm1(log_abar_prev)  # exact for tiny beta
+        return ((0.5 * log_abar_prev).exp() * betas / one_minus, (1 - betas).sqrt() * one_minus_prev / one_minus,
+                betas * one_minus_prev / one_minus)
+
     def q_posterior(self, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        """Mean and variance of q(x_{t-1} | x_t, x_0), t >= 2: the product of the Gaussians
-        q(x_{t-1} | x_0) and q(x_t | x_{t-1}) (PAPER.md section 1; reference code)."""
-        beta = gather(self.schedule.betas(), t, x0)
-        abar_prev = gather(self.log_alphas_cumprod().exp(), t - 1, x0)
-        c1 = 1 - abar_prev  # variance of x_{t-1} given x_0
-        c2 = beta / (1 - beta)  # variance of x_{t-1} given x_t, from the forward step
-        precision = 1 / c1 + 1 / c2
-        mean = (x0 * abar_prev.sqrt() / c1 + x_t / (1 - beta).sqrt() / c2) / precision
-        return mean, (1 / precision).expand_as(mean)
+        """Mean and variance of q(x_{t-1} | x_t, x_0) (see :meth:`posterior_tables`)."""
+        c0, c, var = (gather(table, t, x0) for table in self.posterior_tables())
+        mean = c0 * x0 + c * x_t
+        return mean, var.expand_as(mean)
+
+    def x0_from_posterior_mean(self, mean: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """The x_0 whose posterior q(x_{t-1} | x_t, x_0) has this mean: any reverse kernel's mean
+        read as a prediction of x_0 (c0_t > 0 for every t, so it is defined everywhere)."""
+        c0, c, _ = (gather(table, t, x_t) for table in self.posterior_tables())
+        return (mean - c * x_t) / c0
+
+    def log_variance_range(self) -> tuple[Tensor, Tensor]:
+        """(log beta-tilde_t, log beta_t), t = 1..T: the reverse variances that are exact for a
+        point-mass x_0 and for x_0 ~ N(0, I), the fixed choices of Ho et al. (2020) and the ends of
+        Nichol & Dhariwal's interpolation. beta-tilde_1 = 0 is replaced by beta-tilde_2, as
+        improved-diffusion's posterior_log_variance_clipped does."""
+        beta_tilde = self.posterior_tables()[2]
+        return torch.log(torch.cat([beta_tilde[1:2], beta_tilde[1:]])), torch.log(self.schedule.betas())
+
+    def interpolated_variance(self, v: Tensor, t: Tensor) -> Tensor:
+        """Sigma = exp(v log beta_t + (1 - v) log beta-tilde_t) (Nichol & Dhariwal 2021, Eq. 15)."""
+        log_small, log_large = (gather(table, t, v) for table in self.log_variance_range())
+        return torch.exp(v * log_large + (1 - v) * log_small)
+
+    def variance_fraction(self, var: Tensor, t: Tensor) -> Tensor:
+        """The v at which :meth:`interpolated_variance` gives ``var``, its inverse (t >= 2, where
+        beta-tilde_t < beta_t)."""
+        log_small, log_large = (gather(table, t, var) for table in self.log_variance_range())
+        return (torch.log(var) - log_small) / (log_large - log_small)
+
+    def mean_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        """mu = (x_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(1 - beta_t) (Ho et al. 2020, Eq. 11):
+        the posterior mean at the x_0 that the noise prediction implies."""
+        beta = gather(self.schedule.betas(), t, x_t)
+        one_minus_abar = gather(-torch.expm1(self.log_alphas_cumprod()), t, x_t)
+        return (x_t - beta / one_minus_abar.sqrt() * eps) / (1 - beta).sqrt()
 
     def p_mean_var(self, model, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """Mean and variance of the reverse kernel p(x_{t-1} | x_t) from the network output."""
         z = model(x_t, t).double()
-        z_mu, z_sigma = z[:, 0], z[:, 1]
         beta = gather(self.schedule.betas(), t, x_t)
-        logit_beta = torch.log(beta) - torch.log1p(-beta)
         x_t = x_t.double()
-        if self.parameterization is GaussianParameterization.REFERENCE:
+        P = self.parameterization
+        if P is GaussianParameterization.REFERENCE:
             # z = 0 gives the forward kernel's mean and variance; z_Sigma is scaled by sqrt(T)
             # so that its effect is commensurate with z_mu's.
-            var = torch.sigmoid(z_sigma / self.T**0.5 + logit_beta)
-            mean = x_t * (1 - beta).sqrt() + z_mu * beta.sqrt()
+            var = torch.sigmoid(z[:, 1] / self.T**0.5 + torch.logit(beta))
+            mean = x_t * (1 - beta).sqrt() + z[:, 0] * beta.sqrt()
+        elif P is GaussianParameterization.PAPER:
+            var = torch.sigmoid(z[:, 1] + torch.logit(beta))  # paper Eq. 65
+            mean = (x_t - z[:, 0]) * (1 - var) + z[:, 0]  # paper Eq. 64
         else:
-            var = torch.sigmoid(z_sigma + logit_beta)  # paper Eq. 65
-            mean = (x_t - z_mu) * (1 - var) + z_mu  # paper Eq. 64
+            mean = self.mean_from_eps(x_t, t, z[:, 0])
+            if P is GaussianParameterization.EPS_LEARNED_VAR:
+                var = self.interpolated_variance((z[:, 1] + 1) / 2, t)  # v in [-1, 1] maps to [0, 1]
+            else:
+                log_small, log_large = self.log_variance_range()
+                log_var = log_large if self.eps_variance is FixedVariance.BETA else log_small
+                var = gather(log_var, t, x_t).exp().expand_as(mean)
         return mean, var
 
     def prior_kl(self, x0: Tensor) -> Tensor:
@@ -134,7 +217,14 @@ class GaussianDiffusion(nn.Module):
             return sum_except_batch(per_dim)
         x_1 = self.q_sample(x0, t1, generator, noise)
         mean, var = self.p_mean_var(model, x_1, t1)
-        return sum_except_batch(gaussian_log_prob(x0d, mean, var))
+        return sum_except_batch(self.decoder_log_prob(x0d, mean, var))
+
+    def decoder_log_prob(self, x0: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+        """log p(x_0 | x_1) elementwise for a Gaussian kernel: a density, or with the DISCRETIZED
+        decoder the probability of x_0's bin, so that K bounds the log-probability of the 8-bit data."""
+        if self.decoder is Decoder.DISCRETIZED:
+            return discretized_gaussian_log_prob(x0, mean, var, self.bins.low, self.bins.width, self.bins.count)
+        return gaussian_log_prob(x0, mean, var)
 
     def sample_prior(self, shape: tuple[int, ...], generator: torch.Generator | None = None, device=None) -> Tensor:
         """x_T ~ p(x_T) = N(0, I)."""
@@ -155,9 +245,13 @@ class GaussianDiffusion(nn.Module):
         if factor is not None:
             mean, var = factor.gaussian(mean, var, t, x_t)
         noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=torch.float64)
-        return (mean + var.sqrt() * noise).to(x_t.dtype)
+        x = mean + var.sqrt() * noise
+        if t == 1 and self.decoder is Decoder.DISCRETIZED:
+            x = self.bins.snap(x)  # a Gaussian draw snapped to its bin is a draw of the discretised decoder
+        return x.to(x_t.dtype)
 
     def null_log_likelihood(self, x0: Tensor) -> Tensor:
-        """log N(x_0; 0, I) per example: the null model L_null for unit-variance data."""
+        """log N(x_0; 0, I) per example: the null model L_null for unit-variance data (with the
+        DISCRETIZED decoder, N(0, I) discretised the same way, so that K - L_null compares like with like)."""
         x0d = x0.double()
-        return sum_except_batch(gaussian_log_prob(x0d, torch.zeros_like(x0d), torch.ones_like(x0d)))
+        return sum_except_batch(self.decoder_log_prob(x0d, torch.zeros_like(x0d), torch.ones_like(x0d)))
