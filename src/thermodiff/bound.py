@@ -12,14 +12,21 @@ K is a true lower bound for every single example, held-out ones included.
 
 A process object must provide ``T``, ``prior_kl(x0)``, ``reverse_kl(model, x0, t, generator)``
 and ``decoder_log_likelihood(model, x0, generator)``, each per example in nats.
+
+Training may instead minimise Ho et al.'s L_simple or Nichol & Dhariwal's hybrid loss
+(:class:`TrainingLoss`), and draw t by importance (:class:`LossAwareSampler`); the evaluated K
+is always :func:`exact_bound`, whatever the training loss.
 """
 
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from enum import Enum
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from thermodiff.gaussian import Decoder, GaussianParameterization
 
 
 def standard_error(x: Tensor) -> float:
@@ -50,38 +57,145 @@ class BoundEstimate:
         return standard_error(self.per_example)
 
 
+class TrainingLoss(str, Enum):
+    """What training minimises; K is what evaluation reports, whatever this is."""
+
+    BOUND = "bound"  # -K (paper Eq. 14), one-t estimate
+    SIMPLE = "simple"  # L_simple, noise-prediction error (Ho et al. 2020, Eq. 14); needs an eps parameterisation
+    HYBRID = "hybrid"  # L_simple + lambda L_vlb (Nichol & Dhariwal 2021, Eq. 16); needs eps_learned_var
+
+
+class LossAwareSampler(nn.Module):
+    """Importance sampling of t for the bound (Nichol & Dhariwal 2021, section 3.3): p_t
+    proportional to sqrt(E[L_t^2]), mixed with 0.1% of the uniform, and uniform until every t
+    has been seen ``warmup`` times. E[L_t^2] is a moving average over batches (improved-diffusion
+    keeps the last 10 values instead), so that data-parallel processes can pool it by a sum.
+    Attached to a process as ``diffusion.t_sampler`` it is saved and restored with it."""
+
+    def __init__(self, T: int, warmup: int = 10, decay: float = 0.9, uniform: float = 1e-3):
+        super().__init__()
+        self.warmup, self.decay, self.uniform = warmup, decay, uniform
+        # float64 buffers (not integer counts), so weight averaging (EMA) keeps them
+        self.register_buffer("second_moment", torch.zeros(T - 1, dtype=torch.float64))
+        self.register_buffer("seen", torch.zeros(T - 1, dtype=torch.float64))
+
+    def probs(self) -> Tensor:
+        """p_t for t = 2..T."""
+        uniform = torch.full_like(self.seen, 1 / len(self.seen))
+        if bool((self.seen < self.warmup).any()):
+            return uniform
+        p = self.second_moment.sqrt()
+        return (1 - self.uniform) * p / p.sum() + self.uniform * uniform
+
+    @torch.no_grad()
+    def update(self, t: Tensor, losses: Tensor) -> None:
+        """Fold the per-example terms L_t of one batch (summed over data-parallel processes) into E[L_t^2]."""
+        ok = torch.isfinite(losses)
+        stats = torch.zeros(2, len(self.seen), dtype=torch.float64, device=self.seen.device)
+        stats[0].index_add_(0, t[ok] - 2, losses[ok].double() ** 2)
+        stats[1].index_add_(0, t[ok] - 2, torch.ones_like(losses[ok], dtype=torch.float64))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(stats)
+        hit = stats[1] > 0
+        mean = stats[0] / stats[1].clamp_min(1)
+        rate = torch.where(self.seen > 0, 1 - self.decay, 1.0)
+        moved = self.second_moment + rate * (mean - self.second_moment)
+        self.second_moment.copy_(torch.where(hit, moved, self.second_moment))
+        self.seen.add_(stats[1])
+
+
 @dataclass
 class TrainingDraws:
-    """The randomness of one training step: t ~ U{2..T} per example, and the noise that draws
-    x_t and (for a learned decoder) x_1. Drawn for a whole global batch and sliced per process,
-    data-parallel training sees exactly the draws of a single process."""
+    """The randomness of one training step: t in {2..T} per example with its importance weight
+    1 / p_t (T - 1 for uniform t), and the noise that draws x_t and x_1. Drawn for a whole global
+    batch and sliced per process, data-parallel training sees exactly the draws of a single process."""
 
     t: Tensor
+    weight: Tensor
     noise_t: Tensor
     noise_1: Tensor
 
     def __getitem__(self, index) -> "TrainingDraws":
-        return TrainingDraws(self.t[index], self.noise_t[index], self.noise_1[index])
+        return TrainingDraws(self.t[index], self.weight[index], self.noise_t[index], self.noise_1[index])
 
 
 def training_draws(diffusion, x0: Tensor, generator: torch.Generator | None = None) -> TrainingDraws:
-    t = torch.randint(2, diffusion.T + 1, (len(x0),), generator=generator, device=x0.device)
-    return TrainingDraws(t, diffusion.noise_like(x0, generator), diffusion.noise_like(x0, generator))
+    """t uniform on {2..T}, or from ``diffusion.t_sampler`` when one is attached."""
+    sampler = getattr(diffusion, "t_sampler", None)
+    if sampler is None:
+        t = torch.randint(2, diffusion.T + 1, (len(x0),), generator=generator, device=x0.device)
+        weight = torch.full((len(x0),), float(diffusion.T - 1), dtype=torch.float64, device=x0.device)
+    else:
+        p = sampler.probs()
+        index = torch.multinomial(p, len(x0), replacement=True, generator=generator)
+        t, weight = index + 2, 1 / p[index]
+    return TrainingDraws(t, weight, diffusion.noise_like(x0, generator), diffusion.noise_like(x0, generator))
+
+
+def check_training_loss(diffusion, loss: TrainingLoss | str) -> TrainingLoss:
+    """The loss, if this process can be trained on it (ValueError otherwise)."""
+    if loss not in set(TrainingLoss):
+        raise ValueError(f"train.loss must be one of {', '.join(v.value for v in TrainingLoss)}, got {loss!r}")
+    loss = TrainingLoss(loss)
+    if loss is TrainingLoss.BOUND:
+        return loss
+    needs = ((GaussianParameterization.EPS_LEARNED_VAR,) if loss is TrainingLoss.HYBRID else
+             (GaussianParameterization.EPS, GaussianParameterization.EPS_LEARNED_VAR))
+    if getattr(diffusion, "parameterization", None) not in needs:
+        raise ValueError(f"the {loss.value!r} loss needs parameterization {' or '.join(repr(n.value) for n in needs)}")
+    if diffusion.schedule.learn:
+        raise ValueError(f"the {loss.value!r} loss cannot learn the schedule (L_simple has no gradient that keeps "
+                         "it a bound); use a fixed schedule or the 'bound' loss")
+    return loss
 
 
 def training_loss(diffusion, model, x0: Tensor, generator: torch.Generator | None = None,
-                  draws: TrainingDraws | None = None) -> tuple[Tensor, Tensor]:
-    """Unbiased one-draw estimate of K per example, with one t ~ U{2..T} per example weighted
-    by T - 1 (the reference code draws one t per batch and weights it by T, T/(T-1) too much).
+                  draws: TrainingDraws | None = None, loss: TrainingLoss | str = TrainingLoss.BOUND,
+                  hybrid_lambda: float = 1e-3) -> tuple[Tensor, Tensor]:
+    """The training loss from one t per example, and an unbiased one-draw estimate of K.
 
-    Returns (loss, K_estimate): loss = -mean K in nats, differentiable in the model and a
-    learned schedule; K_estimate per example, detached, float64.
+    K's diffusion terms are weighted by 1 / p_t (T - 1 for uniform t; the reference code draws
+    one t per batch and weights it by T, T/(T-1) too much). Under grad, the terms update an
+    attached ``t_sampler``. Returns (loss, K_estimate): the loss differentiable in the model (and
+    a learned schedule, for the bound); K_estimate per example in nats, detached, float64.
     """
+    loss = check_training_loss(diffusion, loss)
     d = training_draws(diffusion, x0, generator) if draws is None else draws
-    diffusion_terms = (diffusion.T - 1) * diffusion.reverse_kl(model, x0, d.t, noise=d.noise_t)
-    decoder = diffusion.decoder_log_likelihood(model, x0, noise=d.noise_1)
-    k = decoder - diffusion_terms - diffusion.prior_kl(x0)
-    return -k.mean(), k.detach()
+    if loss is TrainingLoss.BOUND:
+        kl = diffusion.reverse_kl(model, x0, d.t, noise=d.noise_t)
+        k = diffusion.decoder_log_likelihood(model, x0, noise=d.noise_1) - d.weight * kl - diffusion.prior_kl(x0)
+        objective = -k.mean()
+    else:
+        # one network call per draw; the bound's terms see its output with the mean's part
+        # frozen (improved-diffusion's stop-gradient): only the variance learns from L_vlb
+        kl, sq_err = _frozen_mean_terms(diffusion, model, x0, d.t, d.noise_t)
+        if diffusion.decoder is Decoder.FORWARD:  # no network at t = 1
+            nll_1, sq_err_1 = -diffusion.decoder_log_likelihood(model, x0), torch.zeros_like(sq_err)
+        else:
+            nll_1, sq_err_1 = _frozen_mean_terms(diffusion, model, x0, torch.ones_like(d.t), d.noise_1)
+        k = -nll_1 - d.weight * kl - diffusion.prior_kl(x0)
+        # Ho et al.'s L_simple: t uniform on 1..T, here t = 1 always and t >= 2 by importance
+        objective = ((sq_err_1 + d.weight * sq_err) / diffusion.T).mean()
+        if loss is TrainingLoss.HYBRID:  # L_vlb in bits per dimension, as improved-diffusion's
+            objective = objective - hybrid_lambda * k.mean() / (x0[0].numel() * math.log(2))
+    sampler = getattr(diffusion, "t_sampler", None)
+    if sampler is not None and torch.is_grad_enabled():
+        sampler.update(d.t, kl.detach())
+    return objective, k.detach()
+
+
+def _frozen_mean_terms(diffusion, model, x0: Tensor, t: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+    """From one draw of x_t (t all >= 2, or all 1): the bound's term (the KL, or at t = 1
+    -log p(x_0|x_1)) with the mean's network output z[:, 0] detached, and the squared error of the
+    noise prediction per dimension, ||eps - z[:, 0]||^2 / D (the noise is standard normal)."""
+    x_t = diffusion.q_sample(x0, t, noise=noise)
+    z = model(x_t, t)
+    frozen = torch.stack([z[:, 0].detach(), z[:, 1]], 1)
+    if bool((t == 1).all()):
+        term = -diffusion.decoder_log_likelihood(lambda *_: frozen, x0, noise=noise)
+    else:
+        term = diffusion.reverse_kl(lambda *_: frozen, x0, t, noise=noise)
+    return term, ((noise - z[:, 0].double()) ** 2).flatten(1).mean(1)
 
 
 @torch.no_grad()

@@ -40,8 +40,9 @@ class DiffusionConfig:
     T: int = 40
     schedule: str = "reference"  # reference | learned | linear | cosine | erase | auto (learned / erase)
     beta_1: float | None = None  # fixed first-step beta (None: the schedule's own)
-    parameterization: str = "auto"  # gaussian: reference | paper; binomial: paper | forward_offset
-    decoder: str = "forward"  # forward (paper App. B.2) | learned
+    parameterization: str = "auto"  # gaussian: reference | paper | eps | eps_learned_var; binomial: paper | forward_offset
+    eps_variance: str | None = None  # parameterization 'eps': beta_tilde (the default) | beta
+    decoder: str = "forward"  # forward (paper App. B.2) | learned | discretized (8-bit images)
     stationary_p: float | None = None  # binomial: None = the training data's mean activity
 
 
@@ -73,6 +74,9 @@ class TrainConfig:
     max_nonfinite: int = 20  # stop after this many non-finite losses in a row
     ema_decay: float = 0.0  # exponential moving average of the weights (0: off); evaluation uses it
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast, GPU only)
+    loss: str = "bound"  # bound (-K) | simple (Ho et al.'s L_simple) | hybrid (L_simple + hybrid_lambda L_vlb)
+    hybrid_lambda: float = 0.001  # Nichol & Dhariwal's lambda
+    t_sampler: str = "uniform"  # how t is drawn for the one-t estimate: uniform | loss_aware (importance)
 
 
 @dataclass

@@ -15,7 +15,8 @@ from thermodiff.checkpoint import load_checkpoint
 from thermodiff.config import Config
 from thermodiff.convnet import build_conv_net
 from thermodiff.errors import UserError
-from thermodiff.gaussian import GaussianDiffusion, GaussianParameterization
+from thermodiff.bound import LossAwareSampler, check_training_loss
+from thermodiff.gaussian import Bins, Decoder, GaussianDiffusion, GaussianParameterization
 from thermodiff.networks import build_vector_net
 from thermodiff.schedules import make_schedule
 
@@ -154,9 +155,24 @@ def resolve_auto(cfg: Config, kind: str) -> None:
                               else GaussianParameterization.REFERENCE).value
 
 
-def build_diffusion(cfg: Config, kind: str, data_mean: float) -> nn.Module:
+def pixel_bins(dataset: datasets.Dataset) -> Bins | None:
+    """Where the 256 values of 8-bit images lie in model units (None for other data): the
+    scaled image of 0, one grey level apart."""
+    if not dataset.dequantize:
+        return None
+    return Bins(low=float(dataset.scaling.apply(np.zeros(1))[0]), width=float(dataset.model_scale().flatten()[0]))
+
+
+def dequantizes(diffusion: nn.Module) -> bool:
+    """Whether 8-bit data enter ``diffusion`` dequantised (a density model, the paper's) or as
+    the centres of their bins (the discretized decoder's model of the discrete values)."""
+    return diffusion.decoder is not Decoder.DISCRETIZED
+
+
+def build_diffusion(cfg: Config, kind: str, data_mean: float, bins: Bins | None = None) -> nn.Module:
     """The configured process; a binomial one is stationary at ``data_mean`` unless the config
-    fixes ``stationary_p``."""
+    fixes ``stationary_p``. ``bins`` (:func:`pixel_bins`) serve the discretized decoder. With
+    ``train.t_sampler = 'loss_aware'`` the process carries its importance sampler of t."""
     resolve_auto(cfg, kind)
     d = cfg.diffusion
     try:
@@ -164,9 +180,18 @@ def build_diffusion(cfg: Config, kind: str, data_mean: float) -> nn.Module:
         if kind == "binomial":
             if d.stationary_p is None and not 0 < data_mean < 1:
                 raise ValueError("the binary data are constant (all 0 or all 1); nothing to model")
+            if d.eps_variance is not None:
+                raise ValueError("eps_variance is for Gaussian diffusion")
             p = d.stationary_p if d.stationary_p is not None else data_mean
-            return BinomialDiffusion(schedule, p, d.parameterization, d.decoder)
-        return GaussianDiffusion(schedule, d.parameterization, d.decoder)
+            diffusion = BinomialDiffusion(schedule, p, d.parameterization, d.decoder)
+        else:
+            diffusion = GaussianDiffusion(schedule, d.parameterization, d.decoder, d.eps_variance, bins)
+        check_training_loss(diffusion, cfg.train.loss)
+        if cfg.train.t_sampler not in ("uniform", "loss_aware"):
+            raise ValueError(f"train.t_sampler must be 'uniform' or 'loss_aware', got {cfg.train.t_sampler!r}")
+        if cfg.train.t_sampler == "loss_aware":
+            diffusion.t_sampler = LossAwareSampler(d.T)
+        return diffusion
     except ValueError as e:
         raise UserError(f"diffusion: {e}") from None
 
@@ -236,7 +261,7 @@ def load_run(run_dir: str | Path, data_path: str | None = None) -> Run:
     dataset, kind = prepare_dataset(cfg, override, scaling)
     if kind == "binomial" and override is not None and not datasets.is_binary(override):
         raise UserError(f"{data_path}: data are not binary, but run {run_dir} is a binomial diffusion")
-    diffusion = build_diffusion(cfg, kind, float(dataset.train.mean()))
+    diffusion = build_diffusion(cfg, kind, float(dataset.train.mean()), pixel_bins(dataset))
     model = build_model(cfg, diffusion, dataset.event_shape)
     weights = "ema." if any(k.startswith("ema.") for k in tensors) else ""  # evaluate the averaged weights
     load_state(model, tensors, f"{weights}model.", str(run_dir))

@@ -22,8 +22,8 @@ from thermodiff.checkpoint import (atomic_write_text, flatten_optimizer_state, l
                                    unflatten_optimizer_state)
 from thermodiff.config import Config
 from thermodiff.errors import UserError
-from thermodiff.experiment import (build_diffusion, build_model, file_digest, load_state, prepare_dataset,
-                                   resolve_source)
+from thermodiff.experiment import (build_diffusion, build_model, dequantizes, file_digest, load_state, pixel_bins,
+                                   prepare_dataset, resolve_source)
 
 LN2 = math.log(2.0)
 METRIC_FIELDS = ["step", "K_bits_running", "loss_bits", "lr", "elapsed_s", "nonfinite_skipped"]
@@ -108,12 +108,13 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
 class Objective(nn.Module):
     """The network and the process together, so that DDP synchronises a learned schedule too."""
 
-    def __init__(self, model: nn.Module, diffusion: nn.Module):
+    def __init__(self, model: nn.Module, diffusion: nn.Module, loss: str = "bound", hybrid_lambda: float = 1e-3):
         super().__init__()
         self.model, self.diffusion = model, diffusion
+        self.loss, self.hybrid_lambda = loss, hybrid_lambda
 
     def forward(self, x0: torch.Tensor, draws: TrainingDraws) -> tuple[torch.Tensor, torch.Tensor]:
-        return training_loss(self.diffusion, self.model, x0, draws=draws)
+        return training_loss(self.diffusion, self.model, x0, draws=draws, loss=self.loss, hybrid_lambda=self.hybrid_lambda)
 
 
 class EMA:
@@ -160,9 +161,9 @@ def _train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, progress: 
     torch.manual_seed(cfg.seed)
     dataset, kind = prepare_dataset(cfg)  # bad input fails here, before anything on disk changes
     resolve_source(cfg)
-    diffusion = build_diffusion(cfg, kind, float(dataset.train.mean()))
+    diffusion = build_diffusion(cfg, kind, float(dataset.train.mean()), pixel_bins(dataset))
     model = build_model(cfg, diffusion, dataset.event_shape)
-    objective = Objective(model, diffusion)
+    objective = Objective(model, diffusion, cfg.train.loss, cfg.train.hybrid_lambda)
     noise_gen = torch.Generator(ctx.device).manual_seed(cfg.seed + 1)
     order_gen = torch.Generator().manual_seed(cfg.seed + 2)
     step, skipped_total, running = 0, 0, None
@@ -219,7 +220,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, progress: 
         # every process draws the whole global batch and its randomness, then takes its shard:
         # the same numbers as one process training on the global batch
         idx = torch.randint(0, len(dataset.train), (cfg.train.batch_size,), generator=order_gen)
-        x0 = dataset.to_model(dataset.train[idx.numpy()], order_gen, ctx.device)
+        x0 = dataset.to_model(dataset.train[idx.numpy()], order_gen, ctx.device, dequantize=dequantizes(diffusion))
         draws = training_draws(diffusion, x0, noise_gen)
         with autocast(cfg, ctx.device):
             loss, k = trainer(x0[shard], draws[shard])
