@@ -7,13 +7,14 @@ The package is layered so each part can be read on its own:
 - ``gaussian`` / ``binomial``: one object per diffusion process owning its math.
 - ``bound``: the variational bound K assembled from the processes' terms.
 - ``networks``: reverse-model networks and the temporal readout.
-- ``sampling``: ancestral sampling.
+- ``sampling``: ancestral sampling; ``respace``: chains on fewer steps.
 - ``data``, ``training``, ``evaluation``, ``checkpoint``, ``config``, ``plotting``, ``cli``.
 """
 
 from thermodiff.binomial import BinomialDiffusion, BinomialParameterization
-from thermodiff.bound import BoundEstimate, exact_bound, training_loss
-from thermodiff.gaussian import Decoder, GaussianDiffusion, GaussianParameterization
+from thermodiff.bound import BoundEstimate, LossAwareSampler, TrainingLoss, exact_bound, training_loss
+from thermodiff.gaussian import Decoder, FixedVariance, GaussianDiffusion, GaussianParameterization
+from thermodiff.respace import respace
 from thermodiff.sampling import ancestral_sample
 from thermodiff.schedules import Schedule, make_schedule
 
@@ -24,11 +25,15 @@ __all__ = [
     "BinomialParameterization",
     "BoundEstimate",
     "Decoder",
+    "FixedVariance",
     "GaussianDiffusion",
     "GaussianParameterization",
+    "LossAwareSampler",
     "Schedule",
+    "TrainingLoss",
     "ancestral_sample",
     "exact_bound",
     "make_schedule",
+    "respace",
     "training_loss",
 ]

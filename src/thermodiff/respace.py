@@ -1,0 +1,103 @@
+"""Respaced reverse chains: fewer steps than the network was trained with, for sampling and for
+the bound (Nichol & Dhariwal 2021, section 4; improved-diffusion's respace.py).
+
+A subsequence S = (s_1 = 1 < s_2 < ... < s_K = T) of the trained steps is itself a Gaussian
+diffusion with K steps: abar'_k = abar_{s_k}, so beta'_k = 1 - abar_{s_k} / abar_{s_{k-1}}, and
+:func:`thermodiff.bound.exact_bound` evaluates its bound like any other's. The network is called
+with the original t = s_k; its kernel there is turned into one for the longer step to s_{k-1}.
+
+Every reparameterisation reads the same way. The true reverse kernel is the forward posterior
+averaged over what x_t says about x_0: p(x_{t-1} | x_t) = E_{p(x_0|x_t)} q(x_{t-1} | x_t, x_0),
+whose mean is c0_t E[x_0|x_t] + c_t x_t and whose variance is beta-tilde_t + c0_t^2 Var[x_0|x_t]
+(:meth:`GaussianDiffusion.posterior_tables`), for any data. So the network's mean gives an x_0
+estimate and its variance an x_0 variance (zero when the kernel is narrower than beta-tilde_t),
+and the respaced kernel is the respaced posterior averaged over the same belief: mean
+c0'_k x0 + c'_k x_t, variance beta-tilde'_k + c0'_k^2 Var x_0 (``VarianceRule.MOMENTS``). A kernel
+with the true reverse moments at t gives the true reverse moments at every respaced step, and a
+kernel trained on the bound learns exactly those moments. For the eps parameterisations the mean
+is improved-diffusion's respacing (the x_0 of the predicted noise), and so is the variance for
+beta-tilde; improved-diffusion instead keeps a variance's place v between log beta-tilde and log
+beta (Nichol & Dhariwal's Eq. 15), beta_t going to beta'_k: ``VarianceRule.INTERPOLATE``, for
+comparison.
+
+A kept step whose predecessor is kept as well (always the first: beta'_1 = beta_1) skips nothing
+and keeps the network's own kernel, the decoder included; the last (s_K = T) keeps the prior term.
+With S = 1..T the chain is the original one.
+"""
+
+from collections.abc import Sequence
+from enum import Enum
+
+import torch
+from torch import Tensor
+
+from thermodiff.gaussian import GaussianDiffusion, GaussianParameterization, gather
+from thermodiff.schedules import Schedule
+
+
+class VarianceRule(str, Enum):
+    """How a kernel's variance at t becomes one for a longer step (see the module's docstring)."""
+
+    MOMENTS = "moments"  # the same belief about x_0 in the respaced posterior
+    INTERPOLATE = "interpolate"  # improved-diffusion's: the same v between log beta-tilde and log beta
+
+
+def respaced_timesteps(T: int, spec: int | str | Sequence[int]) -> list[int]:
+    """The kept steps (1-based, increasing, from 1 to T): ``N`` (or "N") for N steps evenly spaced
+    (improved-diffusion's space_timesteps with one section), or an explicit list ("1,10,20,40")."""
+    if isinstance(spec, str):
+        try:
+            spec = [int(s) for s in spec.split(",")] if "," in spec else int(spec)
+        except ValueError:
+            raise ValueError(f"respacing {spec!r}: expected a number of steps or a comma-separated list of steps") from None
+    if isinstance(spec, int):
+        if not 2 <= spec <= T:
+            raise ValueError(f"respacing to {spec} steps: the number of steps must lie in 2..{T}")
+        return [1 + round(i * (T - 1) / (spec - 1)) for i in range(spec)]
+    steps = [int(s) for s in spec]
+    if len(steps) < 2 or steps[0] != 1 or steps[-1] != T or any(b <= a for a, b in zip(steps, steps[1:])):
+        raise ValueError(f"respaced steps {steps}: must increase from 1 to T = {T} (the decoder's and the prior's steps)")
+    return steps
+
+
+class RespacedDiffusion(GaussianDiffusion):
+    """The chain on the trained steps ``timesteps`` of ``base``, with ``base``'s network."""
+
+    def __init__(self, base: GaussianDiffusion, timesteps: Sequence[int],
+                 variance_rule: VarianceRule | str = VarianceRule.MOMENTS):
+        steps = torch.as_tensor(respaced_timesteps(base.T, list(timesteps)))
+        with torch.no_grad():
+            log_abar = base.log_alphas_cumprod().cpu()[steps - 1]
+        betas = -torch.expm1(torch.diff(log_abar, prepend=log_abar.new_zeros(1)))
+        eps_variance = base.eps_variance if base.parameterization is GaussianParameterization.EPS else None
+        super().__init__(Schedule(betas), base.parameterization, base.decoder, eps_variance, base.bins)
+        self.base = base
+        self.variance_rule = VarianceRule(variance_rule)
+        self.register_buffer("timesteps", steps)
+        self.register_buffer("skips", torch.diff(steps, prepend=steps.new_zeros(1)) > 1)
+        self.to(base.schedule.betas().device)
+
+    def p_mean_var(self, model, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """The kernel that draws x_{s_{k-1}} from x_{s_k}, k = ``t`` (see the module's docstring)."""
+        original = self.timesteps[t - 1]
+        mean, var = self.base.p_mean_var(model, x_t, original)
+        x_t = x_t.double()
+        x0 = self.base.x0_from_posterior_mean(mean, x_t, original)
+        respaced_mean, beta_tilde = self.q_posterior(x0, x_t, t)
+        if self.variance_rule is VarianceRule.MOMENTS:
+            c0, _, beta_tilde_t = (gather(table, original, x_t) for table in self.base.posterior_tables())
+            x0_var = ((var - beta_tilde_t) / c0**2).clamp_min(0)
+            respaced_var = beta_tilde + gather(self.posterior_tables()[0], t, x_t) ** 2 * x0_var
+        else:
+            respaced_var = self.interpolated_variance(self.base.variance_fraction(var, original), t)
+        skips = gather(self.skips, t, mean)
+        return torch.where(skips, respaced_mean, mean), torch.where(skips, respaced_var, var)
+
+
+def respace(diffusion, spec: int | str | Sequence[int], variance_rule: VarianceRule | str = VarianceRule.MOMENTS
+            ) -> GaussianDiffusion:
+    """``diffusion`` on the steps that ``spec`` names (see :func:`respaced_timesteps`)."""
+    if not isinstance(diffusion, GaussianDiffusion):
+        raise ValueError(f"respacing is for Gaussian diffusion; a {type(diffusion).__name__} keeps its T steps")
+    return RespacedDiffusion(diffusion, respaced_timesteps(diffusion.T, spec), variance_rule)
+
