@@ -1,0 +1,148 @@
+"""Respaced chains: the kept steps, stride 1 reproducing the full chain (samples and bound), the
+eps kernels against improved-diffusion's respacing, the exact reverse means of Gaussian data,
+and the --respace option of evaluate and sample."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from thermodiff import BinomialDiffusion, GaussianDiffusion, ancestral_sample, exact_bound, make_schedule
+from thermodiff.respace import RespacedDiffusion, respace, respaced_timesteps
+
+from conftest import assert_one_line_error
+from linear_gaussian import analytic_model, true_reverse
+
+PARAMETERIZATIONS = ["reference", "paper", "eps", "eps_learned_var"]
+
+
+def wavy_model(x, t):
+    x = x.double()
+    return torch.stack([0.6 * torch.sin(2 * x) + 0.05 * t[:, None], 0.8 * torch.cos(x) - 0.5], 1)
+
+
+def test_respaced_timesteps():
+    assert respaced_timesteps(40, 10) == [1, 5, 10, 14, 18, 23, 27, 31, 36, 40]
+    assert respaced_timesteps(40, "4") == [1, 14, 27, 40]
+    assert respaced_timesteps(40, 40) == list(range(1, 41))
+    assert respaced_timesteps(40, "1,20,40") == [1, 20, 40]
+    for bad in (1, 41, "0", "2,20,40", "1,20,39", "1,20,20,40", "ten"):
+        with pytest.raises(ValueError):
+            respaced_timesteps(40, bad)
+
+
+@pytest.mark.parametrize("parameterization", PARAMETERIZATIONS)
+@pytest.mark.parametrize("decoder", ["forward", "learned"])
+def test_stride_one_reproduces_the_full_chain(parameterization, decoder):
+    T = 10
+    diffusion = GaussianDiffusion(make_schedule("learned", T, beta_1=1e-4), parameterization, decoder)
+    same = respace(diffusion, T)
+    torch.testing.assert_close(same.schedule.betas(), diffusion.schedule.betas().detach(), rtol=1e-12, atol=0)
+    x0 = torch.randn(300, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    full = exact_bound(diffusion, wavy_model, [x0], 2, torch.Generator().manual_seed(1))
+    respaced = exact_bound(same, wavy_model, [x0], 2, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(respaced.per_example, full.per_example, rtol=1e-10, atol=1e-10)
+    shape = (200, 2)
+    torch.testing.assert_close(ancestral_sample(same, wavy_model, shape, torch.Generator().manual_seed(2)),
+                               ancestral_sample(diffusion, wavy_model, shape, torch.Generator().manual_seed(2)),
+                               rtol=1e-5, atol=1e-6)  # float32 states, kernels equal to ~1e-15
+
+
+def test_respaced_chain_is_the_diffusion_on_the_kept_steps_and_calls_the_network_at_them():
+    diffusion = GaussianDiffusion(make_schedule("cosine", 40), "eps")
+    chain = respace(diffusion, 10)
+    abar = torch.cumprod(1 - diffusion.schedule.betas(), 0)
+    kept = torch.tensor(respaced_timesteps(40, 10))
+    torch.testing.assert_close(torch.cumprod(1 - chain.schedule.betas(), 0), abar[kept - 1], rtol=1e-12, atol=0)
+    assert chain.T == 10 and torch.equal(chain.timesteps, kept)
+    seen = []
+
+    def recording_model(x, t):
+        seen.append(int(t[0]))
+        return wavy_model(x, t)
+
+    ancestral_sample(chain, recording_model, (3, 2), torch.Generator().manual_seed(3))
+    assert seen == kept.flip(0).tolist()[:-1]  # the forward decoder needs no network at t = 1
+
+
+@pytest.mark.parametrize("parameterization, eps_variance, rule", [
+    ("eps", None, "moments"), ("eps", "beta", "interpolate"), ("eps_learned_var", None, "interpolate")])
+def test_eps_kernels_are_improved_diffusions_respacing(parameterization, eps_variance, rule):
+    """improved-diffusion's SpacedDiffusion: new betas from the abar subsequence, x_0 from the
+    predicted noise at the original t, the posterior mean and the variance choice of the new chain
+    (for beta-tilde, the moments rule's; for beta and learned variances, the interpolation rule's)."""
+    T, kept = 20, [1, 4, 9, 15, 20]
+    diffusion = GaussianDiffusion(make_schedule("cosine", T), parameterization, eps_variance=eps_variance)
+    chain = RespacedDiffusion(diffusion, kept, rule)
+    abar = np.cumprod(1 - diffusion.schedule.betas().numpy())[np.array(kept) - 1]
+    abar_prev = np.concatenate([[1.0], abar[:-1]])
+    betas = 1 - abar / abar_prev
+    beta_tilde = betas * (1 - abar_prev) / (1 - abar)
+    small = np.concatenate([beta_tilde[1:2], beta_tilde[1:]])
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    z = torch.randn(5, 2, 3, generator=g, dtype=torch.float64)
+    k = torch.arange(1, 6)
+    mean, var = chain.p_mean_var(lambda x_t, t: z if torch.equal(t, torch.tensor(kept)) else None, x, k)
+    i = (k - 1).numpy()[:, None]
+    x0 = (x.numpy() - np.sqrt(1 - abar[i]) * z[:, 0].numpy()) / np.sqrt(abar[i])
+    expected_mean = (np.sqrt(abar_prev[i]) * betas[i] * x0 + np.sqrt(1 - betas[i]) * (1 - abar_prev[i]) * x.numpy()) / (1 - abar[i])
+    np.testing.assert_allclose(mean[1:].numpy(), expected_mean[1:], rtol=1e-9, atol=1e-10)
+    if parameterization == "eps_learned_var":
+        v = (z[:, 1].numpy() + 1) / 2
+        expected_var = np.exp(v * np.log(betas[i]) + (1 - v) * np.log(small[i]))
+    else:
+        expected_var = np.broadcast_to((betas if eps_variance == "beta" else small)[i], (5, 3))
+    np.testing.assert_allclose(var[1:].numpy(), expected_var[1:], rtol=1e-9)
+    # the first step is the network's own kernel at t = 1
+    first_mean, first_var = diffusion.p_mean_var(lambda *_: z[:1], x[:1], torch.tensor([1]))
+    torch.testing.assert_close((mean[:1], var[:1]), (first_mean, first_var))
+
+
+@pytest.mark.parametrize("parameterization", ["reference", "paper"])
+def test_true_reverse_kernels_respace_to_the_true_respaced_kernels(parameterization):
+    """For data N(0, s^2) and the model whose kernels are the true reverse conditionals, the
+    moments rule gives the true reverse conditionals of the respaced process, mean and variance,
+    whatever parameterisation carries them; and a bound near log p(x_0)."""
+    T, s, kept = 16, 0.7, [1, 3, 8, 9, 16]
+    diffusion = GaussianDiffusion(make_schedule("reference", T), parameterization, "learned")
+    model = analytic_model(diffusion.schedule.betas().tolist(), s, parameterization)
+    chain = RespacedDiffusion(diffusion, kept)
+    a, r, _ = true_reverse(chain.schedule.betas().tolist(), s)
+    x = torch.linspace(-2, 2, 5, dtype=torch.float64)[:, None]
+    for k in range(1, len(kept) + 1):
+        mean, var = chain.p_mean_var(model, x, torch.full((5,), k))
+        torch.testing.assert_close(mean, a[k - 1] * x, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(var, torch.full_like(var, r[k - 1]), rtol=1e-9, atol=0)
+    x0 = torch.randn(2000, 1, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * s
+    k = exact_bound(chain, model, [x0], 1, torch.Generator().manual_seed(6))
+    log_p = float((-0.5 * (math.log(2 * math.pi * s * s) + x0**2 / (s * s))).mean())
+    assert log_p - 0.05 < k.mean < log_p + 4 * k.stderr
+
+
+def test_binomial_chains_are_not_respaced():
+    with pytest.raises(ValueError, match="Gaussian"):
+        respace(BinomialDiffusion(make_schedule("erase", 10), 0.3), 5)
+
+
+def test_cli_evaluate_and_sample_respaced(cli, copy_run, tmp_path):
+    run = copy_run()
+    full = cli("evaluate", run, "--quiet", "--json").json()
+    saved = (run / "evaluation.json").read_text()
+    r = cli("evaluate", run, "--quiet", "--json", "--respace", "3")
+    e = r.json()
+    assert (e["T"], e["T_trained"], e["respaced_timesteps"]) == (3, 6, [1, 3, 6])  # Python round, as improved-diffusion
+    assert len(e["per_timestep_bits"]) == 4 and math.isfinite(e["K_bits"])
+    assert (run / "evaluation.json").read_text() == saved  # the full chain's record stays
+    same = cli("evaluate", run, "--quiet", "--json", "--respace", "1,2,3,4,5,6").json()
+    assert same["K_bits"] == pytest.approx(full["K_bits"], rel=1e-9)
+    text = cli("evaluate", run, "--quiet", "--respace", "3").out
+    assert "T = 3 respaced from 6" in text
+    r = cli("sample", run, "-n", "7", "--out", tmp_path / "s.npy", "--quiet", "--json", "--respace", "2")
+    out = r.json()
+    assert out["steps"] == 2 and np.load(tmp_path / "s.npy").shape == (7, 2)
+    assert json.loads(json.dumps(out))["sample_wall_s"] >= 0
+    assert_one_line_error(cli("sample", run, "-n", "7", "--out", tmp_path / "t.npy", "--respace", "9"), "--respace", "2..6")
+    assert_one_line_error(cli("evaluate", run, "--respace", "2,6"), "--respace", "from 1 to T")
