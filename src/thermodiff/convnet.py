@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from thermodiff.networks import ACTIVATIONS, temporal_basis
+from thermodiff.networks import ACTIVATIONS, basis_at, temporal_basis
 
 __all__ = ["PRESETS", "ConvReverseNet", "MultiScaleConv", "auto_n_scales", "build_conv_net", "preset_kwargs"]
 
@@ -254,7 +254,7 @@ class ConvReverseNet(nn.Module):
 
     def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
         coeffs = self.coefficients(x_t)
-        g = self.basis[t - 1].to(coeffs.dtype)  # (N, J)
+        g = basis_at(self.basis, t, self.config["width_factor"]).to(coeffs.dtype)  # (N, J)
         return torch.einsum("nkcjhw,nj->nkchw", coeffs, g)
 
     def extra_repr(self) -> str:

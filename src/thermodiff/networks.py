@@ -4,7 +4,9 @@ Every network here is a callable ``net(x_t, t) -> z`` of shape ``(N, K, D)`` wit
 per dimension (2 for Gaussian diffusion: z_mu, z_Sigma; 1 for binomial). As in the reference
 code, time enters only through the readout: the hidden layers are shared across t, and the
 last linear layer's weights depend on t, either separately per step or as a combination of
-J bump functions of t.
+J bump functions of t. The bumps also take a continuous time s in [0, 1] (a floating-point t,
+for continuous-time processes such as :mod:`thermodiff.vdm`), at the same positions: step t of
+T sits at s = (t - 1) / (T - 1).
 """
 
 from enum import Enum
@@ -29,19 +31,32 @@ ACTIVATIONS = {
 }
 
 
-def temporal_basis(T: int, n_basis: int, width_factor: float = 0.5) -> Tensor:
-    """Bump weights g_j(t), shape (T, n_basis), each row summing to 1 (paper Eq. 63).
+def bump_weights(times: Tensor, n_basis: int, width_factor: float = 0.5) -> Tensor:
+    """Bump weights g_j(tau) at times tau in [-1, 1], shape (len(times), n_basis), each row
+    summing to 1 (paper Eq. 63), in the dtype of ``times``.
 
-    Centres linspace(-1, 1, J) over times linspace(-1, 1, T); width = ``width_factor`` times the
-    centre spacing (the reference code uses 0.5, the paper's text 1.0).
+    Centres linspace(-1, 1, J); width = ``width_factor`` times the centre spacing (the reference
+    code uses 0.5, the paper's text 1.0).
     """
     if n_basis < 2:
         raise ValueError("the temporal basis needs at least 2 bumps")
-    times = np.linspace(-1, 1, T)[:, None]
-    centres = np.linspace(-1, 1, n_basis)[None, :]
-    width = width_factor * (centres[0, 1] - centres[0, 0])
-    bumps = np.exp(-((times - centres) ** 2) / (2 * width**2))
-    return torch.as_tensor(bumps / bumps.sum(1, keepdims=True), dtype=torch.float32)
+    centres = torch.linspace(-1, 1, n_basis, dtype=times.dtype, device=times.device)
+    width = width_factor * 2 / (n_basis - 1)
+    log_bumps = -((times[:, None] - centres) ** 2) / (2 * width**2)
+    return torch.softmax(log_bumps, dim=1)  # normalised in log space: no underflow between bumps
+
+
+def temporal_basis(T: int, n_basis: int, width_factor: float = 0.5) -> Tensor:
+    """Bump weights g_j(t) for the steps t = 1..T (times linspace(-1, 1, T)), shape (T, n_basis)."""
+    return bump_weights(torch.linspace(-1, 1, T, dtype=torch.float64), n_basis, width_factor).float()
+
+
+def basis_at(basis: Tensor, t: Tensor, width_factor: float) -> Tensor:
+    """The rows of a step-indexed ``basis`` (T, J) for integer steps t = 1..T, or the same bumps
+    evaluated at continuous times t in [0, 1] (floating point), shape (N, J)."""
+    if t.is_floating_point():
+        return bump_weights(2 * t - 1, basis.shape[1], width_factor)
+    return basis[t - 1]
 
 
 class TimeReadout(nn.Module):
@@ -53,6 +68,7 @@ class TimeReadout(nn.Module):
         super().__init__()
         self.readout = Readout(readout)
         n = T if self.readout is Readout.PER_STEP else n_basis
+        self.width_factor = width_factor
         if self.readout is Readout.BUMPS:
             self.register_buffer("basis", temporal_basis(T, n_basis, width_factor))
         # small initial weights: z ~ 0 starts the reverse kernel near the forward one
@@ -61,9 +77,11 @@ class TimeReadout(nn.Module):
 
     def forward(self, h: Tensor, t: Tensor) -> Tensor:
         if self.readout is Readout.PER_STEP:
+            if t.is_floating_point():
+                raise ValueError("a readout separate per step needs integer steps; continuous time needs readout = 'bumps'")
             return torch.bmm(h.unsqueeze(1), self.weight[t - 1]).squeeze(1) + self.bias[t - 1]
         coeffs = torch.einsum("ni,jio->njo", h, self.weight) + self.bias
-        return torch.einsum("njo,nj->no", coeffs, self.basis[t - 1])
+        return torch.einsum("njo,nj->no", coeffs, basis_at(self.basis, t, self.width_factor).to(coeffs.dtype))
 
 
 class NormalizedRBF(nn.Module):
