@@ -36,7 +36,7 @@ class DataConfig:
 
 @dataclass
 class DiffusionConfig:
-    kind: str = "auto"  # 'gaussian', 'binomial', or 'auto' (binomial iff the data are {0, 1})
+    kind: str = "auto"  # 'gaussian', 'binomial', 'vdm' (continuous time, vdm.py), or 'auto' (binomial iff the data are {0, 1})
     T: int = 40
     schedule: str = "reference"  # reference | learned | linear | cosine | erase | auto (learned / erase)
     beta_1: float | None = None  # fixed first-step beta (None: the schedule's own)
@@ -77,6 +77,7 @@ class TrainConfig:
     loss: str = "bound"  # bound (-K) | simple (Ho et al.'s L_simple) | hybrid (L_simple + hybrid_lambda L_vlb)
     hybrid_lambda: float = 0.001  # Nichol & Dhariwal's lambda
     t_sampler: str = "uniform"  # how t is drawn for the one-t estimate: uniform | loss_aware (importance)
+    max_minutes: float = 0.0  # stop after this much training time (0: no limit; for equal-time comparisons)
 
 
 @dataclass
@@ -84,6 +85,15 @@ class EvalConfig:
     n_draws: int = 4  # noise draws per example and timestep in the exact bound
     batch_size: int = 2000
     max_examples: int = 0  # 0: the whole test split
+
+
+@dataclass
+class BaselineConfig:
+    kind: str = ""  # '' (the run is a diffusion model) | vae | dae (baselines.py; networks from [model])
+    latent: int = 2  # vae: latent dimensions
+    min_var: float = 1e-6  # vae: floor of the Gaussian decoder's variance (the bound's resolution, as beta_1)
+    n_importance: int = 64  # vae: samples of the importance-weighted bound at evaluation
+    noise_std: float = 1.0  # dae: corruption std on the scaled data (1: SNR 1 for unit-variance data)
 
 
 @dataclass
@@ -95,6 +105,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

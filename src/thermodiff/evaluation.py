@@ -14,12 +14,71 @@ from thermodiff.experiment import Run, dequantizes, paper_row
 from thermodiff.gaussian import GaussianParameterization
 from thermodiff.image_data import bits_per_dim
 from thermodiff.respace import respace
+from thermodiff.vdm import VDM
 
 LN2 = math.log(2.0)
 
 
 def hardware() -> str:
     return f"{platform.machine()} CPU ({os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads)"
+
+
+def bound_report(dataset, per_example: torch.Tensor, null: torch.Tensor, discrete: bool = False) -> dict:
+    """A bound per example (nats) in the units reported: bits per example and per dimension with
+    standard errors, K - L_null, K in the data's original units, and for images per pixel and as
+    a negative log-likelihood of the 8-bit data. ``discrete``: the bound is of the discrete values."""
+    mean, dim = float(per_example.mean()), dataset.dim
+    gain = per_example - null
+    log_det_bits = 0.0 if discrete else dataset.log_det() / LN2  # a probability has no units
+    result = {
+        "unit": "bits/image" if dataset.is_image else "bits/sample",
+        "dim": dim,
+        "K_bits": mean / LN2,
+        "stderr_bits": standard_error(per_example) / LN2,
+        "K_minus_L_null_bits": float(gain.mean()) / LN2,
+        "K_minus_L_null_stderr_bits": standard_error(gain) / LN2,
+        "L_null_bits": float(null.mean()) / LN2,
+        "K_bits_per_dim": mean / LN2 / dim,
+        "K_original_units_bits": mean / LN2 + log_det_bits,
+        "log_det_scaling_bits": log_det_bits,
+    }
+    if dataset.is_image:
+        pixels = dim // dataset.event_shape[0]  # all colour channels of a pixel together
+        # the bound as a negative log-likelihood of the 8-bit data: of the discrete values
+        # themselves (discretized decoder), or of the dequantised density in pixel units
+        nll_kind, nll = None, None
+        if discrete:
+            nll_kind, nll = "discrete", -result["K_bits"] / dim
+        elif dataset.dequantize:
+            nll_kind, nll = "dequantized", bits_per_dim(mean + dataset.scaling.log_det(dim), dim)
+        result |= {
+            "K_bits_per_pixel": result["K_bits"] / pixels,
+            "stderr_bits_per_pixel": result["stderr_bits"] / pixels,
+            "K_minus_L_null_bits_per_pixel": result["K_minus_L_null_bits"] / pixels,
+            "K_minus_L_null_stderr_bits_per_pixel": result["K_minus_L_null_stderr_bits"] / pixels,
+            "nll_bits_per_dim": nll,
+            "nll_stderr_bits_per_dim": result["stderr_bits"] / dim,
+            "nll_bound": nll_kind,
+        }
+    return result
+
+
+def evaluate_baseline(run: Run, n_draws: int, max_examples: int, seed: int, split_name: str) -> dict:
+    """A VAE's ELBO in K's place (same units, same null model) with its importance-weighted bound,
+    or a DAE's denoising error, on the same held-out examples as a diffusion run's."""
+    cfg, process = run.config, run.diffusion
+    generator = torch.Generator().manual_seed(seed)
+    test = run.dataset.test[:max_examples] if max_examples else run.dataset.test
+    result = {"experiment": cfg.name, "run_dir": str(run.path), "train_steps": run.step, "split": split_name,
+              "n_examples": len(test), "model": cfg.baseline.kind, "hardware": hardware()}
+    if cfg.baseline.kind == "dae":
+        return result | {"noise_std": process.noise_std, **process.denoise_report(run.model, run.dataset, test, seed)}
+    x = run.dataset.to_model(test, generator)
+    elbo, iw = process.bounds(run.model, torch.split(x, cfg.eval.batch_size), n_draws, generator)
+    return result | {"n_draws": n_draws, "latent": process.latent,
+                     **bound_report(run.dataset, elbo, process.null_log_likelihood(x.double())),
+                     "n_importance": process.n_importance, "K_iw_bits": float(iw.mean()) / LN2,
+                     "K_iw_stderr_bits": standard_error(iw) / LN2}
 
 
 def evaluate(run: Run, n_draws: int | None = None, max_examples: int | None = None, seed: int = 0,
@@ -30,6 +89,8 @@ def evaluate(run: Run, n_draws: int | None = None, max_examples: int | None = No
     cfg = run.config
     n_draws = n_draws or cfg.eval.n_draws
     max_examples = max_examples if max_examples is not None else cfg.eval.max_examples
+    if cfg.baseline.kind:  # not a diffusion (baselines.py)
+        return evaluate_baseline(run, n_draws, max_examples, seed, split_name)
     try:
         diffusion = run.diffusion if respace_to is None else respace(run.diffusion, respace_to)
     except ValueError as e:
@@ -44,9 +105,6 @@ def evaluate(run: Run, n_draws: int | None = None, max_examples: int | None = No
         estimate = exact_bound(diffusion, run.model, batches, n_draws, generator,
                                callback=lambda done, total: bar.update(done - bar.n))
     null = diffusion.null_log_likelihood(x.double())
-    gain = estimate.per_example - null
-    dim = run.dataset.dim
-    log_det_bits = 0.0 if discrete else run.dataset.log_det() / LN2  # a probability has no units
     result = {
         "experiment": cfg.name,
         "run_dir": str(run.path),
@@ -62,37 +120,14 @@ def evaluate(run: Run, n_draws: int | None = None, max_examples: int | None = No
         "beta_1": float(run.diffusion.schedule.betas()[0].detach()),
         "train_loss": cfg.train.loss,
         "t_sampler": cfg.train.t_sampler,
-        "unit": "bits/image" if run.dataset.is_image else "bits/sample",
-        "dim": dim,
-        "K_bits": estimate.mean / LN2,
-        "stderr_bits": estimate.stderr / LN2,
-        "K_minus_L_null_bits": float(gain.mean()) / LN2,
-        "K_minus_L_null_stderr_bits": standard_error(gain) / LN2,
-        "L_null_bits": float(null.mean()) / LN2,
-        "K_bits_per_dim": estimate.mean / LN2 / dim,
-        "K_original_units_bits": estimate.mean / LN2 + log_det_bits,
-        "log_det_scaling_bits": log_det_bits,
+        **bound_report(run.dataset, estimate.per_example, null, discrete),
         "per_timestep_bits": (estimate.terms / LN2).tolist(),
         "hardware": hardware(),
     }
-    if run.dataset.is_image:
-        pixels = dim // run.dataset.event_shape[0]  # all colour channels of a pixel together
-        # the bound as a negative log-likelihood of the 8-bit data: of the discrete values
-        # themselves (discretized decoder), or of the dequantised density in pixel units
-        nll_kind, nll = None, None
-        if discrete:
-            nll_kind, nll = "discrete", -result["K_bits"] / dim
-        elif run.dataset.dequantize:
-            nll_kind, nll = "dequantized", bits_per_dim(estimate.mean + run.dataset.scaling.log_det(dim), dim)
-        result |= {
-            "K_bits_per_pixel": result["K_bits"] / pixels,
-            "stderr_bits_per_pixel": result["stderr_bits"] / pixels,
-            "K_minus_L_null_bits_per_pixel": result["K_minus_L_null_bits"] / pixels,
-            "K_minus_L_null_stderr_bits_per_pixel": result["K_minus_L_null_stderr_bits"] / pixels,
-            "nll_bits_per_dim": nll,
-            "nll_stderr_bits_per_dim": result["stderr_bits"] / dim,
-            "nll_bound": nll_kind,
-        }
+    if isinstance(run.diffusion, VDM):  # its continuous-time bound too, besides its T-step chain's
+        continuous = run.diffusion.continuous_bound(run.model, batches, n_draws, generator)
+        result["continuous_time"] = bound_report(run.dataset, continuous.per_example, null) | {
+            "n_draws": n_draws, "terms_bits": (continuous.terms / LN2).tolist()}
     if run.diffusion.parameterization is GaussianParameterization.EPS:
         result["eps_variance"] = run.diffusion.eps_variance.value
     if respace_to is not None:

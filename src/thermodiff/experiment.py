@@ -17,8 +17,10 @@ from thermodiff.convnet import build_conv_net
 from thermodiff.errors import UserError
 from thermodiff.bound import LossAwareSampler, check_training_loss
 from thermodiff.gaussian import Bins, Decoder, GaussianDiffusion, GaussianParameterization
+from thermodiff.baselines import DAE, VAE, DenoiserNet, VAENet
 from thermodiff.networks import build_vector_net
 from thermodiff.schedules import make_schedule
+from thermodiff.vdm import VDM
 
 # The paper's figures (v8, Tables 1 and 2): bits per sample, per pixel for images.
 PAPER_RESULTS = {
@@ -94,8 +96,8 @@ def diffusion_kind(cfg: Config, binary: bool, origin: str) -> str:
     kind = cfg.diffusion.kind
     if kind == "auto":
         return "binomial" if binary else "gaussian"
-    if kind not in ("gaussian", "binomial"):
-        raise UserError(f"diffusion.kind must be 'auto', 'gaussian' or 'binomial', got {kind!r}")
+    if kind not in ("gaussian", "binomial", "vdm"):
+        raise UserError(f"diffusion.kind must be 'auto', 'gaussian', 'binomial' or 'vdm', got {kind!r}")
     if kind == "binomial" and not binary:
         raise UserError(f"{origin}: data are not binary (values other than 0 and 1), so binomial diffusion cannot model them")
     return kind
@@ -127,7 +129,7 @@ def prepare_dataset(cfg: Config, override: np.ndarray | None = None, scaling: da
     ``override`` is the test split."""
     train, test, source = load_splits(cfg)
     image = train.ndim == 4
-    if image != (cfg.model.network == "conv"):
+    if not cfg.baseline.kind and image != (cfg.model.network == "conv"):  # baselines take both
         what = f"images of shape {train.shape[1:]}" if image else f"vectors of shape {train.shape[1:]}"
         raise UserError(f"{source}: holds {what}, but model.network = {cfg.model.network!r} is for "
                         f"{'vectors' if image else 'images'}")
@@ -140,7 +142,7 @@ def prepare_dataset(cfg: Config, override: np.ndarray | None = None, scaling: da
             scaling = datasets.Scaling.fit(train, "none")
         else:
             scaling = image_scaling(train) if image else datasets.Scaling.fit(train, cfg.data.scaling)
-    return datasets.Dataset(train, test, scaling, binary, source, dequantize=image and kind == "gaussian"), kind
+    return datasets.Dataset(train, test, scaling, binary, source, dequantize=image and kind != "binomial"), kind
 
 
 def resolve_auto(cfg: Config, kind: str) -> None:
@@ -151,8 +153,8 @@ def resolve_auto(cfg: Config, kind: str) -> None:
     if d.schedule == "auto":
         d.schedule = "erase" if kind == "binomial" else "learned"
     if d.parameterization == "auto":
-        d.parameterization = (BinomialParameterization.FORWARD_OFFSET if kind == "binomial"
-                              else GaussianParameterization.REFERENCE).value
+        d.parameterization = (BinomialParameterization.FORWARD_OFFSET if kind == "binomial" else VDM.parameterization
+                              if kind == "vdm" else GaussianParameterization.REFERENCE).value
 
 
 def pixel_bins(dataset: datasets.Dataset) -> Bins | None:
@@ -166,16 +168,26 @@ def pixel_bins(dataset: datasets.Dataset) -> Bins | None:
 def dequantizes(diffusion: nn.Module) -> bool:
     """Whether 8-bit data enter ``diffusion`` dequantised (a density model, the paper's) or as
     the centres of their bins (the discretized decoder's model of the discrete values)."""
-    return diffusion.decoder is not Decoder.DISCRETIZED
+    return getattr(diffusion, "decoder", None) is not Decoder.DISCRETIZED  # baselines have no decoder attribute
 
 
 def build_diffusion(cfg: Config, kind: str, data_mean: float, bins: Bins | None = None) -> nn.Module:
     """The configured process; a binomial one is stationary at ``data_mean`` unless the config
     fixes ``stationary_p``. ``bins`` (:func:`pixel_bins`) serve the discretized decoder. With
-    ``train.t_sampler = 'loss_aware'`` the process carries its importance sampler of t."""
+    ``train.t_sampler = 'loss_aware'`` the process carries its importance sampler of t. With
+    ``baseline.kind`` set, the baseline instead (the data kind picks a VAE's likelihood)."""
+    if cfg.baseline.kind:
+        return build_baseline(cfg, kind, data_mean)
     resolve_auto(cfg, kind)
     d = cfg.diffusion
     try:
+        if kind == "vdm":  # continuous time: its own decoder, loss and sampling of t (vdm.py)
+            if (d.parameterization, d.eps_variance, d.decoder, cfg.train.loss, cfg.train.t_sampler) != (
+                    "eps", None, "forward", "bound", "uniform"):
+                raise ValueError("vdm predicts eps, decodes with the forward step and trains on its continuous-time "
+                                 "bound: leave parameterization, eps_variance, decoder, train.loss and train.t_sampler "
+                                 "at their defaults")
+            return VDM(d.T, d.schedule, d.beta_1)
         schedule = make_schedule(d.schedule, d.T, d.beta_1)
         if kind == "binomial":
             if d.stationary_p is None and not 0 < data_mean < 1:
@@ -196,10 +208,32 @@ def build_diffusion(cfg: Config, kind: str, data_mean: float, bins: Bins | None 
         raise UserError(f"diffusion: {e}") from None
 
 
+def build_baseline(cfg: Config, kind: str, data_mean: float) -> nn.Module:
+    b = cfg.baseline
+    try:
+        if b.kind == "vae":
+            return VAE(b.latent, kind == "binomial", b.min_var, b.n_importance, data_mean)
+        if b.kind == "dae":
+            return DAE(b.noise_std)
+    except ValueError as e:
+        raise UserError(f"baseline: {e}") from None
+    raise UserError(f"baseline.kind must be '' (a diffusion model), 'vae' or 'dae', got {b.kind!r}")
+
+
 def build_model(cfg: Config, diffusion: nn.Module, event_shape: tuple[int, ...]) -> nn.Module:
-    """The configured network for examples of ``event_shape``: (D,) vectors or (C, H, W) images."""
+    """The configured network for examples of ``event_shape``: (D,) vectors or (C, H, W) images;
+    for a baseline, its MLPs on flattened examples."""
     m = cfg.model
     image = len(event_shape) == 3
+    try:
+        if isinstance(diffusion, VAE):
+            return VAENet(event_shape, diffusion.latent, diffusion.outputs_per_dim, m.hidden, m.layers, m.activation)
+        if isinstance(diffusion, DAE):
+            return DenoiserNet(event_shape, m.hidden, m.layers, m.activation)
+    except ValueError as e:
+        raise UserError(f"model: {e}") from None
+    if isinstance(diffusion, VDM) and not image and m.readout != "bumps":
+        raise UserError("diffusion.kind = 'vdm' calls the network at continuous times: use model.readout = 'bumps'")
     if image != (m.network == "conv"):
         need = "'conv'" if image else "'rbf' or 'mlp'"
         raise UserError(f"model.network = {m.network!r} does not fit data of shape {tuple(event_shape)}; use {need}")

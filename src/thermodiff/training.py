@@ -114,6 +114,8 @@ class Objective(nn.Module):
         self.loss, self.hybrid_lambda = loss, hybrid_lambda
 
     def forward(self, x0: torch.Tensor, draws: TrainingDraws) -> tuple[torch.Tensor, torch.Tensor]:
+        if hasattr(self.diffusion, "training_loss"):  # a process with its own objective (vdm.py, baselines.py)
+            return self.diffusion.training_loss(self.model, x0, draws)
         return training_loss(self.diffusion, self.model, x0, draws=draws, loss=self.loss, hybrid_lambda=self.hybrid_lambda)
 
 
@@ -211,6 +213,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, progress: 
     shard = ctx.shard(cfg.train.batch_size)
     in_a_row, window = 0, []
     start_time, start_step = time.perf_counter(), step
+    time_limit = 60 * cfg.train.max_minutes or math.inf
     bar = tqdm(total=cfg.train.steps, initial=step, desc=f"train {cfg.name}", unit="step",
                file=sys.stderr, disable=not progress, mininterval=1.0)
     objective.train()
@@ -221,12 +224,15 @@ def _train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, progress: 
         # the same numbers as one process training on the global batch
         idx = torch.randint(0, len(dataset.train), (cfg.train.batch_size,), generator=order_gen)
         x0 = dataset.to_model(dataset.train[idx.numpy()], order_gen, ctx.device, dequantize=dequantizes(diffusion))
-        draws = training_draws(diffusion, x0, noise_gen)
+        draws = (diffusion.training_draws(x0, noise_gen) if hasattr(diffusion, "training_draws")
+                 else training_draws(diffusion, x0, noise_gen))
         with autocast(cfg, ctx.device):
             loss, k = trainer(x0[shard], draws[shard])
         step += 1
+        out_of_time = time.perf_counter() - start_time >= time_limit  # all processes stop together (stats[3])
         stats = ctx.all_reduce_sum(torch.stack([k.sum(), (~torch.isfinite(loss)).double(),
-                                                torch.tensor(float(len(k)), dtype=torch.float64, device=k.device)]))
+                                                torch.tensor(float(len(k)), dtype=torch.float64, device=k.device),
+                                                torch.tensor(float(out_of_time), dtype=torch.float64, device=k.device)]))
         if stats[1] > 0:  # any process saw a non-finite loss: all skip the step together
             skipped_total += 1
             in_a_row += 1
@@ -250,15 +256,18 @@ def _train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, progress: 
         running = k_bits if running is None else 0.99 * running + 0.01 * k_bits
         bar.update(1)
         bar.set_postfix(K_bits=f"{running:.3f}", refresh=False)
-        if ctx.is_main and (step % cfg.train.log_every == 0 or step == cfg.train.steps):
+        last = step == cfg.train.steps or bool(stats[3] > 0)
+        if ctx.is_main and (step % cfg.train.log_every == 0 or last):
             append_metrics(run_dir, {"step": step, "K_bits_running": round(running, 6),
                                      "loss_bits": round(-sum(window) / len(window), 6),
                                      "lr": learning_rate(cfg, step - 1),
                                      "elapsed_s": round(time.perf_counter() - start_time, 3),
                                      "nonfinite_skipped": skipped_total})
             window = []
-        if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
+        if step % cfg.train.checkpoint_every == 0 or last:
             checkpoint()
+        if last:
+            break
     bar.close()
     if step % cfg.train.checkpoint_every != 0:
         checkpoint()  # the last step may have been a skipped one
