@@ -1,0 +1,151 @@
+"""``thermodiff compare``: several configs trained on one data set (the same seeded splits), each
+evaluated on the same held-out examples with its own bound in the same units (the 2015 model's
+exact K, VDM's chain and continuous-time bounds, a VAE's ELBO; a DAE's denoising error), in one
+table, and a plot of the bound against training time from every run's metrics.jsonl."""
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from thermodiff.checkpoint import atomic_write_text
+from thermodiff.config import Config
+from thermodiff.errors import UserError
+from thermodiff.evaluation import evaluate, hardware
+from thermodiff.experiment import Run, load_run
+from thermodiff.sampling import ancestral_sample
+from thermodiff.training import train
+
+
+def check_comparable(configs: list[Config], origins: list[str]) -> None:
+    """One data set (same [data] and seed, so the same splits) and distinct run names."""
+    for cfg, origin in zip(configs[1:], origins[1:]):
+        if cfg.data != configs[0].data or cfg.seed != configs[0].seed:
+            raise UserError(f"{origin}: its [data] or seed differs from {origins[0]}'s; compare needs one data set")
+    names = [cfg.name for cfg in configs]
+    if len(set(names)) < len(names):
+        raise UserError(f"configs share a name ({', '.join(sorted({n for n in names if names.count(n) > 1}))}); "
+                        "every run needs its own folder")
+
+
+def model_label(run: Run) -> str:
+    cfg = run.config
+    return cfg.baseline.kind or ("vdm" if cfg.diffusion.kind == "vdm" else f"2015 {cfg.diffusion.kind}")
+
+
+@torch.no_grad()
+def sample_seconds(run: Run, n: int, seed: int = 0) -> float | None:
+    """Wall seconds per example to draw ``n`` samples (None for a DAE, which has none)."""
+    if run.config.baseline.kind == "dae":
+        return None
+    start = time.perf_counter()
+    ancestral_sample(run.diffusion, run.model, (n, *run.dataset.event_shape), torch.Generator().manual_seed(seed))
+    return (time.perf_counter() - start) / n
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.exists() else []
+
+
+def compare(configs: list[Config], origins: list[str], out: Path, overwrite: bool = False, progress: bool = True,
+            device: str = "auto", n_draws: int | None = None, max_examples: int | None = None, eval_seed: int = 0,
+            n_samples: int = 200) -> dict:
+    """Train every config into ``out/NAME``, evaluate it and time its sampling; write
+    ``out/compare.json`` and ``out/bound_vs_time.png``. Returns the record."""
+    check_comparable(configs, origins)
+    rows = []
+    for cfg, origin in zip(configs, origins):
+        summary = train(cfg, out / cfg.name, overwrite=overwrite, progress=progress, device=device)
+        run = load_run(out / cfg.name)
+        result = evaluate(run, n_draws, max_examples, eval_seed, progress=progress)
+        metrics = read_metrics(out / cfg.name)
+        rows.append({"name": cfg.name, "config": origin, "model": model_label(run), "steps": summary["steps"],
+                     "train_s": metrics[-1]["elapsed_s"] if metrics else summary["wall_s"],
+                     "sample_s_per_example": sample_seconds(run, n_samples, eval_seed), "evaluation": result,
+                     "curve": [(m["elapsed_s"], m["K_bits_running"]) for m in metrics]})
+    record = {"data": load_run(out / configs[0].name).dataset.describe(), "n_samples_timed": n_samples,
+              "hardware": hardware(), "rows": rows, "plot": str(out / "bound_vs_time.png")}
+    plot_bound_vs_time(rows, out / "bound_vs_time.png")
+    atomic_write_text(out / "compare.json", json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def _bound(row: dict) -> tuple[float, float] | None:
+    e = row["evaluation"]
+    return (e["K_bits"], e["stderr_bits"]) if "K_bits" in e else None
+
+
+def _held_out(e: dict) -> list[tuple[str, float, float, str]]:
+    """(label, bound, standard error, marker) of a run's held-out bounds: K (a VAE's ELBO), and
+    VDM's continuous-time or a VAE's importance-weighted bound."""
+    marks = [("held out", e["K_bits"], e["stderr_bits"], "o")] if "K_bits" in e else []
+    if "continuous_time" in e:  # VDM: the bound it trains on, besides its T-step chain's
+        marks.append(("held out, continuous time", e["continuous_time"]["K_bits"], e["continuous_time"]["stderr_bits"], "s"))
+    if "K_iw_bits" in e:
+        marks.append((f"held out, importance-weighted ({e['n_importance']})", e["K_iw_bits"], e["K_iw_stderr_bits"], "D"))
+    return marks
+
+
+def plot_bound_vs_time(rows: list[dict], path: Path) -> None:
+    """The running training estimate of each run's bound against training time (lines; of the
+    bound each model trains on, VDM's continuous-time one) and its held-out bounds at the end
+    (points with standard errors); a DAE has no bound to draw."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    finals = []
+    for i, row in enumerate(r for r in rows if _bound(r) is not None):
+        colour = f"C{i}"
+        if row["curve"]:
+            seconds, values = zip(*row["curve"])
+            ax.plot(seconds, values, color=colour, alpha=0.6, label=f"{row['name']} ({row['model']}), training estimate")
+        for label, k, se, marker in _held_out(row["evaluation"]):
+            finals.append(k)
+            ax.errorbar([row["train_s"]], [k], yerr=[se], fmt=marker, mfc=colour if marker == "o" else "none",
+                        color=colour, capsize=3, label=f"{row['name']}, {label}")
+    if finals:  # the early, far lower estimates would flatten the end of the curves
+        ax.set_ylim(min(finals) - max(2.0, max(finals) - min(finals)), max(finals) + 1.0)
+    ax.set_xlabel("training time (s)")
+    ax.set_ylabel(f"bound ({rows[0]['evaluation'].get('unit', 'bits')})")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def format_table(record: dict) -> str:
+    """One line per run: its bound, per dimension, other figures, and its costs."""
+    def number(value: float | None, spec: str = ".3f") -> str:
+        return "-" if value is None else format(value, spec)
+
+    lines = [f"{'run':22}{'model':16}{'steps':>8}{'train s':>9}{'bound (bits)':>20}{'bits/dim':>10}"
+             f"{'8-bit NLL bits/dim':>20}{'sample ms/ex':>14}  other"]
+    for row in record["rows"]:
+        e, bound = row["evaluation"], _bound(row)
+        other = []
+        if "K_iw_bits" in e:
+            other.append(f"importance-weighted ({e['n_importance']}) {e['K_iw_bits']:.3f} +- {e['K_iw_stderr_bits']:.3f}")
+        if "continuous_time" in e:
+            c = e["continuous_time"]
+            other.append(f"continuous time {c['K_bits']:.3f} +- {c['stderr_bits']:.3f}")
+        if "output_mse" in e:
+            psnr = (f"PSNR {e['output_psnr_db']:.2f} dB vs noisy {e['noisy_input_psnr_db']:.2f}" if "output_psnr_db" in e
+                    else f"MSE {e['output_mse']:.4g} vs noisy {e['noisy_input_mse']:.4g}")
+            other.append(f"denoising: {psnr}")
+        ms = row["sample_s_per_example"]
+        lines.append(f"{row['name']:22}{row['model']:16}{row['steps']:>8}{row['train_s']:>9.1f}"
+                     f"{'-' if bound is None else f'{bound[0]:.3f} +- {bound[1]:.3f}':>20}"
+                     f"{number(e.get('K_bits_per_dim')):>10}{number(e.get('nll_bits_per_dim')):>20}"
+                     f"{number(None if ms is None else 1000 * ms, '.3g'):>14}  {'; '.join(other)}")
+    d = record["data"]
+    lines.append(f"data: {d['source']}, {d['n_train']} train / {d['n_test']} test examples of shape {tuple(d['shape'])}; "
+                 f"bounds on the held-out examples, in {record['rows'][0]['evaluation'].get('unit', 'bits')}; "
+                 f"plot: {record['plot']}")
+    return "\n".join(lines)
