@@ -22,14 +22,19 @@ FORMAT_VERSION = 1
 _PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # a raw pickle, or torch.save's zip container
 
 
+def umask() -> int:
+    """The process's umask (reading it means setting it, so it is set back at once)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _file_mode(path: Path) -> int:
     """The replaced file's permissions, or those a new file gets (0666 less the umask)."""
     try:
         return stat.S_IMODE(path.stat().st_mode)
     except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
+        return 0o666 & ~umask()
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -88,23 +93,36 @@ def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict) ->
     atomic_write_bytes(path, save_safetensors(tensors, metadata={"thermodiff": json.dumps(record)}))
 
 
-def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read a checkpoint written by :func:`save_checkpoint`; anything else is refused."""
+def load_checkpoint(path: Path, required: dict[str, type] | None = None,
+                    required_tensors: tuple[str, ...] = ()) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a checkpoint written by :func:`save_checkpoint`; anything else is refused, as is a
+    checkpoint whose record lacks a key of ``required`` (key -> type) or a tensor of
+    ``required_tensors`` (written by another program or an older version)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no checkpoint there")
     data = path.read_bytes()
-    if data.startswith(_PICKLE_MAGIC):
-        raise UserError(f"{path}: is a pickle / torch.save file; thermodiff loads only safetensors checkpoints and never unpickles")
     try:
         tensors = load_safetensors(data)
         header_len = int.from_bytes(data[:8], "little")
         header = json.loads(data[8 : 8 + header_len])
         record = json.loads(header.get("__metadata__", {}).get("thermodiff", "null"))
-    except (SafetensorError, ValueError, UnicodeDecodeError) as e:
+    except (SafetensorError, ValueError, UnicodeDecodeError, RecursionError) as e:
+        # only now look for pickle magic: a valid safetensors file starts with its header length,
+        # whose first byte is 0x80 for one header length in 32
+        if data.startswith(_PICKLE_MAGIC):
+            raise UserError(f"{path}: is a pickle / torch.save file; thermodiff loads only safetensors checkpoints "
+                            "and never unpickles") from None
         raise UserError(f"{path}: not a valid safetensors checkpoint ({e})") from None
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise UserError(f"{path}: not a thermodiff checkpoint")
     if record.get("version") != FORMAT_VERSION:
         raise UserError(f"{path}: checkpoint format version {record.get('version')} is not supported (this is {FORMAT_VERSION})")
+    for key, kind in (required or {}).items():
+        value = record.get(key)
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):  # True is an int too
+            raise UserError(f"{path}: checkpoint has no valid '{key}' entry (written by another program or version?)")
+    missing = [name for name in required_tensors if name not in tensors]
+    if missing:
+        raise UserError(f"{path}: checkpoint lacks {', '.join(missing)} (written by another program or version?)")
     return tensors, record

@@ -277,12 +277,16 @@ def load_run(run_dir: str | Path, data_path: str | None = None) -> Run:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run directory")
-    tensors, meta = load_checkpoint(run_dir / "checkpoint.safetensors")
-    cfg = Config.from_dict(meta["config"], origin=str(run_dir / "checkpoint.safetensors"))
+    checkpoint = run_dir / "checkpoint.safetensors"
+    tensors, meta = load_checkpoint(checkpoint, {"config": dict, "data": dict, "step": int})
+    cfg = Config.from_dict(meta["config"], origin=str(checkpoint))
     digest = meta["data"].get("sha256")
     if digest and Path(cfg.data.source).is_file() and file_digest(Path(cfg.data.source)) != digest:
         raise UserError(f"{cfg.data.source}: the file changed since run {run_dir} was trained on it")
-    scaling = datasets.Scaling(**meta["data"]["scaling"])
+    try:
+        scaling = datasets.Scaling(**meta["data"]["scaling"])
+    except (KeyError, TypeError):
+        raise UserError(f"{checkpoint}: checkpoint has no valid data scaling (written by another program or version?)") from None
     override = None
     if data_path is not None:
         path = Path(data_path)
