@@ -4,6 +4,7 @@ ill-typed keys are errors that name the file and the key."""
 
 import dataclasses
 import json
+import math
 import sys
 import types
 import typing
@@ -96,6 +97,53 @@ class BaselineConfig:
     noise_std: float = 1.0  # dae: corruption std on the scaled data (1: SNR 1 for unit-variance data)
 
 
+def _at_least(low: int):
+    return (lambda v: v >= low), f"be at least {low}"
+
+
+_POSITIVE = (lambda v: 0 < v < math.inf), "be positive and finite"
+_NON_NEGATIVE = (lambda v: 0 <= v < math.inf), "be >= 0 and finite"
+_PROBABILITY = (lambda v: v is None or 0 < v < 1), "lie in (0, 1)"  # NaN fails every comparison
+
+# The range of every numeric key, checked whenever a Config is built or trained, so that a bad
+# value is a one-line error before any work (names, kinds and their combinations are checked
+# where they are used).
+RANGES = {
+    "seed": ((lambda v: 0 <= v < 2**32), "lie in 0 .. 2**32 - 1"),
+    "data.n": _at_least(0),
+    "data.size": _at_least(0),
+    "data.noise": _NON_NEGATIVE,
+    "data.test_fraction": _PROBABILITY,
+    "diffusion.T": _at_least(2),
+    "diffusion.beta_1": _PROBABILITY,
+    "diffusion.stationary_p": _PROBABILITY,
+    "model.hidden": _at_least(1),
+    "model.layers": _at_least(1),
+    "model.n_basis": _at_least(1),
+    "model.bump_width": _POSITIVE,
+    "train.steps": _at_least(1),
+    "train.batch_size": _at_least(1),
+    "train.lr": _POSITIVE,
+    "train.lr_decay_every": _at_least(0),
+    "train.lr_decay": ((lambda v: 0 < v <= 1), "lie in (0, 1]"),
+    "train.lr_min": _NON_NEGATIVE,
+    "train.grad_clip": _NON_NEGATIVE,
+    "train.checkpoint_every": _at_least(1),
+    "train.log_every": _at_least(1),
+    "train.max_nonfinite": _at_least(1),
+    "train.ema_decay": ((lambda v: 0 <= v < 1), "lie in [0, 1)"),
+    "train.hybrid_lambda": _NON_NEGATIVE,
+    "train.max_minutes": _NON_NEGATIVE,
+    "eval.n_draws": _at_least(1),
+    "eval.batch_size": _at_least(1),
+    "eval.max_examples": _at_least(0),
+    "baseline.latent": _at_least(1),
+    "baseline.min_var": _NON_NEGATIVE,
+    "baseline.n_importance": _at_least(1),
+    "baseline.noise_std": _POSITIVE,
+}
+
+
 @dataclass
 class Config:
     name: str = "custom"
@@ -112,7 +160,19 @@ class Config:
 
     @classmethod
     def from_dict(cls, raw: dict, origin: str = "config") -> "Config":
-        return _build(cls, raw, origin, prefix="")
+        cfg = _build(cls, raw, origin, prefix="")
+        cfg.validate(origin)
+        return cfg
+
+    def validate(self, origin: str = "config") -> None:
+        """Refuse out-of-range values (see :data:`RANGES`), naming the key and where it came from."""
+        if not self.name:
+            raise UserError(f"{origin}: name must not be empty")
+        for key, (ok, requirement) in RANGES.items():
+            section, _, name = key.rpartition(".")
+            value = getattr(getattr(self, section) if section else self, name)
+            if not ok(value):
+                raise UserError(f"{origin}: {key} must {requirement}, got {value!r}")
 
 
 def _check_type(value, annotation, where: str):
@@ -123,8 +183,8 @@ def _check_type(value, annotation, where: str):
             return value
         if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        if option is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
+        if option is int and isinstance(value, int) and not isinstance(value, bool) and -2**63 <= value < 2**63:
+            return value  # TOML integers are 64-bit (tomllib accepts any)
         if option in (str, bool, dict) and type(value) is option:
             return value
     names = " or ".join("none" if o is type(None) else o.__name__ for o in options)
@@ -173,6 +233,8 @@ def parse_override(text: str) -> tuple[list[str], object]:
     except tomllib.TOMLDecodeError:
         word = value.strip()  # a bare word, as in 'key = word'
         parsed = None if word.lower() in ("none", "null") else word
+    except RecursionError:  # tomllib recurses into nested arrays and tables
+        raise UserError(f"--set {text[:80]!r}: value nested too deeply") from None
     return key.strip().split("."), parsed
 
 
@@ -181,8 +243,8 @@ def load_config(name_or_path: str, overrides: list[str] = ()) -> Config:
     path = find_config(name_or_path)
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid TOML: {e}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise UserError(f"{path}: not valid TOML: {str(e) or type(e).__name__}") from None
     raw.setdefault("name", path.stem)
     for text in overrides:
         keys, value = parse_override(text)
@@ -198,5 +260,5 @@ def load_config(name_or_path: str, overrides: list[str] = ()) -> Config:
 def config_from_json(path: Path) -> Config:
     try:
         return Config.from_dict(json.loads(path.read_text(encoding="utf-8")), origin=str(path))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:
         raise UserError(f"{path}: not valid JSON: {e}") from None
