@@ -6,8 +6,10 @@ import csv
 import io
 import json
 import math
+import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from tqdm import tqdm
 from thermodiff import distributed
 from thermodiff.bound import TrainingDraws, training_draws, training_loss
 from thermodiff.checkpoint import (atomic_write_text, flatten_optimizer_state, load_checkpoint, save_checkpoint,
-                                   unflatten_optimizer_state)
+                                   umask, unflatten_optimizer_state)
 from thermodiff.config import Config
 from thermodiff.errors import UserError
 from thermodiff.experiment import (build_diffusion, build_model, dequantizes, file_digest, load_state, pixel_bins,
@@ -46,20 +48,12 @@ def learning_rate(cfg: Config, step: int) -> float:
 
 
 def validate_train_config(cfg: Config, world_size: int = 1) -> None:
+    cfg.validate()  # the ranges of every key, also for a Config built in code
     t = cfg.train
     if t.batch_size % world_size:
         raise UserError(f"train.batch_size {t.batch_size} must be divisible by the number of processes ({world_size})")
-    if not 0 <= t.ema_decay < 1:
-        raise UserError(f"train.ema_decay must lie in [0, 1), got {t.ema_decay}")
     if t.precision not in ("fp32", "bf16", "fp16"):
         raise UserError(f"train.precision must be 'fp32', 'bf16' or 'fp16', got {t.precision!r}")
-    for name in ("steps", "batch_size", "checkpoint_every", "log_every", "max_nonfinite"):
-        if getattr(t, name) < 1:
-            raise UserError(f"train.{name} must be at least 1, got {getattr(t, name)}")
-    if not t.lr > 0:
-        raise UserError(f"train.lr must be positive, got {t.lr}")
-    if t.grad_clip < 0:
-        raise UserError(f"train.grad_clip must be >= 0, got {t.grad_clip}")
 
 
 def rewrite_metrics(run_dir: Path, upto_step: int) -> None:
@@ -76,7 +70,7 @@ def rewrite_metrics(run_dir: Path, upto_step: int) -> None:
                 records.append(record)
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, METRIC_FIELDS)
+    writer = csv.DictWriter(buffer, METRIC_FIELDS, lineterminator="\n")  # as append_metrics writes rows
     writer.writeheader()
     writer.writerows(records)
     atomic_write_text(run_dir / "metrics.csv", buffer.getvalue())
@@ -87,6 +81,34 @@ def append_metrics(run_dir: Path, record: dict) -> None:
                        ("metrics.csv", ",".join(str(record[f]) for f in METRIC_FIELDS) + "\n")):
         with open(run_dir / name, "a", encoding="utf-8") as f:
             f.write(line)
+
+
+def remove_stale_temporaries(run_dir: Path) -> None:
+    """Delete the temporary files of atomic writes that a killed process left behind."""
+    for path in run_dir.glob(".*.tmp"):
+        path.unlink(missing_ok=True)
+
+
+def create_run_dir(run_dir: Path, populate) -> None:
+    """Make ``run_dir`` appear complete or not at all: ``populate(folder)`` fills a temporary
+    sibling folder (config, first checkpoint), which is then renamed into place, so a run
+    directory always holds a checkpoint to resume from. An existing run (``--overwrite``) is
+    moved aside first and deleted last."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=run_dir.parent, prefix=f".{run_dir.name}.new."))
+    try:
+        os.chmod(staging, 0o777 & ~umask())  # mkdtemp's 0700 would make the run private
+        populate(staging)
+        old = None
+        if run_dir.exists():
+            old = Path(tempfile.mkdtemp(dir=run_dir.parent, prefix=f".{run_dir.name}.old."))
+            os.replace(run_dir, old / run_dir.name)
+        os.replace(staging, run_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old)
 
 
 def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
@@ -152,9 +174,16 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: boo
         distributed.teardown(ctx)
 
 
+# what a checkpoint must hold to be resumed (the metrics state added later is optional)
+RESUME_FIELDS = {"config": dict, "step": int, "optimizer": dict, "nonfinite_skipped": int}
+RESUME_TENSORS = ("rng.noise", "rng.order")
+
+
 def _train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, progress: bool, ctx: distributed.Context) -> dict:
     check_run_dir(run_dir, resume, overwrite)
-    tensors, meta = (load_checkpoint(run_dir / "checkpoint.safetensors") if resume else ({}, {}))
+    ctx.barrier()  # every process has checked before process 0 creates the folder
+    tensors, meta = (load_checkpoint(run_dir / "checkpoint.safetensors", RESUME_FIELDS, RESUME_TENSORS)
+                     if resume else ({}, {}))
     if resume:
         steps = cfg.train.steps
         cfg = Config.from_dict(meta["config"], origin=str(run_dir))
@@ -168,36 +197,36 @@ def _train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, progress: 
     objective = Objective(model, diffusion, cfg.train.loss, cfg.train.hybrid_lambda)
     noise_gen = torch.Generator(ctx.device).manual_seed(cfg.seed + 1)
     order_gen = torch.Generator().manual_seed(cfg.seed + 2)
-    step, skipped_total, running = 0, 0, None
+    # the state that makes a resumed run continue bit for bit: the logging window and the
+    # non-finite streak too, so metrics.jsonl matches an uninterrupted run's as well
+    step, skipped_total, running, window, in_a_row, elapsed = 0, 0, None, [], 0, 0.0
     if resume:  # load before moving and wrapping in DDP
         load_state(model, tensors, "model.", str(run_dir))
         load_state(diffusion, tensors, "diffusion.", str(run_dir))
-        noise_gen.set_state(tensors["rng.noise"])
-        order_gen.set_state(tensors["rng.order"])
-        step, skipped_total, running = meta["step"], meta["nonfinite_skipped"], meta["K_bits_running"]
+        step, skipped_total, running = meta["step"], meta["nonfinite_skipped"], meta.get("K_bits_running")
+        window, in_a_row, elapsed = meta.get("window", []), meta.get("nonfinite_in_a_row", 0), meta.get("elapsed_s", 0.0)
     objective.to(ctx.device)
     params = list(objective.parameters())
     optimizer = make_optimizer(cfg, params)
-    if resume:
-        optimizer.load_state_dict(unflatten_optimizer_state(tensors, meta["optimizer"]))
     ema = EMA(objective, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
-    if ema is not None and resume and any(k.startswith("ema.") for k in tensors):
-        ema.shadow = {k: tensors[f"ema.{k}"].to(ctx.device) for k in ema.shadow}
+    if resume:
+        try:
+            noise_gen.set_state(tensors["rng.noise"])
+            order_gen.set_state(tensors["rng.order"])
+            optimizer.load_state_dict(unflatten_optimizer_state(tensors, meta["optimizer"]))
+            if ema is not None and any(k.startswith("ema.") for k in tensors):
+                ema.shadow = {k: tensors[f"ema.{k}"].to(ctx.device) for k in ema.shadow}
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise UserError(f"{run_dir}: checkpoint does not match this model ({first})") from None
     trainer = DistributedDataParallel(objective) if ctx.distributed else objective
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.precision == "fp16" and ctx.device.type == "cuda")
     data_info = dataset.describe() | {"kind": kind, "stationary_p": getattr(diffusion, "p", None) and float(diffusion.p),
                                      "seed": cfg.seed}
     if Path(cfg.data.source).is_file():
         data_info["sha256"] = file_digest(Path(cfg.data.source))
-    if ctx.is_main and not resume:
-        if run_dir.exists():
-            shutil.rmtree(run_dir)  # check_run_dir allowed it: --overwrite of a run
-        run_dir.mkdir(parents=True)
-        atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
-    if ctx.is_main:
-        rewrite_metrics(run_dir, step)
 
-    def checkpoint() -> None:
+    def checkpoint(folder: Path = run_dir) -> None:
         if not ctx.is_main:
             return
         state = {f"model.{k}": v for k, v in model.state_dict().items()}
@@ -206,14 +235,25 @@ def _train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, progress: 
             state |= {f"ema.{k}": v for k, v in ema.shadow.items()}
         optim_tensors, optim_meta = flatten_optimizer_state(optimizer.state_dict())
         state |= optim_tensors | {"rng.noise": noise_gen.get_state(), "rng.order": order_gen.get_state()}
-        save_checkpoint(run_dir / "checkpoint.safetensors", state, {
+        save_checkpoint(folder / "checkpoint.safetensors", state, {
             "config": cfg.to_dict(), "data": data_info, "step": step, "optimizer": optim_meta,
-            "nonfinite_skipped": skipped_total, "K_bits_running": running, "world_size": ctx.world_size})
+            "nonfinite_skipped": skipped_total, "nonfinite_in_a_row": in_a_row, "K_bits_running": running,
+            "window": window, "elapsed_s": time.perf_counter() - start_time, "world_size": ctx.world_size})
 
-    shard = ctx.shard(cfg.train.batch_size)
-    in_a_row, window = 0, []
-    start_time, start_step = time.perf_counter(), step
+    start_time, start_step = time.perf_counter() - elapsed, step  # elapsed_s counts on across resumes
+    session_start = time.perf_counter()
     time_limit = 60 * cfg.train.max_minutes or math.inf
+    if ctx.is_main and not resume:  # check_run_dir allowed it: a new run, or --overwrite of a run
+
+        def populate(folder: Path) -> None:
+            atomic_write_text(folder / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+            checkpoint(folder)  # step 0
+
+        create_run_dir(run_dir, populate)
+    if ctx.is_main:
+        remove_stale_temporaries(run_dir)
+        rewrite_metrics(run_dir, step)
+    shard = ctx.shard(cfg.train.batch_size)
     bar = tqdm(total=cfg.train.steps, initial=step, desc=f"train {cfg.name}", unit="step",
                file=sys.stderr, disable=not progress, mininterval=1.0)
     objective.train()
@@ -272,7 +312,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, progress: 
     if step % cfg.train.checkpoint_every != 0:
         checkpoint()  # the last step may have been a skipped one
     ctx.barrier()
-    wall = time.perf_counter() - start_time
+    wall = time.perf_counter() - session_start
     return {"run_dir": str(run_dir), "steps": step, "K_bits_running": running, "wall_s": round(wall, 3),
             "steps_per_s": round((step - start_step) / wall, 2) if wall > 0 else None,
             "nonfinite_skipped": skipped_total, "world_size": ctx.world_size, "device": str(ctx.device),
