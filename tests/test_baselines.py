@@ -129,6 +129,7 @@ def test_vae_and_dae_runs_through_the_cli(cli, tmp_path, trained_run):
     d = cli("evaluate", dae_run, "--json", "--quiet").json()
     assert d["model"] == "dae" and d["output_mse"] > 0 and d["noisy_input_mse"] > 0 and "K_bits" not in d
     assert_one_line_error(cli("sample", dae_run, "-n", 2, "--out", tmp_path / "d.npy"), "not a generative model")
+    assert_one_line_error(cli("plot", vae_run), "vae baseline")
     assert_one_line_error(cli("train", write_tiny_config(tmp_path, baseline_toml("gan")), "--out", tmp_path / "g"),
                           "baseline.kind")
 

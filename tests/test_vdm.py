@@ -7,6 +7,7 @@ data with the optimal noise predictor; and a tiny run trains, evaluates and samp
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
@@ -76,10 +77,9 @@ def test_chain_is_a_2015_gaussian_chain_with_the_induced_betas():
         noise = torch.randn(40, 2, dtype=torch.float64)
         z = vdm.q_sample(x0, tt, noise=noise)
         torch.testing.assert_close(z, chain.q_sample(x0, tt, noise=noise))
-        g_s, g_u = vdm.gamma(vdm.times(tt - 1)), vdm.gamma(vdm.times(tt))
-        for a, b in zip(vdm.posterior(x0, z, g_s, g_u), chain.q_posterior(x0, z, tt)):
+        for a, b in zip(vdm.q_posterior(x0, z, tt), chain.q_posterior(x0, z, tt)):
             torch.testing.assert_close(a, b.detach())
-        mean_q, var_q = vdm.posterior(x0, z, g_s, g_u)
+        mean_q, var_q = vdm.q_posterior(x0, z, tt)
         mean_p, var_p = vdm.step_distribution(net, z, t)
         kl = kl_divergence(Normal(mean_q, var_q.sqrt()), Normal(mean_p, var_p.sqrt())).sum(1)
         torch.testing.assert_close(vdm.reverse_kl(net, x0, tt, noise=noise), kl)
@@ -161,6 +161,11 @@ def test_vdm_run_trains_evaluates_and_samples(cli, tmp_path):
     assert len(r["per_timestep_bits"]) == 7 and len(c["terms_bits"]) == 3
     out = tmp_path / "s.npy"
     assert cli("sample", run, "-n", 7, "--out", out, "--quiet").rc == 0
+    np.save(tmp_path / "y.npy", np.load(out)[:2])
+    for method in ("start", "product"):
+        assert cli("denoise", run, "--input", tmp_path / "y.npy", "--sigma", 0.3, "-n", 2, "--method", method,
+                   "--out", tmp_path / f"{method}.npz", "--quiet").rc == 0
+    assert cli("plot", run, "--quiet").rc == 0 and (run / "conditional.png").exists()
     saved = json.loads((run / "config.json").read_text())
     assert saved["diffusion"]["kind"] == "vdm" and saved["diffusion"]["parameterization"] == "eps"
 

@@ -179,6 +179,9 @@ def _plot(run_dir: str, out_dir: str | None, quiet: bool, overwrite: bool) -> li
     from thermodiff import plotting
 
     run = load_run(run_dir)
+    if run.config.baseline.kind:
+        raise UserError(f"{run_dir}: a {run.config.baseline.kind} baseline; plot draws a diffusion's figures "
+                        "(compare them with thermodiff compare)")
     out = Path(out_dir or run_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a directory")

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from thermodiff.bound import BoundEstimate
 from thermodiff.distributions import gaussian_entropy, gaussian_kl, gaussian_log_prob
-from thermodiff.gaussian import Decoder, sum_except_batch
+from thermodiff.gaussian import Decoder, GaussianDiffusion, sum_except_batch
 from thermodiff.schedules import Schedule
 
 GAMMA_0 = -13.3  # VDM's initial gamma(0) and gamma(1) (its released code's gamma_min, gamma_max)
@@ -147,11 +147,18 @@ class VDM(nn.Module):
         """The continuous time s_t = (t - 1) / (T - 1) of chain step t = 1..T."""
         return (t - 1).double() / (self.T - 1)
 
+    def log_alphas_cumprod(self) -> Tensor:
+        """log abar_t = log alpha_{s_t}^2 for the chain's steps t = 1..T (float64)."""
+        return nn.functional.logsigmoid(-self.gamma(self.times(torch.arange(1, self.T + 1, device=self.gamma.gamma_0.device))))
+
     def betas(self) -> Tensor:
-        """The chain's beta_t = 1 - alpha_{s_t}^2 / alpha_{s_{t-1}}^2, and beta_1 = sigma_0^2 (float64)."""
-        g = self.gamma(self.times(torch.arange(1, self.T + 1, device=self.gamma.gamma_0.device)))
-        log_alpha2 = nn.functional.logsigmoid(-g)
-        return torch.cat([torch.sigmoid(g[:1]), -torch.expm1(log_alpha2[1:] - log_alpha2[:-1])])
+        """The chain's beta_t = 1 - abar_t / abar_{t-1}, beta_1 = 1 - abar_1 = sigma_0^2 (float64)."""
+        log_abar = self.log_alphas_cumprod()
+        return -torch.expm1(torch.diff(log_abar, prepend=log_abar.new_zeros(1)))
+
+    # y = x + N(0, s^2 I) as a state of the chain (denoising): GaussianDiffusion's construction,
+    # which needs only log_alphas_cumprod
+    diffuse_observation = GaussianDiffusion.diffuse_observation
 
     @property
     def schedule(self) -> Schedule:
@@ -181,6 +188,10 @@ class VDM(nn.Module):
         mean = (torch.sigmoid(-g_u).sqrt() / alpha_s * torch.sigmoid(g_s) / torch.sigmoid(g_u) * z_u.double()
                 + alpha_s * c * x0.double())
         return mean, (c * torch.sigmoid(g_s)).expand_as(mean)
+
+    def q_posterior(self, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and variance of q(x_{t-1} | x_t, x_0) for chain steps t >= 2."""
+        return self.posterior(x0, x_t, self.gamma(self.times(t - 1)), self.gamma(self.times(t)))
 
     def step_distribution(self, model, x_t: Tensor, t: int) -> tuple[Tensor, Tensor]:
         """Mean and variance of the kernel that draws x_{t-1} from x_t: for t >= 2,
