@@ -99,7 +99,7 @@ def denoise_mean(run: Run, noisy: np.ndarray, sigma: float, draws: int = 4, seed
     total = torch.zeros(y.shape, dtype=torch.float64)
     for _ in range(draws):
         t, x_t = run.diffusion.diffuse_observation(y, level, generator)
-        total += run.diffusion.expected_x0(run.model, x_t, t) if t >= 2 else x_t.double()
+        total += run.diffusion.expected_x0(run.model, x_t, t)
     return run.dataset.from_model(total / draws)
 
 

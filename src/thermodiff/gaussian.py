@@ -250,6 +250,29 @@ class GaussianDiffusion(nn.Module):
             x = self.bins.snap(x)  # a Gaussian draw snapped to its bin is a draw of the discretised decoder
         return x.to(x_t.dtype)
 
+    def diffuse_observation(self, y: Tensor, noise_var: float, generator: torch.Generator | None = None) -> tuple[int, Tensor]:
+        """An observation y = x_0 + N(0, s^2 I) as a forward-process state: x_t / sqrt(abar_t) =
+        x_0 + N(0, (1 - abar_t) / abar_t I), so at the first t whose noise-to-signal ratio
+        rho_t = (1 - abar_t) / abar_t reaches s^2, x_t = sqrt(abar_t) (y + N(0, rho_t - s^2)) is an
+        exact draw of q(x_t | x_0) and the reverse chain from it samples p(x_0 | x_t). The extra
+        noise (the gap to the step's level, small for a fine schedule) is the only information lost."""
+        abar = self.log_alphas_cumprod().exp()
+        rho = (1 - abar) / abar
+        if not float(noise_var) <= float(rho[-1]):
+            raise ValueError(f"noise variance {float(noise_var):.3g} exceeds the chain's largest level {float(rho[-1]):.3g}")
+        t = int(torch.searchsorted(rho, torch.tensor(float(noise_var), dtype=torch.float64))) + 1
+        extra = torch.randn(y.shape, generator=generator, device=y.device, dtype=torch.float64)
+        x_t = abar[t - 1].sqrt() * (y.double() + (rho[t - 1] - noise_var).clamp_min(0).sqrt() * extra)
+        return t, x_t.to(y.dtype)
+
+    def expected_x0(self, model, x_t: Tensor, t: int) -> Tensor:
+        """The model's E[x_0 | x_t] in one network call: the bound is minimised by the kernel mean
+        E_q[mu~(x_0, x_t) | x_t], linear in x_0, so the x_0 that the mean implies
+        (:meth:`x0_from_posterior_mean`) is the posterior mean (Tweedie's formula in kernel form)."""
+        tt = torch.full((len(x_t),), t, dtype=torch.long, device=x_t.device)
+        mean, _ = self.step_distribution(model, x_t, t)
+        return self.x0_from_posterior_mean(mean, x_t.double(), tt)
+
     def null_log_likelihood(self, x0: Tensor) -> Tensor:
         """log N(x_0; 0, I) per example: the null model L_null for unit-variance data (with the
         DISCRETIZED decoder, N(0, I) discretised the same way, so that K - L_null compares like with like)."""
