@@ -20,10 +20,12 @@ from thermodiff.conditioning import DENOISE_METHODS, denoise, denoise_mean
 from thermodiff.experiment import load_run
 
 
-def psnr(estimate: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """Per image, in dB for 8-bit pixel values."""
-    mse = ((estimate.astype(np.float64) - truth) ** 2).reshape(len(truth), -1).mean(1)
-    return 10 * np.log10(255.0**2 / mse)
+def psnr(estimate: np.ndarray, truth: np.ndarray, where: np.ndarray | None = None) -> np.ndarray:
+    """Per image, in dB for 8-bit pixel values, over the pixels ``where`` is true (default all)."""
+    err = (estimate.astype(np.float64) - truth).reshape(len(truth), -1)
+    if where is not None:
+        err = err[:, where.reshape(-1)]
+    return 10 * np.log10(255.0**2 / (err**2).mean(1))
 
 
 def wiener(train: np.ndarray, noisy: np.ndarray, noise_var: float) -> np.ndarray:

@@ -18,15 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from denoise import psnr, summary  # a sibling script: benchmarks/ is on sys.path when run
 from thermodiff.conditioning import inpaint
 from thermodiff.experiment import load_run
 from thermodiff.plotting import image_grid_png
-
-
-def psnr_in(estimate: np.ndarray, truth: np.ndarray, hole: np.ndarray) -> np.ndarray:
-    """Per image over the hole's pixels, in dB for 8-bit values."""
-    err = (estimate.astype(np.float64) - truth)[:, hole]
-    return 10 * np.log10(255.0**2 / (err**2).mean(1))
 
 
 def gaussian_fill(train: np.ndarray, images: np.ndarray, hole: np.ndarray) -> np.ndarray:
@@ -39,10 +34,6 @@ def gaussian_fill(train: np.ndarray, images: np.ndarray, hole: np.ndarray) -> np
     out = images.reshape(len(images), -1).astype(np.float64).copy()
     out[:, h] = fill
     return out.reshape(images.shape)
-
-
-def summary(values: np.ndarray) -> dict:
-    return {"mean_db": float(values.mean()), "stderr_db": float(values.std(ddof=1) / np.sqrt(len(values)))}
 
 
 if __name__ == "__main__":
@@ -64,8 +55,8 @@ if __name__ == "__main__":
     hole[..., lo:lo + args.hole, lo:lo + args.hole] = True
     masked = np.where(hole, 128.0, truth)  # the hole's values are never read
     results = {
-        "mean_fill": summary(psnr_in(np.where(hole, run.dataset.train.mean(), truth), truth, hole)),
-        "gaussian_conditional_fill": summary(psnr_in(gaussian_fill(run.dataset.train, truth, hole), truth, hole)),
+        "mean_fill": summary(psnr(np.where(hole, run.dataset.train.mean(), truth), truth, hole)),
+        "gaussian_conditional_fill": summary(psnr(gaussian_fill(run.dataset.train, truth, hole), truth, hole)),
     }
     seconds, panels = {}, [truth, np.where(hole, 0.0, truth)]
     for known in args.known:
@@ -73,8 +64,8 @@ if __name__ == "__main__":
         samples = inpaint(run, masked, np.broadcast_to(~hole, truth.shape), args.samples, args.seed, known=known)
         seconds[known] = round(time.perf_counter() - start, 1)
         mean = samples.astype(np.float64).mean(0)
-        results[f"posterior_mean_{known}"] = summary(psnr_in(mean, truth, hole))
-        results[f"posterior_sample_{known}"] = summary(psnr_in(samples[0], truth, hole))
+        results[f"posterior_mean_{known}"] = summary(psnr(mean, truth, hole))
+        results[f"posterior_sample_{known}"] = summary(psnr(samples[0], truth, hole))
         panels += [np.rint(mean), samples[0]]
     columns = min(args.images, 10)
     grid = np.concatenate([p[:columns] for p in panels]).clip(0, 255).astype(np.uint8)
