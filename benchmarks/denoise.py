@@ -65,9 +65,12 @@ if __name__ == "__main__":
         seconds[method] = round(time.perf_counter() - start, 1)
         results[f"posterior_mean_{method}"] = summary(psnr(samples.astype(np.float64).mean(0), truth))
         results[f"posterior_sample_{method}"] = summary(psnr(samples[0], truth))
-    results["posterior_mean_one_step"] = summary(psnr(denoise_mean(run, noisy, sigma, args.one_step_draws, args.seed), truth))
+    one_step = psnr(denoise_mean(run, noisy, sigma, args.one_step_draws, args.seed), truth)
+    wiener_db = psnr(wiener(run.dataset.train, noisy, sigma**2), truth)
+    results["posterior_mean_one_step"] = summary(one_step)
     results["noisy_input"] = summary(psnr(noisy, truth))
-    results["wiener_filter"] = summary(psnr(wiener(run.dataset.train, noisy, sigma**2), truth))
+    results["wiener_filter"] = summary(wiener_db)
+    results["one_step_minus_wiener_paired"] = summary(one_step - wiener_db)  # same images: the paired difference
     record = {
         "command": f"python benchmarks/denoise.py {args.run_dir} --images {args.images} --samples {args.samples} "
                    f"--seed {args.seed} --methods {' '.join(args.methods)} --one-step-draws {args.one_step_draws}",
