@@ -297,6 +297,11 @@ def test_resume_without_a_checkpoint(tiny_config, cli, tmp_path):
     assert_one_line_error(cli("train", tiny_config, "--out", tmp_path / "none", "--resume"), "nothing to resume")
 
 
+def test_resume_refuses_config_changes_it_would_ignore(tiny_config, cli, tmp_path):
+    r = cli("train", tiny_config, "--out", tmp_path / "run", "--resume", "--set", "train.lr=0.1", "--T", "7")
+    assert_one_line_error(r, "--resume", "train.lr=0.1", "diffusion.T=7")
+
+
 def test_training_twice_into_the_same_out_is_refused(copy_run, cli, tiny_config):
     run = copy_run()
     before = {p.name: p.read_bytes() for p in run.iterdir()}

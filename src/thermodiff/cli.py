@@ -55,7 +55,12 @@ def _overrides(args) -> list[str]:
 
 
 def _train(args) -> dict:
-    cfg = load_config(args.config, _overrides(args))
+    overrides = _overrides(args)
+    ignored = [o for o in overrides if not o.startswith("train.steps=")]
+    if args.resume and ignored:
+        raise UserError(f"--resume continues the run with its saved config (only --steps may change); "
+                        f"drop {', '.join(ignored)}")
+    cfg = load_config(args.config, overrides)
     out = Path(args.out or f"runs/{cfg.name}")
     return train(cfg, out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet, device=args.device)
 
