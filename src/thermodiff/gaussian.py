@@ -256,7 +256,7 @@ class GaussianDiffusion(nn.Module):
         rho_t = (1 - abar_t) / abar_t reaches s^2, x_t = sqrt(abar_t) (y + N(0, rho_t - s^2)) is an
         exact draw of q(x_t | x_0) and the reverse chain from it samples p(x_0 | x_t). The extra
         noise (the gap to the step's level, small for a fine schedule) is the only information lost."""
-        abar = self.log_alphas_cumprod().exp()
+        abar = self.log_alphas_cumprod().detach().exp()  # a learned schedule is fixed here
         rho = (1 - abar) / abar
         if not float(noise_var) <= float(rho[-1]):
             raise ValueError(f"noise variance {float(noise_var):.3g} exceeds the chain's largest level {float(rho[-1]):.3g}")
