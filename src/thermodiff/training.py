@@ -221,6 +221,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, progress: 
             raise UserError(f"{run_dir}: checkpoint does not match this model ({first})") from None
     trainer = DistributedDataParallel(objective) if ctx.distributed else objective
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.precision == "fp16" and ctx.device.type == "cuda")
+    if resume and scaler.is_enabled() and meta.get("grad_scaler"):
+        scaler.load_state_dict(meta["grad_scaler"])  # fp16's loss scale continues, not restarted
     data_info = dataset.describe() | {"kind": kind, "stationary_p": getattr(diffusion, "p", None) and float(diffusion.p),
                                      "seed": cfg.seed}
     if Path(cfg.data.source).is_file():
@@ -238,7 +240,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, progress: 
         save_checkpoint(folder / "checkpoint.safetensors", state, {
             "config": cfg.to_dict(), "data": data_info, "step": step, "optimizer": optim_meta,
             "nonfinite_skipped": skipped_total, "nonfinite_in_a_row": in_a_row, "K_bits_running": running,
-            "window": window, "elapsed_s": time.perf_counter() - start_time, "world_size": ctx.world_size})
+            "window": window, "elapsed_s": time.perf_counter() - start_time, "world_size": ctx.world_size,
+            "grad_scaler": scaler.state_dict()})
 
     start_time, start_step = time.perf_counter() - elapsed, step  # elapsed_s counts on across resumes
     session_start = time.perf_counter()
