@@ -118,7 +118,13 @@ def test_denoise_and_inpaint_commands(tiny_runs, tmp_path):
         assert _cli("denoise", tiny_runs / "roll", "--input", tmp_path / "noisy.npy", "--sigma", "0.5", "-n", "3",
                     "--method", method, "--out", tmp_path / f"{method}.npz", "--quiet") == 0
         d = np.load(tmp_path / f"{method}.npz")
-        assert d["samples"].shape == (3, 2, 2) and np.allclose(d["mean"], d["samples"].mean(0))
+        assert d["samples"].shape == (3, 2, 2) and np.allclose(d["samples_mean"], d["samples"].mean(0))
+        assert d["mean"].shape == (2, 2) and np.isfinite(d["mean"]).all()
+    from thermodiff.conditioning import denoise_mean
+    from thermodiff.experiment import load_run
+
+    expected = denoise_mean(load_run(tiny_runs / "roll"), np.load(tmp_path / "noisy.npy"), 0.5, seed=0)
+    assert np.allclose(np.load(tmp_path / "start.npz")["mean"], expected)  # start writes the one-call E[x | y]
 
     row = np.array([1, 0, 0, 1, 0, 0, 1, 0, 0, 1], dtype=float)
     mask = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0], dtype=float)
