@@ -193,18 +193,26 @@ class VDM(nn.Module):
         """Mean and variance of q(x_{t-1} | x_t, x_0) for chain steps t >= 2."""
         return self.posterior(x0, x_t, self.gamma(self.times(t - 1)), self.gamma(self.times(t)))
 
-    def step_distribution(self, model, x_t: Tensor, t: int) -> tuple[Tensor, Tensor]:
-        """Mean and variance of the kernel that draws x_{t-1} from x_t: for t >= 2,
-        p(z_s | z_u) = q(z_s | z_u, x = x_hat) with x_hat = (z_u - sigma_u eps_hat) / alpha_u (VDM sec. 3.3);
-        for t = 1 the decoder N(z_0 / alpha_0, exp(gamma_0))."""
+    def expected_x0(self, model, x_t: Tensor, t: int) -> Tensor:
+        """The network's E[x | z_u] at chain step t: x_hat = (z_u - sigma_u eps_hat) / alpha_u (VDM
+        sec. 3.3); at t = 1 the decoder's mean z_0 / alpha_0."""
         u = self.times(torch.full((len(x_t),), t, device=x_t.device))
         g_u = self.gamma(u)
         z = x_t.double()
         alpha_u = _per_example(torch.sigmoid(-g_u).sqrt(), z)
         if t == 1:
-            return z / alpha_u, _per_example(g_u.exp(), z).expand_as(z)
-        x_hat = (z - _per_example(torch.sigmoid(g_u).sqrt(), z) * self.eps_hat(model, x_t, u, x_t.dtype)) / alpha_u
-        return self.posterior(x_hat, z, self.gamma(self.times(torch.full_like(u, t - 1))), g_u)
+            return z / alpha_u
+        return (z - _per_example(torch.sigmoid(g_u).sqrt(), z) * self.eps_hat(model, x_t, u, x_t.dtype)) / alpha_u
+
+    def step_distribution(self, model, x_t: Tensor, t: int) -> tuple[Tensor, Tensor]:
+        """Mean and variance of the kernel that draws x_{t-1} from x_t: for t >= 2,
+        p(z_s | z_u) = q(z_s | z_u, x = x_hat) (VDM sec. 3.3); for t = 1 the decoder
+        N(z_0 / alpha_0, exp(gamma_0))."""
+        x_hat = self.expected_x0(model, x_t, t)
+        g_u = self.gamma(self.times(torch.full((len(x_t),), t, device=x_t.device)))
+        if t == 1:
+            return x_hat, _per_example(g_u.exp(), x_hat).expand_as(x_hat)
+        return self.posterior(x_hat, x_t.double(), self.gamma(self.times(torch.full_like(g_u, t - 1))), g_u)
 
     def prior_kl(self, x0: Tensor) -> Tensor:
         """KL(q(z_1 | x) || N(0, I)) per example."""
