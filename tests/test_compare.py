@@ -25,7 +25,7 @@ def test_compare_two_configs_table_json_and_plot(cli, tmp_path):
     assert "paper2015" in r.out and "second" in r.out and "continuous time" in r.out and "bits/dim" in r.out
     record = json.loads((out / "compare.json").read_text())
     rows = {row["name"]: row for row in record["rows"]}
-    assert rows["paper2015"]["model"] == "2015 gaussian" and rows["second"]["model"] == "vdm"
+    assert rows["paper2015"]["model"] == "reference, bound" and rows["second"]["model"] == "vdm"
     for row in rows.values():
         e = row["evaluation"]
         assert row["steps"] == 10 and row["train_s"] > 0 and row["sample_s_per_example"] > 0 and row["curve"]

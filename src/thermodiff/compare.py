@@ -31,7 +31,9 @@ def check_comparable(configs: list[Config], origins: list[str]) -> None:
 
 def model_label(run: Run) -> str:
     cfg = run.config
-    return cfg.baseline.kind or ("vdm" if cfg.diffusion.kind == "vdm" else f"2015 {cfg.diffusion.kind}")
+    if cfg.baseline.kind or cfg.diffusion.kind == "vdm":
+        return cfg.baseline.kind or "vdm"
+    return f"{cfg.diffusion.parameterization}, {cfg.train.loss}"  # the kernel and what trained it
 
 
 @torch.no_grad()
@@ -125,7 +127,7 @@ def format_table(record: dict) -> str:
     def number(value: float | None, spec: str = ".3f") -> str:
         return "-" if value is None else format(value, spec)
 
-    lines = [f"{'run':22}{'model':16}{'steps':>8}{'train s':>9}{'bound (bits)':>20}{'bits/dim':>10}"
+    lines = [f"{'run':22}{'model':24}{'steps':>8}{'train s':>9}{'bound (bits)':>24}{'bits/dim':>10}"
              f"{'8-bit NLL bits/dim':>20}{'sample ms/ex':>14}  other"]
     for row in record["rows"]:
         e, bound = row["evaluation"], _bound(row)
@@ -140,8 +142,8 @@ def format_table(record: dict) -> str:
                     else f"MSE {e['output_mse']:.4g} vs noisy {e['noisy_input_mse']:.4g}")
             other.append(f"denoising: {psnr}")
         ms = row["sample_s_per_example"]
-        lines.append(f"{row['name']:22}{row['model']:16}{row['steps']:>8}{row['train_s']:>9.1f}"
-                     f"{'-' if bound is None else f'{bound[0]:.3f} +- {bound[1]:.3f}':>20}"
+        lines.append(f"{row['name']:22}{row['model']:24}{row['steps']:>8}{row['train_s']:>9.1f}"
+                     f"{'-' if bound is None else f'{bound[0]:.3f} +- {bound[1]:.3f}':>24}"
                      f"{number(e.get('K_bits_per_dim')):>10}{number(e.get('nll_bits_per_dim')):>20}"
                      f"{number(None if ms is None else 1000 * ms, '.3g'):>14}  {'; '.join(other)}")
     d = record["data"]
