@@ -11,35 +11,24 @@ held-out figure is the evaluation's.
 """
 
 import argparse
-import contextlib
-import io
 import json
-import platform
 import shlex
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from thermodiff.cli import main
-
-
-def thermodiff_json(argv: list[str]) -> dict:
-    stdout = io.StringIO()
-    with contextlib.redirect_stdout(stdout):
-        code = main([*argv, "--json", "--quiet"])
-    if code != 0:
-        raise SystemExit(code)
-    return json.loads(stdout.getvalue())
+from record import thermodiff_json, write_result  # a sibling module: benchmarks/ is on sys.path when run
 
 
 def training_curve(run_dir: Path, dim: int, smooth: int = 10) -> list[dict]:
     """(step, elapsed_s, running K in bits/pixel averaged over the last ``smooth`` log records)."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    k = np.array([r["K_bits_running"] for r in records]) / dim
-    smoothed = np.convolve(k, np.ones(smooth) / smooth, mode="full")[: len(k)] / np.minimum(np.arange(1, len(k) + 1) / smooth, 1)
-    return [{"step": r["step"], "elapsed_s": r["elapsed_s"], "K_bits_per_pixel_running": round(float(s), 4)}
-            for r, s in zip(records, smoothed)]
+    sums = np.concatenate([[0.0], np.cumsum([r["K_bits_running"] / dim for r in records])])
+    ends = np.arange(1, len(records) + 1)
+    starts = np.maximum(ends - smooth, 0)
+    smoothed = (sums[ends] - sums[starts]) / (ends - starts)
+    return [{"step": r["step"], "elapsed_s": r["elapsed_s"], "K_bits_per_pixel_running": round(float(k), 4)}
+            for r, k in zip(records, smoothed)]
 
 
 def time_to(curve: list[dict], fraction: float) -> dict | None:
@@ -76,9 +65,7 @@ if __name__ == "__main__":
         "time_to_bound": [time_to(curve, fraction) for fraction in (0.5, 0.9, 1.0)],
         "training_curve": curve[:: max(1, len(curve) // 40)] + curve[-1:],
         "evaluation": evaluation,
-        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__},
     }
-    out = Path(__file__).parent / "results" / f"{evaluation['experiment']}_budget.json"
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    out = write_result(f"{evaluation['experiment']}_budget", record)
     print(f"K = {final:.3f} +- {evaluation['stderr_bits_per_pixel']:.3f} bits/pixel, "
           f"NLL {evaluation.get('nll_bits_per_dim', float('nan')):.3f} bits/dim -> {out}")

@@ -9,13 +9,11 @@ Writes benchmarks/results/denoise_<experiment>.json with PSNRs in dB (peak 255).
 
 import argparse
 import json
-import platform
 import time
-from pathlib import Path
 
 import numpy as np
-import torch
 
+from record import write_result  # a sibling module: benchmarks/ is on sys.path when run
 from thermodiff.conditioning import DENOISE_METHODS, denoise, denoise_mean
 from thermodiff.experiment import load_run
 
@@ -41,6 +39,11 @@ def summary(values: np.ndarray) -> dict:
     return {"mean_db": float(values.mean()), "stderr_db": float(values.std(ddof=1) / np.sqrt(len(values)))}
 
 
+def score_samples(samples: np.ndarray, truth: np.ndarray, where: np.ndarray | None = None) -> tuple[dict, dict]:
+    """PSNR summaries of the samples' mean and of one sample (samples: (n, N, ...))."""
+    return summary(psnr(samples.astype(np.float64).mean(0), truth, where)), summary(psnr(samples[0], truth, where))
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir")
@@ -63,8 +66,7 @@ if __name__ == "__main__":
         start = time.perf_counter()
         samples = denoise(run, noisy, sigma, args.samples, args.seed, progress=True, method=method)
         seconds[method] = round(time.perf_counter() - start, 1)
-        results[f"posterior_mean_{method}"] = summary(psnr(samples.astype(np.float64).mean(0), truth))
-        results[f"posterior_sample_{method}"] = summary(psnr(samples[0], truth))
+        results[f"posterior_mean_{method}"], results[f"posterior_sample_{method}"] = score_samples(samples, truth)
     one_step = psnr(denoise_mean(run, noisy, sigma, args.one_step_draws, args.seed), truth)
     wiener_db = psnr(wiener(run.dataset.train, noisy, sigma**2), truth)
     results["posterior_mean_one_step"] = summary(one_step)
@@ -80,8 +82,6 @@ if __name__ == "__main__":
                  f"whose noise level matches sigma, 'product' = the paper's per-step product with N(y; x, sigma^2); "
                  f"'one_step' = the model's E[x | y] from the kernel mean at that step, {args.one_step_draws} draws",
         "psnr": results, "sampling_seconds": seconds,
-        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__},
     }
-    out = Path(__file__).parent / "results" / f"denoise_{run.config.name}.json"
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    write_result(f"denoise_{run.config.name}", record)
     print(json.dumps(results, indent=2))

@@ -11,14 +11,12 @@ the input with its hole, the posterior mean, samples).
 
 import argparse
 import json
-import platform
 import time
-from pathlib import Path
 
 import numpy as np
-import torch
 
-from denoise import psnr, summary  # a sibling script: benchmarks/ is on sys.path when run
+from denoise import psnr, score_samples, summary  # sibling modules: benchmarks/ is on sys.path when run
+from record import RESULTS, write_result
 from thermodiff.conditioning import inpaint
 from thermodiff.experiment import load_run
 from thermodiff.plotting import image_grid_png
@@ -63,14 +61,11 @@ if __name__ == "__main__":
         start = time.perf_counter()
         samples = inpaint(run, masked, np.broadcast_to(~hole, truth.shape), args.samples, args.seed, known=known)
         seconds[known] = round(time.perf_counter() - start, 1)
-        mean = samples.astype(np.float64).mean(0)
-        results[f"posterior_mean_{known}"] = summary(psnr(mean, truth, hole))
-        results[f"posterior_sample_{known}"] = summary(psnr(samples[0], truth, hole))
-        panels += [np.rint(mean), samples[0]]
+        results[f"posterior_mean_{known}"], results[f"posterior_sample_{known}"] = score_samples(samples, truth, hole)
+        panels += [np.rint(samples.astype(np.float64).mean(0)), samples[0]]
     columns = min(args.images, 10)
     grid = np.concatenate([p[:columns] for p in panels]).clip(0, 255).astype(np.uint8)
-    results_dir = Path(__file__).parent / "results"
-    (results_dir / f"inpaint_{run.config.name}.png").write_bytes(image_grid_png(grid, columns))
+    (RESULTS / f"inpaint_{run.config.name}.png").write_bytes(image_grid_png(grid, columns))
     record = {
         "command": f"python benchmarks/inpaint.py {args.run_dir} --images {args.images} --samples {args.samples} "
                    f"--hole {args.hole} --known {' '.join(args.known)} --seed {args.seed}",
@@ -80,7 +75,6 @@ if __name__ == "__main__":
                  f"(clamp, the paper's) or following a forward trajectory to them (forward)",
         "figure": f"inpaint_{run.config.name}.png: rows truth, input, then per method the posterior mean and one sample",
         "psnr": results, "sampling_seconds": seconds,
-        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__},
     }
-    (results_dir / f"inpaint_{run.config.name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_result(f"inpaint_{run.config.name}", record)
     print(json.dumps(results, indent=2))

@@ -11,13 +11,11 @@ benchmarks/results/posterior_heartbeat.json.
 
 import argparse
 import json
-import platform
 import time
-from pathlib import Path
 
 import numpy as np
-import torch
 
+from record import write_result  # a sibling module: benchmarks/ is on sys.path when run
 from thermodiff.conditioning import inpaint
 from thermodiff.experiment import load_run
 
@@ -53,11 +51,9 @@ if __name__ == "__main__":
         "command": "python benchmarks/posterior.py " + " ".join(
             [args.experiment, args.run_dir, f"--observed {args.observed}", f"--sequences {args.sequences}",
              f"--samples {args.samples}", f"--seed {args.seed}"]),
-        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__},
         "setup": f"held-out sequences (the run's test split), first {args.observed} of 20 bins known, "
                  f"{args.samples} completions each; right = identical to the true sequence",
         "heartbeat": heartbeat_completion(args.run_dir, args.observed, args.sequences, args.samples, args.seed),
     }
-    out = Path(__file__).parent / "results" / "posterior_heartbeat.json"
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    write_result("posterior_heartbeat", record)
     print(json.dumps(record["heartbeat"], indent=2))

@@ -140,7 +140,7 @@ def test_denoise_and_inpaint_commands(tiny_runs, tmp_path):
 @pytest.mark.parametrize("case, needle", [
     ("wrong_mask_shape", "does not match"), ("empty_mask", "no known"), ("non_binary_known", "0 or 1"),
     ("full_mask", "nothing to fill"), ("other_data", "does not fit"), ("binomial_denoise", "binomial"),
-    ("bad_sigma", "positive")])
+    ("bad_sigma", "positive"), ("huge_sigma", "use --method product")])
 def test_posterior_commands_refuse_bad_input(tiny_runs, tmp_path, capsys, case, needle):
     import numpy as np
 
@@ -152,10 +152,11 @@ def test_posterior_commands_refuse_bad_input(tiny_runs, tmp_path, capsys, case, 
         np.save(tmp_path / "row.npy", np.full(10, 0.5))
     if case == "other_data":
         np.save(tmp_path / "row.npy", np.zeros(3))
-    if case in ("binomial_denoise", "bad_sigma"):
+    if case in ("binomial_denoise", "bad_sigma", "huge_sigma"):
         run = tiny_runs / ("bits" if case == "binomial_denoise" else "roll")
         np.save(tmp_path / "row.npy", np.zeros(10 if case == "binomial_denoise" else 2))
-        args = ["denoise", run, "--input", tmp_path / "row.npy", "--sigma", "1" if case == "binomial_denoise" else "0"]
+        sigma = {"binomial_denoise": "1", "bad_sigma": "0", "huge_sigma": "1e9"}[case]
+        args = ["denoise", run, "--input", tmp_path / "row.npy", "--sigma", sigma]
     else:
         args = ["inpaint", tiny_runs / "bits", "--input", tmp_path / "row.npy", "--mask", tmp_path / "mask.npy"]
     capsys.readouterr()

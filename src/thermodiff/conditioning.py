@@ -61,16 +61,20 @@ def _observation(run: Run, noisy: np.ndarray, sigma: float) -> tuple[torch.Tenso
     return run.dataset.to_model(noisy, dequantize=False), (sigma * run.dataset.model_scale()) ** 2
 
 
-def _start_level(run: Run, y: torch.Tensor, noise_var: torch.Tensor, sigma: float) -> float:
-    """The one noise level of y in the model's space, checked to fit in the chain."""
+def _starter(run: Run, y: torch.Tensor, noise_var: torch.Tensor, sigma: float):
+    """``generator -> (t, x_t)``: y as a state of the forward chain (see
+    GaussianDiffusion.diffuse_observation), with its errors as one-line user errors."""
     if noise_var.numel() > 1 and not bool((noise_var == noise_var.flatten()[0]).all()):
         raise UserError("--method start needs one noise level for every dimension (a global data scaling)")
     level = float(noise_var.flatten()[0])
-    try:
-        run.diffusion.diffuse_observation(y, level)
-    except ValueError as e:
-        raise UserError(f"--sigma {sigma}: {e}; use --method product") from None
-    return level
+
+    def start(generator: torch.Generator) -> tuple[int, torch.Tensor]:
+        try:
+            return run.diffusion.diffuse_observation(y, level, generator)
+        except ValueError as e:
+            raise UserError(f"--sigma {sigma}: {e}; use --method product") from None
+
+    return start
 
 
 def denoise(run: Run, noisy: np.ndarray, sigma: float, n_samples: int, seed: int = 0, progress: bool = True,
@@ -82,9 +86,7 @@ def denoise(run: Run, noisy: np.ndarray, sigma: float, n_samples: int, seed: int
     y, noise_var = _observation(run, noisy, sigma)
     if method == "product":
         return sample_with_factor(run, len(noisy), n_samples, GaussianObservation(y.double(), noise_var), seed, progress)
-    level = _start_level(run, y, noise_var, sigma)
-    return sample_with_factor(run, len(noisy), n_samples, None, seed, progress,
-                              start=lambda g: run.diffusion.diffuse_observation(y, level, g))
+    return sample_with_factor(run, len(noisy), n_samples, None, seed, progress, start=_starter(run, y, noise_var, sigma))
 
 
 @torch.no_grad()
@@ -94,11 +96,10 @@ def denoise_mean(run: Run, noisy: np.ndarray, sigma: float, draws: int = 4, seed
     :meth:`~thermodiff.gaussian.GaussianDiffusion.expected_x0`, averaged over ``draws`` draws of
     the step's extra noise. Original units."""
     y, noise_var = _observation(run, noisy, sigma)
-    level = _start_level(run, y, noise_var, sigma)
-    generator = torch.Generator().manual_seed(seed)
+    start, generator = _starter(run, y, noise_var, sigma), torch.Generator().manual_seed(seed)
     total = torch.zeros(y.shape, dtype=torch.float64)
     for _ in range(draws):
-        t, x_t = run.diffusion.diffuse_observation(y, level, generator)
+        t, x_t = start(generator)
         total += run.diffusion.expected_x0(run.model, x_t, t)
     return run.dataset.from_model(total / draws)
 

@@ -1,0 +1,40 @@
+"""What the benchmark scripts share: the machine a figure was measured on, a thermodiff command
+run in-process for its JSON, and the record written to benchmarks/results/."""
+
+import contextlib
+import io
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from thermodiff.cli import main
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict:
+    """The hardware and software of this process, with the load when the figure was taken."""
+    return {"platform": platform.platform(), "processor": platform.machine(), "python": platform.python_version(),
+            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "load_average": [round(x, 2) for x in os.getloadavg()]}
+
+
+def thermodiff_json(argv: list[str]) -> dict:
+    """``thermodiff ARGV --json --quiet`` in this process, its one JSON object parsed."""
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main([*argv, "--json", "--quiet"])
+    if code != 0:
+        raise SystemExit(code)
+    return json.loads(stdout.getvalue())
+
+
+def write_result(name: str, record: dict) -> Path:
+    """benchmarks/results/NAME.json, the record plus the machine unless it names its own."""
+    out = RESULTS / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({**record, "machine": record.get("machine", machine())}, indent=2) + "\n")
+    return out
