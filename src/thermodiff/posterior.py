@@ -2,9 +2,12 @@
 
 To sample from p~(x_0) proportional to p(x_0) r(x_0), every reverse kernel p(x_{t-1} | x_t)
 is multiplied by a factor r(x_{t-1}) and renormalised. For the Gaussian kernels of continuous
-data this is exact when r is Gaussian (a product of Gaussians), exact when r pins some entries
-to known values (variance 0), and a first-order perturbation for any smooth r: the mean moves
-by Sigma * grad log r (paper section 4.3). For Bernoulli kernels, known bits are clamped.
+data each step's product is exact when r is Gaussian (a product of Gaussians) or pins some
+entries to known values (variance 0), and a first-order perturbation for any smooth r: the mean
+moves by Sigma * grad log r (paper section 4.3). For Bernoulli kernels, known bits are clamped.
+The chain of exact per-step products is still the paper's approximation of the posterior (a
+constant Gaussian r at every step targets p r^2, tested in closed form);
+:func:`thermodiff.conditioning.denoise` with ``method="start"`` is exact for Gaussian noise.
 
 A factor is an object with ``gaussian(mean, var, t, x_t) -> (mean, var)`` and/or
 ``bernoulli(prob, t, x_t) -> prob`` acting on the kernel that draws x_{t-1} from x_t; the
