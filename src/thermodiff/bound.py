@@ -154,10 +154,12 @@ def training_loss(diffusion, model, x0: Tensor, generator: torch.Generator | Non
                   hybrid_lambda: float = 1e-3) -> tuple[Tensor, Tensor]:
     """The training loss from one t per example, and an unbiased one-draw estimate of K.
 
-    K's diffusion terms are weighted by 1 / p_t (T - 1 for uniform t; the reference code draws
-    one t per batch and weights it by T, T/(T-1) too much). Under grad, the terms update an
-    attached ``t_sampler``. Returns (loss, K_estimate): the loss differentiable in the model (and
-    a learned schedule, for the bound); K_estimate per example in nats, detached, float64.
+    The loss is -K (paper Eq. 14), L_simple (Ho et al. 2020, Eq. 14) or L_simple + lambda L_vlb
+    (Nichol & Dhariwal 2021, Eq. 16), as ``loss`` says (:class:`TrainingLoss`). K's diffusion
+    terms are weighted by 1 / p_t (T - 1 for uniform t; the reference code draws one t per batch
+    and weights it by T, T/(T-1) too much). Under grad, the terms update an attached ``t_sampler``.
+    Returns (loss, K_estimate): the loss differentiable in the model (and a learned schedule, for
+    the bound); K_estimate per example in nats, detached, float64.
     """
     loss = check_training_loss(diffusion, loss)
     d = training_draws(diffusion, x0, generator) if draws is None else draws

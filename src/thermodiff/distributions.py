@@ -37,12 +37,19 @@ def log_normal_interval(a: Tensor, b: Tensor) -> Tensor:
     return log_hi + torch.log(-torch.expm1(torch.special.log_ndtr(lo) - log_hi))
 
 
+def bin_index(x: Tensor, low: float, width: float, count: int) -> Tensor:
+    """The bin k in 0..count - 1 whose centre low + k width is nearest x, the first and last bins
+    taking the tails (as a float tensor, elementwise)."""
+    return torch.clamp(torch.round((x - low) / width), 0, count - 1)
+
+
 def discretized_gaussian_log_prob(x: Tensor, mean: Tensor, var: Tensor, low: float, width: float, count: int) -> Tensor:
     """log P(bin of x) under N(mean, var) discretised onto the ``count`` bins of ``width``
     centred at low, low + width, ..., the first and last bins taking the tails (Ho et al. 2020,
     section 3.3, Eq. 13; improved-diffusion's ``discretized_gaussian_log_likelihood``, here exact
-    rather than through the tanh approximation of Phi). Elementwise; x is snapped to its bin."""
-    k = torch.clamp(torch.round((x - low) / width), 0, count - 1)
+    rather than through the tanh approximation of Phi). Elementwise; x is snapped to its bin
+    (:func:`bin_index`)."""
+    k = bin_index(x, low, width, count)
     std = var.sqrt()
     # finite edges for every bin (the tails are taken by where, not by infinite edges) so that
     # no infinity reaches autograd

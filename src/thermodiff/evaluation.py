@@ -12,7 +12,6 @@ from thermodiff.bound import exact_bound, standard_error
 from thermodiff.errors import UserError
 from thermodiff.experiment import Run, dequantizes, paper_row
 from thermodiff.gaussian import GaussianParameterization
-from thermodiff.image_data import bits_per_dim
 from thermodiff.respace import respace
 from thermodiff.vdm import VDM
 
@@ -44,13 +43,11 @@ def bound_report(dataset, per_example: torch.Tensor, null: torch.Tensor, discret
     }
     if dataset.is_image:
         pixels = dim // dataset.event_shape[0]  # all colour channels of a pixel together
-        # the bound as a negative log-likelihood of the 8-bit data: of the discrete values
-        # themselves (discretized decoder), or of the dequantised density in pixel units
-        nll_kind, nll = None, None
-        if discrete:
-            nll_kind, nll = "discrete", -result["K_bits"] / dim
-        elif dataset.dequantize:
-            nll_kind, nll = "dequantized", bits_per_dim(mean + dataset.scaling.log_det(dim), dim)
+        # the bound as a negative log-likelihood of the 8-bit data, K in their original units per
+        # dimension: of the discrete values themselves (discretized decoder, no units), or of the
+        # dequantised density in pixel units
+        nll_kind = "discrete" if discrete else "dequantized" if dataset.dequantize else None
+        nll = -result["K_original_units_bits"] / dim if nll_kind else None
         result |= {
             "K_bits_per_pixel": result["K_bits"] / pixels,
             "stderr_bits_per_pixel": result["stderr_bits"] / pixels,

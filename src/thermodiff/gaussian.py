@@ -12,7 +12,7 @@ from enum import Enum
 import torch
 from torch import Tensor, nn
 
-from thermodiff.distributions import (discretized_gaussian_log_prob, gaussian_entropy, gaussian_kl,
+from thermodiff.distributions import (bin_index, discretized_gaussian_log_prob, gaussian_entropy, gaussian_kl,
                                       gaussian_log_prob)
 from thermodiff.schedules import Schedule
 
@@ -52,8 +52,7 @@ class Bins:
 
     def snap(self, x: Tensor) -> Tensor:
         """The centre of the bin that x falls in (the edge bins take the tails)."""
-        k = torch.clamp(torch.round((x - self.low) / self.width), 0, self.count - 1)
-        return (self.low + k * self.width).to(x.dtype)
+        return (self.low + bin_index(x, self.low, self.width, self.count) * self.width).to(x.dtype)
 
 
 def sum_except_batch(x: Tensor) -> Tensor:
