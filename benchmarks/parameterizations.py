@@ -11,23 +11,19 @@ and the respaced ones, and samples are timed. Writes benchmarks/results/paramete
 
 import argparse
 import datetime
-import json
-import math
 import os
-import platform
 import time
-from pathlib import Path
 
 import torch
 
+from record import write_result  # a sibling module: benchmarks/ is on sys.path when run
 from thermodiff.bound import exact_bound, training_draws
 from thermodiff.config import load_config
+from thermodiff.evaluation import bound_report
 from thermodiff.experiment import build_diffusion, build_model, pixel_bins, prepare_dataset
 from thermodiff.respace import respace
 from thermodiff.sampling import ancestral_sample
 from thermodiff.training import Objective, learning_rate, make_optimizer
-
-LN2 = math.log(2)
 
 # (name, config overrides): the bound-trained parameterisations on the config's learned schedule;
 # L_simple and the hybrid loss cannot learn a schedule, so they run on the cosine schedule next to
@@ -76,21 +72,21 @@ def measure(dataset, diffusion, model, steps: int, n_draws: int, n_samples: int,
     steps (respaced by the moments rule; the bound by improved-diffusion's rule next to it)."""
     x = dataset.to_model(dataset.test)
 
-    def bound(chain):
+    def bound(chain) -> dict:
+        """K, its standard error and K - L_null in bits, as ``thermodiff evaluate`` reports them."""
         estimate = exact_bound(chain, model, [x], n_draws, torch.Generator().manual_seed(seed))
-        return estimate, estimate.per_example - chain.null_log_likelihood(x.double())
+        report = bound_report(dataset, estimate.per_example, chain.null_log_likelihood(x.double()))
+        return {key: report[key] for key in ("K_bits", "stderr_bits", "K_minus_L_null_bits")}
 
     chain = diffusion if steps == diffusion.T else respace(diffusion, steps)
-    estimate, gain = bound(chain)
+    result = {"steps": chain.T, **bound(chain)}
     start = time.perf_counter()
     ancestral_sample(chain, model, (n_samples, *dataset.event_shape), torch.Generator().manual_seed(seed))
     wall = time.perf_counter() - start
-    result = {"steps": chain.T, "K_bits": estimate.mean / LN2, "stderr_bits": estimate.stderr / LN2,
-              "K_minus_L_null_bits": float(gain.mean()) / LN2, "sample_wall_s": round(wall, 3),
-              "samples_per_s": round(n_samples / wall, 1)}
+    result |= {"sample_wall_s": round(wall, 3), "samples_per_s": round(n_samples / wall, 1)}
     if steps != diffusion.T:
-        interpolated, _ = bound(respace(diffusion, steps, "interpolate"))
-        result |= {"K_bits_interpolate_rule": interpolated.mean / LN2, "stderr_bits_interpolate_rule": interpolated.stderr / LN2}
+        interpolated = bound(respace(diffusion, steps, "interpolate"))
+        result |= {"K_bits_interpolate_rule": interpolated["K_bits"], "stderr_bits_interpolate_rule": interpolated["stderr_bits"]}
     return result
 
 
@@ -122,8 +118,6 @@ def main() -> None:
         "command": f"OMP_NUM_THREADS={torch.get_num_threads()} python benchmarks/parameterizations.py "
                    f"--config {args.config} --budget-s {args.budget_s:g} --draws {args.draws} --samples {args.samples}",
         "date": datetime.date.today().isoformat(),
-        "machine": {"platform": platform.platform(), "processor": platform.machine(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__},
         "budget": {"train_wall_s_per_variant": args.budget_s, "note": "equal wall time per variant, far short of the "
                    "config's 60k steps: compares early training, not converged models; on a shared machine the "
                    "steps done in that time (train_steps) and the sampling speeds vary with the load"},
@@ -134,10 +128,7 @@ def main() -> None:
                                     "(K_bits), and by improved-diffusion's interpolation rule (K_bits_interpolate_rule)"},
         "variants": records,
     }
-    out = Path(__file__).parent / "results" / f"parameterizations_{args.config}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"-> {out}")
+    print(f"-> {write_result(f'parameterizations_{args.config}', record)}")
 
 
 if __name__ == "__main__":

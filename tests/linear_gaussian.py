@@ -1,5 +1,7 @@
-"""An exactly solvable case shared by tests: 1-D Gaussian data N(0, s^2) under the forward
-process, and a reverse model whose kernels are the true reverse conditionals q(x_{t-1} | x_t)."""
+"""Reverse models shared by tests. An exactly solvable case: 1-D Gaussian data N(0, s^2) under
+the forward process, and a reverse model whose kernels are the true reverse conditionals
+q(x_{t-1} | x_t). And :func:`wavy_model`, a fixed nonlinear network output for comparing two
+chains or parameterisations on the same kernels."""
 
 import math
 
@@ -39,3 +41,9 @@ def analytic_model(betas, s, parameterization):
         return torch.stack([mu_gain[t - 1][:, None] * x, z_sigma[t - 1][:, None].expand_as(x)], 1)
 
     return model
+
+
+def wavy_model(x, t):
+    """z = (0.6 sin 2x + 0.05 t, 0.8 cos x - 0.5): smooth in x, varying with t, float64."""
+    x = x.double()
+    return torch.stack([0.6 * torch.sin(2 * x) + 0.05 * t[:, None], 0.8 * torch.cos(x) - 0.5], 1)
