@@ -10,7 +10,7 @@ import torch
 from thermodiff import BinomialDiffusion, GaussianDiffusion, exact_bound, make_schedule, training_loss
 from thermodiff.schedules import Schedule
 
-from linear_gaussian import analytic_model as _analytic_model, true_reverse as _true_reverse
+from linear_gaussian import analytic_model, true_reverse
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -127,7 +127,7 @@ def _exact_k(betas, s, x0):
     """log p(x_0) and the exact ELBO K(x_0) = log p(x_0) - KL(q(x_{1:T}|x_0) || p(x_{1:T}|x_0))
     for the linear-Gaussian reverse chain from p(x_T) = N(0, 1), via joint covariances."""
     T = len(betas)
-    a, r, _ = _true_reverse(betas, s)
+    a, r, _ = true_reverse(betas, s)
     # p chain: x = M w, w ~ N(0, I_{T+1}); x_T = w_T, x_{t-1} = a_t x_t + sqrt(r_t) w_{t-1}
     M = np.zeros((T + 1, T + 1))
     M[T, T] = 1.0
@@ -169,7 +169,7 @@ def test_reference_solution_is_self_consistent(s):
     """The exact K above satisfies E_{x_0}[log p(x_0) - K(x_0)] = KL(q(x_T)||p(x_T)) - KL(q(x_0)||p(x_0))
     (chain rule of KL on the two joints, whose reverse conditionals agree)."""
     betas = [float(b) for b in make_schedule("reference", 10).betas()]
-    _, _, v = _true_reverse(betas, s)
+    _, _, v = true_reverse(betas, s)
     _, _, p0, mean_kl = _exact_k(betas, s, 0.0)
     assert mean_kl == pytest.approx(_kl_normal(v[-1], 1.0) - _kl_normal(s * s, p0), rel=1e-8, abs=1e-12)
     assert 0 < mean_kl < _kl_normal(v[-1], 1.0)
@@ -181,8 +181,8 @@ def test_bound_for_true_reverse_model(parameterization, s):
     T = 10
     diffusion = GaussianDiffusion(make_schedule("reference", T), parameterization=parameterization, decoder="learned")
     betas = [float(b) for b in diffusion.schedule.betas()]
-    model = _analytic_model(betas, s, parameterization)
-    a, r, v = _true_reverse(betas, s)
+    model = analytic_model(betas, s, parameterization)
+    a, r, v = true_reverse(betas, s)
 
     # the model really outputs the true reverse kernels
     xs = torch.linspace(-2, 2, 5, dtype=torch.float64)[:, None]

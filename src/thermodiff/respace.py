@@ -100,4 +100,3 @@ def respace(diffusion, spec: int | str | Sequence[int], variance_rule: VarianceR
     if not isinstance(diffusion, GaussianDiffusion):
         raise ValueError(f"respacing is for Gaussian diffusion; a {type(diffusion).__name__} keeps its T steps")
     return RespacedDiffusion(diffusion, respaced_timesteps(diffusion.T, spec), variance_rule)
-
