@@ -6,9 +6,10 @@ warns that a DAE trained on the squared error outputs E[x | y], which may be unl
 p(x | y)); the talk names VAEs among the models in which multiplying distributions is hard.
 
 As with a diffusion process, each class here is the math (objective, bound, sampling) and the
-network a separate module (``model``): MLPs on flattened examples (:func:`build_baseline_net`),
-so they take vectors and images alike. Both plug into the training loop through
-``training_draws`` / ``training_loss``; evaluation.evaluate_baseline reports them.
+network a separate module (``model``): MLPs on flattened examples (:class:`VAENet`,
+:class:`DenoiserNet`, built from ``[model]`` by experiment.build_model), so they take vectors and
+images alike. Both plug into the training loop through ``training_draws`` / ``training_loss``;
+evaluation.evaluate_baseline reports them.
 """
 
 import math
@@ -18,11 +19,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from thermodiff.bound import standard_error
 from thermodiff.distributions import bernoulli_log_prob, gaussian_kl, gaussian_log_prob
 from thermodiff.errors import UserError
 from thermodiff.gaussian import sum_except_batch
 from thermodiff.networks import mlp
-
 
 
 def mlp_map(n_in: int, n_out: int, hidden: int, layers: int, activation: str) -> nn.Sequential:
@@ -192,10 +193,9 @@ class DAE(nn.Module):
         denoised = dataset.from_model(model(dataset.to_model(noisy, dequantize=False)))
         report = {"noise_std_original_units": sigma.tolist()}
         for name, estimate in (("output", denoised), ("noisy_input", noisy)):
-            mse = ((estimate - truth) ** 2).reshape(len(truth), -1).mean(1)
-            report |= {f"{name}_mse": float(mse.mean()), f"{name}_mse_stderr": float(mse.std(ddof=1) / np.sqrt(len(mse)))}
+            mse = torch.from_numpy(((estimate - truth) ** 2).reshape(len(truth), -1).mean(1))
+            report |= {f"{name}_mse": float(mse.mean()), f"{name}_mse_stderr": standard_error(mse)}
             if dataset.is_image:
-                psnr = 10 * np.log10(255.0**2 / mse)
-                report |= {f"{name}_psnr_db": float(psnr.mean()),
-                           f"{name}_psnr_stderr_db": float(psnr.std(ddof=1) / np.sqrt(len(psnr)))}
+                psnr = 10 * torch.log10(255.0**2 / mse)
+                report |= {f"{name}_psnr_db": float(psnr.mean()), f"{name}_psnr_stderr_db": standard_error(psnr)}
         return report

@@ -30,10 +30,13 @@ def check_comparable(configs: list[Config], origins: list[str]) -> None:
 
 
 def model_label(run: Run) -> str:
+    """The baseline's kind, 'vdm', or a discrete-time chain's kernel and the loss that trained it."""
     cfg = run.config
-    if cfg.baseline.kind or cfg.diffusion.kind == "vdm":
-        return cfg.baseline.kind or "vdm"
-    return f"{cfg.diffusion.parameterization}, {cfg.train.loss}"  # the kernel and what trained it
+    if cfg.baseline.kind:
+        return cfg.baseline.kind
+    if cfg.diffusion.kind == "vdm":
+        return "vdm"
+    return f"{cfg.diffusion.parameterization}, {cfg.train.loss}"
 
 
 @torch.no_grad()
@@ -67,7 +70,8 @@ def compare(configs: list[Config], origins: list[str], out: Path, overwrite: boo
                      "train_s": metrics[-1]["elapsed_s"] if metrics else summary["wall_s"],
                      "sample_s_per_example": sample_seconds(run, n_samples, eval_seed), "evaluation": result,
                      "curve": [(m["elapsed_s"], m["K_bits_running"]) for m in metrics]})
-    record = {"data": load_run(out / configs[0].name).dataset.describe(), "n_samples_timed": n_samples,
+    # one data set (check_comparable): the last run's describes every run's
+    record = {"data": run.dataset.describe(), "n_samples_timed": n_samples,
               "hardware": hardware(), "rows": rows, "plot": str(out / "bound_vs_time.png")}
     plot_bound_vs_time(rows, out / "bound_vs_time.png")
     atomic_write_text(out / "compare.json", json.dumps(record, indent=2) + "\n")
@@ -79,14 +83,15 @@ def _bound(row: dict) -> tuple[float, float] | None:
     return (e["K_bits"], e["stderr_bits"]) if "K_bits" in e else None
 
 
-def _held_out(e: dict) -> list[tuple[str, float, float, str]]:
-    """(label, bound, standard error, marker) of a run's held-out bounds: K (a VAE's ELBO), and
-    VDM's continuous-time or a VAE's importance-weighted bound."""
-    marks = [("held out", e["K_bits"], e["stderr_bits"], "o")] if "K_bits" in e else []
-    if "continuous_time" in e:  # VDM: the bound it trains on, besides its T-step chain's
-        marks.append(("held out, continuous time", e["continuous_time"]["K_bits"], e["continuous_time"]["stderr_bits"], "s"))
+def _other_bounds(e: dict) -> list[tuple[str, float, float, str]]:
+    """(label, bound, standard error, marker) of a run's held-out bounds besides K: VDM's
+    continuous-time one (the bound it trains on, besides its T-step chain's) and a VAE's
+    importance-weighted one (K being its ELBO)."""
+    marks = []
+    if "continuous_time" in e:
+        marks.append(("continuous time", e["continuous_time"]["K_bits"], e["continuous_time"]["stderr_bits"], "s"))
     if "K_iw_bits" in e:
-        marks.append((f"held out, importance-weighted ({e['n_importance']})", e["K_iw_bits"], e["K_iw_stderr_bits"], "D"))
+        marks.append((f"importance-weighted ({e['n_importance']})", e["K_iw_bits"], e["K_iw_stderr_bits"], "D"))
     return marks
 
 
@@ -106,7 +111,9 @@ def plot_bound_vs_time(rows: list[dict], path: Path) -> None:
         if row["curve"]:
             seconds, values = zip(*row["curve"])
             ax.plot(seconds, values, color=colour, alpha=0.6, label=f"{row['name']} ({row['model']}), training estimate")
-        for label, k, se, marker in _held_out(row["evaluation"]):
+        marks = [("held out", *_bound(row), "o")]
+        marks += [(f"held out, {label}", k, se, marker) for label, k, se, marker in _other_bounds(row["evaluation"])]
+        for label, k, se, marker in marks:
             finals.append(k)
             ax.errorbar([row["train_s"]], [k], yerr=[se], fmt=marker, mfc=colour if marker == "o" else "none",
                         color=colour, capsize=3, label=f"{row['name']}, {label}")
@@ -131,12 +138,7 @@ def format_table(record: dict) -> str:
              f"{'8-bit NLL bits/dim':>20}{'sample ms/ex':>14}  other"]
     for row in record["rows"]:
         e, bound = row["evaluation"], _bound(row)
-        other = []
-        if "K_iw_bits" in e:
-            other.append(f"importance-weighted ({e['n_importance']}) {e['K_iw_bits']:.3f} +- {e['K_iw_stderr_bits']:.3f}")
-        if "continuous_time" in e:
-            c = e["continuous_time"]
-            other.append(f"continuous time {c['K_bits']:.3f} +- {c['stderr_bits']:.3f}")
+        other = [f"{label} {k:.3f} +- {se:.3f}" for label, k, se, _ in _other_bounds(e)]
         if "output_mse" in e:
             psnr = (f"PSNR {e['output_psnr_db']:.2f} dB vs noisy {e['noisy_input_psnr_db']:.2f}" if "output_psnr_db" in e
                     else f"MSE {e['output_mse']:.4g} vs noisy {e['noisy_input_mse']:.4g}")

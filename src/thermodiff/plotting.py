@@ -71,7 +71,7 @@ def conditional_figure(run: Run, path: Path, n: int = 400, noise_std: float = 0.
     titles = {"clamp": "x_1 known, held at its value (paper)", "forward": "x_1 known, forward trajectory to it",
               "noisy": f"x_1 observed with noise std {noise_std}"}
     for ax, how in zip(axes, titles):
-        ax.scatter(*data.T, s=1, color="0.75", label="data")
+        ax.scatter(*data.T, s=1, color="0.75")
         for i, c in enumerate(np.linspace(-1.5, 1.5, 5)):
             values = torch.tensor([[c, 0.0]], dtype=torch.float64).expand(n, 2)
             factor = (GaussianObservation(values, noise_std**2, observed) if how == "noisy" else

@@ -123,20 +123,13 @@ class VDM(nn.Module):
         gamma_0 = GAMMA_0 if beta_1 is None else math.log(beta_1) - math.log1p(-beta_1)  # sigma_0^2 = beta_1
         self.gamma = NoiseSchedule(gamma_0, max(GAMMA_1, gamma_0 + 1), learn=schedule == "learned")
 
-    def noise_like(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        return torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float64)
-
-    def sample_prior(self, shape: tuple[int, ...], generator: torch.Generator | None = None, device=None) -> Tensor:
-        """z_1 ~ p(z_1) = N(0, I)."""
-        return torch.randn(shape, generator=generator, device=device)
-
-    def p_sample(self, model, x_t: Tensor, t: int, generator: torch.Generator | None = None, factor=None) -> Tensor:
-        """Draw x_{t-1} from :meth:`step_distribution` (at t = 1, x from the decoder), multiplied by
-        ``factor`` (see :mod:`thermodiff.posterior`) when one is given."""
-        mean, var = self.step_distribution(model, x_t, t)
-        if factor is not None:
-            mean, var = factor.gaussian(mean, var, t, x_t)
-        return (mean + var.sqrt() * self.noise_like(mean, generator)).to(x_t.dtype)
+    # GaussianDiffusion's, which need only N(0, I) draws, :meth:`step_distribution` (p_sample: a
+    # draw of it, times a posterior factor) and :meth:`log_alphas_cumprod` (diffuse_observation:
+    # y = x + N(0, s^2 I) as a state of the chain, for denoising)
+    noise_like = GaussianDiffusion.noise_like
+    sample_prior = GaussianDiffusion.sample_prior
+    p_sample = GaussianDiffusion.p_sample
+    diffuse_observation = GaussianDiffusion.diffuse_observation
 
     def null_log_likelihood(self, x0: Tensor) -> Tensor:
         """log N(x; 0, I) per example: the null model L_null, as for the 2015 model."""
@@ -155,10 +148,6 @@ class VDM(nn.Module):
         """The chain's beta_t = 1 - abar_t / abar_{t-1}, beta_1 = 1 - abar_1 = sigma_0^2 (float64)."""
         log_abar = self.log_alphas_cumprod()
         return -torch.expm1(torch.diff(log_abar, prepend=log_abar.new_zeros(1)))
-
-    # y = x + N(0, s^2 I) as a state of the chain (denoising): GaussianDiffusion's construction,
-    # which needs only log_alphas_cumprod
-    diffuse_observation = GaussianDiffusion.diffuse_observation
 
     @property
     def schedule(self) -> Schedule:
@@ -179,40 +168,44 @@ class VDM(nn.Module):
         """The network's noise prediction at z_s, called in the data's dtype with the time s."""
         return model(z.to(dtype), s)[:, 0].double()
 
-    def posterior(self, x0: Tensor, z_u: Tensor, gamma_s: Tensor, gamma_u: Tensor) -> tuple[Tensor, Tensor]:
-        """Mean and variance of q(z_s | z_u, x) for s < u (VDM App. A): with c = 1 - SNR(u) / SNR(s),
-        mean = (alpha_u / alpha_s) (sigma_s^2 / sigma_u^2) z_u + alpha_s c x, variance = c sigma_s^2."""
-        g_s, g_u = _per_example(gamma_s, z_u), _per_example(gamma_u, z_u)
-        c = -torch.expm1(g_s - g_u)
-        alpha_s = torch.sigmoid(-g_s).sqrt()
-        mean = (torch.sigmoid(-g_u).sqrt() / alpha_s * torch.sigmoid(g_s) / torch.sigmoid(g_u) * z_u.double()
-                + alpha_s * c * x0.double())
-        return mean, (c * torch.sigmoid(g_s)).expand_as(mean)
+    def noise_error(self, model, x0: Tensor, s: Tensor, gamma: Tensor, noise: Tensor) -> Tensor:
+        """||eps - eps_hat(z_s, s)||^2 per example for z_s = :meth:`diffuse` (x0, gamma = gamma(s), eps)."""
+        return sum_except_batch((noise - self.eps_hat(model, self.diffuse(x0, gamma, noise), s, x0.dtype)) ** 2)
+
+    def decoder_variance(self) -> Tensor:
+        """exp(gamma_0) = sigma_0^2 / alpha_0^2, the variance of p(x | z_0) = N(z_0 / alpha_0, exp(gamma_0) I)
+        (gamma(0) is the fixed gamma_0, see :class:`NoiseSchedule`)."""
+        return self.gamma.gamma_0.exp()
 
     def q_posterior(self, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        """Mean and variance of q(x_{t-1} | x_t, x_0) for chain steps t >= 2."""
-        return self.posterior(x0, x_t, self.gamma(self.times(t - 1)), self.gamma(self.times(t)))
+        """Mean and variance of q(z_s | z_u, x) for s = s_{t-1} < u = s_t, chain steps t >= 2 (VDM
+        App. A): with c = 1 - SNR(u) / SNR(s), mean = (alpha_u / alpha_s) (sigma_s^2 / sigma_u^2) z_u
+        + alpha_s c x, variance = c sigma_s^2."""
+        g_s, g_u = _per_example(self.gamma(self.times(t - 1)), x_t), _per_example(self.gamma(self.times(t)), x_t)
+        c = -torch.expm1(g_s - g_u)
+        alpha_s = torch.sigmoid(-g_s).sqrt()
+        mean = (torch.sigmoid(-g_u).sqrt() / alpha_s * torch.sigmoid(g_s) / torch.sigmoid(g_u) * x_t.double()
+                + alpha_s * c * x0.double())
+        return mean, (c * torch.sigmoid(g_s)).expand_as(mean)
 
     def expected_x0(self, model, x_t: Tensor, t: int) -> Tensor:
         """The network's E[x | z_u] at chain step t: x_hat = (z_u - sigma_u eps_hat) / alpha_u (VDM
         sec. 3.3); at t = 1 the decoder's mean z_0 / alpha_0."""
         u = self.times(torch.full((len(x_t),), t, device=x_t.device))
-        g_u = self.gamma(u)
+        g_u = _per_example(self.gamma(u), x_t)
         z = x_t.double()
-        alpha_u = _per_example(torch.sigmoid(-g_u).sqrt(), z)
-        if t == 1:
-            return z / alpha_u
-        return (z - _per_example(torch.sigmoid(g_u).sqrt(), z) * self.eps_hat(model, x_t, u, x_t.dtype)) / alpha_u
+        if t > 1:
+            z = z - torch.sigmoid(g_u).sqrt() * self.eps_hat(model, x_t, u, x_t.dtype)
+        return z / torch.sigmoid(-g_u).sqrt()
 
     def step_distribution(self, model, x_t: Tensor, t: int) -> tuple[Tensor, Tensor]:
         """Mean and variance of the kernel that draws x_{t-1} from x_t: for t >= 2,
         p(z_s | z_u) = q(z_s | z_u, x = x_hat) (VDM sec. 3.3); for t = 1 the decoder
         N(z_0 / alpha_0, exp(gamma_0))."""
         x_hat = self.expected_x0(model, x_t, t)
-        g_u = self.gamma(self.times(torch.full((len(x_t),), t, device=x_t.device)))
         if t == 1:
-            return x_hat, _per_example(g_u.exp(), x_hat).expand_as(x_hat)
-        return self.posterior(x_hat, x_t.double(), self.gamma(self.times(torch.full_like(g_u, t - 1))), g_u)
+            return x_hat, self.decoder_variance().expand_as(x_hat)
+        return self.q_posterior(x_hat, x_t, torch.full((len(x_t),), t, device=x_t.device))
 
     def prior_kl(self, x0: Tensor) -> Tensor:
         """KL(q(z_1 | x) || N(0, I)) per example."""
@@ -225,8 +218,7 @@ class VDM(nn.Module):
                                noise: Tensor | None = None) -> Tensor:
         """E_{q(z_0|x)} log p(x | z_0) per example, p(x | z_0) = N(z_0 / alpha_0, exp(gamma_0) I): as
         z_0 / alpha_0 - x ~ N(0, exp(gamma_0) I), minus that Gaussian's entropy (closed form, no draw)."""
-        g_0 = self.gamma(torch.zeros(1, device=x0.device))
-        return sum_except_batch(-gaussian_entropy(g_0.exp().expand(x0.shape)))
+        return sum_except_batch(-gaussian_entropy(self.decoder_variance().expand(x0.shape)))
 
     def reverse_kl(self, model, x0: Tensor, t: Tensor, generator: torch.Generator | None = None,
                    noise: Tensor | None = None) -> Tensor:
@@ -236,15 +228,13 @@ class VDM(nn.Module):
         noise = self.noise_like(x0, generator) if noise is None else noise
         u = self.times(t)
         g_u, g_s = self.gamma(u), self.gamma(self.times(t - 1))
-        eps_hat = self.eps_hat(model, self.diffuse(x0, g_u, noise), u, x0.dtype)
-        return 0.5 * torch.expm1(g_u - g_s) * sum_except_batch((noise - eps_hat) ** 2)
+        return 0.5 * torch.expm1(g_u - g_s) * self.noise_error(model, x0, u, g_u, noise)
 
     def diffusion_loss(self, model, x0: Tensor, s: Tensor, noise: Tensor) -> Tensor:
         """One draw of the continuous-time diffusion loss per example,
         0.5 gamma'(s) ||eps - eps_hat(z_s, s)||^2 (VDM sec. 5)."""
         g, dg = self.gamma.with_slope(s)
-        eps_hat = self.eps_hat(model, self.diffuse(x0, g, noise), s, x0.dtype)
-        return 0.5 * dg * sum_except_batch((noise - eps_hat) ** 2)
+        return 0.5 * dg * self.noise_error(model, x0, s, g, noise)
 
     def continuous_k(self, model, x0: Tensor, s: Tensor, noise: Tensor) -> Tensor:
         """K per example with one draw of the continuous-time diffusion loss (VDM sec. 3.5, 5)."""
@@ -266,16 +256,13 @@ class VDM(nn.Module):
     def continuous_bound(self, model, batches, n_draws: int = 1, generator: torch.Generator | None = None) -> BoundEstimate:
         """The continuous-time K on every example, its diffusion loss averaged over ``n_draws`` times
         stratified in [0, 1) per example. ``terms`` = mean (-E log p(x | z_0), L_diffusion, prior KL)."""
-        per_example, term_sums, count = [], torch.zeros(3, dtype=torch.float64), 0
+        per_example, term_sums = [], torch.zeros(3, dtype=torch.float64)
         for x0 in batches:
-            terms = torch.zeros(len(x0), 3, dtype=torch.float64, device=x0.device)
-            terms[:, 0] = -self.decoder_log_likelihood(model, x0)
-            terms[:, 2] = self.prior_kl(x0)
             u = torch.rand(len(x0), generator=generator, device=x0.device, dtype=torch.float64)
-            for k in range(n_draws):
-                noise = self.noise_like(x0, generator)
-                terms[:, 1] += self.diffusion_loss(model, x0, (u + k) / n_draws, noise) / n_draws
+            diffusion = sum(self.diffusion_loss(model, x0, (u + k) / n_draws, self.noise_like(x0, generator)) / n_draws
+                            for k in range(n_draws))
+            terms = torch.stack([-self.decoder_log_likelihood(model, x0), diffusion, self.prior_kl(x0)], 1)
             per_example.append(-terms.sum(1).cpu())
             term_sums += terms.sum(0).cpu()
-            count += len(x0)
-        return BoundEstimate(per_example=torch.cat(per_example), terms=term_sums / count, n_draws=n_draws)
+        per_example = torch.cat(per_example)
+        return BoundEstimate(per_example=per_example, terms=term_sums / len(per_example), n_draws=n_draws)
