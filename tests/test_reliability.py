@@ -535,6 +535,25 @@ def test_training_stops_after_max_nonfinite_losses_in_a_row(tiny_config, cli, tm
     assert all(bool(torch.isfinite(v).all()) for k, v in tensors.items() if v.is_floating_point())
 
 
+@pytest.mark.parametrize("steps, max_minutes", [(23, 0.0), (10**9, 0.002)], ids=["steps", "time_budget"])
+def test_training_ends_with_one_checkpoint_of_its_last_step(steps, max_minutes, tmp_path, monkeypatch):
+    """Whether steps or train.max_minutes end it, the last step is logged and checkpointed, and
+    no step is checkpointed twice (checkpoint_every = 10; 23 is not a multiple)."""
+    saved, real = [], training.save_checkpoint
+
+    def spy(path, tensors, meta):
+        saved.append(meta["step"])
+        real(path, tensors, meta)
+
+    monkeypatch.setattr(training, "save_checkpoint", spy)
+    summary = training.train(_tiny(tmp_path, steps=steps, max_minutes=max_minutes), tmp_path / "run", progress=False,
+                             device="cpu")
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert 0 < summary["steps"] < 10**9 and (summary["steps"] == 23 or max_minutes)
+    assert saved[-1] == metrics[-1]["step"] == summary["steps"]
+    assert saved == sorted(set(saved)), saved
+
+
 @pytest.mark.parametrize("grad_clip", [0.0, 0.05])
 def test_gradient_clipping_bounds_the_gradient_norm(grad_clip, tmp_path, monkeypatch):
     norms, real = [], torch.nn.utils.clip_grad_norm_

@@ -128,15 +128,24 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
 
 
 class Objective(nn.Module):
-    """The network and the process together, so that DDP synchronises a learned schedule too."""
+    """The network and the process together, so that DDP synchronises a learned schedule too.
+    A process with its own objective (vdm.py, baselines.py: methods ``training_draws`` and
+    ``training_loss``) trains on it; the others on bound.py's, with ``loss`` and ``hybrid_lambda``."""
 
     def __init__(self, model: nn.Module, diffusion: nn.Module, loss: str = "bound", hybrid_lambda: float = 1e-3):
         super().__init__()
         self.model, self.diffusion = model, diffusion
         self.loss, self.hybrid_lambda = loss, hybrid_lambda
+        self.own_objective = hasattr(diffusion, "training_loss")
+
+    def draws(self, x0: torch.Tensor, generator: torch.Generator) -> TrainingDraws:
+        """The randomness of one training step (drawn for the whole global batch, then sharded)."""
+        if self.own_objective:
+            return self.diffusion.training_draws(x0, generator)
+        return training_draws(self.diffusion, x0, generator)
 
     def forward(self, x0: torch.Tensor, draws: TrainingDraws) -> tuple[torch.Tensor, torch.Tensor]:
-        if hasattr(self.diffusion, "training_loss"):  # a process with its own objective (vdm.py, baselines.py)
+        if self.own_objective:
             return self.diffusion.training_loss(self.model, x0, draws)
         return training_loss(self.diffusion, self.model, x0, draws=draws, loss=self.loss, hybrid_lambda=self.hybrid_lambda)
 
@@ -228,7 +237,11 @@ def _train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, progress: 
     if Path(cfg.data.source).is_file():
         data_info["sha256"] = file_digest(Path(cfg.data.source))
 
+    saved_step = step if resume else None  # the step of the checkpoint in the run directory
+
     def checkpoint(folder: Path = run_dir) -> None:
+        nonlocal saved_step
+        saved_step = step
         if not ctx.is_main:
             return
         state = {f"model.{k}": v for k, v in model.state_dict().items()}
@@ -257,25 +270,32 @@ def _train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, progress: 
         remove_stale_temporaries(run_dir)
         rewrite_metrics(run_dir, step)
     shard = ctx.shard(cfg.train.batch_size)
-    bar = tqdm(total=cfg.train.steps, initial=step, desc=f"train {cfg.name}", unit="step",
-               file=sys.stderr, disable=not progress, mininterval=1.0)
+    dequantize = dequantizes(diffusion)
+    # under a time budget (train.max_minutes; compare --minutes sets steps out of reach) the
+    # bar counts steps without a total
+    timed = math.isfinite(time_limit)
+    bar = tqdm(total=None if timed else cfg.train.steps, initial=step, unit="step", file=sys.stderr,
+               desc=f"train {cfg.name}" + (f" ({cfg.train.max_minutes:g} min)" if timed else ""),
+               disable=not progress, mininterval=1.0)
     objective.train()
-    while step < cfg.train.steps:
+    out_of_time = False
+    while step < cfg.train.steps and not out_of_time:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(cfg, step)
         # every process draws the whole global batch and its randomness, then takes its shard:
         # the same numbers as one process training on the global batch
         idx = torch.randint(0, len(dataset.train), (cfg.train.batch_size,), generator=order_gen)
-        x0 = dataset.to_model(dataset.train[idx.numpy()], order_gen, ctx.device, dequantize=dequantizes(diffusion))
-        draws = (diffusion.training_draws(x0, noise_gen) if hasattr(diffusion, "training_draws")
-                 else training_draws(diffusion, x0, noise_gen))
+        x0 = dataset.to_model(dataset.train[idx.numpy()], order_gen, ctx.device, dequantize=dequantize)
+        draws = objective.draws(x0, noise_gen)
         with autocast(cfg, ctx.device):
             loss, k = trainer(x0[shard], draws[shard])
         step += 1
-        out_of_time = time.perf_counter() - start_time >= time_limit  # all processes stop together (stats[3])
+        bar.update(1)
+        late = time.perf_counter() - start_time >= time_limit
         stats = ctx.all_reduce_sum(torch.stack([k.sum(), (~torch.isfinite(loss)).double(),
                                                 torch.tensor(float(len(k)), dtype=torch.float64, device=k.device),
-                                                torch.tensor(float(out_of_time), dtype=torch.float64, device=k.device)]))
+                                                torch.tensor(float(late), dtype=torch.float64, device=k.device)]))
+        out_of_time = bool(stats[3] > 0)  # one process out of time: all stop together
         if stats[1] > 0:  # any process saw a non-finite loss: all skip the step together
             skipped_total += 1
             in_a_row += 1
@@ -297,23 +317,19 @@ def _train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, progress: 
         k_bits = float(stats[0] / stats[2]) / LN2
         window.append(k_bits)
         running = k_bits if running is None else 0.99 * running + 0.01 * k_bits
-        bar.update(1)
         bar.set_postfix(K_bits=f"{running:.3f}", refresh=False)
-        last = step == cfg.train.steps or bool(stats[3] > 0)
-        if ctx.is_main and (step % cfg.train.log_every == 0 or last):
+        if ctx.is_main and (step % cfg.train.log_every == 0 or step == cfg.train.steps or out_of_time):
             append_metrics(run_dir, {"step": step, "K_bits_running": round(running, 6),
                                      "loss_bits": round(-sum(window) / len(window), 6),
                                      "lr": learning_rate(cfg, step - 1),
                                      "elapsed_s": round(time.perf_counter() - start_time, 3),
                                      "nonfinite_skipped": skipped_total})
             window = []
-        if step % cfg.train.checkpoint_every == 0 or last:
+        if step % cfg.train.checkpoint_every == 0:
             checkpoint()
-        if last:
-            break
     bar.close()
-    if step % cfg.train.checkpoint_every != 0:
-        checkpoint()  # the last step may have been a skipped one
+    if saved_step != step:
+        checkpoint()  # the last step (logged above, or a skipped one)
     ctx.barrier()
     wall = time.perf_counter() - session_start
     return {"run_dir": str(run_dir), "steps": step, "K_bits_running": running, "wall_s": round(wall, 3),
