@@ -258,6 +258,12 @@ def _png_bytes(size=(8, 8)) -> bytes:
     return buffer.getvalue()
 
 
+def _npz_bytes(**arrays) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
 def _infinite_row_3() -> np.ndarray:
     x = VECTORS.copy()
     x[3, 1] = np.inf
@@ -347,6 +353,13 @@ HOSTILE = {
                                    ["--mask", "NaN"]),
     "inpaint_empty_mask": lambda s: (["inpaint", s.run, "--input", s.npy("x.npy", VECTORS[:3]), "--mask",
                                       s.npy("m.npy", np.zeros(2)), "--out", s.inputs / "i.npz"], ["--mask", "no known"]),
+    "denoise_input_header_garbled": lambda s: (["denoise", s.run, "--input", s.file("y.npy", b"\x93NUMPY\x01\x00\x01\x00{"),
+                                                "--sigma", "0.5", "--out", s.inputs / "d.npz"], ["--input", "y.npy"]),
+    "denoise_input_of_strings": lambda s: (["denoise", s.run, "--input", s.npy("y.npy", np.array([["a", "b"]])),
+                                            "--sigma", "0.5", "--out", s.inputs / "d.npz"], ["--input", "numeric"]),
+    "inpaint_mask_is_an_npz": lambda s: (["inpaint", s.run, "--input", s.npy("x.npy", VECTORS[:3]), "--mask",
+                                          s.file("m.npy", _npz_bytes(m=np.ones(2))), "--out", s.inputs / "i.npz"],
+                                         ["--mask", "m.npy", "npz"]),
 }
 
 

@@ -16,7 +16,8 @@ from tqdm import tqdm
 
 from thermodiff.binomial import BinomialDiffusion
 from thermodiff.checkpoint import atomic_write_bytes, atomic_write_text
-from thermodiff.config import load_config
+from thermodiff.config import RANGES, load_config
+from thermodiff.data import load_npy
 from thermodiff.errors import UserError
 from thermodiff.evaluation import evaluate
 from thermodiff.experiment import PAPER_RESULTS, load_run, paper_row
@@ -262,7 +263,7 @@ def cmd_compare(args) -> None:
 
 
 def _read_input(path: str, run, flag: str) -> np.ndarray:
-    """A .npy array, or for image runs a .png image, in original units."""
+    """A numeric .npy array, or for image runs a .png image, in original units, as float64."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{flag} {p}: no such file")
@@ -275,9 +276,12 @@ def _read_input(path: str, run, flag: str) -> np.ndarray:
     if p.suffix.lower() != ".npy":
         raise UserError(f"{flag} {p}: expected a .npy array{' or a .png image' if run.dataset.is_image else ''}")
     try:
-        return np.load(p, allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise UserError(f"{flag} {p}: cannot be read: {str(e).splitlines()[0]}") from None
+        x = load_npy(p)
+    except UserError as e:
+        raise UserError(f"{flag} {e}") from None
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool) or np.iscomplexobj(x):
+        raise UserError(f"{flag} {p}: expected a numeric array, got dtype {x.dtype}")
+    return x.astype(np.float64)
 
 
 def _write_posterior(out: Path, inputs: np.ndarray, samples: np.ndarray, run, mean: np.ndarray | None = None) -> None:
@@ -357,13 +361,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _seed(text: str) -> int:
-    """An argparse type: a seed that every generator accepts."""
+    """An argparse type: a seed that every generator accepts (the range of the config's seed)."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"must lie in 0 .. 2**32 - 1, got {value}")
+    ok, requirement = RANGES["seed"]
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"must {requirement}, got {value}")
     return value
 
 

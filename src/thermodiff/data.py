@@ -14,6 +14,7 @@ import torch
 
 from thermodiff.errors import UserError
 from thermodiff.image_data import from_unit_float, pixel_log_jacobian, to_unit_float, validate_images
+from thermodiff.image_data.files import _first_line
 
 
 def _check_n(n: int) -> None:
@@ -42,6 +43,20 @@ def heartbeat(n: int, length: int = 20, period: int = 5, seed: int = 0) -> np.nd
     x = np.zeros((n, length))
     for p in range(period):
         x[phase == p, p::period] = 1.0
+    return x
+
+
+def load_npy(path: str | Path) -> np.ndarray:
+    """The array of a ``.npy`` file, of any shape and dtype; never unpickles. Bytes that are not
+    one .npy array are a one-line :class:`UserError` naming the file."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:  # our own handle: np.load leaks its own when the zip is corrupt
+            x = np.load(f, allow_pickle=False)
+    except Exception as e:  # untrusted bytes: numpy's parsers fail in many ways (tokenize, ast, zip, ...)
+        raise UserError(f"{path}: cannot be read as npy: {_first_line(e)}") from None
+    if not isinstance(x, np.ndarray):
+        raise UserError(f"{path}: is an .npz archive, not a .npy array; rename it to .npz")
     return x
 
 
@@ -79,10 +94,7 @@ def load_array(path: str | Path, key: str | None = None, images: bool = False) -
     suffix = path.suffix.lower()
     try:
         if suffix == ".npy":
-            with open(path, "rb") as f:
-                x = np.load(f, allow_pickle=False)
-                if not isinstance(x, np.ndarray):
-                    raise UserError(f"{path}: is an .npz archive, not a .npy array; rename it to .npz")
+            x = load_npy(path)
         elif suffix == ".npz":
             x = _read_npz(path, key)
         elif suffix == ".csv":
@@ -92,7 +104,7 @@ def load_array(path: str | Path, key: str | None = None, images: bool = False) -
     except UserError:
         raise
     except Exception as e:  # untrusted bytes: numpy's parsers fail in many ways (tokenize, ast, zip, ...)
-        raise UserError(f"{path}: cannot be read as {suffix[1:]}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise UserError(f"{path}: cannot be read as {suffix[1:]}: {_first_line(e)}") from None
     if images and x.ndim in (3, 4):
         return validate_images(x, str(path))
     return validate_array(x, str(path))
