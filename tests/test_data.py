@@ -4,7 +4,6 @@ every kind of bad input file is a UserError whose one-line message names the fil
 import math
 import os
 import pickle
-import warnings
 import zipfile
 
 import numpy as np
