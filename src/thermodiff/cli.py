@@ -22,7 +22,7 @@ from thermodiff.errors import UserError
 from thermodiff.evaluation import evaluate
 from thermodiff.experiment import PAPER_RESULTS, load_run, paper_row
 from thermodiff.parzen import parzen_evaluate
-from thermodiff.respace import respace
+from thermodiff.respace import chain
 from thermodiff.sampling import ancestral_sample
 from thermodiff.training import train
 
@@ -153,10 +153,7 @@ def cmd_sample(args) -> None:
     run = load_run(args.run_dir)
     if out.suffix == ".png" and not run.dataset.is_image:
         raise UserError(f"--out {out}: a .png grid needs an image model; write .npy for vector data")
-    try:
-        diffusion = run.diffusion if args.respace is None else respace(run.diffusion, args.respace)
-    except ValueError as e:
-        raise UserError(f"--respace: {e}") from None
+    diffusion = chain(run.diffusion, args.respace)
     generator = torch.Generator().manual_seed(args.seed)
     batches = [min(args.batch_size, args.n - i) for i in range(0, args.n, args.batch_size)]
     parts = []

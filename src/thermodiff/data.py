@@ -12,9 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from thermodiff.errors import UserError
+from thermodiff.errors import UserError, first_line
 from thermodiff.image_data import from_unit_float, pixel_log_jacobian, to_unit_float, validate_images
-from thermodiff.image_data.files import _first_line
 
 
 def _check_n(n: int) -> None:
@@ -54,7 +53,7 @@ def load_npy(path: str | Path) -> np.ndarray:
         with open(path, "rb") as f:  # our own handle: np.load leaks its own when the zip is corrupt
             x = np.load(f, allow_pickle=False)
     except Exception as e:  # untrusted bytes: numpy's parsers fail in many ways (tokenize, ast, zip, ...)
-        raise UserError(f"{path}: cannot be read as npy: {_first_line(e)}") from None
+        raise UserError(f"{path}: cannot be read as npy: {first_line(e)}") from None
     if not isinstance(x, np.ndarray):
         raise UserError(f"{path}: is an .npz archive, not a .npy array; rename it to .npz")
     return x
@@ -104,7 +103,7 @@ def load_array(path: str | Path, key: str | None = None, images: bool = False) -
     except UserError:
         raise
     except Exception as e:  # untrusted bytes: numpy's parsers fail in many ways (tokenize, ast, zip, ...)
-        raise UserError(f"{path}: cannot be read as {suffix[1:]}: {_first_line(e)}") from None
+        raise UserError(f"{path}: cannot be read as {suffix[1:]}: {first_line(e)}") from None
     if images and x.ndim in (3, 4):
         return validate_images(x, str(path))
     return validate_array(x, str(path))

@@ -9,10 +9,9 @@ import torch
 from tqdm import tqdm
 
 from thermodiff.bound import exact_bound, standard_error
-from thermodiff.errors import UserError
 from thermodiff.experiment import Run, dequantizes, paper_row
 from thermodiff.gaussian import GaussianParameterization
-from thermodiff.respace import respace
+from thermodiff.respace import chain
 from thermodiff.vdm import VDM
 
 LN2 = math.log(2.0)
@@ -88,10 +87,7 @@ def evaluate(run: Run, n_draws: int | None = None, max_examples: int | None = No
     max_examples = max_examples if max_examples is not None else cfg.eval.max_examples
     if cfg.baseline.kind:  # not a diffusion (baselines.py)
         return evaluate_baseline(run, n_draws, max_examples, seed, split_name)
-    try:
-        diffusion = run.diffusion if respace_to is None else respace(run.diffusion, respace_to)
-    except ValueError as e:
-        raise UserError(f"--respace: {e}") from None
+    diffusion = chain(run.diffusion, respace_to)
     generator = torch.Generator().manual_seed(seed)
     test = run.dataset.test[:max_examples] if max_examples else run.dataset.test
     # fresh dequantisation noise for images; the bins' centres for the discretized decoder

@@ -14,7 +14,7 @@ from thermodiff.binomial import BinomialDiffusion, BinomialParameterization
 from thermodiff.checkpoint import load_checkpoint
 from thermodiff.config import Config
 from thermodiff.convnet import build_conv_net
-from thermodiff.errors import UserError
+from thermodiff.errors import UserError, first_line
 from thermodiff.bound import LossAwareSampler, check_training_loss
 from thermodiff.gaussian import Bins, Decoder, GaussianDiffusion, GaussianParameterization
 from thermodiff.baselines import DAE, VAE, DenoiserNet, VAENet
@@ -267,8 +267,7 @@ def load_state(module: nn.Module, tensors: dict, prefix: str, origin: str) -> No
     try:
         module.load_state_dict(state)
     except RuntimeError as e:
-        first = str(e).splitlines()[0] if str(e) else "mismatch"
-        raise UserError(f"{origin}: checkpoint does not match this model ({first})") from None
+        raise UserError(f"{origin}: checkpoint does not match this model ({first_line(e)})") from None
 
 
 def load_run(run_dir: str | Path, data_path: str | None = None) -> Run:

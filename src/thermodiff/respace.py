@@ -31,6 +31,7 @@ from enum import Enum
 import torch
 from torch import Tensor
 
+from thermodiff.errors import UserError
 from thermodiff.gaussian import GaussianDiffusion, GaussianParameterization, gather
 from thermodiff.schedules import Schedule
 
@@ -100,3 +101,14 @@ def respace(diffusion, spec: int | str | Sequence[int], variance_rule: VarianceR
     if not isinstance(diffusion, GaussianDiffusion):
         raise ValueError(f"respacing is for Gaussian diffusion; a {type(diffusion).__name__} keeps its T steps")
     return RespacedDiffusion(diffusion, respaced_timesteps(diffusion.T, spec), variance_rule)
+
+
+def chain(diffusion, respace_to: int | str | Sequence[int] | None):
+    """The chain a user's ``--respace`` asks for: ``diffusion`` itself when None, else its
+    :func:`respace` (a bad spec is a one-line :class:`UserError`)."""
+    if respace_to is None:
+        return diffusion
+    try:
+        return respace(diffusion, respace_to)
+    except ValueError as e:
+        raise UserError(f"--respace: {e}") from None

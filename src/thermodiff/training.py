@@ -23,7 +23,7 @@ from thermodiff.bound import TrainingDraws, training_draws, training_loss
 from thermodiff.checkpoint import (atomic_write_text, flatten_optimizer_state, load_checkpoint, save_checkpoint,
                                    umask, unflatten_optimizer_state)
 from thermodiff.config import Config
-from thermodiff.errors import UserError
+from thermodiff.errors import UserError, first_line
 from thermodiff.experiment import (build_diffusion, build_model, dequantizes, file_digest, load_state, pixel_bins,
                                    prepare_dataset, resolve_source)
 
@@ -226,8 +226,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, progress: 
             if ema is not None and any(k.startswith("ema.") for k in tensors):
                 ema.shadow = {k: tensors[f"ema.{k}"].to(ctx.device) for k in ema.shadow}
         except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise UserError(f"{run_dir}: checkpoint does not match this model ({first})") from None
+            raise UserError(f"{run_dir}: checkpoint does not match this model ({first_line(e)})") from None
     trainer = DistributedDataParallel(objective) if ctx.distributed else objective
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.precision == "fp16" and ctx.device.type == "cuda")
     if resume and scaler.is_enabled() and meta.get("grad_scaler"):

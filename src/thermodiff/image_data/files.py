@@ -6,13 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from thermodiff.errors import UserError
+from thermodiff.errors import UserError, first_line
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-
-
-def _first_line(e: Exception) -> str:
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def _open_image(path: Path):
@@ -29,7 +25,7 @@ def _open_image(path: Path):
                 image.load()
                 return image.copy()
     except Exception as e:  # untrusted bytes: Pillow's decoders fail in many ways
-        raise UserError(f"{path}: cannot be read as an image ({_first_line(e)})") from None
+        raise UserError(f"{path}: cannot be read as an image ({first_line(e)})") from None
 
 
 def load_grey_image(path: str | Path, allow_colour: bool = False) -> np.ndarray:
@@ -169,7 +165,7 @@ def load_image_array(path: str | Path, key: str | None = None) -> np.ndarray:
     except UserError:
         raise
     except Exception as e:  # untrusted bytes: numpy's parsers fail in many ways (tokenize, ast, zip, ...)
-        raise UserError(f"{path}: cannot be read as {suffix[1:]} ({_first_line(e)})") from None
+        raise UserError(f"{path}: cannot be read as {suffix[1:]} ({first_line(e)})") from None
     return validate_images(x, str(path))
 
 
