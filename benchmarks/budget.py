@@ -11,18 +11,18 @@ held-out figure is the evaluation's.
 """
 
 import argparse
-import json
 import shlex
 from pathlib import Path
 
 import numpy as np
 
 from record import thermodiff_json, write_result  # a sibling module: benchmarks/ is on sys.path when run
+from thermodiff.training import read_metrics
 
 
 def training_curve(run_dir: Path, dim: int, smooth: int = 10) -> list[dict]:
     """(step, elapsed_s, running K in bits/pixel averaged over the last ``smooth`` log records)."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(run_dir)
     sums = np.concatenate([[0.0], np.cumsum([r["K_bits_running"] / dim for r in records])])
     ends = np.arange(1, len(records) + 1)
     starts = np.maximum(ends - smooth, 0)

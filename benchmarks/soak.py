@@ -37,6 +37,7 @@ import torch
 
 from thermodiff.checkpoint import atomic_write_text, load_checkpoint
 from thermodiff.errors import UserError
+from thermodiff.training import read_metrics
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -141,17 +142,7 @@ def _stat(pid: int) -> str:
 
 def logged_step(run_dir: Path) -> int:
     """The last step in metrics.jsonl (complete lines only), 0 if none."""
-    try:
-        text = (run_dir / "metrics.jsonl").read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        return 0
-    steps = [0]
-    for line in text.splitlines():
-        try:
-            steps.append(int(json.loads(line)["step"]))
-        except (ValueError, KeyError, TypeError):
-            pass  # a line being written
-    return max(steps)
+    return max((int(r["step"]) for r in read_metrics(run_dir)), default=0)
 
 
 def checkpoint_step(run_dir: Path) -> int | None:
@@ -233,8 +224,7 @@ def final_state(run_dir: Path) -> dict:
     the config, without wall-clock times."""
     tensors, meta = load_checkpoint(run_dir / "checkpoint.safetensors")
     meta = {k: v for k, v in meta.items() if k != "elapsed_s"}
-    metrics = [{k: v for k, v in json.loads(line).items() if k != "elapsed_s"}
-               for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = [{k: v for k, v in r.items() if k != "elapsed_s"} for r in read_metrics(run_dir)]
     csv_lines = (run_dir / "metrics.csv").read_text().splitlines()
     elapsed_column = csv_lines[0].split(",").index("elapsed_s")
     csv_rows = [[v for i, v in enumerate(line.split(",")) if i != elapsed_column] for line in csv_lines]

@@ -15,7 +15,7 @@ from thermodiff.errors import UserError
 from thermodiff.evaluation import evaluate, hardware
 from thermodiff.experiment import Run, load_run
 from thermodiff.sampling import ancestral_sample
-from thermodiff.training import train
+from thermodiff.training import read_metrics, train
 
 
 def check_comparable(configs: list[Config], origins: list[str]) -> None:
@@ -47,11 +47,6 @@ def sample_seconds(run: Run, n: int, seed: int = 0) -> float | None:
     start = time.perf_counter()
     ancestral_sample(run.diffusion, run.model, (n, *run.dataset.event_shape), torch.Generator().manual_seed(seed))
     return (time.perf_counter() - start) / n
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.exists() else []
 
 
 def compare(configs: list[Config], origins: list[str], out: Path, overwrite: bool = False, progress: bool = True,

@@ -56,19 +56,22 @@ def validate_train_config(cfg: Config, world_size: int = 1) -> None:
         raise UserError(f"train.precision must be 'fp32', 'bf16' or 'fp16', got {t.precision!r}")
 
 
-def rewrite_metrics(run_dir: Path, upto_step: int) -> None:
-    """Keep only complete metric records up to the checkpointed step (after a crash or on resume)."""
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The complete records of a run's metrics.jsonl, in order ([] when there is none)."""
     path = run_dir / "metrics.jsonl"
     records = []
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a kill
-            if record.get("step", math.inf) <= upto_step:
-                records.append(record)
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+    for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+    return records
+
+
+def rewrite_metrics(run_dir: Path, upto_step: int) -> None:
+    """Keep only complete metric records up to the checkpointed step (after a crash or on resume)."""
+    records = [r for r in read_metrics(run_dir) if r.get("step", math.inf) <= upto_step]
+    atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, METRIC_FIELDS, lineterminator="\n")  # as append_metrics writes rows
     writer.writeheader()
