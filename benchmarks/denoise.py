@@ -12,10 +12,12 @@ import json
 import time
 
 import numpy as np
+import torch
 
 from record import write_result  # a sibling module: benchmarks/ is on sys.path when run
 from thermodiff.conditioning import DENOISE_METHODS, denoise, denoise_mean
 from thermodiff.experiment import load_run
+from thermodiff.image_data import psnr_db
 
 
 def psnr(estimate: np.ndarray, truth: np.ndarray, where: np.ndarray | None = None) -> np.ndarray:
@@ -23,7 +25,7 @@ def psnr(estimate: np.ndarray, truth: np.ndarray, where: np.ndarray | None = Non
     err = (estimate.astype(np.float64) - truth).reshape(len(truth), -1)
     if where is not None:
         err = err[:, where.reshape(-1)]
-    return 10 * np.log10(255.0**2 / (err**2).mean(1))
+    return psnr_db(torch.from_numpy((err**2).mean(1))).numpy()
 
 
 def wiener(train: np.ndarray, noisy: np.ndarray, noise_var: float) -> np.ndarray:

@@ -12,6 +12,7 @@ from thermodiff.distributions import (
     gaussian_entropy,
     gaussian_kl,
     gaussian_log_prob,
+    standard_normal_log_prob,
 )
 
 
@@ -56,6 +57,11 @@ def test_gaussian_entropy_matches_torch():
 def test_gaussian_log_prob_matches_torch():
     mean, var, x, _ = _gaussian_params(seed=4)
     torch.testing.assert_close(gaussian_log_prob(x, mean, var), Normal(mean, var.sqrt()).log_prob(x), rtol=1e-10, atol=1e-12)
+
+
+def test_standard_normal_log_prob_matches_torch():
+    _, _, x, _ = _gaussian_params(seed=6)
+    torch.testing.assert_close(standard_normal_log_prob(x), Normal(0.0, 1.0).log_prob(x), rtol=1e-10, atol=1e-12)
 
 
 def _probs(n=300, seed=5):

@@ -37,6 +37,7 @@ from thermodiff.image_data import (
     load_mnist,
     md5_of,
     pixel_log_jacobian,
+    psnr_db,
     read_idx,
     restricted_unpickle,
     safe_extract_tar,
@@ -821,6 +822,12 @@ def test_log_jacobian_with_uniform_pixels():
     log_p_y = D * math.log(expected)
     assert log_p_y + pixel_log_jacobian(D) == pytest.approx(D * math.log(1 / 256))
     assert bits_per_dim(log_p_y, D) == pytest.approx(8.0)
+
+
+def test_psnr_of_a_known_error():
+    # an error of one grey level everywhere: 20 log10(255); of 255 (black for white): 0 dB
+    psnr = psnr_db(torch.tensor([1.0, 255.0**2], dtype=torch.float64))
+    torch.testing.assert_close(psnr, torch.tensor([20 * math.log10(255), 0.0], dtype=torch.float64))
 
 
 # --------------------------------------------------------------------------- real data (skipped when absent)

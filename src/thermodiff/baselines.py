@@ -20,9 +20,10 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from thermodiff.bound import standard_error
-from thermodiff.distributions import bernoulli_log_prob, gaussian_kl, gaussian_log_prob
+from thermodiff.distributions import bernoulli_log_prob, gaussian_kl, gaussian_log_prob, standard_normal_log_prob
 from thermodiff.errors import UserError
 from thermodiff.gaussian import sum_except_batch
+from thermodiff.image_data import psnr_db
 from thermodiff.networks import mlp
 
 
@@ -109,7 +110,7 @@ class VAE(nn.Module):
         log_w = []
         for _ in range(k):
             z = mean + var.sqrt() * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-            log_prior = sum_except_batch(gaussian_log_prob(z, torch.zeros_like(z), torch.ones_like(z)))
+            log_prior = sum_except_batch(standard_normal_log_prob(z))
             log_w.append(self.log_likelihood(x, model.decode(z.to(x.dtype))) + log_prior
                          - sum_except_batch(gaussian_log_prob(z, mean, var)))
         return torch.logsumexp(torch.stack(log_w), 0) - math.log(k)
@@ -120,7 +121,7 @@ class VAE(nn.Module):
         x = x0.double()
         if self.bernoulli:
             return sum_except_batch(bernoulli_log_prob(x, torch.full_like(x, self.null_p)))
-        return sum_except_batch(gaussian_log_prob(x, torch.zeros_like(x), torch.ones_like(x)))
+        return sum_except_batch(standard_normal_log_prob(x))
 
     def training_draws(self, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
         return torch.randn((len(x0), self.latent), generator=generator, device=x0.device, dtype=torch.float64)
@@ -196,6 +197,6 @@ class DAE(nn.Module):
             mse = torch.from_numpy(((estimate - truth) ** 2).reshape(len(truth), -1).mean(1))
             report |= {f"{name}_mse": float(mse.mean()), f"{name}_mse_stderr": standard_error(mse)}
             if dataset.is_image:
-                psnr = 10 * torch.log10(255.0**2 / mse)
+                psnr = psnr_db(mse)
                 report |= {f"{name}_psnr_db": float(psnr.mean()), f"{name}_psnr_stderr_db": standard_error(psnr)}
         return report

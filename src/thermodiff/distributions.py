@@ -28,6 +28,11 @@ def gaussian_log_prob(x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
     return -0.5 * (LOG_2PI + torch.log(var) + (x - mean) ** 2 / var)
 
 
+def standard_normal_log_prob(x: Tensor) -> Tensor:
+    """log N(x; 0, 1), elementwise: the prior of latents and the null model of scaled data."""
+    return -0.5 * (LOG_2PI + x**2)
+
+
 def log_normal_interval(a: Tensor, b: Tensor) -> Tensor:
     """log(Phi(b) - Phi(a)) for a < b, elementwise, accurate in both tails: an interval in the
     upper tail is mirrored into the lower one, where log Phi keeps its precision."""

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from thermodiff.bound import BoundEstimate
-from thermodiff.distributions import gaussian_entropy, gaussian_kl, gaussian_log_prob
+from thermodiff.distributions import gaussian_entropy, gaussian_kl, standard_normal_log_prob
 from thermodiff.gaussian import Decoder, GaussianDiffusion, sum_except_batch
 from thermodiff.schedules import Schedule
 
@@ -133,8 +133,7 @@ class VDM(nn.Module):
 
     def null_log_likelihood(self, x0: Tensor) -> Tensor:
         """log N(x; 0, I) per example: the null model L_null, as for the 2015 model."""
-        x = x0.double()
-        return sum_except_batch(gaussian_log_prob(x, torch.zeros_like(x), torch.ones_like(x)))
+        return sum_except_batch(standard_normal_log_prob(x0.double()))
 
     def times(self, t: Tensor) -> Tensor:
         """The continuous time s_t = (t - 1) / (T - 1) of chain step t = 1..T."""

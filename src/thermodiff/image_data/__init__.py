@@ -40,7 +40,7 @@ from thermodiff.image_data.official import (
     restricted_unpickle,
     safe_extract_tar,
 )
-from thermodiff.image_data.pixels import bits_per_dim, from_unit_float, pixel_log_jacobian, to_unit_float
+from thermodiff.image_data.pixels import bits_per_dim, from_unit_float, pixel_log_jacobian, psnr_db, to_unit_float
 
 __all__ = [
     "CIFAR10_CLASSES",
@@ -61,6 +61,7 @@ __all__ = [
     "load_mnist",
     "md5_of",
     "pixel_log_jacobian",
+    "psnr_db",
     "read_idx",
     "restricted_unpickle",
     "safe_extract_tar",
