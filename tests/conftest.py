@@ -1,6 +1,7 @@
 """Shared fixtures for the user-facing tests: a tiny, fast experiment config (Swiss roll, 400
 points, T = 6, a couple of dozen steps), a helper that runs the CLI in-process, and one trained
-run that read-only tests share (tests that change a run work on their own copy)."""
+run that read-only tests share (tests that change a run work on their own copy); and a tiny
+8 x 8 image config."""
 
 import contextlib
 import io
@@ -8,9 +9,11 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from thermodiff.cli import main
+from thermodiff.image_data import dead_leaves
 
 TINY_N = 400
 TINY_TEST_FRACTION = 0.25
@@ -127,3 +130,33 @@ def copy_run(trained_run, tmp_path):
         return target
 
     return copy
+
+
+TINY_IMAGES = """
+name = "tiny_images"
+seed = 1
+[data]
+source = "{source}"
+test_fraction = 0.25
+[diffusion]
+T = 6
+[model]
+network = "conv"
+preset = "small"
+[train]
+steps = 4
+batch_size = 16
+checkpoint_every = 2
+[eval]
+n_draws = 1
+"""
+
+
+@pytest.fixture
+def tiny_images(tmp_path) -> Path:
+    """A config for 48 dead-leaves images of 8 x 8 (an .npz of grey images), T = 6, the small conv net."""
+    images = dead_leaves(48, size=8, seed=3)  # uint8 (48, 1, 8, 8)
+    np.savez(tmp_path / "images.npz", images=images[:, 0])  # (N, H, W): one grey channel
+    config = tmp_path / "tiny_images.toml"
+    config.write_text(TINY_IMAGES.format(source=tmp_path / "images.npz"))
+    return config

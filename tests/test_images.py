@@ -4,7 +4,6 @@ likelihood is known in closed form."""
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,36 +14,6 @@ from thermodiff.cli import main
 from thermodiff.config import load_config
 from thermodiff.evaluation import evaluate
 from thermodiff.experiment import Run, build_diffusion, prepare_dataset
-from thermodiff.image_data import dead_leaves
-
-TINY_IMAGES = """
-name = "tiny_images"
-seed = 1
-[data]
-source = "{source}"
-test_fraction = 0.25
-[diffusion]
-T = 6
-[model]
-network = "conv"
-preset = "small"
-[train]
-steps = 4
-batch_size = 16
-checkpoint_every = 2
-[eval]
-n_draws = 1
-"""
-
-
-@pytest.fixture
-def tiny_images(tmp_path) -> Path:
-    images = dead_leaves(48, size=8, seed=3)  # uint8 (48, 1, 8, 8)
-    np.savez(tmp_path / "images.npz", images=images[:, 0])  # (N, H, W): one grey channel
-    config = tmp_path / "tiny_images.toml"
-    config.write_text(TINY_IMAGES.format(source=tmp_path / "images.npz"))
-    return config
-
 
 def run_cli(*args) -> int:
     return main([str(a) for a in args])

@@ -15,10 +15,8 @@ from thermodiff.bound import LossAwareSampler, check_training_loss, training_dra
 from thermodiff.distributions import discretized_gaussian_log_prob
 from thermodiff.gaussian import Bins
 
-import test_images
 from linear_gaussian import analytic_model, wavy_model
 
-tiny_images = test_images.tiny_images  # the fixture of an 8 x 8 dead-leaves image config
 
 LN2 = math.log(2)
 
