@@ -49,9 +49,10 @@ class DiffusionConfig:
 
 @dataclass
 class ModelConfig:
-    network: str = "rbf"  # rbf | mlp (vectors) | conv (images)
-    preset: str = "small"  # conv presets: paper, paper_mnist, reference_mnist, reference_cifar10, small
+    network: str = "rbf"  # rbf | mlp (vectors) | conv (images: the paper's) | unet (images: Ho et al.'s)
+    preset: str = "small"  # conv: paper, paper_mnist, reference_mnist, reference_cifar10, small; unet: small, cpu, ddpm_cifar10
     conv: dict = field(default_factory=dict)  # overrides of the conv preset, e.g. {n_conv_layers = 6}
+    unet: dict = field(default_factory=dict)  # overrides of the unet preset, e.g. {base_channels = 64}
     hidden: int = 16
     layers: int = 1
     activation: str = "tanh"
@@ -74,7 +75,7 @@ class TrainConfig:
     log_every: int = 100
     max_nonfinite: int = 20  # stop after this many non-finite losses in a row
     ema_decay: float = 0.0  # exponential moving average of the weights (0: off); evaluation uses it
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast, GPU only)
+    precision: str = "fp32"  # fp32 | bf16 (autocast, CPU or GPU) | fp16 (autocast, GPU only)
     loss: str = "bound"  # bound (-K) | simple (Ho et al.'s L_simple) | hybrid (L_simple + hybrid_lambda L_vlb)
     hybrid_lambda: float = 0.001  # Nichol & Dhariwal's lambda
     t_sampler: str = "uniform"  # how t is drawn for the one-t estimate: uniform | loss_aware (importance)

@@ -20,7 +20,11 @@ from thermodiff.gaussian import Bins, Decoder, GaussianDiffusion, GaussianParame
 from thermodiff.baselines import DAE, VAE, DenoiserNet, VAENet
 from thermodiff.networks import build_vector_net
 from thermodiff.schedules import make_schedule
+from thermodiff.unet import build_unet
 from thermodiff.vdm import VDM
+
+#: model.network values for (C, H, W) images; the others take (D,) vectors
+IMAGE_NETWORKS = ("conv", "unet")
 
 # The paper's figures (v8, Tables 1 and 2): bits per sample, per pixel for images.
 PAPER_RESULTS = {
@@ -129,7 +133,7 @@ def prepare_dataset(cfg: Config, override: np.ndarray | None = None, scaling: da
     ``override`` is the test split."""
     train, test, source = load_splits(cfg)
     image = train.ndim == 4
-    if not cfg.baseline.kind and image != (cfg.model.network == "conv"):  # baselines take both
+    if not cfg.baseline.kind and image != (cfg.model.network in IMAGE_NETWORKS):  # baselines take both
         what = f"images of shape {train.shape[1:]}" if image else f"vectors of shape {train.shape[1:]}"
         raise UserError(f"{source}: holds {what}, but model.network = {cfg.model.network!r} is for "
                         f"{'vectors' if image else 'images'}")
@@ -234,14 +238,16 @@ def build_model(cfg: Config, diffusion: nn.Module, event_shape: tuple[int, ...])
         raise UserError(f"model: {e}") from None
     if isinstance(diffusion, VDM) and not image and m.readout != "bumps":
         raise UserError("diffusion.kind = 'vdm' calls the network at continuous times: use model.readout = 'bumps'")
-    if image != (m.network == "conv"):
-        need = "'conv'" if image else "'rbf' or 'mlp'"
+    if image != (m.network in IMAGE_NETWORKS):
+        need = "'conv' or 'unet'" if image else "'rbf' or 'mlp'"
         raise UserError(f"model.network = {m.network!r} does not fit data of shape {tuple(event_shape)}; use {need}")
     try:
         if image:
             channels, height, width = event_shape
             if height != width:
                 raise ValueError(f"images must be square, got {height} x {width}")
+            if m.network == "unet":
+                return build_unet(m.preset, channels, height, diffusion.outputs_per_dim, diffusion.T, **m.unet)
             return build_conv_net(m.preset, channels, height, diffusion.outputs_per_dim, diffusion.T, **m.conv)
         return build_vector_net(m.network, event_shape[0], diffusion.outputs_per_dim, diffusion.T, m.hidden, m.layers,
                                 m.activation, m.readout, m.n_basis, m.bump_width)

@@ -168,10 +168,15 @@ class EMA:
 
 
 def autocast(cfg: Config, device: torch.device):
+    """The network's mixed precision: bf16 on any device (on CPUs with AVX-512 BF16 it trains a
+    U-Net ~1.6x faster), fp16 only on CUDA (it needs the gradient scaler); the bound's own
+    arithmetic stays in float32/float64 either way (autocast only lowers convolutions and matmuls)."""
     precision = cfg.train.precision
-    if precision == "fp32" or device.type != "cuda":
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision == "fp16" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
 
 
 def train(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: bool = False, progress: bool = True,

@@ -1,0 +1,162 @@
+"""A time-conditioned U-Net reverse-model network for images (Ho et al. 2020, after PixelCNN++).
+
+The paper's network (:mod:`thermodiff.convnet`) shares its whole body across t and lets time in
+only through the readout. This one, the architecture of the diffusion models that followed, feeds
+t to every residual block, so each block can act differently at each noise level; that matters
+most for denoising, where the network must be a good E[x_0 | x_t] at one particular t.
+
+``net(x_t, t) -> z`` has the same contract as every reverse network here: images (N, C, H, W),
+the paper's 1-based integer steps t (values 1..T) or continuous times in [0, 1] (floating
+point, :mod:`thermodiff.vdm`), output (N, K, C, H, W) with K = ``outputs_per_dim``. Step t of T
+sits at s = (t - 1) / (T - 1), as for the bump readout, so one network serves both.
+
+Layout: a 3x3 stem, then per resolution ``blocks_per_level`` residual blocks (GroupNorm, SiLU,
+3x3 convolution, the time embedding added per channel, again, dropout before the second
+convolution), 2x mean-pool down between levels (the stem, every block and every pooling keep
+their output as a skip); a middle pair of blocks; the mirror image up
+(nearest-neighbour upsampling, a 3x3 convolution), each block taking the matching skip by
+concatenation. The last convolution starts at zero, so z starts at 0 and the reverse kernel at
+the forward one, as ``readout_init_scale`` does for the paper's network. No attention: at
+these sizes it costs more CPU time than it gains.
+
+Presets: :data:`UNET_PRESETS`, built with :func:`build_unet`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["UNET_PRESETS", "UNet", "build_unet", "timestep_embedding"]
+
+
+def timestep_embedding(s: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding of continuous times ``s`` in [0, 1], scaled to [0, 1000] first (the
+    range of Ho et al.'s integer steps), shape (N, dim) with dim even."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=s.device) / half)
+    angles = 1000.0 * s.float()[:, None] * freqs
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, emb_dim: int, groups: int, dropout: float):
+        super().__init__()
+        self.in_layers = nn.Sequential(nn.GroupNorm(groups, in_channels), nn.SiLU(),
+                                       nn.Conv2d(in_channels, out_channels, 3, padding=1))
+        self.emb = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_channels))
+        self.out_layers = nn.Sequential(nn.GroupNorm(groups, out_channels), nn.SiLU(), nn.Dropout(dropout),
+                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.in_layers(x) + self.emb(emb)[:, :, None, None]
+        return self.skip(x) + self.out_layers(h)
+
+
+class UNet(nn.Module):
+    """U-Net over ``channels`` x ``size`` x ``size`` images with ``len(channel_mults)``
+    resolutions of ``base_channels * mult`` channels (module docstring)."""
+
+    def __init__(self, channels: int, size: int, outputs_per_dim: int, T: int, base_channels: int = 32,
+                 channel_mults: tuple[int, ...] | list[int] = (1, 2, 2), blocks_per_level: int = 1,
+                 dropout: float = 0.0, groups: int = 8):
+        super().__init__()
+        levels = len(channel_mults)
+        if levels < 1 or size % 2 ** (levels - 1):
+            raise ValueError(f"image size {size} must be divisible by 2^(levels - 1) = {2 ** (levels - 1)}")
+        widths = [base_channels * m for m in channel_mults]
+        if any(w % groups for w in [base_channels, *widths]):
+            raise ValueError(f"every width {[base_channels, *widths]} must be divisible by groups = {groups}")
+        if T < 2:
+            raise ValueError("the U-Net needs T >= 2 (times are scaled by T - 1)")
+        self.channels, self.outputs_per_dim, self.T = channels, outputs_per_dim, T
+        self.config = dict(channels=channels, size=size, outputs_per_dim=outputs_per_dim, T=T,
+                           base_channels=base_channels, channel_mults=list(channel_mults),
+                           blocks_per_level=blocks_per_level, dropout=dropout, groups=groups)
+        emb_dim = 4 * base_channels
+        self.emb_dim = base_channels
+        self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.stem = nn.Conv2d(channels, base_channels, 3, padding=1)
+
+        def block(c_in: int, c_out: int) -> ResBlock:
+            return ResBlock(c_in, c_out, emb_dim, groups, dropout)
+
+        self.down = nn.ModuleList()
+        skip_widths, width = [base_channels], base_channels
+        for i, w in enumerate(widths):
+            if i > 0:
+                skip_widths.append(width)  # the pooled input of this level is a skip too
+            level = nn.ModuleList()
+            for _ in range(blocks_per_level):
+                level.append(block(width, w))
+                width = w
+                skip_widths.append(width)
+            self.down.append(level)
+        self.middle = nn.ModuleList([block(width, width), block(width, width)])
+        self.up = nn.ModuleList()
+        self.up_convs = nn.ModuleList()
+        for i, w in reversed(list(enumerate(widths))):
+            level = nn.ModuleList()
+            for _ in range(blocks_per_level + 1):
+                level.append(block(width + skip_widths.pop(), w))
+                width = w
+            self.up.append(level)
+            self.up_convs.append(nn.Conv2d(width, width, 3, padding=1) if i > 0 else nn.Identity())
+        self.out = nn.Sequential(nn.GroupNorm(groups, width), nn.SiLU(),
+                                 nn.Conv2d(width, outputs_per_dim * channels, 3, padding=1))
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
+
+    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
+        s = t if t.is_floating_point() else (t - 1).float() / (self.T - 1)
+        emb = self.time_mlp(timestep_embedding(s, self.emb_dim).to(x_t.dtype))
+        h = self.stem(x_t)
+        skips = [h]
+        for i, level in enumerate(self.down):
+            if i > 0:
+                h = F.avg_pool2d(h, 2)
+                skips.append(h)
+            for blk in level:
+                h = blk(h, emb)
+                skips.append(h)
+        for blk in self.middle:
+            h = blk(h, emb)
+        for level, up_conv in zip(self.up, self.up_convs):
+            for blk in level:
+                h = blk(torch.cat([h, skips.pop()], dim=1), emb)
+            if not isinstance(up_conv, nn.Identity):
+                h = up_conv(F.interpolate(h, scale_factor=2, mode="nearest"))
+        return self.out(h).unflatten(1, (self.outputs_per_dim, self.channels))
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"channels={c['channels']}, size={c['size']}, K={c['outputs_per_dim']}, T={c['T']}, widths={c['base_channels']}x{c['channel_mults']}"
+
+
+#: Named U-Net sizes: constructor keyword arguments for :class:`UNet`.
+UNET_PRESETS: dict[str, dict] = {
+    # fast on a CPU, for tests and demos
+    "small": dict(base_channels=16, channel_mults=(1, 2), blocks_per_level=1, groups=8),
+    # a CPU budget for 32 x 32 images: 32 / 64 / 64 channels at 32 / 16 / 8 pixels, ~1M parameters
+    "cpu": dict(base_channels=32, channel_mults=(1, 2, 2), blocks_per_level=1, groups=8),
+    # DDPM's CIFAR-10 widths (128 x (1, 2, 2, 2), 2 blocks per level, dropout 0.1), without attention
+    "ddpm_cifar10": dict(base_channels=128, channel_mults=(1, 2, 2, 2), blocks_per_level=2, dropout=0.1, groups=32),
+}
+
+
+def build_unet(preset: str, channels: int, size: int, outputs_per_dim: int, T: int, **overrides) -> UNet:
+    """The named U-Net (a key of :data:`UNET_PRESETS`) with ``overrides`` replacing its options.
+
+    Raises ValueError for an unknown preset or option, or a size the levels do not divide.
+    """
+    if preset not in UNET_PRESETS:
+        raise ValueError(f"unknown U-Net preset {preset!r}; choose from {sorted(UNET_PRESETS)}")
+    valid = {"base_channels", "channel_mults", "blocks_per_level", "dropout", "groups"}
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        raise ValueError(f"unknown U-Net option(s) {unknown}; valid options: {sorted(valid)}")
+    return UNet(channels, size, outputs_per_dim, T, **{**UNET_PRESETS[preset], **overrides})

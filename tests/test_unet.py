@@ -1,0 +1,93 @@
+"""The U-Net reverse network: its contract (shapes, integer and continuous times agree, zero
+output at initialisation, time reaches every block), its validation, and end to end through the
+CLI with bf16 autocast on the CPU."""
+
+import json
+
+import pytest
+import torch
+
+from thermodiff.cli import main
+from thermodiff.unet import UNET_PRESETS, UNet, build_unet, timestep_embedding
+
+
+def randomise_readout(net: UNet) -> None:
+    torch.nn.init.normal_(net.out[-1].weight, std=0.1)
+
+
+@pytest.mark.parametrize("preset", ["small", "cpu"])
+def test_shapes_and_zero_start(preset):
+    torch.manual_seed(0)
+    net = build_unet(preset, 3, 16, 2, 50)
+    x, t = torch.randn(4, 3, 16, 16), torch.tensor([1, 7, 25, 50])
+    z = net(x, t)
+    assert z.shape == (4, 2, 3, 16, 16)
+    assert torch.equal(z, torch.zeros_like(z))  # the reverse kernel starts at the forward one
+
+
+def test_integer_steps_sit_at_their_continuous_times():
+    torch.manual_seed(1)
+    T = 40
+    net = build_unet("small", 1, 8, 2, T)
+    randomise_readout(net)
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([1, 20, 40])
+    torch.testing.assert_close(net(x, t), net(x, (t - 1).double() / (T - 1)))
+
+
+@torch.no_grad()
+def test_output_depends_on_time_and_on_distant_pixels():
+    torch.manual_seed(2)
+    net = build_unet("small", 1, 8, 2, 100)
+    randomise_readout(net)
+    for p in net.parameters():  # train-like weights: the zero-initialised readout alone is not enough
+        p.data.add_(0.05 * torch.randn_like(p))
+    x = torch.randn(1, 1, 8, 8)
+    z1, z2 = net(x, torch.tensor([5])), net(x, torch.tensor([95]))
+    assert float((z1 - z2).abs().max()) > 1e-3
+    x2 = x.clone()
+    x2[0, 0, 7, 7] += 1.0  # one corner pixel reaches the opposite corner through the coarse level
+    assert float((net(x2, torch.tensor([5]))[0, :, 0, 0, 0] - z1[0, :, 0, 0, 0]).abs().max()) > 0
+
+
+def test_timestep_embedding():
+    e = timestep_embedding(torch.tensor([0.0, 0.5]), 8)
+    assert e.shape == (2, 8)
+    torch.testing.assert_close(e[0], torch.tensor([1.0] * 4 + [0.0] * 4))  # cos 0, sin 0
+    torch.testing.assert_close(e[1, 0], torch.cos(torch.tensor(500.0)))  # s = 0.5 -> step 500, freq 1
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(preset="huge"), "unknown U-Net preset"),
+    (dict(preset="small", depth=3), "unknown U-Net option"),
+    (dict(preset="small", channel_mults=(1, 2, 2, 2), size=12), "divisible by 2^(levels - 1)"),
+    (dict(preset="small", base_channels=12), "divisible by groups"),
+])
+def test_bad_options(kwargs, message):
+    size = kwargs.pop("size", 16)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("^", r"\^")):
+        build_unet(kwargs.pop("preset"), 1, size, 2, 10, **kwargs)
+
+
+def test_presets_build():
+    for name in UNET_PRESETS:
+        assert isinstance(build_unet(name, 3, 32, 2, 1000), UNet)
+
+
+def test_train_evaluate_sample_through_the_cli_with_bf16(tiny_images, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train", tiny_images, "--out", run, "--quiet", "--device", "cpu", "--set", "model.network=unet",
+            "--set", "train.precision=bf16", "--set", "diffusion.parameterization=eps", "--set", "train.loss=simple"]
+    assert main([str(a) for a in args]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--quiet", "--json"]) == 0
+    e = json.loads(capsys.readouterr().out)
+    assert e["n_examples"] == 12 and torch.isfinite(torch.tensor(e["K_bits"]))
+    assert main(["sample", str(run), "-n", "3", "--out", str(tmp_path / "s.npy"), "--quiet"]) == 0
+
+
+def test_unet_options_are_validated_through_the_cli(tiny_images, tmp_path, capsys):
+    args = ["train", tiny_images, "--out", tmp_path / "r", "--quiet", "--set", "model.network=unet",
+            "--set", "model.unet={depth = 2}"]
+    assert main([str(a) for a in args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown U-Net option" in err
