@@ -45,6 +45,7 @@ class DiffusionConfig:
     eps_variance: str | None = None  # parameterization 'eps': beta_tilde (the default) | beta
     decoder: str = "forward"  # forward (paper App. B.2) | learned | discretized (8-bit images)
     stationary_p: float | None = None  # binomial: None = the training data's mean activity
+    schedule_gradient: str = "bound"  # vdm: bound | variance (the learned schedule's shape cuts the loss estimate's variance, VDM sec. 5.2)
 
 
 @dataclass

@@ -185,13 +185,16 @@ def build_diffusion(cfg: Config, kind: str, data_mean: float, bins: Bins | None 
     resolve_auto(cfg, kind)
     d = cfg.diffusion
     try:
+        if kind != "vdm" and d.schedule_gradient != "bound":
+            raise ValueError(f"schedule_gradient = {d.schedule_gradient!r} is for kind = 'vdm' (its continuous-time "
+                             "loss); leave it at 'bound'")
         if kind == "vdm":  # continuous time: its own decoder, loss and sampling of t (vdm.py)
             if (d.parameterization, d.eps_variance, d.decoder, cfg.train.loss, cfg.train.t_sampler) != (
                     "eps", None, "forward", "bound", "uniform"):
                 raise ValueError("vdm predicts eps, decodes with the forward step and trains on its continuous-time "
                                  "bound: leave parameterization, eps_variance, decoder, train.loss and train.t_sampler "
                                  "at their defaults")
-            return VDM(d.T, d.schedule, d.beta_1)
+            return VDM(d.T, d.schedule, d.beta_1, d.schedule_gradient)
         schedule = make_schedule(d.schedule, d.T, d.beta_1)
         if kind == "binomial":
             if d.stationary_p is None and not 0 < data_mean < 1:

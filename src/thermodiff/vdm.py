@@ -40,6 +40,13 @@ class Parameterization(str, Enum):
     EPS = "eps"  # the network predicts the noise of z_s (VDM sec. 3.4)
 
 
+class ScheduleGradient(str, Enum):
+    """What trains the learned schedule (``diffusion.schedule_gradient``); see :meth:`VDM.diffusion_loss`."""
+
+    BOUND = "bound"  # the bound, like every other parameter
+    VARIANCE = "variance"  # its shape: E[L_diffusion^2], the estimate's variance (VDM sec. 5.2); gamma(1): the bound
+
+
 class NoiseSchedule(nn.Module):
     """gamma(s) = -log SNR(s), increasing on s in [0, 1], float64.
 
@@ -50,9 +57,14 @@ class NoiseSchedule(nn.Module):
     shape sets the discrete chain's steps and the estimator's variance). Unlike VDM, gamma(0) is fixed:
     sigma_0^2 = sigmoid(gamma(0)) is the bound's resolution, which the 2015 paper also fixes (beta_1,
     section 2.4.1), so that the two models' bounds compare. Otherwise the fixed line from gamma_0 to gamma_1.
+
+    ``end_point`` (learned only): gamma(1) is a parameter of its own, gamma(s) = gamma_0 + |span| shape(s)
+    with the network normalised to a shape rising from 0 to 1 (:meth:`shaped`), so that the shape can be
+    trained on another objective without moving the end point, which sets the bound.
     """
 
-    def __init__(self, gamma_0: float = GAMMA_0, gamma_1: float = GAMMA_1, learn: bool = True, features: int = 64):
+    def __init__(self, gamma_0: float = GAMMA_0, gamma_1: float = GAMMA_1, learn: bool = True, features: int = 64,
+                 end_point: bool = False):
         super().__init__()
         if not gamma_1 > gamma_0:
             raise ValueError(f"gamma(1) = {gamma_1} must exceed gamma(0) = {gamma_0}")
@@ -65,8 +77,13 @@ class NoiseSchedule(nn.Module):
             self.w2 = nn.Parameter(0.01 * torch.randn(features, dtype=torch.float64))
             self.b2 = nn.Parameter(torch.zeros(features, dtype=torch.float64))
             self.w3 = nn.Parameter(0.01 * torch.randn(features, dtype=torch.float64))
+            if end_point:  # gamma(1) - gamma(0), through abs like slope
+                self.span = nn.Parameter(slope.clone())
+        elif end_point:
+            raise ValueError("a separate end point is for the learned schedule")
         else:
             self.register_buffer("slope", slope)
+        self.end_point = end_point
 
     def _increasing(self, s: Tensor) -> tuple[Tensor, Tensor]:
         """The monotone network at s and its derivative in s."""
@@ -77,8 +94,19 @@ class NoiseSchedule(nn.Module):
             slope = slope + (4 * u * (1 - u) * self.w2.abs()) @ self.w3.abs() / len(self.w3)
         return value, slope
 
+    def shaped(self, s: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """With ``end_point``: gamma(s), gamma'(s), and the shape(s), shape'(s) that |span| stretches them from."""
+        s = s.double()
+        value, slope = self._increasing(s)
+        low, high = self._increasing(torch.tensor([0.0, 1.0], dtype=s.dtype, device=s.device))[0]
+        shape, dshape = (value - low) / (high - low), slope / (high - low)
+        span = self.span.abs()
+        return self.gamma_0 + span * shape, span * dshape, shape, dshape
+
     def with_slope(self, s: Tensor) -> tuple[Tensor, Tensor]:
         """gamma(s) and gamma'(s)."""
+        if self.end_point:
+            return self.shaped(s)[:2]
         s = s.double()
         value, slope = self._increasing(s)
         return self.gamma_0 + value - self._increasing(s.new_zeros(()))[0], slope
@@ -105,7 +133,8 @@ def _per_example(v: Tensor, like: Tensor) -> Tensor:
 
 class VDM(nn.Module):
     """VDM's variance-preserving diffusion; see the module docstring. ``T`` is the length of the
-    chain that evaluation and sampling use (it may be changed after training)."""
+    chain that evaluation and sampling use (it may be changed after training). ``schedule_gradient``:
+    :class:`ScheduleGradient`, see :meth:`diffusion_loss`."""
 
     outputs_per_dim = 1
     parameterization = Parameterization.EPS
@@ -113,15 +142,22 @@ class VDM(nn.Module):
     # not learned, like the 2015 paper's forward decoder (without its pi(x_0) / pi(x_1) factor)
     decoder = Decoder.FORWARD
 
-    def __init__(self, T: int, schedule: str = "learned", beta_1: float | None = None):
+    def __init__(self, T: int, schedule: str = "learned", beta_1: float | None = None,
+                 schedule_gradient: ScheduleGradient | str = ScheduleGradient.BOUND):
         super().__init__()
         if T < 2:
             raise ValueError(f"T must be at least 2, got {T}")
         if schedule not in ("learned", "linear"):
             raise ValueError(f"vdm: schedule must be 'learned' (VDM's monotone network) or 'linear', got {schedule!r}")
+        if schedule_gradient not in tuple(ScheduleGradient):
+            raise ValueError(f"vdm: schedule_gradient must be 'bound' or 'variance', got {schedule_gradient!r}")
+        self.schedule_gradient = ScheduleGradient(schedule_gradient)
+        variance = self.schedule_gradient is ScheduleGradient.VARIANCE
+        if variance and schedule != "learned":
+            raise ValueError("vdm: schedule_gradient = 'variance' trains the learned schedule; 'linear' has nothing to train")
         self.T = T
         gamma_0 = GAMMA_0 if beta_1 is None else math.log(beta_1) - math.log1p(-beta_1)  # sigma_0^2 = beta_1
-        self.gamma = NoiseSchedule(gamma_0, max(GAMMA_1, gamma_0 + 1), learn=schedule == "learned")
+        self.gamma = NoiseSchedule(gamma_0, max(GAMMA_1, gamma_0 + 1), learn=schedule == "learned", end_point=variance)
 
     # GaussianDiffusion's, which need only N(0, I) draws, :meth:`step_distribution` (p_sample: a
     # draw of it, times a posterior factor) and :meth:`log_alphas_cumprod` (diffuse_observation:
@@ -231,9 +267,22 @@ class VDM(nn.Module):
 
     def diffusion_loss(self, model, x0: Tensor, s: Tensor, noise: Tensor) -> Tensor:
         """One draw of the continuous-time diffusion loss per example,
-        0.5 gamma'(s) ||eps - eps_hat(z_s, s)||^2 (VDM sec. 5)."""
-        g, dg = self.gamma.with_slope(s)
-        return 0.5 * dg * self.noise_error(model, x0, s, g, noise)
+        0.5 gamma'(s) ||eps - eps_hat(z_s, s)||^2 (VDM sec. 5).
+
+        With ``schedule_gradient = 'variance'`` (VDM sec. 5.2) the value and the gradients of the network
+        and of gamma(1) are the bound's, but the schedule's shape (:meth:`NoiseSchedule.shaped`) gets the
+        gradient of the batch mean of L^2 instead of L, at no extra cost: d L^2 = 2 L dL, so its incoming
+        gradient is scaled by 2 L per example in the backward pass. In continuous time the bound depends on
+        gamma only through its end points (sec. 5.1, for a denoiser read as a function of the SNR), so the
+        shape lowers E[L^2] by lowering the variance of this one-draw estimate."""
+        variance = self.schedule_gradient is ScheduleGradient.VARIANCE and torch.is_grad_enabled()
+        g, dg, *shape = self.gamma.shaped(s) if variance else self.gamma.with_slope(s)
+        loss = 0.5 * dg * self.noise_error(model, x0, s, g, noise)
+        if variance:
+            scale = 2 * loss.detach()  # per example; the hooks run in the backward pass, once L is known
+            for v in shape:
+                v.register_hook(lambda grad: grad * scale)
+        return loss
 
     def continuous_k(self, model, x0: Tensor, s: Tensor, noise: Tensor) -> Tensor:
         """K per example with one draw of the continuous-time diffusion loss (VDM sec. 3.5, 5)."""
