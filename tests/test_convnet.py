@@ -363,6 +363,21 @@ def test_bad_preset_option_or_size_raises_value_error():
         net(images(2, 1, 16), times(2, 10))
 
 
+def test_without_the_dense_pathway_any_divisible_size_is_taken():
+    """Fully convolutional (the bark network, paper Fig. 5): trained at 8 x 8, applied to 16 x 24;
+    each output pixel sees only its neighbourhood, so a crop's interior matches the big image's."""
+    torch.manual_seed(3)
+    net = build_conv_net("small", 1, 8, 2, 10, dense_hidden=0, n_scales=1)
+    assert net.size_multiple == 1 and build_conv_net("small", 1, 8, 2, 10).size_multiple is None
+    big, t = images(1, 1, 24), times(1, 10)
+    z = net(big[..., :16, :], t)
+    assert z.shape == (1, 2, 1, 16, 24)
+    inner = net(big[..., 4:12, 8:16], t)  # 2 layers of 3 x 3: the centre 4 x 4 sees only the crop
+    torch.testing.assert_close(inner[..., 2:6, 2:6], z[..., 6:10, 10:14])
+    with pytest.raises(ValueError, match="divisible by 2"):
+        build_conv_net("small", 1, 8, 2, 10, dense_hidden=0)(images(1, 1, 12)[..., :9, :], t)
+
+
 def test_config_rebuilds_the_network_and_pickles():
     torch.manual_seed(11)
     net = build_conv_net("small", 3, 8, 2, 10)

@@ -15,26 +15,34 @@ from thermodiff.sampling import ancestral_sample
 
 
 def as_examples(x: np.ndarray, run: Run, name: str) -> np.ndarray:
-    """One example of the run's shape, or a stack of them -> (N, *shape) float64."""
+    """One example of the run's shape, or a stack of them -> (N, *shape) float64. A fully
+    convolutional image network (its ``size_multiple``) with one global scaling also takes images
+    of other sizes, with the same channels and sides divisible by that multiple (paper Fig. 5)."""
     shape = run.dataset.event_shape
     x = np.asarray(x, dtype=np.float64)
-    if tuple(x.shape) == shape:
+    if x.ndim == len(shape):
         x = x[None]
+    multiple = getattr(run.model, "size_multiple", None) if len(run.dataset.scaling.shift) == 1 else None
     if tuple(x.shape[1:]) != shape:
-        raise UserError(f"{name}: shape {tuple(x.shape)} does not fit run {run.path}, which models examples of shape {shape}")
+        other = "" if multiple is None else f" (or {shape[0]} x H x W with H and W divisible by {multiple})"
+        fits = (multiple is not None and x.ndim == 4 and x.shape[1] == shape[0]
+                and x.shape[2] % multiple == 0 and x.shape[3] % multiple == 0)
+        if not fits:
+            raise UserError(f"{name}: shape {tuple(x.shape)} does not fit run {run.path}, which models examples "
+                            f"of shape {shape}{other}")
     if not np.isfinite(x).all():
         raise UserError(f"{name}: contains NaN or infinite values")
     return x
 
 
-def sample_with_factor(run: Run, n_inputs: int, n_samples: int, factor=None, seed: int = 0,
+def sample_with_factor(run: Run, inputs_shape: tuple[int, ...], n_samples: int, factor=None, seed: int = 0,
                        progress: bool = True, start: Callable[[torch.Generator], tuple[int, torch.Tensor]] | None = None,
                        ) -> np.ndarray:
-    """``n_samples`` posterior draws for each of ``n_inputs`` inputs (the factor's batch), in
-    original units: (n_samples, n_inputs, *shape). ``start(generator) -> (t, x_t)`` begins each
-    chain part-way instead of at the prior."""
+    """``n_samples`` posterior draws for each input of ``inputs_shape`` (the factor's batch, N x
+    example shape), in original units: (n_samples, *inputs_shape). ``start(generator) -> (t, x_t)``
+    begins each chain part-way instead of at the prior."""
     generator = torch.Generator().manual_seed(seed)
-    shape = run.dataset.event_shape
+    n_inputs, *shape = inputs_shape
     chains = [None if start is None else start(generator) for _ in range(n_samples)]
     steps = sum(run.diffusion.T if c is None else c[0] for c in chains)
     draws = []
@@ -85,8 +93,8 @@ def denoise(run: Run, noisy: np.ndarray, sigma: float, n_samples: int, seed: int
         raise UserError(f"--method must be one of {', '.join(DENOISE_METHODS)}, got {method!r}")
     y, noise_var = _observation(run, noisy, sigma)
     if method == "product":
-        return sample_with_factor(run, len(noisy), n_samples, GaussianObservation(y.double(), noise_var), seed, progress)
-    return sample_with_factor(run, len(noisy), n_samples, None, seed, progress, start=_starter(run, y, noise_var, sigma))
+        return sample_with_factor(run, noisy.shape, n_samples, GaussianObservation(y.double(), noise_var), seed, progress)
+    return sample_with_factor(run, noisy.shape, n_samples, None, seed, progress, start=_starter(run, y, noise_var, sigma))
 
 
 @torch.no_grad()
@@ -117,6 +125,6 @@ def inpaint(run: Run, values: np.ndarray, mask: np.ndarray, n_samples: int, seed
         raise UserError("the mask marks every value as known; nothing to fill in")
     clamp = Clamp(run.dataset.to_model(values, dequantize=False).double(), keep,
                   forward=run.diffusion if known == "forward" else None)
-    samples = sample_with_factor(run, len(values), n_samples, clamp, seed, progress)
+    samples = sample_with_factor(run, values.shape, n_samples, clamp, seed, progress)
     samples[:, mask.astype(bool)] = np.broadcast_to(values, samples.shape)[:, mask.astype(bool)]  # exact, not rounded
     return samples

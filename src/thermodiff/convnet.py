@@ -231,11 +231,21 @@ class ConvReverseNet(nn.Module):
         nn.init.orthogonal_(self.readout.weight, gain=self.config["readout_init_scale"])
         self.readout.bias.zero_()
 
+    @property
+    def size_multiple(self) -> int | None:
+        """Without the dense pathway the network is fully convolutional: it takes images of any
+        size divisible by the coarsest pooling, 2^(n_scales - 1) (paper Fig. 5 inpaints a large
+        image with a network trained on small crops). None: only the trained size."""
+        return None if self.dense is not None else 2 ** (self.n_scales - 1)
+
     def features(self, x: Tensor) -> Tensor:
         """The lower half's output (N, n_features, H, W): conv and dense features concatenated."""
-        if x.ndim != 4 or x.shape[1:] != (self.channels, self.size, self.size):
-            raise ValueError(f"expected images of shape (N, {self.channels}, {self.size}, {self.size}), "
-                             f"got {tuple(x.shape)}")
+        m = self.size_multiple
+        fits = x.shape[1:] == (self.channels, self.size, self.size) if m is None else (
+            x.shape[1] == self.channels and x.shape[2] % m == 0 and x.shape[3] % m == 0)
+        if x.ndim != 4 or not fits:
+            need = f"{self.size}, {self.size})" if m is None else f"H, W) with H and W divisible by {m}"
+            raise ValueError(f"expected images of shape (N, {self.channels}, {need}, got {tuple(x.shape)}")
         parts = []
         if self.conv is not None:
             h = self.conv(x)

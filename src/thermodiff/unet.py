@@ -111,6 +111,11 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 
+    @property
+    def size_multiple(self) -> int:
+        """Fully convolutional: any image size divisible by the coarsest pooling, 2^(levels - 1)."""
+        return 2 ** (len(self.down) - 1)
+
     def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
         s = t if t.is_floating_point() else (t - 1).float() / (self.T - 1)
         emb = self.time_mlp(timestep_embedding(s, self.emb_dim).to(x_t.dtype))
