@@ -154,17 +154,23 @@ class Objective(nn.Module):
 
 
 class EMA:
-    """Exponential moving average of the floating-point weights (evaluated in place of them)."""
+    """Exponential moving average of the floating-point weights (evaluated in place of them).
+
+    The decay warms up as TensorFlow's ExponentialMovingAverage(num_updates) does, min(decay,
+    (1 + step) / (10 + step)): without it the average of a short run is mostly its initial
+    weights (0.999^884 = 41% after a 10-minute CPU run of the U-Net)."""
 
     def __init__(self, module: nn.Module, decay: float):
         self.decay = decay
         self.shadow = {k: v.detach().clone() for k, v in module.state_dict().items() if v.is_floating_point()}
 
     @torch.no_grad()
-    def update(self, module: nn.Module) -> None:
+    def update(self, module: nn.Module, step: int) -> None:
+        """Average in the weights after optimiser update number ``step`` (1-based)."""
+        decay = min(self.decay, (1 + step) / (10 + step))
         for k, v in module.state_dict().items():
             if k in self.shadow:
-                self.shadow[k].lerp_(v, 1 - self.decay)
+                self.shadow[k].lerp_(v, 1 - decay)
 
 
 def autocast(cfg: Config, device: torch.device):
@@ -320,7 +326,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, progress: 
         scaler.step(optimizer)
         scaler.update()
         if ema is not None:
-            ema.update(objective)
+            ema.update(objective, step)
         k_bits = float(stats[0] / stats[2]) / LN2
         window.append(k_bits)
         running = k_bits if running is None else 0.99 * running + 0.01 * k_bits
