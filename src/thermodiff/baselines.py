@@ -183,15 +183,23 @@ class DAE(nn.Module):
         se = self.squared_error(model, x0, draws)
         return se.mean(), -se.detach()
 
+    def noise_std_original(self, dataset) -> np.ndarray:
+        """noise_std in the data's original units (grey levels for images), per dimension, broadcastable."""
+        return self.noise_std / dataset.model_scale().numpy()
+
     @torch.no_grad()
+    def denoise(self, model, dataset, noisy: np.ndarray) -> np.ndarray:
+        """The output for noisy examples, both in original units (8-bit images come back as uint8)."""
+        return dataset.from_model(model(dataset.to_model(noisy, dequantize=False)))
+
     def denoise_report(self, model, dataset, test: np.ndarray, seed: int = 0) -> dict:
         """``test`` (original units) plus Gaussian noise of noise_std in units of the scaled data (1
         is SNR 1 there), the output against the noisy input: mean squared error per entry in
         original units, and for 8-bit images PSNR in dB (peak 255), with standard errors."""
         truth = test.astype(np.float64)
-        sigma = self.noise_std / dataset.model_scale().numpy()  # original units, broadcast per dimension
+        sigma = self.noise_std_original(dataset)
         noisy = truth + np.random.default_rng(seed).normal(size=truth.shape) * sigma
-        denoised = dataset.from_model(model(dataset.to_model(noisy, dequantize=False)))
+        denoised = self.denoise(model, dataset, noisy)
         report = {"noise_std_original_units": sigma.tolist()}
         for name, estimate in (("output", denoised), ("noisy_input", noisy)):
             mse = torch.from_numpy(((estimate - truth) ** 2).reshape(len(truth), -1).mean(1))
