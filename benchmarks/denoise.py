@@ -9,7 +9,7 @@ noisy images.
 
 `--methods` with no methods skips the (slow) samplers: the one-call posterior mean, the Wiener
 filter and the DAE only. Writes benchmarks/results/NAME.json (default denoise_<experiment>) with
-PSNRs in dB (peak 255).
+PSNRs in dB (peak 255), and NAME.png in the style of the paper's Fig. 3 (first 10 images).
 """
 
 import argparse
@@ -19,10 +19,11 @@ import time
 import numpy as np
 import torch
 
-from record import write_result  # a sibling module: benchmarks/ is on sys.path when run
+from record import RESULTS, write_result  # a sibling module: benchmarks/ is on sys.path when run
 from thermodiff.conditioning import DENOISE_METHODS, denoise, denoise_mean
 from thermodiff.experiment import load_run
 from thermodiff.image_data import psnr_db
+from thermodiff.plotting import image_grid_png
 
 
 def psnr(estimate: np.ndarray, truth: np.ndarray, where: np.ndarray | None = None) -> np.ndarray:
@@ -89,14 +90,16 @@ if __name__ == "__main__":
     sigma = float(run.dataset.train.astype(np.float64).std())  # SNR 1: noise variance = data variance
     noisy = truth + np.random.default_rng(args.seed).normal(0, sigma, truth.shape)
     dae_denoised, dae = dae_output(args.dae, truth, noisy, sigma) if args.dae else (None, None)  # refused before sampling
-    results, seconds = {}, {}
+    results, seconds, sample_panels = {}, {}, []
     for method in args.methods:
         start = time.perf_counter()
         samples = denoise(run, noisy, sigma, args.samples, args.seed, progress=True, method=method)
         seconds[method] = round(time.perf_counter() - start, 1)
         results[f"posterior_mean_{method}"], results[f"posterior_sample_{method}"] = score_samples(samples, truth)
-    one_step = psnr(denoise_mean(run, noisy, sigma, args.one_step_draws, args.seed), truth)
-    wiener_db = psnr(wiener(run.dataset.train, noisy, sigma**2), truth)
+        sample_panels.append(samples[0])
+    posterior_mean = denoise_mean(run, noisy, sigma, args.one_step_draws, args.seed)
+    wiener_estimate = wiener(run.dataset.train, noisy, sigma**2)
+    one_step, wiener_db = psnr(posterior_mean, truth), psnr(wiener_estimate, truth)
     results["posterior_mean_one_step"] = summary(one_step)
     results["noisy_input"] = summary(psnr(noisy, truth))
     results["wiener_filter"] = summary(wiener_db)
@@ -121,5 +124,12 @@ if __name__ == "__main__":
                     "noise_std_scaled": dae.diffusion.noise_std}} if dae is not None else {}),
         "setup": setup, "psnr": results, "sampling_seconds": seconds,
     }
-    write_result(args.name or f"denoise_{run.config.name}", record)
+    name = args.name or f"denoise_{run.config.name}"
+    columns = min(args.images, 10)  # paper Fig. 3 style: truth, noisy input, posterior mean, Wiener, samples
+    panels = [truth, noisy, posterior_mean, wiener_estimate, *sample_panels]
+    grid = np.concatenate([np.rint(p[:columns]).clip(0, 255) for p in panels]).astype(np.uint8)
+    (RESULTS / f"{name}.png").write_bytes(image_grid_png(grid, columns))
+    record["figure"] = (f"{name}.png: rows truth, noisy input, posterior mean (one call), Wiener filter, then one "
+                        f"posterior sample per method ({', '.join(args.methods) or 'none'})")
+    write_result(name, record)
     print(json.dumps(results, indent=2))
