@@ -19,6 +19,7 @@ from conftest import TINY_TOML, assert_one_line_error, write_tiny_config
 from thermodiff.bound import exact_bound
 from thermodiff.gaussian import GaussianDiffusion
 from thermodiff.networks import build_vector_net
+from thermodiff.respace import respace
 from thermodiff.schedules import Schedule
 from thermodiff.vdm import VDM, NoiseSchedule, ScheduleGradient
 
@@ -266,3 +267,38 @@ def test_vdm_variance_run_trains_and_reloads(cli, tmp_path):
     r = cli("evaluate", run, "--json", "--quiet").json()
     assert math.isfinite(r["K_bits"]) and math.isfinite(r["continuous_time"]["K_bits"])
     assert json.loads((run / "config.json").read_text())["diffusion"]["schedule_gradient"] == "variance"
+
+
+def test_respaced_vdm_is_its_own_chain_on_the_kept_times():
+    """Continuous time makes respacing exact: N evenly spaced steps of a T-step VDM are the same
+    model's N-step chain (same betas, same exact bound with the same draws), all T steps are the
+    chain itself, and an explicit list of steps sits at those steps' times."""
+    torch.manual_seed(3)
+    v, dim = 0.5, 2
+    vdm = VDM(31, "learned", BETA_1)
+    vdm.gamma = trained_like_schedule(4)
+    net = OptimalEps(vdm, v)
+    x0 = math.sqrt(v) * torch.randn(200, dim)
+
+    def bound(chain) -> float:
+        return exact_bound(chain, net, [x0], n_draws=1, generator=torch.Generator().manual_seed(5)).mean
+
+    full = respace(vdm, 31)
+    torch.testing.assert_close(full.betas(), vdm.betas(), rtol=0, atol=0)
+    assert bound(full) == bound(vdm)
+    short, same = respace(vdm, 7), copy.copy(vdm)
+    same.T = 7  # steps 1, 6, 11, ..., 31 of 31 are the times of a 7-step chain
+    torch.testing.assert_close(short.betas(), same.betas(), rtol=1e-12, atol=0)
+    assert bound(short) == pytest.approx(bound(same), rel=1e-12)
+    listed = respace(vdm, "1,2,10,31")
+    torch.testing.assert_close(listed.times(torch.arange(1, 5)), torch.tensor([0, 1, 9, 30], dtype=torch.float64) / 30)
+    assert vdm.T == 31 and vdm.step_times is None  # the trained chain is untouched
+
+
+def test_vdm_run_evaluates_and_samples_respaced(cli, tmp_path):
+    config = write_tiny_config(tmp_path, VDM_TOML)
+    run = tmp_path / "run"
+    assert cli("train", config, "--out", run, "--quiet").rc == 0
+    r = cli("evaluate", run, "--respace", 3, "--json", "--quiet").json()
+    assert r["T"] == 3 and len(r["per_timestep_bits"]) == 4 and math.isfinite(r["K_bits"])
+    assert cli("sample", run, "-n", 5, "--respace", 3, "--out", tmp_path / "s.npy", "--quiet").rc == 0

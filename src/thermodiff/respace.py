@@ -34,6 +34,7 @@ from torch import Tensor
 from thermodiff.errors import UserError
 from thermodiff.gaussian import GaussianDiffusion, GaussianParameterization, gather
 from thermodiff.schedules import Schedule
+from thermodiff.vdm import VDM
 
 
 class VarianceRule(str, Enum):
@@ -97,7 +98,10 @@ class RespacedDiffusion(GaussianDiffusion):
 
 def respace(diffusion, spec: int | str | Sequence[int], variance_rule: VarianceRule | str = VarianceRule.MOMENTS
             ) -> GaussianDiffusion:
-    """``diffusion`` on the steps that ``spec`` names (see :func:`respaced_timesteps`)."""
+    """``diffusion`` on the steps that ``spec`` names (see :func:`respaced_timesteps`); a VDM
+    (continuous time) gives its own chain on those times."""
+    if isinstance(diffusion, VDM):
+        return diffusion.respaced(respaced_timesteps(diffusion.T, spec))
     if not isinstance(diffusion, GaussianDiffusion):
         raise ValueError(f"respacing is for Gaussian diffusion; a {type(diffusion).__name__} keeps its T steps")
     return RespacedDiffusion(diffusion, respaced_timesteps(diffusion.T, spec), variance_rule)

@@ -20,6 +20,7 @@ interface (steps t = 1..T, x_t = z_{s_t}, ``reverse_kl``, ``prior_kl``, ``decode
 model: T latents, T - 1 KL terms, a decoder at the first, K in bits on the same footing.
 """
 
+import copy
 import math
 from dataclasses import dataclass
 from enum import Enum
@@ -156,6 +157,7 @@ class VDM(nn.Module):
         if variance and schedule != "learned":
             raise ValueError("vdm: schedule_gradient = 'variance' trains the learned schedule; 'linear' has nothing to train")
         self.T = T
+        self.step_times: Tensor | None = None  # the chain's times when respaced (see :meth:`respaced`)
         gamma_0 = GAMMA_0 if beta_1 is None else math.log(beta_1) - math.log1p(-beta_1)  # sigma_0^2 = beta_1
         self.gamma = NoiseSchedule(gamma_0, max(GAMMA_1, gamma_0 + 1), learn=schedule == "learned", end_point=variance)
 
@@ -172,8 +174,22 @@ class VDM(nn.Module):
         return sum_except_batch(standard_normal_log_prob(x0.double()))
 
     def times(self, t: Tensor) -> Tensor:
-        """The continuous time s_t = (t - 1) / (T - 1) of chain step t = 1..T."""
+        """The continuous time s_t = (t - 1) / (T - 1) of chain step t = 1..T (of a respaced
+        chain: the time of the kept step it stands for)."""
+        if self.step_times is not None:
+            return self.step_times.to(t.device)[t - 1]
         return (t - 1).double() / (self.T - 1)
+
+    def respaced(self, timesteps: list[int]) -> "VDM":
+        """The chain on the kept steps ``timesteps`` (1-based, from 1 to T) of this chain, sharing
+        the network-free process and its parameters. A VDM is defined at every time, so the respaced
+        chain is the model's own chain on those times: exact, with no kernel approximation (unlike
+        :class:`~thermodiff.respace.RespacedDiffusion`)."""
+        chain = copy.copy(self)  # shares the schedule's parameters and buffers
+        chain.timesteps = torch.as_tensor(timesteps, device=self.gamma.gamma_0.device)  # as RespacedDiffusion's
+        chain.step_times = self.times(chain.timesteps)
+        chain.T = len(timesteps)
+        return chain
 
     def log_alphas_cumprod(self) -> Tensor:
         """log abar_t = log alpha_{s_t}^2 for the chain's steps t = 1..T (float64)."""
