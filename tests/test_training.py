@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import assert_one_line_error
 from thermodiff.training import EMA
 
 
@@ -22,3 +23,17 @@ def test_ema_warms_up_and_then_decays_at_its_rate(decay):
         remaining *= min(decay, (1 + step) / (10 + step))
         assert float(ema.shadow["weight"]) == pytest.approx(1 - remaining, abs=1e-6)
     assert float(ema.shadow["weight"]) > 0.9  # without the warm-up, 0.999 leaves 1 - 0.999^200 = 0.18
+
+
+def test_minutes_limits_training_and_extends_a_resumed_run(cli, tiny_config, tmp_path):
+    """--minutes is a total of training time across resumes: a resumed run keeps its limit (and,
+    out of time, stops at once) unless --minutes gives a new total, as --steps does for steps."""
+    run = tmp_path / "run"
+    first = cli("train", tiny_config, "--out", run, "--steps", 10**6, "--minutes", 0.001, "--quiet", "--json").json()
+    assert 0 < first["steps"] < 10**6
+    again = cli("train", tiny_config, "--out", run, "--resume", "--steps", 10**6, "--quiet", "--json").json()
+    assert again["steps"] == first["steps"] + 1  # one step, then out of time (the limit holds)
+    more = cli("train", tiny_config, "--out", run, "--resume", "--steps", again["steps"] + 30, "--minutes", 5,
+               "--quiet", "--json").json()
+    assert more["steps"] == again["steps"] + 30
+    assert_one_line_error(cli("train", tiny_config, "--out", tmp_path / "r2", "--minutes", 0), "--minutes")

@@ -59,11 +59,15 @@ def _train(args) -> dict:
     overrides = _overrides(args)
     ignored = [o for o in overrides if not o.startswith("train.steps=")]
     if args.resume and ignored:
-        raise UserError(f"--resume continues the run with its saved config (only --steps may change); "
+        raise UserError(f"--resume continues the run with its saved config (only --steps and --minutes may change); "
                         f"drop {', '.join(ignored)}")
+    minutes = getattr(args, "minutes", None)
+    if minutes is not None and not minutes > 0:
+        raise UserError(f"--minutes must be positive, got {minutes}")
     cfg = load_config(args.config, overrides)
     out = Path(args.out or f"runs/{cfg.name}")
-    return train(cfg, out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet, device=args.device)
+    return train(cfg, out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet, device=args.device,
+                 max_minutes=minutes)
 
 
 def cmd_train(args) -> None:
@@ -383,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     def training_flags(p):
         p.add_argument("--out", help="run directory (default runs/NAME)")
         p.add_argument("--steps", type=int, help="training steps (train.steps)")
+        p.add_argument("--minutes", type=float, help="stop after M minutes of training time in all (train.max_minutes; "
+                                                     "like --steps, a new total for --resume)")
         p.add_argument("--T", type=int, help="diffusion steps (diffusion.T)")
         p.add_argument("--seed", type=int, help="seed for data, split, init and noise")
         p.add_argument("--schedule", help="reference | learned | linear | cosine | erase")

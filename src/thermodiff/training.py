@@ -186,13 +186,15 @@ def autocast(cfg: Config, device: torch.device):
 
 
 def train(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: bool = False, progress: bool = True,
-          device: str = "auto") -> dict:
+          device: str = "auto", max_minutes: float | None = None) -> dict:
     """Train ``cfg`` into ``run_dir``; returns a summary. With ``resume`` the run continues from
-    its checkpoint (its own config, with ``cfg.train.steps`` as the new total). Under ``torchrun``
+    its checkpoint (its own config, with ``cfg.train.steps`` as the new total). ``max_minutes``,
+    when given, replaces train.max_minutes, also of a resumed run (the training time counts on
+    across resumes, so extending a time-limited run needs a new total). Under ``torchrun``
     every process trains on its shard of each global batch and process 0 writes the files."""
     ctx = distributed.setup(device)
     try:
-        return _train(cfg, Path(run_dir), resume, overwrite, progress and ctx.is_main, ctx)
+        return _train(cfg, Path(run_dir), resume, overwrite, progress and ctx.is_main, ctx, max_minutes)
     finally:
         distributed.teardown(ctx)
 
@@ -202,7 +204,8 @@ RESUME_FIELDS = {"config": dict, "step": int, "optimizer": dict, "nonfinite_skip
 RESUME_TENSORS = ("rng.noise", "rng.order")
 
 
-def _train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, progress: bool, ctx: distributed.Context) -> dict:
+def _train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, progress: bool, ctx: distributed.Context,
+           max_minutes: float | None = None) -> dict:
     check_run_dir(run_dir, resume, overwrite)
     ctx.barrier()  # every process has checked before process 0 creates the folder
     tensors, meta = (load_checkpoint(run_dir / "checkpoint.safetensors", RESUME_FIELDS, RESUME_TENSORS)
@@ -211,6 +214,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, progress: 
         steps = cfg.train.steps
         cfg = Config.from_dict(meta["config"], origin=str(run_dir))
         cfg.train.steps = steps
+    if max_minutes is not None:
+        cfg.train.max_minutes = max_minutes
     validate_train_config(cfg, ctx.world_size)
     torch.manual_seed(cfg.seed)
     dataset, kind = prepare_dataset(cfg)  # bad input fails here, before anything on disk changes
