@@ -26,7 +26,6 @@ from thermodiff import image_data
 from thermodiff.errors import UserError
 from thermodiff.image_data import (
     DATASETS,
-    bits_per_dim,
     dead_leaves,
     ensure_dataset,
     from_unit_float,
@@ -821,7 +820,6 @@ def test_log_jacobian_with_uniform_pixels():
     assert np.abs(density - expected).max() < 5 * expected / np.sqrt(counts.mean())  # flat up to Poisson noise
     log_p_y = D * math.log(expected)
     assert log_p_y + pixel_log_jacobian(D) == pytest.approx(D * math.log(1 / 256))
-    assert bits_per_dim(log_p_y, D) == pytest.approx(8.0)
 
 
 def test_psnr_of_a_known_error():

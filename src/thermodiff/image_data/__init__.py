@@ -40,7 +40,7 @@ from thermodiff.image_data.official import (
     restricted_unpickle,
     safe_extract_tar,
 )
-from thermodiff.image_data.pixels import bits_per_dim, from_unit_float, pixel_log_jacobian, psnr_db, to_unit_float
+from thermodiff.image_data.pixels import from_unit_float, pixel_log_jacobian, psnr_db, to_unit_float
 
 __all__ = [
     "CIFAR10_CLASSES",
@@ -48,7 +48,6 @@ __all__ = [
     "DATASETS",
     "DatasetSource",
     "RestrictedUnpickler",
-    "bits_per_dim",
     "dead_leaves",
     "download_file",
     "ensure_dataset",

@@ -41,9 +41,3 @@ def pixel_log_jacobian(num_pixels: int) -> float:
 def psnr_db(mse: torch.Tensor) -> torch.Tensor:
     """Peak signal-to-noise ratio in dB of 8-bit images from their mean squared errors (grey levels^2)."""
     return 10 * torch.log10(255.0**2 / mse)
-
-
-def bits_per_dim(log_p_unit: float, num_pixels: int) -> float:
-    """Negative log-likelihood in bits per pixel value, in pixel units, from a log-density (nats)
-    of one image on the :func:`to_unit_float` scale."""
-    return -(log_p_unit + pixel_log_jacobian(num_pixels)) / (num_pixels * math.log(2))
