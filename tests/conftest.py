@@ -152,11 +152,17 @@ n_draws = 1
 """
 
 
+def write_tiny_images(folder: Path) -> Path:
+    """A config for 48 dead-leaves images of 8 x 8 (an .npz of grey images), T = 6, the small conv
+    net, written with its data into ``folder``."""
+    images = dead_leaves(48, size=8, seed=3)  # uint8 (48, 1, 8, 8)
+    np.savez(folder / "images.npz", images=images[:, 0])  # (N, H, W): one grey channel
+    config = folder / "tiny_images.toml"
+    config.write_text(TINY_IMAGES.format(source=folder / "images.npz"))
+    return config
+
+
 @pytest.fixture
 def tiny_images(tmp_path) -> Path:
-    """A config for 48 dead-leaves images of 8 x 8 (an .npz of grey images), T = 6, the small conv net."""
-    images = dead_leaves(48, size=8, seed=3)  # uint8 (48, 1, 8, 8)
-    np.savez(tmp_path / "images.npz", images=images[:, 0])  # (N, H, W): one grey channel
-    config = tmp_path / "tiny_images.toml"
-    config.write_text(TINY_IMAGES.format(source=tmp_path / "images.npz"))
-    return config
+    """:func:`write_tiny_images` in this test's tmp_path."""
+    return write_tiny_images(tmp_path)

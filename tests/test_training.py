@@ -1,11 +1,12 @@
-"""The training loop's weight average."""
+"""The training loop's weight average, its mixed precision and its time limit."""
 
 import pytest
 import torch
 from torch import nn
 
 from conftest import assert_one_line_error
-from thermodiff.training import EMA
+from thermodiff.config import Config
+from thermodiff.training import EMA, autocast
 
 
 @pytest.mark.parametrize("decay", [0.9, 0.999])
@@ -37,3 +38,14 @@ def test_minutes_limits_training_and_extends_a_resumed_run(cli, tiny_config, tmp
                "--quiet", "--json").json()
     assert more["steps"] == again["steps"] + 30
     assert_one_line_error(cli("train", tiny_config, "--out", tmp_path / "r2", "--minutes", 0), "--minutes")
+
+
+@pytest.mark.parametrize("precision, expected", [("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float32)])
+def test_autocast_lowers_the_network_on_cpu_only_for_bf16(precision, expected):
+    """bf16 autocasts on the CPU too; fp16 (which needs CUDA's gradient scaler) leaves the CPU in fp32."""
+    cfg = Config()
+    cfg.train.precision = precision
+    a = torch.randn(4, 4)
+    with autocast(cfg, torch.device("cpu")):
+        assert (a @ a).dtype == expected
+        assert torch.exp(a).dtype == torch.float32  # elementwise math keeps its precision

@@ -1,12 +1,15 @@
 """The U-Net reverse network: its contract (shapes, integer and continuous times agree, zero
-output at initialisation, time reaches every block), its validation, and end to end through the
-CLI with bf16 autocast on the CPU."""
+output at initialisation, time reaches every block, sizes its pooling divides), its validation,
+and end to end through the CLI (trained with bf16 autocast on the CPU), larger images included."""
 
 import json
+import re
 
+import numpy as np
 import pytest
 import torch
 
+from conftest import write_tiny_images
 from thermodiff.cli import main
 from thermodiff.unet import UNET_PRESETS, UNet, build_unet, timestep_embedding
 
@@ -35,18 +38,25 @@ def test_integer_steps_sit_at_their_continuous_times():
 
 
 @torch.no_grad()
-def test_output_depends_on_time_and_on_distant_pixels():
+def test_every_block_takes_the_time():
+    """With train-like weights the output moves with t, and every residual block's time projection
+    is used: zeroing any one of them changes the output (GroupNorm couples all pixels, so a
+    receptive-field test would not isolate the levels)."""
     torch.manual_seed(2)
     net = build_unet("small", 1, 8, 2, 100)
     randomise_readout(net)
     for p in net.parameters():  # train-like weights: the zero-initialised readout alone is not enough
-        p.data.add_(0.05 * torch.randn_like(p))
-    x = torch.randn(1, 1, 8, 8)
-    z1, z2 = net(x, torch.tensor([5])), net(x, torch.tensor([95]))
-    assert float((z1 - z2).abs().max()) > 1e-3
-    x2 = x.clone()
-    x2[0, 0, 7, 7] += 1.0  # one corner pixel reaches the opposite corner through the coarse level
-    assert float((net(x2, torch.tensor([5]))[0, :, 0, 0, 0] - z1[0, :, 0, 0, 0]).abs().max()) > 0
+        p.add_(0.05 * torch.randn_like(p))
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([5, 95])
+    z = net(x, t)
+    assert float((z[0] - net(x[:1], torch.tensor([95]))[0]).abs().max()) > 1e-3
+    blocks = [m for m in net.modules() if hasattr(m, "emb")]
+    assert len(blocks) == 2 * 1 + 2 + 2 * 2  # down, middle, up (blocks_per_level + 1 per level)
+    for block in blocks:
+        saved = block.emb[1].weight.clone()
+        block.emb[1].weight.zero_()
+        assert float((net(x, t) - z).abs().max()) > 1e-6
+        block.emb[1].weight.copy_(saved)
 
 
 def test_timestep_embedding():
@@ -64,8 +74,17 @@ def test_timestep_embedding():
 ])
 def test_bad_options(kwargs, message):
     size = kwargs.pop("size", 16)
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("^", r"\^")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         build_unet(kwargs.pop("preset"), 1, size, 2, 10, **kwargs)
+
+
+def test_images_its_pooling_does_not_divide_are_refused():
+    net = build_unet("cpu", 3, 32, 2, 10)  # pools twice: sides divisible by 4
+    assert net(torch.zeros(1, 3, 12, 20), torch.tensor([3])).shape == (1, 2, 3, 12, 20)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        net(torch.zeros(1, 3, 14, 20), torch.tensor([3]))
+    with pytest.raises(ValueError, match="3 x H x W"):
+        net(torch.zeros(1, 1, 12, 20), torch.tensor([3]))
 
 
 def test_presets_build():
@@ -73,16 +92,25 @@ def test_presets_build():
         assert isinstance(build_unet(name, 3, 32, 2, 1000), UNet)
 
 
-def test_train_evaluate_sample_through_the_cli_with_bf16(tiny_images, tmp_path, capsys):
-    run = tmp_path / "run"
-    args = ["train", tiny_images, "--out", run, "--quiet", "--device", "cpu", "--set", "model.network=unet",
+@pytest.fixture(scope="module")
+def unet_run(tmp_path_factory):
+    """A U-Net run on the tiny 8 x 8 images, trained through the CLI with bf16 autocast on the CPU,
+    noise prediction and L_simple. Read-only."""
+    folder = tmp_path_factory.mktemp("unet")
+    run = folder / "run"
+    args = ["train", write_tiny_images(folder), "--out", run, "--quiet", "--device", "cpu", "--set", "model.network=unet",
             "--set", "train.precision=bf16", "--set", "diffusion.parameterization=eps", "--set", "train.loss=simple"]
     assert main([str(a) for a in args]) == 0
+    return run
+
+
+def test_evaluate_and_sample_a_unet_run(unet_run, tmp_path, capsys):
     capsys.readouterr()
-    assert main(["evaluate", str(run), "--quiet", "--json"]) == 0
+    assert main(["evaluate", str(unet_run), "--quiet", "--json"]) == 0
     e = json.loads(capsys.readouterr().out)
     assert e["n_examples"] == 12 and torch.isfinite(torch.tensor(e["K_bits"]))
-    assert main(["sample", str(run), "-n", "3", "--out", str(tmp_path / "s.npy"), "--quiet"]) == 0
+    assert main(["sample", str(unet_run), "-n", "3", "--out", str(tmp_path / "s.npy"), "--quiet"]) == 0
+    assert np.load(tmp_path / "s.npy").shape == (3, 1, 8, 8)
 
 
 def test_unet_options_are_validated_through_the_cli(tiny_images, tmp_path, capsys):
@@ -93,15 +121,12 @@ def test_unet_options_are_validated_through_the_cli(tiny_images, tmp_path, capsy
     assert err.count("\n") == 1 and "unknown U-Net option" in err
 
 
-def test_fully_convolutional_runs_inpaint_and_denoise_larger_images(tiny_images, tmp_path, capsys):
+def test_fully_convolutional_runs_inpaint_and_denoise_larger_images(unet_run, tiny_images, tmp_path, capsys):
     """Paper Fig. 5 inpaints a large image with a network trained on small crops: a U-Net run
     trained on 8 x 8 images fills a hole in a 12 x 16 image, known pixels exactly kept; sides
     that the U-Net's pooling does not divide, and a network with a dense pathway (tied to its
     trained size), are one-line errors."""
-    import numpy as np
-
-    run = tmp_path / "run"
-    assert main(["train", str(tiny_images), "--out", str(run), "--quiet", "--set", "model.network=unet"]) == 0
+    run = unet_run
     image = np.random.default_rng(0).integers(0, 256, (1, 12, 16)).astype(float)
     mask = np.ones((1, 12, 16))
     mask[:, 4:8, 6:10] = 0

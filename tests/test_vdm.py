@@ -240,6 +240,10 @@ def test_vdm_run_trains_evaluates_and_samples(cli, tmp_path):
     assert len(r["per_timestep_bits"]) == 7 and len(c["terms_bits"]) == 3
     out = tmp_path / "s.npy"
     assert cli("sample", run, "-n", 7, "--out", out, "--quiet").rc == 0
+    respaced = cli("evaluate", run, "--respace", 3, "--json", "--quiet").json()  # its own chain on 3 of the 6 times
+    assert respaced["T"] == 3 and len(respaced["per_timestep_bits"]) == 4 and math.isfinite(respaced["K_bits"])
+    assert respaced["respaced_timesteps"] == [1, 3, 6]
+    assert cli("sample", run, "-n", 5, "--respace", 3, "--out", tmp_path / "r.npy", "--quiet").rc == 0
     np.save(tmp_path / "y.npy", np.load(out)[:2])
     for method in ("start", "product"):
         assert cli("denoise", run, "--input", tmp_path / "y.npy", "--sigma", 0.3, "-n", 2, "--method", method,
@@ -293,12 +297,3 @@ def test_respaced_vdm_is_its_own_chain_on_the_kept_times():
     listed = respace(vdm, "1,2,10,31")
     torch.testing.assert_close(listed.times(torch.arange(1, 5)), torch.tensor([0, 1, 9, 30], dtype=torch.float64) / 30)
     assert vdm.T == 31 and vdm.step_times is None  # the trained chain is untouched
-
-
-def test_vdm_run_evaluates_and_samples_respaced(cli, tmp_path):
-    config = write_tiny_config(tmp_path, VDM_TOML)
-    run = tmp_path / "run"
-    assert cli("train", config, "--out", run, "--quiet").rc == 0
-    r = cli("evaluate", run, "--respace", 3, "--json", "--quiet").json()
-    assert r["T"] == 3 and len(r["per_timestep_bits"]) == 4 and math.isfinite(r["K_bits"])
-    assert cli("sample", run, "-n", 5, "--respace", 3, "--out", tmp_path / "s.npy", "--quiet").rc == 0

@@ -10,6 +10,7 @@ from tqdm import tqdm
 from thermodiff.binomial import BinomialDiffusion
 from thermodiff.errors import UserError
 from thermodiff.experiment import Run
+from thermodiff.networks import check_image_shape
 from thermodiff.posterior import Clamp, GaussianObservation
 from thermodiff.sampling import ancestral_sample
 
@@ -22,14 +23,13 @@ def as_examples(x: np.ndarray, run: Run, name: str) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     if x.ndim == len(shape):
         x = x[None]
-    multiple = getattr(run.model, "size_multiple", None) if len(run.dataset.scaling.shift) == 1 else None
     if tuple(x.shape[1:]) != shape:
-        other = "" if multiple is None else f" (or {shape[0]} x H x W with H and W divisible by {multiple})"
-        fits = (multiple is not None and x.ndim == 4 and x.shape[1] == shape[0]
-                and x.shape[2] % multiple == 0 and x.shape[3] % multiple == 0)
-        if not fits:
-            raise UserError(f"{name}: shape {tuple(x.shape)} does not fit run {run.path}, which models examples "
-                            f"of shape {shape}{other}")
+        try:
+            if not run.dataset.is_image or len(run.dataset.scaling.shift) != 1:
+                raise ValueError(f"expected examples of shape {shape}")
+            check_image_shape(x.shape[1:], shape[0], shape[1], getattr(run.model, "size_multiple", None))
+        except ValueError as e:
+            raise UserError(f"{name}: shape {tuple(x.shape)} does not fit run {run.path} ({e})") from None
     if not np.isfinite(x).all():
         raise UserError(f"{name}: contains NaN or infinite values")
     return x

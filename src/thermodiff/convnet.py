@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from thermodiff.networks import ACTIVATIONS, basis_at, temporal_basis
+from thermodiff.networks import ACTIVATIONS, basis_at, check_image_shape, temporal_basis
 
 __all__ = ["PRESETS", "ConvReverseNet", "MultiScaleConv", "auto_n_scales", "build_conv_net", "preset_kwargs"]
 
@@ -240,12 +240,9 @@ class ConvReverseNet(nn.Module):
 
     def features(self, x: Tensor) -> Tensor:
         """The lower half's output (N, n_features, H, W): conv and dense features concatenated."""
-        m = self.size_multiple
-        fits = x.shape[1:] == (self.channels, self.size, self.size) if m is None else (
-            x.shape[1] == self.channels and x.shape[2] % m == 0 and x.shape[3] % m == 0)
-        if x.ndim != 4 or not fits:
-            need = f"{self.size}, {self.size})" if m is None else f"H, W) with H and W divisible by {m}"
-            raise ValueError(f"expected images of shape (N, {self.channels}, {need}, got {tuple(x.shape)}")
+        if x.ndim != 4:
+            raise ValueError(f"expected a batch of images (N, C, H, W), got shape {tuple(x.shape)}")
+        check_image_shape(x.shape[1:], self.channels, self.size, self.size_multiple)
         parts = []
         if self.conv is not None:
             h = self.conv(x)

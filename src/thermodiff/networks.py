@@ -59,6 +59,20 @@ def basis_at(basis: Tensor, t: Tensor, width_factor: float) -> Tensor:
     return basis[t - 1]
 
 
+def check_image_shape(shape: tuple[int, ...], channels: int, size: int, size_multiple: int | None) -> None:
+    """That (C, H, W) images fit an image network built for ``channels`` x ``size`` x ``size``:
+    that shape, or for a fully convolutional network (``size_multiple`` not None) any H and W that
+    ``size_multiple`` divides. Raises ValueError saying what fits."""
+    shape = tuple(shape)
+    if size_multiple is None:
+        fits, need = shape == (channels, size, size), f"{channels} x {size} x {size}"
+    else:
+        fits = len(shape) == 3 and shape[0] == channels and shape[1] % size_multiple == 0 and shape[2] % size_multiple == 0
+        need = f"{channels} x H x W with H and W divisible by {size_multiple}"
+    if not fits:
+        raise ValueError(f"expected images of shape {need}, got {shape}")
+
+
 class TimeReadout(nn.Module):
     """A linear layer whose weights depend on t: W(t) = sum_j g_j(t) W_j (paper Eq. 62), with
     g the bump basis, or one-hot in t for a readout separate per step."""

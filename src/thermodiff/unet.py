@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from thermodiff.networks import check_image_shape
+
 __all__ = ["UNET_PRESETS", "UNet", "build_unet", "timestep_embedding"]
 
 
@@ -73,12 +75,12 @@ class UNet(nn.Module):
             raise ValueError(f"every width {[base_channels, *widths]} must be divisible by groups = {groups}")
         if T < 2:
             raise ValueError("the U-Net needs T >= 2 (times are scaled by T - 1)")
-        self.channels, self.outputs_per_dim, self.T = channels, outputs_per_dim, T
+        self.channels, self.size, self.outputs_per_dim, self.T = channels, size, outputs_per_dim, T
         self.config = dict(channels=channels, size=size, outputs_per_dim=outputs_per_dim, T=T,
                            base_channels=base_channels, channel_mults=list(channel_mults),
                            blocks_per_level=blocks_per_level, dropout=dropout, groups=groups)
         emb_dim = 4 * base_channels
-        self.emb_dim = base_channels
+        self.sinusoid_dim = base_channels
         self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.stem = nn.Conv2d(channels, base_channels, 3, padding=1)
 
@@ -98,14 +100,15 @@ class UNet(nn.Module):
             self.down.append(level)
         self.middle = nn.ModuleList([block(width, width), block(width, width)])
         self.up = nn.ModuleList()
-        self.up_convs = nn.ModuleList()
+        self.up_convs = nn.ModuleList()  # after every level but the finest: upsample, then this convolution
         for i, w in reversed(list(enumerate(widths))):
             level = nn.ModuleList()
             for _ in range(blocks_per_level + 1):
                 level.append(block(width + skip_widths.pop(), w))
                 width = w
             self.up.append(level)
-            self.up_convs.append(nn.Conv2d(width, width, 3, padding=1) if i > 0 else nn.Identity())
+            if i > 0:
+                self.up_convs.append(nn.Conv2d(width, width, 3, padding=1))
         self.out = nn.Sequential(nn.GroupNorm(groups, width), nn.SiLU(),
                                  nn.Conv2d(width, outputs_per_dim * channels, 3, padding=1))
         nn.init.zeros_(self.out[-1].weight)
@@ -117,8 +120,11 @@ class UNet(nn.Module):
         return 2 ** (len(self.down) - 1)
 
     def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
+        if x_t.ndim != 4:
+            raise ValueError(f"expected a batch of images (N, C, H, W), got shape {tuple(x_t.shape)}")
+        check_image_shape(x_t.shape[1:], self.channels, self.size, self.size_multiple)
         s = t if t.is_floating_point() else (t - 1).float() / (self.T - 1)
-        emb = self.time_mlp(timestep_embedding(s, self.emb_dim).to(x_t.dtype))
+        emb = self.time_mlp(timestep_embedding(s, self.sinusoid_dim).to(x_t.dtype))
         h = self.stem(x_t)
         skips = [h]
         for i, level in enumerate(self.down):
@@ -130,11 +136,11 @@ class UNet(nn.Module):
                 skips.append(h)
         for blk in self.middle:
             h = blk(h, emb)
-        for level, up_conv in zip(self.up, self.up_convs):
+        for i, level in enumerate(self.up):
             for blk in level:
                 h = blk(torch.cat([h, skips.pop()], dim=1), emb)
-            if not isinstance(up_conv, nn.Identity):
-                h = up_conv(F.interpolate(h, scale_factor=2, mode="nearest"))
+            if i < len(self.up_convs):
+                h = self.up_convs[i](F.interpolate(h, scale_factor=2, mode="nearest"))
         return self.out(h).unflatten(1, (self.outputs_per_dim, self.channels))
 
     def extra_repr(self) -> str:
