@@ -85,10 +85,14 @@ class CliResult:
 
 @pytest.fixture
 def cli(capsys):
-    """cli(*args) runs ``thermodiff ARGS`` in-process and returns its exit code, stdout, stderr."""
+    """cli(*args) runs ``thermodiff ARGS`` in-process and returns its exit code (argparse's exit on
+    a bad flag value included, as the console script's), stdout, stderr."""
     def run(*args) -> CliResult:
         capsys.readouterr()
-        rc = main([str(a) for a in args])
+        try:
+            rc = main([str(a) for a in args])
+        except SystemExit as e:
+            rc = e.code
         out, err = capsys.readouterr()
         return CliResult(rc, out, err)
 

@@ -61,13 +61,10 @@ def _train(args) -> dict:
     if args.resume and ignored:
         raise UserError(f"--resume continues the run with its saved config (only --steps and --minutes may change); "
                         f"drop {', '.join(ignored)}")
-    minutes = getattr(args, "minutes", None)
-    if minutes is not None and not minutes > 0:
-        raise UserError(f"--minutes must be positive, got {minutes}")
     cfg = load_config(args.config, overrides)
     out = Path(args.out or f"runs/{cfg.name}")
     return train(cfg, out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet, device=args.device,
-                 max_minutes=minutes)
+                 max_minutes=args.minutes)
 
 
 def cmd_train(args) -> None:
@@ -250,8 +247,6 @@ def cmd_reproduce(args) -> None:
 def cmd_compare(args) -> None:
     from thermodiff.compare import compare, format_table
 
-    if args.minutes is not None and not 0 < args.minutes < math.inf:
-        raise UserError(f"--minutes must be positive, got {args.minutes}")
     if args.samples < 1:
         raise UserError(f"--samples must be at least 1, got {args.samples}")
     sets = _overrides(args)
@@ -373,6 +368,17 @@ def _seed(text: str) -> int:
     return value
 
 
+def _minutes(text: str) -> float:
+    """An argparse type: a positive, finite training time in minutes."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of minutes, got {text!r}") from None
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
 RESPACE_HELP = ("a respaced chain: N steps evenly spaced from 1 to T, or a comma-separated list of the trained "
                 "steps to keep, from 1 to T (Gaussian runs)")
 
@@ -387,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     def training_flags(p):
         p.add_argument("--out", help="run directory (default runs/NAME)")
         p.add_argument("--steps", type=int, help="training steps (train.steps)")
-        p.add_argument("--minutes", type=float, help="stop after M minutes of training time in all (train.max_minutes; "
+        p.add_argument("--minutes", type=_minutes, help="stop after M minutes of training time in all (train.max_minutes; "
                                                      "like --steps, a new total for --resume)")
         p.add_argument("--T", type=int, help="diffusion steps (diffusion.T)")
         p.add_argument("--seed", type=int, help="seed for data, split, init and noise")
@@ -468,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("configs", nargs="+", metavar="CONFIG", help="experiment names or .toml paths, all with the same [data] and seed")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=int, help="train each for N steps (train.steps)")
-    budget.add_argument("--minutes", type=float, help="train each for M minutes of training time")
+    budget.add_argument("--minutes", type=_minutes, help="train each for M minutes of training time")
     p.add_argument("--out", default="runs/compare", help="folder for the runs (OUT/NAME), compare.json and bound_vs_time.png")
     p.add_argument("--samples", type=int, default=200, help="samples drawn to time sampling")
     p.add_argument("--overwrite", action="store_true", help="replace existing runs of these names")
