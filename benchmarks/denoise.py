@@ -19,11 +19,10 @@ import time
 import numpy as np
 import torch
 
-from record import RESULTS, write_result  # a sibling module: benchmarks/ is on sys.path when run
+from record import write_grid, write_result  # a sibling module: benchmarks/ is on sys.path when run
 from thermodiff.conditioning import DENOISE_METHODS, denoise, denoise_mean
 from thermodiff.experiment import load_run
 from thermodiff.image_data import psnr_db
-from thermodiff.plotting import image_grid_png
 
 
 def psnr(estimate: np.ndarray, truth: np.ndarray, where: np.ndarray | None = None) -> np.ndarray:
@@ -125,10 +124,7 @@ if __name__ == "__main__":
         "setup": setup, "psnr": results, "sampling_seconds": seconds,
     }
     name = args.name or f"denoise_{run.config.name}"
-    columns = min(args.images, 10)  # paper Fig. 3 style: truth, noisy input, posterior mean, Wiener, samples
-    panels = [truth, noisy, posterior_mean, wiener_estimate, *sample_panels]
-    grid = np.concatenate([np.rint(p[:columns]).clip(0, 255) for p in panels]).astype(np.uint8)
-    (RESULTS / f"{name}.png").write_bytes(image_grid_png(grid, columns))
+    write_grid(name, [truth, noisy, posterior_mean, wiener_estimate, *sample_panels])  # paper Fig. 3 style
     record["figure"] = (f"{name}.png: rows truth, noisy input, posterior mean (one call), Wiener filter, then one "
                         f"posterior sample per method ({', '.join(args.methods) or 'none'})")
     write_result(name, record)

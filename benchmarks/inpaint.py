@@ -20,11 +20,10 @@ import time
 import numpy as np
 
 from denoise import psnr, score_samples, summary  # sibling modules: benchmarks/ is on sys.path when run
-from record import RESULTS, write_result
+from record import write_grid, write_result
 from thermodiff.conditioning import inpaint
 from thermodiff.experiment import load_run
 from thermodiff.image_data import load_grey_image, texture_crops
-from thermodiff.plotting import image_grid_png
 
 
 def gaussian_fill(train: np.ndarray, images: np.ndarray, hole: np.ndarray) -> np.ndarray:
@@ -77,10 +76,8 @@ if __name__ == "__main__":
         samples = inpaint(run, masked, np.broadcast_to(~hole, truth.shape), args.samples, args.seed, known=known)
         seconds[known] = round(time.perf_counter() - start, 1)
         results[f"posterior_mean_{known}"], results[f"posterior_sample_{known}"] = score_samples(samples, truth, hole)
-        panels += [np.rint(samples.astype(np.float64).mean(0)), samples[0]]
-    columns = min(args.images, 10)
-    grid = np.concatenate([p[:columns] for p in panels]).clip(0, 255).astype(np.uint8)
-    (RESULTS / f"{name}.png").write_bytes(image_grid_png(grid, columns))
+        panels += [samples.astype(np.float64).mean(0), samples[0]]
+    write_grid(name, panels)
     record = {
         "command": f"python benchmarks/inpaint.py {args.run_dir} --images {args.images} --samples {args.samples} "
                    f"--hole {args.hole} --known {' '.join(args.known)} --seed {args.seed}"

@@ -1,5 +1,5 @@
 """What the benchmark scripts share: the machine a figure was measured on, a thermodiff command
-run in-process for its JSON, and the record written to benchmarks/results/."""
+run in-process for its JSON, and the record and image grids written to benchmarks/results/."""
 
 import contextlib
 import io
@@ -8,9 +8,11 @@ import os
 import platform
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from thermodiff.cli import main
+from thermodiff.plotting import image_grid_png
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -37,4 +39,13 @@ def write_result(name: str, record: dict) -> Path:
     out = RESULTS / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({**record, "machine": record.get("machine", machine())}, indent=2) + "\n")
+    return out
+
+
+def write_grid(name: str, rows: list[np.ndarray], columns: int = 10) -> Path:
+    """benchmarks/results/NAME.png: one row of images (original 8-bit units) per entry of ``rows``,
+    the first ``columns`` of each, rounded and clipped to 0..255."""
+    out = RESULTS / f"{name}.png"
+    grid = np.concatenate([np.rint(r[:columns]).clip(0, 255) for r in rows]).astype(np.uint8)
+    out.write_bytes(image_grid_png(grid, min(columns, len(rows[0]))))
     return out

@@ -52,7 +52,8 @@ def main() -> None:
     name = args.name or records[0]["experiment"]
     record = {
         "command": f"OMP_NUM_THREADS={torch.get_num_threads()} python benchmarks/respaced.py {' '.join(args.runs)} "
-                   f"--max-examples {args.max_examples} --samples {args.samples} --seed {args.seed}",
+                   f"--max-examples {args.max_examples} --samples {args.samples} --seed {args.seed}"
+                   + (f" --name {args.name}" if args.name else ""),
         "date": datetime.date.today().isoformat(),
         "evaluation": {"split": "test, first --max-examples images", "n_examples": args.max_examples, "n_draws": 1,
                        "bound": "exact bound of the (respaced) chain: all KL terms, prior and decoder, float64",
