@@ -1,12 +1,15 @@
-"""Training and sampling throughput of the conv presets, and their peak memory.
+"""Training and sampling throughput of the image networks (conv presets, U-Nets), their peak
+memory, and mixed precision against fp32 side by side.
 
     python benchmarks/throughput.py [--device auto|cpu|cuda] [--presets small,reference_mnist,reference_cifar10]
-                                    [--batch-size 128] [--repeats 5] [--iters 3] [--warmup 2]
-                                    [--threads N] [--bf16] [--notes TEXT]
+                                    [--precisions fp32[,bf16]] [--batch-size 128] [--repeats 5] [--iters 3]
+                                    [--warmup 2] [--threads N] [--name NAME] [--notes TEXT]
 
 The setting is the paper's image setting: a GaussianDiffusion with T = 1000, the reference
-schedule and parameterisation, the preset's network on MNIST-sized (1 x 28 x 28) or
-CIFAR-sized (3 x 32 x 32) images. Random uint8 images (throughput does not depend on the
+schedule and parameterisation, the network on MNIST-sized (1 x 28 x 28) or CIFAR-sized
+(3 x 32 x 32) images. ``--precisions fp32,bf16`` measures each (network, mode) in both, one
+after the other, with the training loop's own autocast (training.autocast: bf16 works on CPUs
+too). Random uint8 images (throughput does not depend on the
 pixels) are dequantised and globally scaled as ``Dataset.to_model`` does.
 
 - training: images/s of forward + backward + Adam step of ``training_loss``, data
@@ -21,11 +24,10 @@ pixels) are dequantised and globally scaled as ``Dataset.to_model`` does.
 
 Each measurement is timed ``--repeats`` times (``--iters`` steps each) after ``--warmup``
 steps; the JSON holds every repeat, the median and the spread. Writes
-benchmarks/results/throughput_<device>[_bf16].json with the machine and the command line.
+benchmarks/results/NAME.json (default throughput_<device>) with the machine and the command line.
 """
 
 import argparse
-import contextlib
 import datetime
 import json
 import multiprocessing
@@ -42,14 +44,19 @@ import torch
 
 from thermodiff.bound import training_loss
 from thermodiff.checkpoint import atomic_write_text
+from thermodiff.config import Config
 from thermodiff.convnet import build_conv_net
 from thermodiff.gaussian import GaussianDiffusion
 from thermodiff.image_data import to_unit_float
 from thermodiff.schedules import make_schedule
+from thermodiff.training import autocast
+from thermodiff.unet import build_unet
 
-# image shape (C, H, W) each preset was designed for
-SHAPES = {"small": (1, 28, 28), "reference_mnist": (1, 28, 28), "paper_mnist": (1, 28, 28),
-          "reference_cifar10": (3, 32, 32), "paper": (3, 32, 32)}
+# name: (network builder, its preset, the image shape (C, H, W) it was designed for)
+NETWORKS = {"small": (build_conv_net, "small", (1, 28, 28)), "reference_mnist": (build_conv_net, "reference_mnist", (1, 28, 28)),
+            "paper_mnist": (build_conv_net, "paper_mnist", (1, 28, 28)),
+            "reference_cifar10": (build_conv_net, "reference_cifar10", (3, 32, 32)), "paper": (build_conv_net, "paper", (3, 32, 32)),
+            "unet_cpu": (build_unet, "cpu", (3, 32, 32))}
 MIB = 2**20
 
 
@@ -58,19 +65,22 @@ def rss_peak_mib() -> float:
 
 
 def measure(preset: str, mode: str, device: str, batch_size: int, T: int, warmup: int, iters: int, repeats: int,
-            bf16: bool, threads: int) -> dict:
-    """One (preset, mode) measurement; run in a fresh process so its peak memory is its own."""
+            precision: str, threads: int) -> dict:
+    """One (network, mode, precision) measurement; run in a fresh process so its peak memory is its own."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     dev = torch.device(device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    shape = (batch_size, *SHAPES[preset])
+    build, name, image_shape = NETWORKS[preset]
+    shape = (batch_size, *image_shape)
     diffusion = GaussianDiffusion(make_schedule("reference", T), "reference", "forward").to(dev)
-    net = build_conv_net(preset, shape[1], shape[2], diffusion.outputs_per_dim, T).to(dev)
+    net = build(name, shape[1], shape[2], diffusion.outputs_per_dim, T).to(dev)
     images = torch.randint(0, 256, shape, dtype=torch.uint8, device=dev)
     unit = images.double() / 255
     mean, std = float(unit.mean()), float(unit.std())  # one global pair, as image_scaling fits
-    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    cfg = Config()
+    cfg.train.precision = precision
+    amp = lambda: autocast(cfg, dev)  # noqa: E731  the training loop's own
 
     if mode == "train":
         optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
@@ -107,7 +117,7 @@ def measure(preset: str, mode: str, device: str, batch_size: int, T: int, warmup
     rates = [batch_size / (s * per_image) for s in seconds]
     median = statistics.median(rates)
     result = {
-        "preset": preset, "mode": mode, "image_shape": list(SHAPES[preset]), "batch_size": batch_size,
+        "preset": preset, "mode": mode, "precision": precision, "image_shape": list(image_shape), "batch_size": batch_size,
         "n_parameters": sum(p.numel() for p in net.parameters()),
         "images_per_s": median, "images_per_s_min": min(rates), "images_per_s_max": max(rates),
         "spread_pct": 100 * (max(rates) - min(rates)) / median, "images_per_s_repeats": rates,
@@ -134,20 +144,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
     p.add_argument("--presets", default="small,reference_mnist,reference_cifar10",
-                   help=f"comma-separated conv presets, from {', '.join(SHAPES)}")
+                   help=f"comma-separated networks, from {', '.join(NETWORKS)}")
+    p.add_argument("--precisions", default="fp32", help="comma-separated, from fp32, bf16 (CPU or CUDA), fp16 (CUDA)")
+    p.add_argument("--name", help="results file benchmarks/results/NAME.json (default throughput_<device>)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement")
     p.add_argument("--iters", type=int, default=3, help="steps per timed repeat")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--T", type=int, default=1000, help="diffusion steps")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads (default torch's)")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA only)")
     p.add_argument("--notes", default="", help="free text stored with the results, e.g. that the machine was busy")
     args = p.parse_args(argv)
     args.presets = [s.strip() for s in args.presets.split(",") if s.strip()]
-    unknown = [s for s in args.presets if s not in SHAPES]
+    unknown = [s for s in args.presets if s not in NETWORKS]
     if unknown or not args.presets:
-        p.error(f"--presets: unknown {unknown}; choose from {', '.join(SHAPES)}")
+        p.error(f"--presets: unknown {unknown}; choose from {', '.join(NETWORKS)}")
+    args.precisions = [s.strip() for s in args.precisions.split(",") if s.strip()]
+    if not args.precisions or not set(args.precisions) <= {"fp32", "bf16", "fp16"}:
+        p.error(f"--precisions: choose from fp32, bf16, fp16, got {args.precisions}")
     for flag in ("batch_size", "repeats", "iters", "threads"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
@@ -157,8 +171,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                "cpu" if args.device == "auto" else args.device)
     if args.device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device available")
-    if args.bf16 and args.device.type != "cuda":
-        p.error("--bf16 is autocast on CUDA; use --device cuda")
+    if "fp16" in args.precisions and args.device.type != "cuda":
+        p.error("--precisions fp16 needs CUDA (its gradient scaler); use bf16 on a CPU")
     return args
 
 
@@ -171,7 +185,7 @@ def main(argv: list[str]) -> None:
         "machine": machine(args.device, args.threads),
         "device": str(args.device),
         "settings": {"T": args.T, "schedule": "reference", "parameterization": "reference", "decoder": "forward",
-                     "optimizer": "Adam, lr 1e-3", "precision": "bf16 autocast" if args.bf16 else "fp32",
+                     "optimizer": "Adam, lr 1e-3", "precisions": args.precisions,
                      "batch_size": args.batch_size, "repeats": args.repeats, "iters_per_repeat": args.iters,
                      "warmup": args.warmup},
         "method": {"train": "images/s of forward + backward + Adam step of training_loss (dequantisation and scaling included)",
@@ -184,15 +198,16 @@ def main(argv: list[str]) -> None:
     }
     for preset in args.presets:
         for mode in ("train", "sample"):
-            with spawn.Pool(1) as pool:
-                m = pool.apply(measure, (preset, mode, str(args.device), args.batch_size, args.T, args.warmup,
-                                         args.iters, args.repeats, args.bf16, args.threads))
-            record["measurements"].append(m)
-            memory = f", CUDA peak {m['cuda_peak_allocated_mib']:.0f} MiB" if "cuda_peak_allocated_mib" in m else ""
-            print(f"{preset:18} {mode:6} {m['images_per_s']:10.2f} images/s (range {m['images_per_s_min']:.2f}.."
-                  f"{m['images_per_s_max']:.2f}), RSS peak {m['rss_peak_mib']:.0f} MiB{memory}", flush=True)
+            for precision in args.precisions:  # side by side: the load is alike for both
+                with spawn.Pool(1) as pool:
+                    m = pool.apply(measure, (preset, mode, str(args.device), args.batch_size, args.T, args.warmup,
+                                             args.iters, args.repeats, precision, args.threads))
+                record["measurements"].append(m)
+                memory = f", CUDA peak {m['cuda_peak_allocated_mib']:.0f} MiB" if "cuda_peak_allocated_mib" in m else ""
+                print(f"{preset:18} {mode:6} {precision:5} {m['images_per_s']:10.2f} images/s (range {m['images_per_s_min']:.2f}.."
+                      f"{m['images_per_s_max']:.2f}), RSS peak {m['rss_peak_mib']:.0f} MiB{memory}", flush=True)
     record["load_average_end"] = os.getloadavg()
-    out = Path(__file__).parent / "results" / f"throughput_{args.device.type}{'_bf16' if args.bf16 else ''}.json"
+    out = Path(__file__).parent / "results" / f"{args.name or 'throughput_' + args.device.type}.json"
     atomic_write_text(out, json.dumps(record, indent=2) + "\n")
     print(f"-> {out}")
 

@@ -174,8 +174,8 @@ class EMA:
 
 
 def autocast(cfg: Config, device: torch.device):
-    """The network's mixed precision: bf16 on any device (on CPUs with AVX-512 BF16 it trains a
-    U-Net ~1.6x faster), fp16 only on CUDA (it needs the gradient scaler); the bound's own
+    """The network's mixed precision: bf16 on any device (on CPUs with AVX-512 BF16 it trains
+    faster; benchmarks/throughput.py --precisions fp32,bf16 measures it), fp16 only on CUDA (it needs the gradient scaler); the bound's own
     arithmetic stays in float32/float64 either way (autocast only lowers convolutions and matmuls)."""
     precision = cfg.train.precision
     if precision == "bf16":
