@@ -20,7 +20,7 @@ from record import write_result  # a sibling module: benchmarks/ is on sys.path 
 from thermodiff.bound import exact_bound, training_draws
 from thermodiff.config import load_config
 from thermodiff.evaluation import bound_report
-from thermodiff.experiment import build_diffusion, build_model, pixel_bins, prepare_dataset
+from thermodiff.experiment import build_diffusion, build_model, data_bins, prepare_dataset
 from thermodiff.respace import respace
 from thermodiff.sampling import ancestral_sample
 from thermodiff.training import Objective, learning_rate, make_optimizer
@@ -47,7 +47,7 @@ def train_for(cfg, budget_s: float) -> tuple:
     no checkpoints). Returns (dataset, diffusion, model, steps, wall_s)."""
     torch.manual_seed(cfg.seed)
     dataset, kind = prepare_dataset(cfg)
-    diffusion = build_diffusion(cfg, kind, float(dataset.train.mean()), pixel_bins(dataset))
+    diffusion = build_diffusion(cfg, kind, float(dataset.train.mean()), data_bins(dataset))
     model = build_model(cfg, diffusion, dataset.event_shape)
     objective = Objective(model, diffusion, cfg.train.loss, cfg.train.hybrid_lambda)
     optimizer = make_optimizer(cfg, list(objective.parameters()))

@@ -35,6 +35,7 @@ scaling = "global"
 kind = "auto"
 T = 6
 schedule = "reference"
+parameterization = "reference"
 
 [model]
 network = "rbf"

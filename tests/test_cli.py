@@ -228,7 +228,7 @@ def test_binary_user_array_selects_binomial(tiny_config, cli, tmp_path):
     p_hat = float(bits[train_idx].mean())
     assert d["kind"] == "binomial" and d["binary"] is True
     assert d["stationary_p"] == pytest.approx(p_hat, rel=1e-6)
-    assert d["scaling"] == {"shift": [0.0], "scale": [1.0]}  # binary data are not rescaled
+    assert d["scaling"] == {"shift": [0.0], "scale": [1.0], "rotation": None}  # binary data are not rescaled
 
     r = cli("evaluate", run, "--json", "--quiet", "--max-examples", "0")
     assert r.rc == 0, r
@@ -529,7 +529,7 @@ def test_data_path_with_non_ascii_characters(tiny_config, cli, tmp_path, name):
 
 
 @pytest.mark.parametrize("binary, schedule, parameterization",
-                         [(True, "erase", "forward_offset"), (False, "learned", "reference")])
+                         [(True, "erase", "forward_offset"), (False, "log_snr", "eps_residual")])
 def test_vectors_config_resolves_auto_choices_into_the_saved_config(cli, tmp_path, binary, schedule, parameterization):
     rng = np.random.default_rng(5)
     x = (rng.random((300, 4)) < 0.3).astype(float) if binary else rng.standard_normal((300, 4)) * 3 + 1

@@ -328,12 +328,12 @@ def test_discretized_decoder_term_is_a_log_probability_and_samples_are_on_the_bi
 
 def test_discretized_decoder_on_images_reports_discrete_bits_per_dim(cli, tiny_images, tmp_path):
     from thermodiff.config import load_config
-    from thermodiff.experiment import pixel_bins, prepare_dataset
+    from thermodiff.experiment import data_bins, prepare_dataset
 
     overrides = ["diffusion.schedule=cosine", "diffusion.parameterization=eps", "diffusion.decoder=discretized",
                  "train.loss=simple"]
     dataset, _ = prepare_dataset(load_config(str(tiny_images), overrides))
-    bins = pixel_bins(dataset)
+    bins = data_bins(dataset)
     x = dataset.to_model(dataset.test, dequantize=False).double()
     np.testing.assert_allclose(((x - bins.low) / bins.width).numpy(), dataset.test, atol=1e-3)  # v itself
     run = tmp_path / "run"

@@ -11,7 +11,8 @@ import torch
 
 from conftest import write_tiny_images
 from thermodiff.cli import main
-from thermodiff.unet import UNET_PRESETS, UNet, build_unet, timestep_embedding
+from thermodiff.networks import timestep_embedding
+from thermodiff.unet import UNET_PRESETS, UNet, build_unet
 
 
 def randomise_readout(net: UNet) -> None:

@@ -225,6 +225,7 @@ def test_network_time_float_matches_integer_steps_and_per_step_refuses_it():
 
 
 VDM_TOML = TINY_TOML.replace('kind = "auto"', 'kind = "vdm"').replace('schedule = "reference"', 'schedule = "learned"\nbeta_1 = 1e-4') \
+    .replace('parameterization = "reference"\n', '') \
     .replace('hidden = 8', 'hidden = 8\nreadout = "bumps"\nn_basis = 4')
 
 

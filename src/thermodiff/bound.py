@@ -45,6 +45,7 @@ class BoundEstimate:
     per_example: Tensor
     terms: Tensor
     n_draws: int
+    t_samples: int | None = None  # steps sampled per example (stratified), or None: every step summed
 
     @property
     def mean(self) -> float:
@@ -200,6 +201,14 @@ def _frozen_mean_terms(diffusion, model, x0: Tensor, t: Tensor, noise: Tensor) -
     return term, ((noise - z[:, 0].double()) ** 2).flatten(1).mean(1)
 
 
+def strata(T: int, t_samples: int | None) -> list[Tensor]:
+    """The diffusion steps 2..T in ``t_samples`` contiguous strata of (nearly) equal size, or one
+    stratum per step (None, or at least T - 1 samples: the exact sum)."""
+    steps = torch.arange(2, T + 1)
+    k = T - 1 if t_samples is None else min(t_samples, T - 1)
+    return list(torch.tensor_split(steps, k))
+
+
 @torch.no_grad()
 def exact_bound(
     diffusion,
@@ -208,28 +217,44 @@ def exact_bound(
     n_draws: int = 1,
     generator: torch.Generator | None = None,
     callback: Callable[[int, int], None] | None = None,
+    t_samples: int | None = None,
 ) -> BoundEstimate:
-    """K on every example of ``batches``, summing all T - 1 diffusion terms (each averaged over
-    ``n_draws`` draws of x_t) rather than sampling t. ``callback(done, total)`` reports progress
-    in timesteps over all batches."""
+    """K on every example of ``batches``: the prior and decoder terms, and the T - 1 diffusion
+    terms summed over every t (each averaged over ``n_draws`` draws of x_t) rather than sampled.
+
+    With ``t_samples`` = k < T - 1, the diffusion terms are instead estimated without bias from k
+    steps per example, one drawn uniformly in each of k equal strata of 2..T (:func:`strata`) and
+    weighted by its stratum's size: k / (T - 1) of the cost, with the sampling of t adding to each
+    example's variance (and so to the standard error over examples). ``terms`` then holds each
+    step's mean over the examples that drew it. ``callback(done, total)`` reports progress in
+    network calls per example over all batches."""
     if n_draws < 1:
         raise ValueError("n_draws must be at least 1")
     T = diffusion.T
-    batches = list(batches)
-    total = len(batches) * T
-    per_example, term_sums, count = [], torch.zeros(T + 1, dtype=torch.float64), 0
+    batches, groups = list(batches), strata(T, t_samples)
+    total = len(batches) * (len(groups) + 1)
+    per_example, term_sums, term_counts = [], torch.zeros(T + 1, dtype=torch.float64), torch.zeros(T + 1, dtype=torch.float64)
     for b, x0 in enumerate(batches):
-        terms = torch.zeros(len(x0), T + 1, dtype=torch.float64, device=x0.device)
-        terms[:, T] = diffusion.prior_kl(x0)
-        for draw in range(n_draws):
-            terms[:, 0] -= diffusion.decoder_log_likelihood(model, x0, generator) / n_draws
-        for t in range(2, T + 1):
-            tt = torch.full((len(x0),), t, dtype=torch.long, device=x0.device)
-            for draw in range(n_draws):
-                terms[:, t - 1] += diffusion.reverse_kl(model, x0, tt, generator) / n_draws
+        n = len(x0)
+        prior = diffusion.prior_kl(x0).cpu().double()
+        nll_1 = sum(-diffusion.decoder_log_likelihood(model, x0, generator).cpu().double() for _ in range(n_draws)) / n_draws
+        loss = prior + nll_1  # -K per example, the diffusion terms added below
+        term_sums[0] += nll_1.sum()
+        term_sums[T] += prior.sum()
+        term_counts[[0, T]] += n
+        for j, group in enumerate(groups):
+            if len(group) == 1:  # the exact sum: every example at this step
+                t = group.expand(n).to(x0.device)
+            else:
+                t = group.to(x0.device)[torch.randint(len(group), (n,), generator=generator, device=x0.device)]
+            kl = sum(diffusion.reverse_kl(model, x0, t, generator) for _ in range(n_draws)).cpu().double() / n_draws
+            loss += len(group) * kl
+            term_sums.index_add_(0, t.cpu() - 1, kl)
+            term_counts.index_add_(0, t.cpu() - 1, torch.ones(n, dtype=torch.float64))
             if callback is not None:
-                callback(b * T + t, total)
-        per_example.append(-terms.sum(1).cpu())
-        term_sums += terms.sum(0).cpu()
-        count += len(x0)
-    return BoundEstimate(per_example=torch.cat(per_example), terms=term_sums / count, n_draws=n_draws)
+                callback(b * (len(groups) + 1) + j + 1, total)
+        per_example.append(-loss)
+        if callback is not None:
+            callback((b + 1) * (len(groups) + 1), total)
+    return BoundEstimate(per_example=torch.cat(per_example), terms=term_sums / term_counts.clamp_min(1),
+                         n_draws=n_draws, t_samples=None if len(groups) == T - 1 else len(groups))

@@ -57,6 +57,8 @@ def _overrides(args) -> list[str]:
 
 def _train(args) -> dict:
     overrides = _overrides(args)
+    if args.steps is not None and args.minutes is None and not args.resume:
+        overrides.append("train.max_minutes=0")  # --steps N trains N steps, whatever the config's time budget
     ignored = [o for o in overrides if not o.startswith("train.steps=")]
     if args.resume and ignored:
         raise UserError(f"--resume continues the run with its saved config (only --steps and --minutes may change); "
@@ -77,10 +79,25 @@ def _evaluate(run_dir: str, args, data: str | None = None) -> dict:
     for flag, value, least in (("--draws", args.draws, 1), ("--max-examples", args.max_examples, 0)):
         if value is not None and value < least:
             raise UserError(f"{flag} must be at least {least}, got {value}")
+    if args.t_samples is not None and args.t_samples < 0:
+        raise UserError(f"--t-samples must be at least 0, got {args.t_samples}")
+    per_example = getattr(args, "per_example", None)
+    if per_example is not None:
+        if Path(per_example).suffix != ".npy":
+            raise UserError(f"--per-example {per_example}: write the bound per example as .npy")
+        _refuse_existing(Path(per_example), getattr(args, "overwrite", False))
     run = load_run(run_dir, data)
     respace_to = getattr(args, "respace", None)
-    result = evaluate(run, args.draws, args.max_examples, args.eval_seed, progress=not args.quiet,
-                      split_name="test" if data is None else str(data), respace_to=respace_to)
+    exact = getattr(args, "exact", False)
+    result = evaluate(run, args.draws, 0 if exact else args.max_examples, args.eval_seed, progress=not args.quiet,
+                      split_name="test" if data is None else str(data), respace_to=respace_to,
+                      t_samples=0 if exact else args.t_samples, per_example=per_example is not None)
+    if per_example is not None:
+        bits = result.pop("per_example_original_units_bits")
+        buffer = io.BytesIO()
+        np.save(buffer, np.asarray(bits))
+        atomic_write_bytes(Path(per_example), buffer.getvalue())
+        result["per_example_file"] = str(per_example)
     if data is None and respace_to is None:  # evaluation.json is the full chain's
         atomic_write_text(Path(run_dir) / "evaluation.json", json.dumps(_finite(result), indent=2, allow_nan=False) + "\n")
     return result
@@ -405,6 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     def eval_flags(p):
         p.add_argument("--draws", type=int, help="noise draws per example and timestep (eval.n_draws)")
         p.add_argument("--max-examples", type=int, help="evaluate on the first N test examples")
+        p.add_argument("--t-samples", type=int, help="steps per example of an unbiased stratified estimate of the "
+                                                     "bound (eval.t_samples); 0: the exact sum over every step")
         p.add_argument("--eval-seed", type=_seed, default=0)
 
     p = sub.add_parser("train", parents=[common], help="train a model")
@@ -422,6 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="evaluate on this array (original units) instead of the test split")
     eval_flags(p)
     p.add_argument("--respace", metavar="N|STEPS", help=RESPACE_HELP)
+    p.add_argument("--exact", action="store_true", help="the exact bound: every step of every test example "
+                                                        "(the default may sample steps or examples; the report says)")
+    p.add_argument("--per-example", metavar="FILE.npy", help="also write K per example (bits, original units)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --per-example file")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("sample", parents=[common], help="draw samples (original units) to a .npy file")

@@ -10,6 +10,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from thermodiff.errors import UserError
 
@@ -19,6 +20,11 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+
+#: A value decided from the training data by the rules of :mod:`thermodiff.autoconfig`, which write
+#: the value chosen and the reason into the run's config (``Config.auto``).
+AUTO = "auto"
+Auto = Literal["auto"]
 
 
 @dataclass
@@ -32,30 +38,31 @@ class DataConfig:
     size: int = 32  # image side for generated images and texture crops (and resizing image folders)
     noise: float = 0.0  # Swiss roll: std of added Gaussian noise, original units
     test_fraction: float = 0.2
-    scaling: str = "global"  # 'global' (one scalar, the paper's), 'per_dimension' or 'none'
+    val_fraction: float = 0.0  # of the training split, held out to score checkpoints by the exact bound (0: none)
+    scaling: str = "global"  # 'global' (one scalar, the paper's), 'per_dimension', 'pca' (whitening), 'none' or 'auto'
 
 
 @dataclass
 class DiffusionConfig:
     kind: str = "auto"  # 'gaussian', 'binomial', 'vdm' (continuous time, vdm.py), or 'auto' (binomial iff the data are {0, 1})
-    T: int = 40
-    schedule: str = "reference"  # reference | learned | linear | cosine | erase | auto (learned / erase)
-    beta_1: float | None = None  # fixed first-step beta (None: the schedule's own)
-    parameterization: str = "auto"  # gaussian: reference | paper | eps | eps_learned_var; binomial: paper | forward_offset
+    T: int | Auto = 40
+    schedule: str = "reference"  # reference | learned | linear | cosine | erase | log_snr | auto
+    beta_1: float | None | Auto = None  # fixed first-step beta (None: the schedule's own)
+    parameterization: str = "auto"  # gaussian: reference | paper | eps | eps_learned_var | eps_residual; binomial: paper | forward_offset
     eps_variance: str | None = None  # parameterization 'eps': beta_tilde (the default) | beta
-    decoder: str = "forward"  # forward (paper App. B.2) | learned | discretized (8-bit images)
+    decoder: str = "forward"  # forward (paper App. B.2) | learned | discretized (8-bit images) | auto
     stationary_p: float | None = None  # binomial: None = the training data's mean activity
     schedule_gradient: str = "bound"  # vdm: bound | variance (the learned schedule's shape cuts the loss estimate's variance, VDM sec. 5.2)
 
 
 @dataclass
 class ModelConfig:
-    network: str = "rbf"  # rbf | mlp (vectors) | conv (images: the paper's) | unet (images: Ho et al.'s)
+    network: str = "rbf"  # rbf | mlp | resmlp (vectors) | conv (images: the paper's) | unet (images: Ho et al.'s) | auto
     preset: str = "small"  # conv: paper, paper_mnist, reference_mnist, reference_cifar10, small; unet: small, cpu, ddpm_cifar10
     conv: dict = field(default_factory=dict)  # overrides of the conv preset, e.g. {n_conv_layers = 6}
     unet: dict = field(default_factory=dict)  # overrides of the unet preset, e.g. {base_channels = 64}
-    hidden: int = 16
-    layers: int = 1
+    hidden: int | Auto = 16
+    layers: int | Auto = 1
     activation: str = "tanh"
     readout: str = "per_step"  # per_step | bumps
     n_basis: int = 10
@@ -64,10 +71,12 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 20000
-    batch_size: int = 512
+    steps: int = 20000  # 0: no limit (max_minutes decides)
+    batch_size: int | Auto = 512
     optimizer: str = "adam"  # adam | rmsprop (the reference code's)
-    lr: float = 1e-3
+    lr: float | Auto = 1e-3
+    lr_schedule: str = "step"  # step (lr_decay every lr_decay_every steps) | cosine (to 0 over the run's steps or minutes)
+    warmup: float = 0.0  # the fraction of the run over which lr rises linearly from 0 (cosine schedule)
     lr_decay_every: int = 0  # multiply lr by lr_decay every this many steps (0: never)
     lr_decay: float = 0.1
     lr_min: float = 1e-4
@@ -80,7 +89,8 @@ class TrainConfig:
     loss: str = "bound"  # bound (-K) | simple (Ho et al.'s L_simple) | hybrid (L_simple + hybrid_lambda L_vlb)
     hybrid_lambda: float = 0.001  # Nichol & Dhariwal's lambda
     t_sampler: str = "uniform"  # how t is drawn for the one-t estimate: uniform | loss_aware (importance)
-    max_minutes: float = 0.0  # stop after this much training time (0: no limit; for equal-time comparisons)
+    max_minutes: float | Auto = 0.0  # stop after this much training time (0: no limit)
+    val_minutes: float | Auto = 0.0  # score the validation split every this many minutes of training (0: at the end only)
 
 
 @dataclass
@@ -88,6 +98,7 @@ class EvalConfig:
     n_draws: int = 4  # noise draws per example and timestep in the exact bound
     batch_size: int = 2000
     max_examples: int = 0  # 0: the whole test split
+    t_samples: int | Auto = "auto"  # steps per example, stratified (an unbiased estimate); 0: every step (exact)
 
 
 @dataclass
@@ -116,6 +127,7 @@ RANGES = {
     "data.size": _at_least(0),
     "data.noise": _NON_NEGATIVE,
     "data.test_fraction": _PROBABILITY,
+    "data.val_fraction": ((lambda v: 0 <= v < 1), "lie in [0, 1)"),
     "diffusion.T": _at_least(2),
     "diffusion.beta_1": _PROBABILITY,
     "diffusion.stationary_p": _PROBABILITY,
@@ -123,9 +135,10 @@ RANGES = {
     "model.layers": _at_least(1),
     "model.n_basis": _at_least(1),
     "model.bump_width": _POSITIVE,
-    "train.steps": _at_least(1),
+    "train.steps": _at_least(0),
     "train.batch_size": _at_least(1),
     "train.lr": _POSITIVE,
+    "train.warmup": ((lambda v: 0 <= v < 1), "lie in [0, 1)"),
     "train.lr_decay_every": _at_least(0),
     "train.lr_decay": ((lambda v: 0 < v <= 1), "lie in (0, 1]"),
     "train.lr_min": _NON_NEGATIVE,
@@ -136,9 +149,11 @@ RANGES = {
     "train.ema_decay": ((lambda v: 0 <= v < 1), "lie in [0, 1)"),
     "train.hybrid_lambda": _NON_NEGATIVE,
     "train.max_minutes": _NON_NEGATIVE,
+    "train.val_minutes": _NON_NEGATIVE,
     "eval.n_draws": _at_least(1),
     "eval.batch_size": _at_least(1),
     "eval.max_examples": _at_least(0),
+    "eval.t_samples": _at_least(0),
     "baseline.latent": _at_least(1),
     "baseline.min_var": _NON_NEGATIVE,
     "baseline.n_importance": _at_least(1),
@@ -156,6 +171,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    auto: dict = field(default_factory=dict)  # key -> why autoconfig chose its value (written, not read)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -173,15 +189,26 @@ class Config:
         for key, (ok, requirement) in RANGES.items():
             section, _, name = key.rpartition(".")
             value = getattr(getattr(self, section) if section else self, name)
-            if not ok(value):
+            if value != AUTO and not ok(value):
                 raise UserError(f"{origin}: {key} must {requirement}, got {value!r}")
+        if self.train.steps == 0 and self.train.max_minutes == 0:
+            raise UserError(f"{origin}: train.steps = 0 (no step limit) needs a time budget: set train.max_minutes "
+                            "or pass --minutes")
+
+
+def _literal_or_type(annotation) -> tuple:
+    """A Literal's allowed values, or the type itself."""
+    return typing.get_args(annotation) if typing.get_origin(annotation) is Literal else (annotation,)
 
 
 def _check_type(value, annotation, where: str):
     """Return ``value`` if it fits ``annotation`` (ints are accepted as floats)."""
-    options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    options = [o for a in (typing.get_args(annotation) if union else (annotation,)) for o in _literal_or_type(a)]
     for option in options:
         if option is type(None) and value is None:
+            return value
+        if isinstance(option, str) and value == option:  # a Literal's value, e.g. AUTO
             return value
         if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -189,7 +216,7 @@ def _check_type(value, annotation, where: str):
             return value  # TOML integers are 64-bit (tomllib accepts any)
         if option in (str, bool, dict) and type(value) is option:
             return value
-    names = " or ".join("none" if o is type(None) else o.__name__ for o in options)
+    names = " or ".join("none" if o is type(None) else repr(o) if isinstance(o, str) else o.__name__ for o in options)
     raise UserError(f"{where}: expected {names}, got {value!r}")
 
 

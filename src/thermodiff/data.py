@@ -147,12 +147,15 @@ def is_binary(x: np.ndarray) -> bool:
 
 @dataclass
 class Scaling:
-    """x -> (x - shift) / scale with one global scalar pair (the paper's choice: one-element
-    lists) or one pair per dimension of N x D data. ``log_det`` converts a log-density of
-    scaled data back to original units."""
+    """An invertible affine map from original units to the model's, x -> ((x - shift) R) / scale:
+    one global scalar pair (the paper's choice: one-element lists), one pair per dimension of N x D
+    data, or PCA whitening (``rotation`` R: the training covariance's eigenvectors as columns,
+    ``scale``: the standard deviations along them). ``log_det`` converts a log-density of scaled
+    data back to original units."""
 
     shift: list[float]
     scale: list[float]
+    rotation: list[list[float]] | None = None
 
     @classmethod
     def fit(cls, x: np.ndarray, mode: str) -> "Scaling":
@@ -160,27 +163,86 @@ class Scaling:
             return cls([0.0], [1.0])
         if mode == "global":
             return cls([float(x.mean())], [float(x.std())])
+        if mode in ("per_dimension", "pca") and x.ndim != 2:
+            raise UserError(f"data.scaling = {mode!r} is for N x D arrays; images use 'global'")
         if mode == "per_dimension":
-            if x.ndim != 2:
-                raise UserError("data.scaling = 'per_dimension' is for N x D arrays; images use 'global'")
             return cls(x.mean(0).tolist(), x.std(0).tolist())
-        raise UserError(f"data.scaling must be 'global', 'per_dimension' or 'none', got {mode!r}")
+        if mode == "pca":
+            return cls.whitening(x)
+        raise UserError(f"data.scaling must be 'global', 'per_dimension', 'pca' or 'none', got {mode!r}")
+
+    @classmethod
+    def whitening(cls, x: np.ndarray) -> "Scaling":
+        """PCA whitening: centred data rotated onto the covariance's eigenvectors and divided by
+        their standard deviations, so the scaled training data have mean 0 and covariance I."""
+        mean = x.mean(0)
+        variances, vectors = np.linalg.eigh(np.cov(x - mean, rowvar=False, bias=True).reshape(x.shape[1], -1))
+        if not variances[0] > 1e-12 * max(variances[-1], 0.0):
+            raise UserError("the data lie in a lower-dimensional subspace (their covariance is singular), so they "
+                            "have no density to bound; drop redundant columns or use data.scaling = 'per_dimension'")
+        return cls(mean.tolist(), np.sqrt(variances).tolist(), vectors.tolist())
 
     def __post_init__(self):
         if any(not (s > 0 and math.isfinite(s)) for s in self.scale):
             raise UserError("the data have zero variance in some dimension; cannot scale them (use data.scaling = 'none')")
 
-    def apply(self, x: np.ndarray) -> np.ndarray:
-        return (x - np.asarray(self.shift)) / np.asarray(self.scale)
+    def _arrays(self, like):
+        """shift, scale and rotation as arrays of ``like``'s kind (NumPy, or float64 tensors on its device)."""
+        if isinstance(like, torch.Tensor):
+            return [None if v is None else torch.as_tensor(v, dtype=torch.float64, device=like.device)
+                    for v in (self.shift, self.scale, self.rotation)]
+        return [None if v is None else np.asarray(v, dtype=np.float64) for v in (self.shift, self.scale, self.rotation)]
 
-    def invert(self, x: np.ndarray) -> np.ndarray:
-        return x * np.asarray(self.scale) + np.asarray(self.shift)
+    def apply(self, x):
+        """Original units -> the model's, for a NumPy array or a float64 tensor."""
+        shift, scale, rotation = self._arrays(x)
+        centred = x - shift
+        return (centred if rotation is None else centred @ rotation) / scale
+
+    def invert(self, y):
+        """The model's units -> original ones (the inverse of :meth:`apply`)."""
+        shift, scale, rotation = self._arrays(y)
+        scaled = y * scale
+        return (scaled if rotation is None else scaled @ rotation.T) + shift
 
     def log_det(self, dim: int) -> float:
         """log |d scaled / d original| for ``dim``-dimensional examples (-dim log scale for a
-        global pair), added to a log-density of scaled data to give it in original units."""
+        global pair; the rotation's determinant is +-1), added to a log-density of scaled data
+        to give it in original units."""
         scale = np.asarray(self.scale)
         return -float(dim * np.log(scale[0]) if len(scale) == 1 else np.sum(np.log(scale)))
+
+
+@dataclass
+class Lattice:
+    """Integer-valued (quantised) N x D data: every value of dimension j is low_j + k step_j for an
+    integer k in 0..count_j - 1. Such data have a probability, not a density: a discretized decoder
+    over these bins makes K a bound on the log-probability of the values themselves."""
+
+    low: list[float]
+    step: list[float]
+    count: list[int]
+
+    #: at most this many values per dimension (a finer grid is not worth a discrete model)
+    MAX_LEVELS = 100_000
+
+    @classmethod
+    def detect(cls, x: np.ndarray) -> "Lattice | None":
+        """The lattice of ``x`` if every dimension's values are whole multiples of its smallest gap
+        and values repeat (at most N / 2 distinct values per dimension); otherwise None."""
+        low, step, count = [], [], []
+        for column in np.asarray(x, dtype=np.float64).T:
+            values = np.unique(column)
+            if not 1 < len(values) <= min(len(column) / 2, cls.MAX_LEVELS):
+                return None
+            gap = float(np.diff(values).min())
+            k = (values - values[0]) / gap
+            if np.abs(k - np.rint(k)).max() > 1e-6:
+                return None
+            low.append(float(values[0]))
+            step.append(gap)
+            count.append(int(np.rint(k[-1])) + 1)
+        return cls(low, step, count)
 
 
 def split(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -206,6 +268,8 @@ class Dataset:
     binary: bool
     source: str
     dequantize: bool = False
+    val: np.ndarray | None = None  # held out of the training split to score checkpoints (None or empty: none)
+    lattice: Lattice | None = None  # integer-valued vectors: the values' grid (see :class:`Lattice`)
 
     @property
     def event_shape(self) -> tuple[int, ...]:
@@ -228,9 +292,7 @@ class Dataset:
             y = to_unit_float(x, generator, torch.float64)
         else:
             y = torch.as_tensor(np.asarray(x, dtype=np.float64)) / (255 if self.dequantize else 1)
-        shift = torch.as_tensor(self.scaling.shift, dtype=torch.float64)
-        scale = torch.as_tensor(self.scaling.scale, dtype=torch.float64)
-        return ((y - shift) / scale).float().to(device)
+        return self.scaling.apply(y).float().to(device)
 
     def from_model(self, x: torch.Tensor) -> np.ndarray:
         """The model's space -> original units (8-bit images are rounded back to uint8)."""
@@ -238,7 +300,9 @@ class Dataset:
         return from_unit_float(y) if self.dequantize else y
 
     def model_scale(self) -> torch.Tensor:
-        """How much one original unit is in the model's space (per dimension, broadcastable)."""
+        """How much one original unit is in the model's space (per dimension, broadcastable). With
+        a whitening rotation, per model dimension: isotropic noise of std s in original units is
+        independent noise of std s / scale_i along the rotated axes."""
         scale = torch.as_tensor(self.scaling.scale, dtype=torch.float64)
         return 1 / (scale * 255) if self.dequantize else 1 / scale
 
@@ -249,5 +313,6 @@ class Dataset:
 
     def describe(self) -> dict:
         return {"source": self.source, "n_train": len(self.train), "n_test": len(self.test),
+                "n_val": 0 if self.val is None else len(self.val),
                 "shape": list(self.event_shape), "binary": self.binary, "dequantized": self.dequantize,
-                "scaling": asdict(self.scaling)}
+                "scaling": asdict(self.scaling), "lattice": self.lattice and asdict(self.lattice)}

@@ -42,13 +42,15 @@ def log_normal_interval(a: Tensor, b: Tensor) -> Tensor:
     return log_hi + torch.log(-torch.expm1(torch.special.log_ndtr(lo) - log_hi))
 
 
-def bin_index(x: Tensor, low: float, width: float, count: int) -> Tensor:
+def bin_index(x: Tensor, low: float | Tensor, width: float | Tensor, count: int | Tensor) -> Tensor:
     """The bin k in 0..count - 1 whose centre low + k width is nearest x, the first and last bins
-    taking the tails (as a float tensor, elementwise)."""
-    return torch.clamp(torch.round((x - low) / width), 0, count - 1)
+    taking the tails (as a float tensor, elementwise; the bins' parameters broadcast against x)."""
+    k = torch.round((x - low) / width)
+    return torch.minimum(k.clamp_min(0), torch.as_tensor(count - 1, dtype=k.dtype, device=k.device))
 
 
-def discretized_gaussian_log_prob(x: Tensor, mean: Tensor, var: Tensor, low: float, width: float, count: int) -> Tensor:
+def discretized_gaussian_log_prob(x: Tensor, mean: Tensor, var: Tensor, low: float | Tensor, width: float | Tensor,
+                                  count: int | Tensor) -> Tensor:
     """log P(bin of x) under N(mean, var) discretised onto the ``count`` bins of ``width``
     centred at low, low + width, ..., the first and last bins taking the tails (Ho et al. 2020,
     section 3.3, Eq. 13; improved-diffusion's ``discretized_gaussian_log_likelihood``, here exact

@@ -8,7 +8,9 @@ import platform
 import torch
 from tqdm import tqdm
 
+from thermodiff.autoconfig import default_t_samples
 from thermodiff.bound import exact_bound, standard_error
+from thermodiff.config import AUTO
 from thermodiff.experiment import Run, dequantizes, paper_row
 from thermodiff.gaussian import GaussianParameterization
 from thermodiff.respace import chain
@@ -77,33 +79,55 @@ def evaluate_baseline(run: Run, n_draws: int, max_examples: int, seed: int, spli
                      "K_iw_stderr_bits": standard_error(iw) / LN2}
 
 
+def estimator_name(estimate) -> str:
+    """How a bound was computed, for reports."""
+    if estimate.t_samples is None:
+        return "exact: every step summed"
+    return f"unbiased: {estimate.t_samples} stratified steps per example"
+
+
 def evaluate(run: Run, n_draws: int | None = None, max_examples: int | None = None, seed: int = 0,
-             progress: bool = True, split_name: str = "test", respace_to: int | str | None = None) -> dict:
+             progress: bool = True, split_name: str = "test", respace_to: int | str | None = None,
+             t_samples: int | None = None, per_example: bool = False) -> dict:
     """K, K - L_null (bits per sample and per dimension), K in the data's original units, and
     the per-timestep terms, on the run's test split (or the data that replaced it). With
-    ``respace_to`` (see :func:`thermodiff.respace.respaced_timesteps`), of the respaced chain."""
+    ``respace_to`` (see :func:`thermodiff.respace.respaced_timesteps`), of the respaced chain.
+    ``t_samples`` (default ``eval.t_samples``): steps per example of an unbiased stratified
+    estimate, 0 for the exact sum over every step. ``per_example``: also K of every example, in bits
+    in the data's original units (``per_example_original_units_bits``)."""
     cfg = run.config
     n_draws = n_draws or cfg.eval.n_draws
     max_examples = max_examples if max_examples is not None else cfg.eval.max_examples
     if cfg.baseline.kind:  # not a diffusion (baselines.py)
         return evaluate_baseline(run, n_draws, max_examples, seed, split_name)
+    if t_samples is None:
+        t_samples = cfg.eval.t_samples if cfg.eval.t_samples != AUTO else default_t_samples(run.dataset.is_image)
     diffusion = chain(run.diffusion, respace_to)
     generator = torch.Generator().manual_seed(seed)
     test = run.dataset.test[:max_examples] if max_examples else run.dataset.test
     # fresh dequantisation noise for images; the bins' centres for the discretized decoder
-    discrete = run.dataset.dequantize and not dequantizes(diffusion)
+    discrete = not dequantizes(diffusion)
     x = run.dataset.to_model(test, generator, dequantize=not discrete)
     batches = torch.split(x, cfg.eval.batch_size)
-    with tqdm(total=len(batches) * diffusion.T, desc="bound", unit="t", disable=not progress, leave=False, mininterval=1.0) as bar:
-        estimate = exact_bound(diffusion, run.model, batches, n_draws, generator,
-                               callback=lambda done, total: bar.update(done - bar.n))
+    with tqdm(desc="bound", unit="call", disable=not progress, leave=False, mininterval=1.0) as bar:
+        def report(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        estimate = exact_bound(diffusion, run.model, batches, n_draws, generator, callback=report,
+                               t_samples=t_samples or None)
     null = diffusion.null_log_likelihood(x.double())
+    report = bound_report(run.dataset, estimate.per_example, null, discrete)
     result = {
         "experiment": cfg.name,
         "run_dir": str(run.path),
+        "checkpoint": run.checkpoint,
         "train_steps": run.step,
         "split": split_name,
         "n_examples": len(x),
+        "n_test": len(run.dataset.test),
+        "estimator": estimator_name(estimate),
+        "t_samples": estimate.t_samples,
         "n_draws": n_draws,
         "T": diffusion.T,
         "diffusion": type(run.diffusion).__name__,
@@ -113,9 +137,10 @@ def evaluate(run: Run, n_draws: int | None = None, max_examples: int | None = No
         "beta_1": float(run.diffusion.schedule.betas()[0].detach()),
         "train_loss": cfg.train.loss,
         "t_sampler": cfg.train.t_sampler,
-        **bound_report(run.dataset, estimate.per_example, null, discrete),
+        **report,
         "per_timestep_bits": (estimate.terms / LN2).tolist(),
         "hardware": hardware(),
+        "auto_choices": cfg.auto,
     }
     if isinstance(run.diffusion, VDM):  # its continuous-time bound too, besides its T-step chain's
         continuous = run.diffusion.continuous_bound(run.model, batches, n_draws, generator)
@@ -125,6 +150,8 @@ def evaluate(run: Run, n_draws: int | None = None, max_examples: int | None = No
         result["eps_variance"] = run.diffusion.eps_variance.value
     if respace_to is not None:
         result |= {"T_trained": run.diffusion.T, "respaced_timesteps": diffusion.timesteps.tolist()}
+    if per_example:
+        result["per_example_original_units_bits"] = (estimate.per_example / LN2 + report["log_det_scaling_bits"]).tolist()
     if paper_row(cfg) is not None and split_name == "test":
         result["paper"] = paper_row(cfg)
     return result

@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
+from thermodiff import autoconfig
 from thermodiff import data as datasets
 from thermodiff import image_data
 from thermodiff.binomial import BinomialDiffusion, BinomialParameterization
 from thermodiff.checkpoint import load_checkpoint
-from thermodiff.config import Config
+from thermodiff.config import AUTO, Config
 from thermodiff.convnet import build_conv_net
 from thermodiff.errors import UserError, first_line
 from thermodiff.bound import LossAwareSampler, check_training_loss
@@ -22,6 +23,9 @@ from thermodiff.networks import build_vector_net
 from thermodiff.schedules import make_schedule
 from thermodiff.unet import build_unet
 from thermodiff.vdm import VDM
+
+#: the run directory's file of the best weights by the validation bound (training.Validator writes it)
+BEST_CHECKPOINT = "best.safetensors"
 
 #: model.network values for (C, H, W) images; the others take (D,) vectors
 IMAGE_NETWORKS = ("conv", "unet")
@@ -127,17 +131,30 @@ def image_scaling(images: np.ndarray) -> datasets.Scaling:
     return datasets.Scaling([mean], [float(np.sqrt(max(squares / count - mean**2, 0.0)))])
 
 
+def carve_validation(train: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded validation split of ``fraction`` of the training examples (none for 0), disjoint
+    from the rest of the training split and from the test split."""
+    if fraction == 0:
+        return train, train[:0]
+    kept, held_out = datasets.split(len(train), fraction, seed + 7919)  # not the test split's permutation
+    return train[kept], train[held_out]
+
+
 def prepare_dataset(cfg: Config, override: np.ndarray | None = None, scaling: datasets.Scaling | None = None) -> tuple[datasets.Dataset, str]:
-    """Load, split and scale the data; returns the data set and the diffusion kind. With
-    ``override`` and a fitted ``scaling`` (evaluating a trained run on other data), all of
+    """Load, split and scale the data, and decide every "auto" setting of ``cfg`` from the
+    training split (:mod:`thermodiff.autoconfig`); returns the data set and the diffusion kind.
+    With ``override`` and a fitted ``scaling`` (evaluating a trained run on other data), all of
     ``override`` is the test split."""
     train, test, source = load_splits(cfg)
+    train, val = carve_validation(train, cfg.data.val_fraction, cfg.seed)
     image = train.ndim == 4
+    binary = datasets.is_binary(train)
+    lattice = None if image or binary else datasets.Lattice.detect(train)
+    autoconfig.resolve_data(cfg, train, binary, lattice)
     if not cfg.baseline.kind and image != (cfg.model.network in IMAGE_NETWORKS):  # baselines take both
         what = f"images of shape {train.shape[1:]}" if image else f"vectors of shape {train.shape[1:]}"
         raise UserError(f"{source}: holds {what}, but model.network = {cfg.model.network!r} is for "
                         f"{'vectors' if image else 'images'}")
-    binary = datasets.is_binary(train)
     kind = diffusion_kind(cfg, binary, source)
     if override is not None:
         test = override
@@ -146,27 +163,35 @@ def prepare_dataset(cfg: Config, override: np.ndarray | None = None, scaling: da
             scaling = datasets.Scaling.fit(train, "none")
         else:
             scaling = image_scaling(train) if image else datasets.Scaling.fit(train, cfg.data.scaling)
-    return datasets.Dataset(train, test, scaling, binary, source, dequantize=image and kind != "binomial"), kind
+    dataset = datasets.Dataset(train, test, scaling, binary, source, dequantize=image and kind != "binomial", val=val,
+                               lattice=lattice)
+    autoconfig.resolve(cfg, None if image else scaling.apply(train), kind, data_bins(dataset))
+    return dataset, kind
 
 
 def resolve_auto(cfg: Config, kind: str) -> None:
-    """Replace 'auto' choices by the paper's choice for the process, so that a run's saved
-    config names exactly what produced its figures."""
+    """Name the process kind in the config; a config built in code without
+    :func:`prepare_dataset` gets the paper's choices for the settings it leaves at "auto"."""
     d = cfg.diffusion
     d.kind = kind
-    if d.schedule == "auto":
+    if d.schedule == AUTO:
         d.schedule = "erase" if kind == "binomial" else "learned"
-    if d.parameterization == "auto":
+    if d.parameterization == AUTO:
         d.parameterization = (BinomialParameterization.FORWARD_OFFSET if kind == "binomial" else VDM.parameterization
                               if kind == "vdm" else GaussianParameterization.REFERENCE).value
 
 
-def pixel_bins(dataset: datasets.Dataset) -> Bins | None:
-    """Where the 256 values of 8-bit images lie in model units (None for other data): the
-    scaled image of 0, one grey level apart."""
-    if not dataset.dequantize:
+def data_bins(dataset: datasets.Dataset) -> Bins | None:
+    """Where discrete data lie in model units (None for continuous data): for 8-bit images the
+    scaled image of 0, one grey level apart; for integer-valued vectors their lattice, per dimension
+    (which a whitening rotation would not keep on axes)."""
+    if dataset.dequantize:
+        return Bins(low=float(dataset.scaling.apply(np.zeros(1))[0]), width=float(dataset.model_scale().flatten()[0]))
+    if dataset.lattice is None or dataset.scaling.rotation is not None:
         return None
-    return Bins(low=float(dataset.scaling.apply(np.zeros(1))[0]), width=float(dataset.model_scale().flatten()[0]))
+    lattice, scale = dataset.lattice, np.broadcast_to(dataset.scaling.scale, (dataset.dim,))
+    return Bins(low=tuple(dataset.scaling.apply(np.asarray(lattice.low)).tolist()),
+                width=tuple((np.asarray(lattice.step) / scale).tolist()), count=tuple(lattice.count))
 
 
 def dequantizes(diffusion: nn.Module) -> bool:
@@ -177,7 +202,7 @@ def dequantizes(diffusion: nn.Module) -> bool:
 
 def build_diffusion(cfg: Config, kind: str, data_mean: float, bins: Bins | None = None) -> nn.Module:
     """The configured process; a binomial one is stationary at ``data_mean`` unless the config
-    fixes ``stationary_p``. ``bins`` (:func:`pixel_bins`) serve the discretized decoder. With
+    fixes ``stationary_p``. ``bins`` (:func:`data_bins`) serve the discretized decoder. With
     ``train.t_sampler = 'loss_aware'`` the process carries its importance sampler of t. With
     ``baseline.kind`` set, the baseline instead (the data kind picks a VAE's likelihood)."""
     if cfg.baseline.kind:
@@ -269,6 +294,7 @@ class Run:
     model: nn.Module
     step: int
     meta: dict
+    checkpoint: str = "last"  # which weights: "last" (of checkpoint.safetensors) or "best" (by the validation bound)
 
 
 def load_state(module: nn.Module, tensors: dict, prefix: str, origin: str) -> None:
@@ -285,7 +311,8 @@ def load_run(run_dir: str | Path, data_path: str | None = None) -> Run:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run directory")
-    checkpoint = run_dir / "checkpoint.safetensors"
+    best = run_dir / BEST_CHECKPOINT
+    checkpoint = best if best.exists() else run_dir / "checkpoint.safetensors"
     tensors, meta = load_checkpoint(checkpoint, {"config": dict, "data": dict, "step": int})
     cfg = Config.from_dict(meta["config"], origin=str(checkpoint))
     digest = meta["data"].get("sha256")
@@ -307,11 +334,12 @@ def load_run(run_dir: str | Path, data_path: str | None = None) -> Run:
     dataset, kind = prepare_dataset(cfg, override, scaling)
     if kind == "binomial" and override is not None and not datasets.is_binary(override):
         raise UserError(f"{data_path}: data are not binary, but run {run_dir} is a binomial diffusion")
-    diffusion = build_diffusion(cfg, kind, float(dataset.train.mean()), pixel_bins(dataset))
+    diffusion = build_diffusion(cfg, kind, float(dataset.train.mean()), data_bins(dataset))
     model = build_model(cfg, diffusion, dataset.event_shape)
     weights = "ema." if any(k.startswith("ema.") for k in tensors) else ""  # evaluate the averaged weights
     load_state(model, tensors, f"{weights}model.", str(run_dir))
     load_state(diffusion, tensors, f"{weights}diffusion.", str(run_dir))
     model.eval()
-    return Run(run_dir, cfg, dataset, diffusion, model, int(meta["step"]), meta)
+    return Run(run_dir, cfg, dataset, diffusion, model, int(meta["step"]), meta,
+               "best" if checkpoint == best else "last")
 

@@ -24,6 +24,9 @@ class GaussianParameterization(str, Enum):
     PAPER = "paper"  # paper Eqs. 64-65: decay towards z_mu
     EPS = "eps"  # Ho et al. (2020): z[:, 0] predicts the noise; a fixed variance (FixedVariance)
     EPS_LEARNED_VAR = "eps_learned_var"  # Nichol & Dhariwal (2021): the noise, and z[:, 1] places the variance
+    # the noise and the variance as residuals from the exact reverse kernel of N(0, I) data: z = 0 is
+    # the forward kernel, exact for whitened Gaussian data at any T (see GaussianDiffusion.p_mean_var)
+    EPS_RESIDUAL = "eps_residual"
 
 
 class FixedVariance(str, Enum):
@@ -38,21 +41,32 @@ class Decoder(str, Enum):
 
     FORWARD = "forward"  # the forward step reversed, T_pi(x_0 | x_1; beta_1) (paper App. B.2)
     LEARNED = "learned"  # the network's kernel at t = 1
-    DISCRETIZED = "discretized"  # the network's kernel at t = 1 over the bins of 8-bit data (Ho et al. 2020)
+    DISCRETIZED = "discretized"  # the network's kernel at t = 1 over the bins of discrete data (Ho et al. 2020)
 
 
 @dataclass(frozen=True)
 class Bins:
-    """Where discrete data lie in the model's units: low + k width, k = 0..count - 1. For 8-bit
-    images, width is one grey level after the data's scaling and count = 256."""
+    """Where discrete data lie in the model's units: low + k width, k = 0..count - 1, the same for
+    every dimension (floats) or per dimension of N x D data (sequences of D values). For 8-bit
+    images, width is one grey level after the data's scaling and count = 256; for integer-valued
+    vectors, the lattice of each dimension (:class:`thermodiff.data.Lattice`)."""
 
-    low: float
-    width: float
-    count: int = 256
+    low: float | tuple[float, ...]
+    width: float | tuple[float, ...]
+    count: int | tuple[int, ...] = 256
+
+    def tables(self, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """low, width and count as float64 tensors on ``like``'s device, broadcastable against it."""
+        return tuple(torch.as_tensor(v, dtype=torch.float64, device=like.device) for v in (self.low, self.width, self.count))
 
     def snap(self, x: Tensor) -> Tensor:
         """The centre of the bin that x falls in (the edge bins take the tails)."""
-        return (self.low + bin_index(x, self.low, self.width, self.count) * self.width).to(x.dtype)
+        low, width, count = self.tables(x)
+        return (low + bin_index(x, low, width, count) * width).to(x.dtype)
+
+    def log_prob(self, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+        """log P(bin of x) under N(mean, var), elementwise (see discretized_gaussian_log_prob)."""
+        return discretized_gaussian_log_prob(x, mean, var, *self.tables(x))
 
 
 def sum_except_batch(x: Tensor) -> Tensor:
@@ -89,7 +103,8 @@ class GaussianDiffusion(nn.Module):
         self.eps_variance = FixedVariance(eps_variance or FixedVariance.BETA_TILDE)
         self.decoder = Decoder(decoder)
         if self.decoder is Decoder.DISCRETIZED and bins is None:
-            raise ValueError("the discretized decoder is for 8-bit data: it needs their bins in model units")
+            raise ValueError("the discretized decoder is for discrete data (8-bit images, integer-valued vectors): it "
+                             "needs their bins in model units")
         self.bins = bins
 
     @property
@@ -175,6 +190,13 @@ class GaussianDiffusion(nn.Module):
         elif P is GaussianParameterization.PAPER:
             var = torch.sigmoid(z[:, 1] + torch.logit(beta))  # paper Eq. 65
             mean = (x_t - z[:, 0]) * (1 - var) + z[:, 0]  # paper Eq. 64
+        elif P is GaussianParameterization.EPS_RESIDUAL:
+            # N(0, I) data have E[eps | x_t] = sqrt(1 - abar_t) x_t and reverse variance beta_t, so
+            # z = 0 gives the forward kernel, their exact reverse; z[:, 0] corrects the noise
+            # prediction, z[:, 1] moves log Sigma towards log beta-tilde (at -1) and beyond
+            one_minus_abar = gather(-torch.expm1(self.log_alphas_cumprod()), t, x_t)
+            mean = self.mean_from_eps(x_t, t, one_minus_abar.sqrt() * x_t + z[:, 0])
+            var = self.interpolated_variance(1 + z[:, 1], t)
         else:
             mean = self.mean_from_eps(x_t, t, z[:, 0])
             if P is GaussianParameterization.EPS_LEARNED_VAR:
@@ -222,7 +244,7 @@ class GaussianDiffusion(nn.Module):
         """log p(x_0 | x_1) elementwise for a Gaussian kernel: a density, or with the DISCRETIZED
         decoder the probability of x_0's bin, so that K bounds the log-probability of the 8-bit data."""
         if self.decoder is Decoder.DISCRETIZED:
-            return discretized_gaussian_log_prob(x0, mean, var, self.bins.low, self.bins.width, self.bins.count)
+            return self.bins.log_prob(x0, mean, var)
         return gaussian_log_prob(x0, mean, var)
 
     def sample_prior(self, shape: tuple[int, ...], generator: torch.Generator | None = None, device=None) -> Tensor:

@@ -9,6 +9,7 @@ for continuous-time processes such as :mod:`thermodiff.vdm`), at the same positi
 T sits at s = (t - 1) / (T - 1).
 """
 
+import math
 from enum import Enum
 
 import numpy as np
@@ -57,6 +58,20 @@ def basis_at(basis: Tensor, t: Tensor, width_factor: float) -> Tensor:
     if t.is_floating_point():
         return bump_weights(2 * t - 1, basis.shape[1], width_factor)
     return basis[t - 1]
+
+
+def timestep_embedding(s: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding of continuous times ``s`` in [0, 1], scaled to [0, 1000] first (the
+    range of Ho et al.'s integer steps), shape (N, dim) with dim even."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=s.device) / half)
+    angles = 1000.0 * s.float()[:, None] * freqs
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+
+
+def continuous_time(t: Tensor, T: int) -> Tensor:
+    """Step t = 1..T (integer) at s = (t - 1) / (T - 1), or continuous times s in [0, 1] as given."""
+    return t if t.is_floating_point() else (t - 1).float() / (T - 1)
 
 
 def check_image_shape(shape: tuple[int, ...], channels: int, size: int, size_multiple: int | None) -> None:
@@ -135,6 +150,46 @@ class VectorReverseNet(nn.Module):
         return z.reshape(len(x_t), self.outputs_per_dim, self.dim)
 
 
+class ResidualBlock(nn.Module):
+    """h + W2 silu(W1 silu(LayerNorm(h)) + E emb): a pre-norm residual block that sees the time."""
+
+    def __init__(self, width: int, emb_dim: int):
+        super().__init__()
+        self.norm, self.inner, self.outer = nn.LayerNorm(width), nn.Linear(width, width), nn.Linear(width, width)
+        self.emb = nn.Linear(emb_dim, width)
+
+    def forward(self, h: Tensor, emb: Tensor) -> Tensor:
+        act = nn.functional.silu
+        return h + self.outer(act(self.inner(act(self.norm(h))) + self.emb(emb)))
+
+
+class ResidualMLP(nn.Module):
+    """Reverse model for N x D data in the style of the image U-Nets: a sinusoidal embedding of the
+    time (:func:`timestep_embedding`, integer steps or continuous times) enters every residual
+    block, so each block can act differently at each noise level, rather than only the readout.
+    The output layer starts at zero, so the reverse kernel starts at the forward one (for the
+    ``eps_residual`` parameterisation: the exact reverse kernel of whitened Gaussian data)."""
+
+    EMB_DIM = 64
+
+    def __init__(self, dim: int, outputs_per_dim: int, T: int, hidden: int = 256, blocks: int = 3):
+        super().__init__()
+        self.dim, self.outputs_per_dim, self.T = dim, outputs_per_dim, T
+        self.time = nn.Sequential(nn.Linear(self.EMB_DIM, self.EMB_DIM), nn.SiLU())
+        self.inp = nn.Linear(dim, hidden)
+        self.blocks = nn.ModuleList(ResidualBlock(hidden, self.EMB_DIM) for _ in range(blocks))
+        self.out = nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, outputs_per_dim * dim))
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
+
+    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
+        emb = self.time(timestep_embedding(continuous_time(t, self.T), self.EMB_DIM).to(x_t.dtype))
+        h = self.inp(x_t)
+        for block in self.blocks:
+            h = block(h, emb)
+        return self.out(h).reshape(len(x_t), self.outputs_per_dim, self.dim)
+
+
 def mlp(dim: int, hidden: int, layers: int, activation: str) -> nn.Sequential:
     """``layers`` hidden layers of ``hidden`` units; the heartbeat net is mlp(20, 50, 3, 'sigmoid')."""
     if activation not in ACTIVATIONS:
@@ -148,12 +203,15 @@ def mlp(dim: int, hidden: int, layers: int, activation: str) -> nn.Sequential:
 
 def build_vector_net(kind: str, dim: int, outputs_per_dim: int, T: int, hidden: int, layers: int = 1,
                      activation: str = "tanh", readout: str = "bumps", n_basis: int = 10,
-                     width_factor: float = 0.5) -> VectorReverseNet:
-    """The named vector network: 'rbf' (Swiss roll) or 'mlp' (heartbeat, user data)."""
+                     width_factor: float = 0.5) -> nn.Module:
+    """The named vector network: 'rbf' (Swiss roll), 'mlp' (heartbeat; time in the readout only)
+    or 'resmlp' (:class:`ResidualMLP`, ``layers`` residual blocks; time in every block)."""
+    if kind == "resmlp":
+        return ResidualMLP(dim, outputs_per_dim, T, hidden, layers)
     if kind == "rbf":
         features = NormalizedRBF(dim, hidden)
     elif kind == "mlp":
         features = mlp(dim, hidden, layers, activation)
     else:
-        raise ValueError(f"unknown network {kind!r}; choose 'rbf' or 'mlp'")
+        raise ValueError(f"unknown network {kind!r}; choose 'rbf', 'mlp' or 'resmlp'")
     return VectorReverseNet(features, hidden, dim, outputs_per_dim, T, readout, n_basis, width_factor)

@@ -18,6 +18,14 @@ class ScheduleKind(str, Enum):
     LINEAR = "linear"  # Ho et al. (2020), rescaled to T
     COSINE = "cosine"  # Nichol & Dhariwal (2021)
     ERASE = "erase"  # 1/(T - t + 1): erase a fraction 1/T of the signal per step (binomial, paper App. D.1.2)
+    LOG_SNR = "log_snr"  # log SNR falling linearly in t from the resolution beta_1 to LOG_SNR_END (VDM's linear gamma)
+
+
+#: The last step's log signal-to-noise ratio, log(abar_T / (1 - abar_T)), of the LOG_SNR schedule:
+#: abar_T = 1.2e-4, so the prior term KL(q(x_T|x_0) || N(0, I)) is ~1e-8 nats per unit-variance dimension.
+LOG_SNR_END = -9.0
+#: beta_1 of the LOG_SNR schedule when none is given (VDM's gamma_min = -13.3 is 1.7e-6).
+LOG_SNR_BETA_1 = 1e-4
 
 
 def reference_betas(T: int, step1_beta: float = 1e-3) -> np.ndarray:
@@ -46,6 +54,17 @@ def erase_betas(T: int) -> np.ndarray:
     and the last step (beta_T = 1) reaches the stationary distribution exactly."""
     t = np.arange(1, T + 1)
     return 1.0 / (T - t + 1.0)
+
+
+def log_snr_betas(T: int, beta_1: float = LOG_SNR_BETA_1, log_snr_end: float = LOG_SNR_END) -> np.ndarray:
+    """The betas whose log SNR_t = log(abar_t / (1 - abar_t)) falls linearly in t from
+    log((1 - beta_1) / beta_1) at t = 1 to ``log_snr_end`` at t = T: equal steps in log SNR, the
+    discrete chain of VDM's linear gamma (Kingma et al. 2021, sec. 3.2), with beta_1 = 1 - abar_1."""
+    log_snr = np.linspace(math.log1p(-beta_1) - math.log(beta_1), log_snr_end, T)
+    if not log_snr[0] > log_snr_end:
+        raise ValueError(f"beta_1 = {beta_1} leaves no signal to destroy (log SNR {log_snr[0]:.3g} <= {log_snr_end})")
+    log_abar = -np.logaddexp(0.0, -log_snr)  # log sigmoid(log SNR)
+    return -np.expm1(np.diff(log_abar, prepend=0.0))
 
 
 class Schedule(nn.Module):
@@ -90,9 +109,12 @@ def make_schedule(kind: str | ScheduleKind, T: int, beta_1: float | None = None)
         ScheduleKind.COSINE: cosine_betas,
         ScheduleKind.ERASE: erase_betas,
     }
-    betas = table[kind](T)
-    if beta_1 is not None:
-        if not 0 < beta_1 < 1:
-            raise ValueError(f"beta_1 must lie in (0, 1), got {beta_1}")
-        betas[0] = beta_1
+    if beta_1 is not None and not 0 < beta_1 < 1:
+        raise ValueError(f"beta_1 must lie in (0, 1), got {beta_1}")
+    if kind is ScheduleKind.LOG_SNR:  # beta_1 sets where the whole table starts
+        betas = log_snr_betas(T, LOG_SNR_BETA_1 if beta_1 is None else beta_1)
+    else:
+        betas = table[kind](T)
+        if beta_1 is not None:
+            betas[0] = beta_1
     return Schedule(betas, learn=kind is ScheduleKind.LEARNED)

@@ -2,6 +2,7 @@
 metrics, checkpoint atomically, resume exactly (model, optimiser, step and RNG states)."""
 
 import contextlib
+import copy
 import csv
 import io
 import json
@@ -19,16 +20,17 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from thermodiff import distributed
-from thermodiff.bound import TrainingDraws, training_draws, training_loss
+from thermodiff.autoconfig import default_t_samples
+from thermodiff.bound import TrainingDraws, exact_bound, training_draws, training_loss
 from thermodiff.checkpoint import (atomic_write_text, flatten_optimizer_state, load_checkpoint, save_checkpoint,
                                    umask, unflatten_optimizer_state)
-from thermodiff.config import Config
+from thermodiff.config import AUTO, Config
 from thermodiff.errors import UserError, first_line
-from thermodiff.experiment import (build_diffusion, build_model, dequantizes, file_digest, load_state, pixel_bins,
-                                   prepare_dataset, resolve_source)
+from thermodiff.experiment import (BEST_CHECKPOINT, build_diffusion, build_model, data_bins, dequantizes, file_digest,
+                                   load_state, prepare_dataset, resolve_source)
 
 LN2 = math.log(2.0)
-METRIC_FIELDS = ["step", "K_bits_running", "loss_bits", "lr", "elapsed_s", "nonfinite_skipped"]
+METRIC_FIELDS = ["step", "K_bits_running", "loss_bits", "lr", "elapsed_s", "nonfinite_skipped", "val_K_bits"]
 
 
 def make_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
@@ -40,11 +42,24 @@ def make_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
     raise UserError(f"train.optimizer must be 'adam' or 'rmsprop', got {t.optimizer!r}")
 
 
-def learning_rate(cfg: Config, step: int) -> float:
+def learning_rate(cfg: Config, step: int, progress: float = 0.0) -> float:
+    """The learning rate at ``step``: decayed by lr_decay every lr_decay_every steps (the
+    ``step`` schedule), or (``cosine``) a linear warm-up over the first ``warmup`` of the run and
+    a cosine decay to 0 at its end, ``progress`` in [0, 1] being how much of the run is done (of
+    its steps or of its minutes, whichever limit is nearer)."""
     t = cfg.train
+    if t.lr_schedule == "cosine":
+        warm = min(1.0, progress / t.warmup) if t.warmup > 0 else 1.0
+        return t.lr * warm * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
     if t.lr_decay_every <= 0:
         return t.lr
     return max(t.lr * t.lr_decay ** (step // t.lr_decay_every), min(t.lr_min, t.lr))
+
+
+def run_progress(cfg: Config, step: int, elapsed_s: float) -> float:
+    """How much of the run is done: the larger of its fractions of train.steps and train.max_minutes."""
+    t = cfg.train
+    return max(step / t.steps if t.steps else 0.0, elapsed_s / (60 * t.max_minutes) if t.max_minutes else 0.0)
 
 
 def validate_train_config(cfg: Config, world_size: int = 1) -> None:
@@ -54,6 +69,8 @@ def validate_train_config(cfg: Config, world_size: int = 1) -> None:
         raise UserError(f"train.batch_size {t.batch_size} must be divisible by the number of processes ({world_size})")
     if t.precision not in ("fp32", "bf16", "fp16"):
         raise UserError(f"train.precision must be 'fp32', 'bf16' or 'fp16', got {t.precision!r}")
+    if t.lr_schedule not in ("step", "cosine"):
+        raise UserError(f"train.lr_schedule must be 'step' or 'cosine', got {t.lr_schedule!r}")
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -73,7 +90,7 @@ def rewrite_metrics(run_dir: Path, upto_step: int) -> None:
     records = [r for r in read_metrics(run_dir) if r.get("step", math.inf) <= upto_step]
     atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, METRIC_FIELDS, lineterminator="\n")  # as append_metrics writes rows
+    writer = csv.DictWriter(buffer, METRIC_FIELDS, lineterminator="\n", extrasaction="ignore")  # as append_metrics
     writer.writeheader()
     writer.writerows(records)
     atomic_write_text(run_dir / "metrics.csv", buffer.getvalue())
@@ -81,7 +98,7 @@ def rewrite_metrics(run_dir: Path, upto_step: int) -> None:
 
 def append_metrics(run_dir: Path, record: dict) -> None:
     for name, line in (("metrics.jsonl", json.dumps(record) + "\n"),
-                       ("metrics.csv", ",".join(str(record[f]) for f in METRIC_FIELDS) + "\n")):
+                       ("metrics.csv", ",".join(str(record.get(f, "")) for f in METRIC_FIELDS) + "\n")):
         with open(run_dir / name, "a", encoding="utf-8") as f:
             f.write(line)
 
@@ -173,6 +190,42 @@ class EMA:
                 self.shadow[k].lerp_(v, 1 - decay)
 
 
+class Validator:
+    """Scores the weights that evaluation uses (the EMA's, if any) by the bound on the validation
+    split, always with the same noise (so that two checkpoints' scores differ by their weights,
+    not their draws), and keeps the best as ``best.safetensors``, which runs are loaded from."""
+
+    #: validation examples scored (the first of the split)
+    MAX_EXAMPLES = 2000
+
+    def __init__(self, objective: "Objective", dataset, cfg: Config, device: torch.device, best: dict | None):
+        self.copy = copy.deepcopy(objective)  # holds the weights being scored
+        self.copy.eval()
+        self.t_samples = cfg.eval.t_samples if cfg.eval.t_samples != AUTO else default_t_samples(dataset.is_image)
+        val = dataset.val[: self.MAX_EXAMPLES]
+        self.x = dataset.to_model(val, torch.Generator().manual_seed(cfg.seed + 3), device,
+                                  dequantize=dequantizes(objective.diffusion))
+        self.batch_size, self.seed = cfg.eval.batch_size, cfg.seed + 4
+        self.best = best  # {"K_bits", "stderr_bits", "step"} of the best so far
+
+    def score(self, weights: dict[str, torch.Tensor]) -> tuple[float, float]:
+        """K (bits per example) of ``weights`` (an Objective state dict) and its standard error."""
+        self.copy.load_state_dict(weights, strict=False)
+        generator = torch.Generator(self.x.device).manual_seed(self.seed)
+        estimate = exact_bound(self.copy.diffusion, self.copy.model, torch.split(self.x, self.batch_size), 1,
+                               generator, t_samples=self.t_samples or None)
+        return estimate.mean / LN2, estimate.stderr / LN2
+
+    def update(self, weights: dict[str, torch.Tensor], step: int, path: Path, meta: dict) -> float:
+        """Score ``weights``; if they are the best so far, write them to ``path`` with ``meta``."""
+        k_bits, stderr = self.score(weights)
+        if self.best is None or k_bits > self.best["K_bits"]:
+            self.best = {"K_bits": k_bits, "stderr_bits": stderr, "step": step, "n_examples": len(self.x)}
+            state = {k: v.detach().clone() for k, v in self.copy.state_dict().items()}
+            save_checkpoint(path, state, meta | {"step": step, "validation": self.best})
+        return k_bits
+
+
 def autocast(cfg: Config, device: torch.device):
     """The network's mixed precision: bf16 on any device (on CPUs with AVX-512 BF16 it trains
     faster; benchmarks/throughput.py --precisions fp32,bf16 measures it), fp16 only on CUDA (it needs the gradient scaler); the bound's own
@@ -216,11 +269,12 @@ def _train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, progress: 
         cfg.train.steps = steps
     if max_minutes is not None:
         cfg.train.max_minutes = max_minutes
-    validate_train_config(cfg, ctx.world_size)
+    cfg.validate()
     torch.manual_seed(cfg.seed)
     dataset, kind = prepare_dataset(cfg)  # bad input fails here, before anything on disk changes
+    validate_train_config(cfg, ctx.world_size)  # with every "auto" decided
     resolve_source(cfg)
-    diffusion = build_diffusion(cfg, kind, float(dataset.train.mean()), pixel_bins(dataset))
+    diffusion = build_diffusion(cfg, kind, float(dataset.train.mean()), data_bins(dataset))
     model = build_model(cfg, diffusion, dataset.event_shape)
     objective = Objective(model, diffusion, cfg.train.loss, cfg.train.hybrid_lambda)
     noise_gen = torch.Generator(ctx.device).manual_seed(cfg.seed + 1)
@@ -256,6 +310,10 @@ def _train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, progress: 
         data_info["sha256"] = file_digest(Path(cfg.data.source))
 
     saved_step = step if resume else None  # the step of the checkpoint in the run directory
+    has_val = dataset.val is not None and len(dataset.val) > 0
+    validator = Validator(objective, dataset, cfg, ctx.device, meta.get("best")) if has_val and ctx.is_main else None
+    val_every = 60 * cfg.train.val_minutes or math.inf
+    next_val = meta.get("next_val_s", val_every)  # training seconds at which to score the validation split next
 
     def checkpoint(folder: Path = run_dir) -> None:
         nonlocal saved_step
@@ -272,7 +330,14 @@ def _train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, progress: 
             "config": cfg.to_dict(), "data": data_info, "step": step, "optimizer": optim_meta,
             "nonfinite_skipped": skipped_total, "nonfinite_in_a_row": in_a_row, "K_bits_running": running,
             "window": window, "elapsed_s": time.perf_counter() - start_time, "world_size": ctx.world_size,
-            "grad_scaler": scaler.state_dict()})
+            "grad_scaler": scaler.state_dict(), "best": validator and validator.best, "next_val_s": next_val})
+
+    def validate() -> float | None:
+        """Score the evaluated weights on the validation split (process 0), keeping the best."""
+        if validator is None:
+            return None
+        weights = ema.shadow if ema is not None else objective.state_dict()
+        return validator.update(weights, step, run_dir / BEST_CHECKPOINT, {"config": cfg.to_dict(), "data": data_info})
 
     start_time, start_step = time.perf_counter() - elapsed, step  # elapsed_s counts on across resumes
     session_start = time.perf_counter()
@@ -289,17 +354,17 @@ def _train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, progress: 
         rewrite_metrics(run_dir, step)
     shard = ctx.shard(cfg.train.batch_size)
     dequantize = dequantizes(diffusion)
-    # under a time budget (train.max_minutes; compare --minutes sets steps out of reach) the
-    # bar counts steps without a total
+    # under a time budget the bar counts steps without a total
     timed = math.isfinite(time_limit)
-    bar = tqdm(total=None if timed else cfg.train.steps, initial=step, unit="step", file=sys.stderr,
-               desc=f"train {cfg.name}" + (f" ({cfg.train.max_minutes:g} min)" if timed else ""),
+    bar = tqdm(total=cfg.train.steps if cfg.train.steps and not timed else None, initial=step, unit="step",
+               file=sys.stderr, desc=f"train {cfg.name}" + (f" ({cfg.train.max_minutes:g} min)" if timed else ""),
                disable=not progress, mininterval=1.0)
     objective.train()
-    out_of_time = False
-    while step < cfg.train.steps and not out_of_time:
+    out_of_time, val_bits = False, None
+    while (not cfg.train.steps or step < cfg.train.steps) and not out_of_time:
+        lr = learning_rate(cfg, step, run_progress(cfg, step, time.perf_counter() - start_time))
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(cfg, step)
+            group["lr"] = lr
         # every process draws the whole global batch and its randomness, then takes its shard:
         # the same numbers as one process training on the global batch
         idx = torch.randint(0, len(dataset.train), (cfg.train.batch_size,), generator=order_gen)
@@ -309,11 +374,11 @@ def _train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, progress: 
             loss, k = trainer(x0[shard], draws[shard])
         step += 1
         bar.update(1)
-        late = time.perf_counter() - start_time >= time_limit
-        stats = ctx.all_reduce_sum(torch.stack([k.sum(), (~torch.isfinite(loss)).double(),
-                                                torch.tensor(float(len(k)), dtype=torch.float64, device=k.device),
-                                                torch.tensor(float(late), dtype=torch.float64, device=k.device)]))
-        out_of_time = bool(stats[3] > 0)  # one process out of time: all stop together
+        now = time.perf_counter() - start_time
+        stats = ctx.all_reduce_sum(torch.tensor([float(k.sum()), float(not torch.isfinite(loss)), float(len(k)),
+                                                 float(now >= time_limit), float(now >= next_val)],
+                                                dtype=torch.float64, device=k.device))
+        out_of_time, due = bool(stats[3] > 0), bool(stats[4] > 0)  # one process due: all act together
         if stats[1] > 0:  # any process saw a non-finite loss: all skip the step together
             skipped_total += 1
             in_a_row += 1
@@ -335,15 +400,23 @@ def _train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, progress: 
         k_bits = float(stats[0] / stats[2]) / LN2
         window.append(k_bits)
         running = k_bits if running is None else 0.99 * running + 0.01 * k_bits
-        bar.set_postfix(K_bits=f"{running:.3f}", refresh=False)
-        if ctx.is_main and (step % cfg.train.log_every == 0 or step == cfg.train.steps or out_of_time):
-            append_metrics(run_dir, {"step": step, "K_bits_running": round(running, 6),
-                                     "loss_bits": round(-sum(window) / len(window), 6),
-                                     "lr": learning_rate(cfg, step - 1),
-                                     "elapsed_s": round(time.perf_counter() - start_time, 3),
-                                     "nonfinite_skipped": skipped_total})
+        last = out_of_time or step == cfg.train.steps
+        if due or (last and validator is not None):
+            val_bits = validate()
+            next_val = now + val_every
+            ctx.barrier()
+        shown = {"K_bits": f"{running:.3f}"}
+        if val_bits is not None:
+            shown |= {"val_K": f"{val_bits:.3f}", "best": f"{validator.best['K_bits']:.3f}"}
+        bar.set_postfix(shown, refresh=False)
+        if ctx.is_main and (step % cfg.train.log_every == 0 or last or due):
+            record = {"step": step, "K_bits_running": round(running, 6), "loss_bits": round(-sum(window) / len(window), 6),
+                      "lr": lr, "elapsed_s": round(time.perf_counter() - start_time, 3), "nonfinite_skipped": skipped_total}
+            if (due or last) and val_bits is not None:
+                record["val_K_bits"] = round(val_bits, 6)
+            append_metrics(run_dir, record)
             window = []
-        if step % cfg.train.checkpoint_every == 0:
+        if step % cfg.train.checkpoint_every == 0 or due:
             checkpoint()
     bar.close()
     if saved_step != step:
@@ -353,4 +426,4 @@ def _train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, progress: 
     return {"run_dir": str(run_dir), "steps": step, "K_bits_running": running, "wall_s": round(wall, 3),
             "steps_per_s": round((step - start_step) / wall, 2) if wall > 0 else None,
             "nonfinite_skipped": skipped_total, "world_size": ctx.world_size, "device": str(ctx.device),
-            "data": data_info}
+            "best": validator and validator.best, "auto_choices": cfg.auto, "data": data_info}

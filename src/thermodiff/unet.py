@@ -24,24 +24,13 @@ Presets: :data:`UNET_PRESETS`, built with :func:`build_unet`.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from thermodiff.networks import check_image_shape
+from thermodiff.networks import check_image_shape, continuous_time, timestep_embedding
 
-__all__ = ["UNET_PRESETS", "UNet", "build_unet", "timestep_embedding"]
-
-
-def timestep_embedding(s: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """Sinusoidal embedding of continuous times ``s`` in [0, 1], scaled to [0, 1000] first (the
-    range of Ho et al.'s integer steps), shape (N, dim) with dim even."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=s.device) / half)
-    angles = 1000.0 * s.float()[:, None] * freqs
-    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+__all__ = ["UNET_PRESETS", "UNet", "build_unet"]
 
 
 class ResBlock(nn.Module):
@@ -123,8 +112,7 @@ class UNet(nn.Module):
         if x_t.ndim != 4:
             raise ValueError(f"expected a batch of images (N, C, H, W), got shape {tuple(x_t.shape)}")
         check_image_shape(x_t.shape[1:], self.channels, self.size, self.size_multiple)
-        s = t if t.is_floating_point() else (t - 1).float() / (self.T - 1)
-        emb = self.time_mlp(timestep_embedding(s, self.sinusoid_dim).to(x_t.dtype))
+        emb = self.time_mlp(timestep_embedding(continuous_time(t, self.T), self.sinusoid_dim).to(x_t.dtype))
         h = self.stem(x_t)
         skips = [h]
         for i, level in enumerate(self.down):

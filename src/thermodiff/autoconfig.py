@@ -1,0 +1,181 @@
+"""Settings decided from the data. Every config value left at ``"auto"`` is chosen here from the
+training split alone (never the validation or test split), and the value and the reason are
+written into the run's config (``Config.auto``, shown by ``thermodiff evaluate``).
+
+The rules depend on the data's kind, size N and dimension D and on measured properties of the
+training examples, never on a data set's name. They were measured on the known-likelihood
+battery (``benchmarks/known_likelihood.py``: data sets whose exact log-likelihood is known).
+
+Continuous vectors are whitened (PCA) so that their mean and covariance are those of N(0, I);
+Gaussian diffusion on equal steps of log SNR then starts, with the ``eps_residual``
+parameterisation and a network whose output starts at zero, as the exact model of a Gaussian with
+the data's covariance, and the network learns what is not Gaussian. The first step beta_1, the
+bound's resolution, comes from the whitened data's nearest-neighbour distances: structure finer
+than the sampling resolution cannot be learned, and structure coarser than sqrt(beta_1) is kept.
+"""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from thermodiff.config import AUTO, Config
+from thermodiff.data import Lattice
+from thermodiff.gaussian import Bins
+
+#: Whitening needs a covariance estimated from at least this many examples per dimension.
+PCA_EXAMPLES_PER_DIM = 10
+#: beta_1 = (median nearest-neighbour distance / NN_RESOLUTION)^2 in whitened units ...
+NN_RESOLUTION = 5.0
+#: ... at most RESOLUTION_NATS / D: the resolution costs a Gaussian about beta_1 / 2 nats per
+#: dimension (the blur of x_1), so the whole bound loses at most ~0.005 bits to it ...
+RESOLUTION_NATS = 0.007
+#: ... and at least this (log SNR 18.4 at t = 1: finer resolution only spreads the steps thinner).
+MIN_BETA_1 = 1e-8
+#: Points whose nearest neighbours are measured (the median of their distances is stable).
+NN_QUERIES = 2000
+#: Integer-valued data: sqrt(beta_1) = the finest lattice step / LATTICE_RESOLUTION, so x_1 leaves
+#: x_0's bin with probability ~1e-15 and the discretized decoder loses nothing to the blur.
+LATTICE_RESOLUTION = 16.0
+
+
+#: Steps per image of the default bound estimate (``eval.t_samples = "auto"``): summing all
+#: T = 1000 steps of a network on 10000 MNIST images takes ~20 CPU minutes, 50 stratified steps ~1.
+IMAGE_T_SAMPLES = 50
+
+
+def default_t_samples(is_image: bool) -> int:
+    """``eval.t_samples = "auto"``: every step (0: the exact sum) for vectors, whose networks are
+    cheap; :data:`IMAGE_T_SAMPLES` stratified steps per image (an unbiased estimate) for images."""
+    return IMAGE_T_SAMPLES if is_image else 0
+
+
+@dataclass(frozen=True)
+class Choice:
+    key: str  # "section.name"
+    value: object
+    reason: str
+
+
+def _apply(cfg: Config, choices: list[Choice]) -> None:
+    """Set every chosen key that the config leaves at "auto", recording why."""
+    for c in choices:
+        section, _, name = c.key.rpartition(".")
+        owner = getattr(cfg, section) if section else cfg
+        if getattr(owner, name) == AUTO:
+            setattr(owner, name, c.value)
+            cfg.auto[c.key] = f"{c.value}: {c.reason}"
+
+
+def resolve_data(cfg: Config, train: np.ndarray, binary: bool, lattice: Lattice | None) -> None:
+    """The choices made before the data are scaled: the network family and the scaling."""
+    image = train.ndim == 4
+    n, dim = len(train), int(np.prod(train.shape[1:]))
+    choices = [Choice("model.network", "unet" if image else "resmlp",
+                      "images: a time-conditioned U-Net" if image else
+                      "vectors: a residual MLP with the time in every block")]
+    if binary:
+        choices.append(Choice("data.scaling", "none", "binary data enter binomial diffusion as they are"))
+    elif image:
+        choices.append(Choice("data.scaling", "global", "images: one scale for every pixel"))
+    elif lattice is not None:
+        choices.append(Choice("data.scaling", "per_dimension", "integer-valued data: per-dimension scaling keeps "
+                              "their lattice on the axes, where the discretized decoder's bins are"))
+    elif dim > 1 and n >= PCA_EXAMPLES_PER_DIM * dim:
+        choices.append(Choice("data.scaling", "pca", f"whitening: N = {n} >= {PCA_EXAMPLES_PER_DIM} D estimates the "
+                              "covariance; its log-determinant enters K in original units"))
+    else:
+        why = "one dimension" if dim == 1 else f"N = {n} < {PCA_EXAMPLES_PER_DIM} D is too few to whiten"
+        choices.append(Choice("data.scaling", "per_dimension", why))
+    _apply(cfg, choices)
+
+
+def median_nn_distance(z: np.ndarray, queries: int = NN_QUERIES, seed: int = 0) -> float:
+    """The median over up to ``queries`` training points of the distance to their nearest other
+    training point (exact, in chunks)."""
+    x = torch.as_tensor(z, dtype=torch.float64)
+    pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:queries]
+    nearest = []
+    for chunk in torch.split(pick, 256):
+        d = torch.cdist(x[chunk], x)
+        d[torch.arange(len(chunk)), chunk] = math.inf  # not itself
+        nearest.append(d.min(1).values)
+    return float(np.median(torch.cat(nearest).numpy()))
+
+
+def beta_1_choice(z: np.ndarray) -> Choice:
+    """beta_1 for whitened continuous data ``z`` (see the module's docstring)."""
+    dim = z.shape[1]
+    nn_distance = median_nn_distance(z)
+    by_data, ceiling = (nn_distance / NN_RESOLUTION) ** 2, RESOLUTION_NATS / dim
+    value = float(min(max(by_data, MIN_BETA_1), ceiling))
+    why = (f"(median nearest-neighbour distance {nn_distance:.3g} / {NN_RESOLUTION:g})^2 = {by_data:.3g} in "
+           f"whitened units")
+    if value == ceiling:
+        why += f", capped at {RESOLUTION_NATS} / D so that the resolution costs under ~0.005 bits"
+    elif value == MIN_BETA_1:
+        why += f", raised to the floor {MIN_BETA_1:g}"
+    return Choice("diffusion.beta_1", float(f"{value:.3g}"), why)
+
+
+def lattice_choices(bins: Bins) -> list[Choice]:
+    """The decoder and beta_1 of integer-valued data: a discretized decoder over their bins, and a
+    first step fine enough that x_1 stays in x_0's bin (std 1 / LATTICE_RESOLUTION of the finest bin)."""
+    finest = float(np.min(bins.width))
+    return [Choice("diffusion.decoder", "discretized",
+                   "integer-valued data: K bounds the log-probability of the values on their lattice"),
+            Choice("diffusion.beta_1", float(f"{(finest / LATTICE_RESOLUTION) ** 2:.3g}"),
+                   f"(finest lattice step {finest:.3g} in model units / {LATTICE_RESOLUTION:g})^2")]
+
+
+def gaussian_choices(cfg: Config, z: np.ndarray, bins: Bins | None) -> list[Choice]:
+    if bins is not None:
+        resolution = lattice_choices(bins)
+    else:
+        resolution = [Choice("diffusion.decoder", "forward", "the forward step reversed (exact for whitened Gaussian data)")]
+        if cfg.diffusion.beta_1 == AUTO:  # the nearest-neighbour search only when it decides something
+            resolution.append(beta_1_choice(z))
+    return resolution + [
+        Choice("diffusion.schedule", "log_snr", "equal steps of log SNR from the resolution beta_1"),
+        Choice("diffusion.T", 200, "Gaussian vectors: 200 steps of log SNR"),
+        Choice("diffusion.parameterization", "eps_residual",
+               "noise and variance as residuals from whitened Gaussian data's exact reverse kernel"),
+    ]
+
+
+def binomial_choices(dim: int) -> list[Choice]:
+    return [
+        Choice("diffusion.schedule", "erase", "binomial: erase 1/T of the signal per step (paper App. D.1.2)"),
+        Choice("diffusion.T", 1000, "binomial: 1000 steps"),
+        Choice("diffusion.beta_1", None, "binomial: the erase schedule's own"),
+        Choice("diffusion.parameterization", "forward_offset", "the network corrects the forward kernel's logit"),
+        Choice("diffusion.decoder", "learned", "a learned last step"),
+    ]
+
+
+def network_choices(dim: int, n: int) -> list[Choice]:
+    hidden = 256 if dim <= 16 else 512
+    return [Choice("model.hidden", hidden, f"D = {dim}: {hidden} units"),
+            Choice("model.layers", 3, "3 residual blocks")]
+
+
+def training_choices(cfg: Config, dim: int, n: int) -> list[Choice]:
+    choices = [Choice("train.batch_size", 512, "vectors: batches of 512"),
+               Choice("train.lr", 2e-3, "Adam at 2e-3 with warm-up and cosine decay over the budget"),
+               Choice("train.max_minutes", 10.0, "a 10-minute budget")]
+    _apply(cfg, choices)
+    budget = cfg.train.max_minutes
+    every = budget / 10 if budget else 1.0
+    return [Choice("train.val_minutes", every, "a tenth of the time budget" if budget else "every minute")]
+
+
+def resolve(cfg: Config, train_model_units: np.ndarray | None, kind: str, bins: Bins | None = None) -> None:
+    """Every remaining "auto" of a vector run, from its training examples in the model's units
+    (whitened continuous data, or bits), the process kind and the bins of integer-valued data."""
+    if train_model_units is None:
+        return
+    n, dim = train_model_units.shape
+    process = {"binomial": lambda: binomial_choices(dim), "gaussian": lambda: gaussian_choices(cfg, train_model_units, bins),
+               "vdm": lambda: []}[kind]()  # VDM's settings are its own (vdm.py)
+    _apply(cfg, process + network_choices(dim, n) + training_choices(cfg, dim, n))

@@ -1,0 +1,224 @@
+"""Settings decided from the data (thermodiff.autoconfig) and the pieces they choose: the whitening
+map, the log-SNR schedule, the eps_residual parameterisation, the residual MLP, integer lattices,
+the validation split, the stratified bound estimate; and `train vectors` end to end on a
+Gaussian whose exact log-likelihood the bound must reach."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from thermodiff import GaussianDiffusion, exact_bound, make_schedule
+from thermodiff.autoconfig import MIN_BETA_1, NN_RESOLUTION, RESOLUTION_NATS, median_nn_distance
+from thermodiff.config import load_config
+from thermodiff.data import Lattice, Scaling
+from thermodiff.distributions import discretized_gaussian_log_prob, standard_normal_log_prob
+from thermodiff.experiment import data_bins, prepare_dataset
+from thermodiff.gaussian import Bins
+from thermodiff.networks import ResidualMLP
+from thermodiff.schedules import LOG_SNR_END, log_snr_betas
+
+LN2 = math.log(2.0)
+
+
+def correlated_gaussian(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """n draws of a 3-D Gaussian with variances 0.01 .. 25 along rotated axes; its mean and covariance."""
+    rng = np.random.default_rng(seed)
+    rotation, _ = np.linalg.qr(np.random.default_rng(42).standard_normal((3, 3)))
+    cov = rotation @ np.diag([0.01, 1.0, 25.0]) @ rotation.T
+    mean = np.array([3.0, -1.0, 10.0])
+    return mean + rng.standard_normal((n, 3)) @ np.linalg.cholesky(cov).T, mean, cov
+
+
+def gaussian_log_prob(x: np.ndarray, mean: np.ndarray, cov: np.ndarray) -> np.ndarray:
+    d = x - mean
+    return -0.5 * (np.einsum("ni,ij,nj->n", d, np.linalg.inv(cov), d) + np.linalg.slogdet(cov)[1]
+                   + len(mean) * math.log(2 * math.pi))
+
+
+# --- the whitening map ---------------------------------------------------------------------
+
+def test_whitening_log_determinant_against_a_hand_computation():
+    x, _, _ = correlated_gaussian(5000)
+    scaling = Scaling.fit(x, "pca")
+    sample_cov = np.cov(x, rowvar=False, bias=True)
+    # |d z / d x| = |det(R diag(1/s))| = det(Cov)^(-1/2)
+    assert scaling.log_det(3) == pytest.approx(-0.5 * np.linalg.slogdet(sample_cov)[1], rel=1e-12)
+    z = scaling.apply(x)
+    np.testing.assert_allclose(z.mean(0), 0, atol=1e-10)
+    np.testing.assert_allclose(np.cov(z, rowvar=False, bias=True), np.eye(3), atol=1e-10)
+    np.testing.assert_allclose(scaling.invert(z), x, atol=1e-10)
+    # the same map on tensors
+    zt = scaling.apply(torch.as_tensor(x))
+    np.testing.assert_allclose(zt.numpy(), z, atol=1e-12)
+
+
+def test_whitened_density_in_original_units_is_the_gaussian_log_likelihood():
+    """log N(z; 0, I) + log_det is the log-density of the fitted Gaussian in original units."""
+    x, _, _ = correlated_gaussian(2000)
+    scaling = Scaling.fit(x, "pca")
+    z = torch.as_tensor(scaling.apply(x))
+    ours = standard_normal_log_prob(z).sum(1).numpy() + scaling.log_det(3)
+    np.testing.assert_allclose(ours, gaussian_log_prob(x, x.mean(0), np.cov(x, rowvar=False, bias=True)), atol=1e-9)
+
+
+def test_singular_covariance_is_refused():
+    x = np.random.default_rng(0).standard_normal((100, 2))
+    with pytest.raises(Exception, match="lower-dimensional"):
+        Scaling.fit(np.column_stack([x, x[:, 0] + x[:, 1]]), "pca")
+
+
+# --- the process pieces ------------------------------------------------------------------------
+
+def test_log_snr_schedule_is_linear_in_log_snr():
+    betas = log_snr_betas(50, beta_1=1e-5)
+    abar = np.cumprod(1 - betas)
+    log_snr = np.log(abar / (1 - abar))
+    assert betas[0] == pytest.approx(1e-5, rel=1e-9)
+    np.testing.assert_allclose(np.diff(log_snr), np.diff(log_snr)[0], rtol=1e-6)
+    assert log_snr[-1] == pytest.approx(LOG_SNR_END, rel=1e-9)
+    assert make_schedule("log_snr", 50, 1e-5).betas().numpy() == pytest.approx(betas)
+
+
+def test_eps_residual_zero_output_is_the_forward_kernel():
+    diffusion = GaussianDiffusion(make_schedule("log_snr", 30, 1e-4), parameterization="eps_residual")
+    x_t = torch.randn(7, 3, dtype=torch.float64)
+    for t in (1, 2, 15, 30):
+        tt = torch.full((7,), t)
+        mean, var = diffusion.p_mean_var(lambda x, s: torch.zeros(len(x), 2, 3, dtype=x.dtype), x_t, tt)
+        beta = diffusion.schedule.betas()[t - 1]
+        torch.testing.assert_close(mean, x_t * (1 - beta).sqrt())
+        torch.testing.assert_close(var, beta.expand_as(var))
+
+
+def test_eps_residual_zero_model_bounds_standard_normal_data_exactly():
+    """The forward kernels are the exact reverse of the stationary N(0, I) chain: K of the zero
+    model equals log N(x; 0, I) on average (Monte Carlo, 4 standard errors), at a coarse T."""
+    diffusion = GaussianDiffusion(make_schedule("log_snr", 8, 1e-3), parameterization="eps_residual")
+    x = torch.randn(4000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    zero = lambda x_t, t: torch.zeros(len(x_t), 2, 2, dtype=x_t.dtype)
+    estimate = exact_bound(diffusion, zero, [x], 1, torch.Generator().manual_seed(1))
+    gap = standard_normal_log_prob(x).sum(1) - estimate.per_example
+    assert abs(float(gap.mean())) < 4 * float(gap.std() / math.sqrt(len(gap)))
+    assert float(gap.std()) > 0  # a real Monte Carlo estimate, not a constant
+
+
+def test_stratified_estimate_is_unbiased():
+    diffusion = GaussianDiffusion(make_schedule("log_snr", 40, 1e-3), parameterization="eps_residual")
+    wavy = lambda x_t, t: torch.stack([torch.sin(3 * x_t) * t[:, None] / 40, 0.3 * torch.cos(x_t)], 1)
+    x = torch.tensor([[0.5, -1.0]], dtype=torch.float64).repeat(3000, 1)
+    exact = exact_bound(diffusion, wavy, [x], 1, torch.Generator().manual_seed(2))
+    sampled = exact_bound(diffusion, wavy, [x], 1, torch.Generator().manual_seed(3), t_samples=5)
+    assert exact.t_samples is None and sampled.t_samples == 5
+    difference = exact.mean - sampled.mean
+    assert abs(difference) < 4 * math.hypot(exact.stderr, sampled.stderr)
+    assert sampled.stderr > exact.stderr  # the sampled steps add variance
+
+
+def test_residual_mlp_starts_at_zero_and_sees_the_time():
+    net = ResidualMLP(3, 2, T=20, hidden=32, blocks=2)
+    x = torch.randn(5, 3)
+    assert torch.equal(net(x, torch.full((5,), 4)), torch.zeros(5, 2, 3))
+    torch.nn.init.normal_(net.out[-1].weight)
+    early, late = net(x, torch.full((5,), 2)), net(x, torch.full((5,), 19))
+    assert not torch.allclose(early, late)
+    # integer step t sits at the continuous time (t - 1) / (T - 1)
+    torch.testing.assert_close(net(x, torch.full((5,), 7)), net(x, torch.full((5,), 6 / 19)))
+
+
+# --- integer-valued data -----------------------------------------------------------------------
+
+def test_lattice_detection():
+    rng = np.random.default_rng(0)
+    counts = rng.poisson([2.0, 30.0], size=(1000, 2)).astype(float)
+    lattice = Lattice.detect(counts)
+    assert lattice.step == [1.0, 1.0] and lattice.low == list(counts.min(0))
+    assert lattice.count == [int(counts[:, j].max() - counts[:, j].min()) + 1 for j in range(2)]
+    halves = np.round(rng.normal(size=(1000, 1)) * 2) / 2
+    assert Lattice.detect(halves).step == [0.5]
+    assert Lattice.detect(rng.normal(size=(1000, 2))) is None  # continuous
+    assert Lattice.detect(np.column_stack([counts[:, 0], rng.normal(size=1000)])) is None  # one continuous column
+    assert Lattice.detect(np.arange(10.0)[:, None]) is None  # no value repeats: no evidence of a lattice
+
+
+def test_per_dimension_bins_are_a_distribution():
+    bins = Bins(low=(-1.0, 0.0), width=(0.5, 0.25), count=(5, 9))
+    mean, var = torch.tensor([[0.3, 1.1]], dtype=torch.float64), torch.tensor([[0.4, 0.2]], dtype=torch.float64)
+    for j, (low, width, count) in enumerate(zip(bins.low, bins.width, bins.count)):
+        centres = torch.tensor([low + k * width for k in range(count)], dtype=torch.float64)
+        x = torch.zeros(count, 2, dtype=torch.float64)
+        x[:, j] = centres
+        log_p = bins.log_prob(x, mean.expand(count, 2), var.expand(count, 2))[:, j]
+        assert float(log_p.exp().sum()) == pytest.approx(1.0, abs=1e-12)
+        by_hand = discretized_gaussian_log_prob(centres, mean[0, j], var[0, j], low, width, count)
+        torch.testing.assert_close(log_p, by_hand)
+
+
+# --- the rules ---------------------------------------------------------------------------------
+
+def vectors_config(path, *overrides):
+    return load_config("vectors", [f"data.source={json.dumps(str(path))}", *overrides])
+
+
+def test_continuous_data_are_whitened_with_beta_1_from_nearest_neighbours(tmp_path):
+    x, _, _ = correlated_gaussian(600)
+    np.save(tmp_path / "x.npy", x)
+    cfg = vectors_config(tmp_path / "x.npy")
+    dataset, kind = prepare_dataset(cfg)
+    assert kind == "gaussian" and cfg.data.scaling == "pca" and dataset.scaling.rotation is not None
+    assert (cfg.diffusion.schedule, cfg.diffusion.parameterization, cfg.diffusion.decoder) == (
+        "log_snr", "eps_residual", "forward")
+    z = dataset.scaling.apply(dataset.train)
+    # the median distance to the nearest other training point, by brute force
+    d = np.sqrt(((z[:, None] - z[None]) ** 2).sum(-1))
+    np.fill_diagonal(d, np.inf)
+    assert median_nn_distance(z, queries=len(z)) == pytest.approx(np.median(d.min(1)), rel=1e-12)
+    expected = min(max((median_nn_distance(z) / NN_RESOLUTION) ** 2, MIN_BETA_1), RESOLUTION_NATS / 3)
+    assert cfg.diffusion.beta_1 == pytest.approx(expected, rel=1e-2)
+    assert set(cfg.auto) >= {"data.scaling", "diffusion.beta_1", "diffusion.T", "model.network", "train.max_minutes"}
+    assert "nearest-neighbour" in cfg.auto["diffusion.beta_1"]
+
+
+def test_few_examples_are_scaled_per_dimension_and_user_settings_are_kept(tmp_path):
+    x, _, _ = correlated_gaussian(25)  # 25 < 10 D
+    np.save(tmp_path / "x.npy", x)
+    cfg = vectors_config(tmp_path / "x.npy", "diffusion.T=33", "model.hidden=48")
+    prepare_dataset(cfg)
+    assert cfg.data.scaling == "per_dimension" and "too few" in cfg.auto["data.scaling"]
+    assert (cfg.diffusion.T, cfg.model.hidden) == (33, 48)
+    assert "diffusion.T" not in cfg.auto and "model.hidden" not in cfg.auto
+
+
+def test_integer_data_get_a_discretized_decoder_on_their_lattice(tmp_path):
+    counts = np.random.default_rng(1).poisson([0.5, 20.0], size=(800, 2)).astype(float)
+    np.save(tmp_path / "x.npy", counts)
+    cfg = vectors_config(tmp_path / "x.npy")
+    dataset, _ = prepare_dataset(cfg)
+    assert (cfg.data.scaling, cfg.diffusion.decoder) == ("per_dimension", "discretized")
+    bins = data_bins(dataset)
+    # the lattice's points land on the bins' centres in model units
+    centres = dataset.scaling.apply(counts)
+    k = (centres - np.asarray(bins.low)) / np.asarray(bins.width)
+    np.testing.assert_allclose(k, np.rint(k), atol=1e-9)
+    assert cfg.diffusion.beta_1 == pytest.approx((min(bins.width) / 16) ** 2, rel=1e-2)
+
+
+def test_binary_data_get_binomial_choices(tmp_path):
+    bits = (np.random.default_rng(2).random((500, 6)) < 0.3).astype(float)
+    np.save(tmp_path / "x.npy", bits)
+    cfg = vectors_config(tmp_path / "x.npy")
+    _, kind = prepare_dataset(cfg)
+    assert kind == "binomial" and cfg.data.scaling == "none"
+    assert (cfg.diffusion.schedule, cfg.diffusion.parameterization) == ("erase", "forward_offset")
+
+
+def test_validation_split_is_disjoint_from_train_and_test(tmp_path):
+    x = np.arange(2000.0).reshape(1000, 2) + np.random.default_rng(3).random((1000, 2))  # distinct rows
+    np.save(tmp_path / "x.npy", x)
+    dataset, _ = prepare_dataset(vectors_config(tmp_path / "x.npy"))
+    rows = [{tuple(r) for r in part} for part in (dataset.train, dataset.val, dataset.test)]
+    assert len(rows[1]) == round(0.1 * 800) and len(rows[2]) == 200
+    assert not (rows[0] & rows[1]) and not (rows[0] & rows[2]) and not (rows[1] & rows[2])
+    assert sum(map(len, rows)) == 1000
