@@ -76,6 +76,20 @@ def run_case(name: str, out: Path, n_train: int, n_test: int, seed: int, extra: 
     }
 
 
+def markdown_table(record: dict) -> str:
+    """The results as a Markdown table, one row per case, in the battery's order."""
+    order = [c.name for c in BATTERY]
+    rows = ["| case | kind, D | exact log-likelihood | K (defaults) | gap exact - K | training |",
+            "|---|---|---|---|---|---|"]
+    for name in sorted(record["cases"], key=order.index):
+        r = record["cases"][name]
+        mark = "" if r["within_goal"] else " (missed)"
+        rows.append(f"| `{name}`: {r['description']} | {r['kind']}, {r['dim']} | {r['exact_bits']:.3f} | {r['K_bits']:.3f} | "
+                    f"**{r['gap_bits']:.3f} ± {r['gap_stderr_bits']:.3f}**{mark} | {r['train_minutes']:.1f} min, "
+                    f"{r['train_steps']} steps |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", default=[c.name for c in BATTERY], metavar="NAME")
@@ -86,11 +100,15 @@ def main() -> None:
     parser.add_argument("--name", default="known_likelihood", help="results file benchmarks/results/NAME.json")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for every case (the battery's figures use none)")
+    parser.add_argument("--table", action="store_true", help="print the results file as a Markdown table and stop")
     args = parser.parse_args()
+    path = RESULTS / f"{args.name}.json"
+    if args.table:
+        print(markdown_table(json.loads(path.read_text())))
+        return
     for name in args.cases:
         by_name(name)  # unknown names fail before any work
     extra = [flag for item in args.set for flag in ("--set", item)]
-    path = RESULTS / f"{args.name}.json"
     record = json.loads(path.read_text()) if path.exists() else {"cases": {}}
     record["about"] = __doc__.split("\n\n")[0]
     for name in args.cases:

@@ -311,3 +311,50 @@ def test_ancestral_samples_follow_enumerated_marginal(decoder):
         p_x = math.exp(loglik[x])
         freq = float((x0 == torch.tensor(x, dtype=x0.dtype)).all(1).double().mean())
         assert abs(freq - p_x) < 4 * math.sqrt(p_x * (1 - p_x) / n), (x, freq, p_x)
+
+
+# ----------------------------------------------------------------------------------------------
+# the x0 parameterisation
+
+def test_x0_parameterization_matches_definition():
+    """f_b = sum_b P(x_0 = b | x_t) q(x_{t-1} = 1 | x_t, x_0 = b) with logit P = z + logit p +
+    log q(x_t|1)/q(x_t|0), from the transition matrices; at t = 1 f_b = P (the decoder)."""
+    sched = make_schedule("erase", 5)
+    betas = [float(b) for b in sched.betas()]
+    diffusion = BinomialDiffusion(sched, P, parameterization="x0", decoder="learned")
+
+    def model(x, t):
+        return (0.7 * x - 0.4 * t[:, None].double() + 0.3).unsqueeze(1)
+
+    states = torch.tensor(STATES, dtype=torch.float64)
+    for t in range(1, 6):
+        tt = torch.full((len(STATES),), t)
+        f = diffusion.p_prob(model, states, tt)
+        m = marginal_matrix(betas, P, t)  # m[x0, x_t]
+        m_prev = marginal_matrix(betas, P, t - 1)
+        step = transition_matrix(betas[t - 1], P)
+        for i, x in enumerate(STATES):
+            for d in range(D):
+                evidence = math.log(m[1, x[d]] / m[0, x[d]])
+                p1 = sigmoid(0.7 * x[d] - 0.4 * t + 0.3 + logit(P) + evidence)
+                if t == 1:
+                    expected = p1
+                else:
+                    post = [m_prev[b, 1] * step[1, x[d]] / sum(m_prev[b, a] * step[a, x[d]] for a in (0, 1)) for b in (0, 1)]
+                    expected = p1 * post[1] + (1 - p1) * post[0]
+                assert float(f[i, d]) == pytest.approx(expected, rel=1e-9)
+
+
+def test_x0_zero_model_is_the_forward_kernel_and_certain_x0_stays_finite():
+    diffusion = BinomialDiffusion(make_schedule("erase", 6), P, parameterization="x0", decoder="learned")
+    states = torch.tensor(STATES, dtype=torch.float64).repeat(3, 1)
+    for t in range(2, 7):
+        tt = torch.full((len(states),), t)
+        f = diffusion.p_prob(lambda v, t: torch.zeros(len(v), 1, D, dtype=v.dtype), states, tt)
+        forward = diffusion.kernel_mean(states, diffusion.schedule.betas()[t - 1])
+        torch.testing.assert_close(f, forward, rtol=1e-12, atol=1e-12)
+    # a network certain of x_0 (huge z) keeps the decoder's log-probability and gradient finite
+    z = torch.full((len(states), 1, D), 1e4, dtype=torch.float64, requires_grad=True)
+    ll = diffusion.decoder_log_likelihood(lambda v, t: z, torch.zeros_like(states))
+    ll.sum().backward()
+    assert torch.isfinite(ll).all() and torch.isfinite(z.grad).all()

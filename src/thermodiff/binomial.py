@@ -21,6 +21,11 @@ class BinomialParameterization(str, Enum):
 
     PAPER = "paper"  # f_b = sigmoid(z) (paper App. A)
     FORWARD_OFFSET = "forward_offset"  # logit f_b = z + logit of the forward kernel's mean
+    # z predicts x_0: logit P(x_0 = 1 | x_t) = z + the logit under the null prior B(p) (logit p plus
+    # the evidence log q(x_t|x_0=1)/q(x_t|x_0=0)), and f_b = E_{x_0 ~ P} q(x_{t-1} = 1 | x_t, x_0)
+    # (Austin et al. 2021's x_0-parameterisation; the Bayes-optimal factorised kernel has exactly
+    # this form). z = 0 gives the forward kernel, and at t = 1 f_b is P itself, the learned decoder.
+    X0 = "x0"
 
 
 class BinomialDiffusion(nn.Module):
@@ -83,11 +88,34 @@ class BinomialDiffusion(nn.Module):
 
     def p_prob(self, model, x_t: Tensor, t: Tensor) -> Tensor:
         """f_b(x_t, t) = p(x_{t-1} = 1 | x_t) from the network output."""
+        if self.parameterization is BinomialParameterization.X0:
+            return self.x0_kernel(model, x_t, t)
         z = model(x_t, t).double()[:, 0]
         if self.parameterization is BinomialParameterization.FORWARD_OFFSET:
             forward = self.kernel_mean(x_t.double(), gather(self.schedule.betas(), t, x_t))
             z = z + torch.logit(forward)
         return torch.sigmoid(z)
+
+    def evidence(self, x_t: Tensor, t: Tensor) -> Tensor:
+        """log q(x_t | x_0 = 1) - log q(x_t | x_0 = 0) per bit (float64): P(x_0 | x_t) is the data
+        distribution tilted by exp(evidence . x_0)."""
+        x_t = x_t.double()
+        return (bernoulli_log_prob(x_t, self.marginal_mean(torch.ones_like(x_t), t))
+                - bernoulli_log_prob(x_t, self.marginal_mean(torch.zeros_like(x_t), t)))
+
+    def x0_kernel(self, model, x_t: Tensor, t: Tensor) -> Tensor:
+        """f_b for the x0 parameterisation: the network outputs z with logit P(x_0 = 1 | x_t) =
+        z + logit p + evidence, and f_b = E_{x_0 ~ P} q(x_{t-1} = 1 | x_t, x_0). (Feeding the
+        network the evidence instead of x_t, which makes the ideal x_0-predictor one function for
+        all t, measured worse: 0.15 bits on a 64-D mixture after 5 minutes.)"""
+        evidence = self.evidence(x_t, t)
+        z = model(x_t, t).double()[:, 0]
+        # P(x_0 = 1 | x_t), kept 1e-13 from 0 and 1: a certain x_0 (e.g. deterministic data at
+        # t = 1) would otherwise give log 0 and NaN gradients
+        p1 = torch.sigmoid((z + torch.logit(self.p) + evidence).clamp(-30, 30))
+        one, zero = torch.ones_like(evidence), torch.zeros_like(evidence)
+        x_t = x_t.double()
+        return p1 * self.q_posterior(one, x_t, t) + (1 - p1) * self.q_posterior(zero, x_t, t)
 
     def prior_kl(self, x0: Tensor) -> Tensor:
         """KL(q(x_T | x_0) || B(p)) per example (zero when beta_T = 1)."""

@@ -71,8 +71,11 @@ def _train(args) -> dict:
 
 def cmd_train(args) -> None:
     s = _train(args)
+    best = s["best"]
+    kept = (f"; best validation K {best['K_bits']:.3f} +- {best['stderr_bits']:.3f} bits per example at step "
+            f"{best['step']} (best.safetensors)" if best else "")
     _emit(args, s, f"trained {s['steps']} steps in {s['wall_s']:.1f} s -> {s['run_dir']} "
-                   f"(running K estimate {s['K_bits_running']:.3f} bits per example)")
+                   f"(running K estimate {s['K_bits_running']:.3f} bits per example{kept})")
 
 
 def _evaluate(run_dir: str, args, data: str | None = None) -> dict:
@@ -129,8 +132,10 @@ def _describe(r: dict) -> str:
     if "model" in r:
         return _describe_baseline(r)
     respaced = f" respaced from {r['T_trained']}" if "T_trained" in r else ""
-    lines = [f"{r['experiment']} ({r['split']} split, {r['n_examples']} examples, {r['n_draws']} draws/t, T = {r['T']}{respaced}, "
-             f"{r['parameterization']} parameterisation, {r['schedule']} schedule, step {r['train_steps']})",
+    lines = [f"{r['experiment']} ({r['split']} split, {r['n_examples']} of {r['n_test']} examples, {r['n_draws']} draws/t, "
+             f"T = {r['T']}{respaced}, {r['parameterization']} parameterisation, {r['schedule']} schedule, "
+             f"{r['checkpoint']} weights: step {r['train_steps']})",
+             f"  bound: {r['estimator']}",
              f"  K              = {r['K_bits']:.4f} +- {r['stderr_bits']:.4f} {r['unit']} ({r['K_bits_per_dim']:.4f} bits/dim)",
              f"  K - L_null     = {r['K_minus_L_null_bits']:.4f} +- {r['K_minus_L_null_stderr_bits']:.4f} {r['unit']}",
              f"  K (orig units) = {r['K_original_units_bits']:.4f} {r['unit']}"]
@@ -145,6 +150,9 @@ def _describe(r: dict) -> str:
     for label, key, _ in COMPARED:
         if key in r.get("paper", {}):
             lines.append(f"  paper: {label} = {r['paper'][key]} ({key})")
+    if r.get("auto_choices"):
+        lines.append("  chosen from the training data:")
+        lines += [f"    {key} = {why}" for key, why in r["auto_choices"].items()]
     return "\n".join(lines)
 
 

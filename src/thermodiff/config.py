@@ -91,6 +91,7 @@ class TrainConfig:
     t_sampler: str = "uniform"  # how t is drawn for the one-t estimate: uniform | loss_aware (importance)
     max_minutes: float | Auto = 0.0  # stop after this much training time (0: no limit)
     val_minutes: float | Auto = 0.0  # score the validation split every this many minutes of training (0: at the end only)
+    val_examples: int = 2000  # validation examples scored (the first of the split)
 
 
 @dataclass
@@ -150,6 +151,7 @@ RANGES = {
     "train.hybrid_lambda": _NON_NEGATIVE,
     "train.max_minutes": _NON_NEGATIVE,
     "train.val_minutes": _NON_NEGATIVE,
+    "train.val_examples": _at_least(1),
     "eval.n_draws": _at_least(1),
     "eval.batch_size": _at_least(1),
     "eval.max_examples": _at_least(0),

@@ -20,11 +20,10 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from thermodiff import distributed
-from thermodiff.autoconfig import default_t_samples
 from thermodiff.bound import TrainingDraws, exact_bound, training_draws, training_loss
 from thermodiff.checkpoint import (atomic_write_text, flatten_optimizer_state, load_checkpoint, save_checkpoint,
                                    umask, unflatten_optimizer_state)
-from thermodiff.config import AUTO, Config
+from thermodiff.config import Config
 from thermodiff.errors import UserError, first_line
 from thermodiff.experiment import (BEST_CHECKPOINT, build_diffusion, build_model, data_bins, dequantizes, file_digest,
                                    load_state, prepare_dataset, resolve_source)
@@ -195,14 +194,14 @@ class Validator:
     split, always with the same noise (so that two checkpoints' scores differ by their weights,
     not their draws), and keeps the best as ``best.safetensors``, which runs are loaded from."""
 
-    #: validation examples scored (the first of the split)
-    MAX_EXAMPLES = 2000
+    #: steps per example of the stratified estimate of the validation examples' bound (the same
+    #: steps and noise every time, so that scores differ by the weights)
+    T_SAMPLES = 50
 
     def __init__(self, objective: "Objective", dataset, cfg: Config, device: torch.device, best: dict | None):
         self.copy = copy.deepcopy(objective)  # holds the weights being scored
         self.copy.eval()
-        self.t_samples = cfg.eval.t_samples if cfg.eval.t_samples != AUTO else default_t_samples(dataset.is_image)
-        val = dataset.val[: self.MAX_EXAMPLES]
+        val = dataset.val[: cfg.train.val_examples]
         self.x = dataset.to_model(val, torch.Generator().manual_seed(cfg.seed + 3), device,
                                   dequantize=dequantizes(objective.diffusion))
         self.batch_size, self.seed = cfg.eval.batch_size, cfg.seed + 4
@@ -213,7 +212,7 @@ class Validator:
         self.copy.load_state_dict(weights, strict=False)
         generator = torch.Generator(self.x.device).manual_seed(self.seed)
         estimate = exact_bound(self.copy.diffusion, self.copy.model, torch.split(self.x, self.batch_size), 1,
-                               generator, t_samples=self.t_samples or None)
+                               generator, t_samples=self.T_SAMPLES)
         return estimate.mean / LN2, estimate.stderr / LN2
 
     def update(self, weights: dict[str, torch.Tensor], step: int, path: Path, meta: dict) -> float:
@@ -311,7 +310,10 @@ def _train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, progress: 
 
     saved_step = step if resume else None  # the step of the checkpoint in the run directory
     has_val = dataset.val is not None and len(dataset.val) > 0
-    validator = Validator(objective, dataset, cfg, ctx.device, meta.get("best")) if has_val and ctx.is_main else None
+    best = meta.get("best")
+    if resume and (run_dir / BEST_CHECKPOINT).exists():  # it may be newer than the checkpoint (a kill in between)
+        best = load_checkpoint(run_dir / BEST_CHECKPOINT, {"validation": dict})[1]["validation"]
+    validator = Validator(objective, dataset, cfg, ctx.device, best) if has_val and ctx.is_main else None
     val_every = 60 * cfg.train.val_minutes or math.inf
     next_val = meta.get("next_val_s", val_every)  # training seconds at which to score the validation split next
 
@@ -361,6 +363,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, progress: 
                disable=not progress, mininterval=1.0)
     objective.train()
     out_of_time, val_bits = False, None
+    if validator is not None and not resume:  # the untrained weights too (for whitened Gaussian data, the exact model)
+        val_bits = validate()
     while (not cfg.train.steps or step < cfg.train.steps) and not out_of_time:
         lr = learning_rate(cfg, step, run_progress(cfg, step, time.perf_counter() - start_time))
         for group in optimizer.param_groups:
