@@ -1,10 +1,10 @@
 """Reproduce a paper experiment and record the result with how it was measured.
 
-    python benchmarks/reproduce.py swissroll [extra `thermodiff reproduce` flags]
+    python benchmarks/reproduce.py swissroll [--record NAME] [extra `thermodiff reproduce` flags]
 
 Runs `thermodiff reproduce NAME --json ...` in-process, and writes
-benchmarks/results/NAME.json: the command, the evaluation (K with its standard error, split,
-number of examples, draws, T, parameterisation), training wall time and the hardware.
+benchmarks/results/NAME.json (or RECORD.json): the command, the evaluation (K with its standard
+error, split, number of examples, draws, T, parameterisation), training wall time and the hardware.
 """
 
 import datetime
@@ -17,8 +17,13 @@ if __name__ == "__main__":
     argv = sys.argv[1:]
     if not argv:
         raise SystemExit(__doc__)
+    record = argv[0]
+    if "--record" in argv:
+        at = argv.index("--record")
+        record = argv[at + 1]
+        del argv[at:at + 2]
     result = thermodiff_json(["reproduce", *argv])
-    out = write_result(argv[0], {"command": "thermodiff reproduce " + shlex.join(argv),
+    out = write_result(record, {"command": "thermodiff reproduce " + shlex.join(argv),
                                  "date": datetime.date.today().isoformat(), **result})
     e = result["evaluation"]
     print(f"{argv[0]}: K = {e['K_bits']:.3f} +- {e['stderr_bits']:.3f} bits, K - L_null = "

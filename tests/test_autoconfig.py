@@ -181,6 +181,7 @@ def test_continuous_data_are_whitened_with_beta_1_from_nearest_neighbours(tmp_pa
     assert cfg.diffusion.beta_1 == pytest.approx(expected, rel=1e-2)
     assert set(cfg.auto) >= {"data.scaling", "diffusion.beta_1", "diffusion.T", "model.network", "train.max_minutes"}
     assert "nearest-neighbour" in cfg.auto["diffusion.beta_1"]
+    assert (cfg.train.max_minutes, cfg.train.val_minutes) == (3.0, 0.3)  # at least 3 minutes; validated 10 times
 
 
 def test_few_examples_are_scaled_per_dimension_and_user_settings_are_kept(tmp_path):
@@ -214,6 +215,7 @@ def test_binary_data_get_binomial_choices(tmp_path):
     _, kind = prepare_dataset(cfg)
     assert kind == "binomial" and cfg.data.scaling == "none"
     assert (cfg.diffusion.schedule, cfg.diffusion.parameterization, cfg.diffusion.T) == ("erase", "x0", 200)
+    assert (cfg.model.hidden, cfg.train.batch_size, cfg.train.max_minutes) == (128, 256, 6.0)  # a minute per dimension
 
 
 def test_validation_split_is_disjoint_from_train_and_test(tmp_path):
@@ -285,3 +287,19 @@ def test_resumed_run_keeps_its_best_weights(cli, tmp_path):
     saved = load_checkpoint(run / "best.safetensors", {"validation": dict})[1]["validation"]
     assert saved == second
     assert load_checkpoint(run / "checkpoint.safetensors", {"best": dict})[1]["best"] == second
+
+
+def test_inpainting_a_whitened_run_is_refused(cli, tmp_path):
+    """A mask names coordinates of the data; a whitening rotation mixes them, so clamping model
+    coordinates would not keep the known values: a one-line error instead."""
+    x, _, _ = correlated_gaussian(300)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "one.npy", x[:1])
+    np.save(tmp_path / "mask.npy", np.array([1.0, 0.0, 0.0]))
+    run = tmp_path / "run"
+    assert cli("train", "vectors", "--data", tmp_path / "x.npy", "--out", run, "--steps", 2, "--set", "model.hidden=8",
+               "--quiet").rc == 0
+    r = cli("inpaint", run, "--input", tmp_path / "one.npy", "--mask", tmp_path / "mask.npy", "--out",
+            tmp_path / "o.npz", "--quiet")
+    assert r.rc == 2 and "rotation" in r.err and "per_dimension" in r.err and len(r.err.strip().splitlines()) == 1
+    assert not (tmp_path / "o.npz").exists()

@@ -120,6 +120,9 @@ def inpaint(run: Run, values: np.ndarray, mask: np.ndarray, n_samples: int, seed
     Known entries come back exactly as given."""
     if known not in ("clamp", "forward"):
         raise UserError(f"--known must be 'clamp' or 'forward', got {known!r}")
+    if run.dataset.scaling.rotation is not None:
+        raise UserError(f"run {run.path} whitens its data with a rotation (data.scaling = 'pca'), which mixes the "
+                        "coordinates a mask refers to; to inpaint, train with --set data.scaling=per_dimension")
     keep = torch.as_tensor(mask.astype(bool))
     if bool(keep.all()):
         raise UserError("the mask marks every value as known; nothing to fill in")

@@ -41,7 +41,7 @@ def figure_1(run: Run, path: Path, n: int = 2000, seed: int = 0) -> Path:
         axes[1, col].scatter(*reverse[t].T, s=1, alpha=0.5, color="C1")
         axes[1, col].set_title(f"p(x_t), t = {t}")
         mean, _ = diffusion.step_distribution(model, points, max(t, 1))
-        drift = (mean.float() - points).numpy()
+        drift = (mean - points.double()).numpy()  # float64: the last steps move points by ~beta_1
         axes[2, col].scatter(*reverse[t].T, s=1, alpha=0.15, color="C1")
         axes[2, col].quiver(gx, gy, drift[:, 0].reshape(gx.shape), drift[:, 1].reshape(gx.shape), color="k")
         axes[2, col].set_title(f"drift mu(x_t, t) - x_t, t = {max(t, 1)}")
@@ -67,9 +67,10 @@ def conditional_figure(run: Run, path: Path, n: int = 400, noise_std: float = 0.
     generator = torch.Generator().manual_seed(seed)
     data = run.dataset.to_model(run.dataset.test[:2000]).numpy()
     observed = torch.tensor([True, False])
+    x = "z" if run.dataset.scaling.rotation is not None else "x"  # whitened coordinates, or the data's own
     fig, axes = plt.subplots(1, 3, figsize=(15, 5.2), sharex=True, sharey=True)
-    titles = {"clamp": "x_1 known, held at its value (paper)", "forward": "x_1 known, forward trajectory to it",
-              "noisy": f"x_1 observed with noise std {noise_std}"}
+    titles = {"clamp": f"{x}_1 known, held at its value (paper)", "forward": f"{x}_1 known, forward trajectory to it",
+              "noisy": f"{x}_1 observed with noise std {noise_std}"}
     for ax, how in zip(axes, titles):
         ax.scatter(*data.T, s=1, color="0.75")
         for i, c in enumerate(np.linspace(-1.5, 1.5, 5)):
@@ -80,10 +81,11 @@ def conditional_figure(run: Run, path: Path, n: int = 400, noise_std: float = 0.
             ax.scatter(*x.T, s=3, color=f"C{i}", alpha=0.6)
             ax.axvline(c, color=f"C{i}", lw=0.8, ls=":")
         ax.set_title(titles[how])
-        ax.set_xlabel("x_1")
+        ax.set_xlabel(f"{x}_1")
         ax.set_aspect("equal")
-    axes[0].set_ylabel("x_2")
-    fig.suptitle(f"{run.config.name}: posterior samples of x_2 given x_1 (grey: held-out data)")
+    axes[0].set_ylabel(f"{x}_2")
+    units = "whitened units (data.scaling = 'pca')" if x == "z" else "model units"
+    fig.suptitle(f"{run.config.name}: posterior samples of {x}_2 given {x}_1, in {units} (grey: held-out data)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
