@@ -76,6 +76,23 @@ def run_case(name: str, out: Path, n_train: int, n_test: int, seed: int, extra: 
     }
 
 
+def diagnose_case(name: str, out: Path, result: dict, examples: int = 5000) -> dict:
+    """Where a gap comes from: the same bound and gap on up to ``examples`` of the run's own
+    training examples. A gap much smaller there than on the test set is the network's
+    generalisation from N examples, not its fit, the resolution beta_1 or T."""
+    from thermodiff.experiment import load_run
+
+    case, folder = by_name(name), out / name
+    train = load_run(folder / "run").dataset.train[:examples]
+    np.save(folder / "train_subset.npy", train)
+    thermodiff("evaluate", str(folder / "run"), "--data", str(folder / "train_subset.npy"), "--exact",
+               "--per-example", str(folder / "K_train.npy"), "--overwrite")
+    gap = case.log_prob(train) / LN2 - np.load(folder / "K_train.npy")
+    return result | {"gap_on_training_examples_bits": float(gap.mean()),
+                     "gap_on_training_examples_stderr_bits": float(gap.std(ddof=1) / math.sqrt(len(gap))),
+                     "n_training_examples_scored": len(gap)}
+
+
 def markdown_table(record: dict) -> str:
     """The results as a Markdown table, one row per case, in the battery's order."""
     order = [c.name for c in BATTERY]
@@ -101,6 +118,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for every case (the battery's figures use none)")
     parser.add_argument("--table", action="store_true", help="print the results file as a Markdown table and stop")
+    parser.add_argument("--diagnose", action="store_true",
+                        help="no training: add the gap on the runs' own training examples to the cases' records")
     args = parser.parse_args()
     path = RESULTS / f"{args.name}.json"
     if args.table:
@@ -112,6 +131,11 @@ def main() -> None:
     record = json.loads(path.read_text()) if path.exists() else {"cases": {}}
     record["about"] = __doc__.split("\n\n")[0]
     for name in args.cases:
+        if args.diagnose:
+            record["cases"][name] = diagnose_case(name, Path(args.out), record["cases"][name])
+            path.write_text(json.dumps(record, indent=2) + "\n")
+            print(name, "gap on training examples", record["cases"][name]["gap_on_training_examples_bits"], flush=True)
+            continue
         result = run_case(name, Path(args.out), args.n_train, args.n_test, args.seed, extra)
         record["cases"][name] = result
         path.write_text(json.dumps(record, indent=2) + "\n")  # after every case: a stop loses nothing

@@ -303,3 +303,31 @@ def test_inpainting_a_whitened_run_is_refused(cli, tmp_path):
             tmp_path / "o.npz", "--quiet")
     assert r.rc == 2 and "rotation" in r.err and "per_dimension" in r.err and len(r.err.strip().splitlines()) == 1
     assert not (tmp_path / "o.npz").exists()
+
+
+def test_image_runs_default_to_a_stratified_estimate_and_exact_is_one_flag_away(cli, tmp_path):
+    from conftest import write_tiny_images
+
+    config = write_tiny_images(tmp_path)
+    run = tmp_path / "run"
+    assert cli("train", config, "--out", run, "--T", 60, "--steps", 1, "--quiet").rc == 0
+    default = cli("evaluate", run, "--max-examples", 4, "--json", "--quiet").json()
+    assert default["estimator"] == "unbiased: 50 stratified steps per example" and default["t_samples"] == 50
+    exact = cli("evaluate", run, "--exact", "--json", "--quiet").json()
+    assert exact["estimator"] == "exact: every step summed" and exact["t_samples"] is None
+    assert exact["n_examples"] == exact["n_test"] == 12  # --exact: every test example too
+
+
+def test_train_images_defaults_to_the_unet_on_a_time_budget(cli, tmp_path):
+    from conftest import write_tiny_images
+
+    write_tiny_images(tmp_path)
+    run = tmp_path / "run"
+    r = cli("train", "images", "--data", tmp_path / "images.npz", "--out", run, "--steps", 2, "--T", 20,
+            "--set", "train.batch_size=4", "--json", "--quiet")
+    assert r.rc == 0, r
+    config = json.loads((run / "config.json").read_text())
+    assert (config["model"]["network"], config["diffusion"]["parameterization"], config["train"]["loss"]) == (
+        "unet", "eps", "simple")
+    assert r.json()["data"]["n_val"] > 0 and (run / "best.safetensors").exists()
+    assert load_config("images").train.max_minutes == 30.0 and load_config("images").train.steps == 0

@@ -67,10 +67,10 @@ def conditional_figure(run: Run, path: Path, n: int = 400, noise_std: float = 0.
     generator = torch.Generator().manual_seed(seed)
     data = run.dataset.to_model(run.dataset.test[:2000]).numpy()
     observed = torch.tensor([True, False])
-    x = "z" if run.dataset.scaling.rotation is not None else "x"  # whitened coordinates, or the data's own
+    axis = "z" if run.dataset.scaling.rotation is not None else "x"  # whitened coordinates, or the data's own
     fig, axes = plt.subplots(1, 3, figsize=(15, 5.2), sharex=True, sharey=True)
-    titles = {"clamp": f"{x}_1 known, held at its value (paper)", "forward": f"{x}_1 known, forward trajectory to it",
-              "noisy": f"{x}_1 observed with noise std {noise_std}"}
+    titles = {"clamp": f"{axis}_1 known, held at its value (paper)", "forward": f"{axis}_1 known, forward trajectory to it",
+              "noisy": f"{axis}_1 observed with noise std {noise_std}"}
     for ax, how in zip(axes, titles):
         ax.scatter(*data.T, s=1, color="0.75")
         for i, c in enumerate(np.linspace(-1.5, 1.5, 5)):
@@ -81,11 +81,11 @@ def conditional_figure(run: Run, path: Path, n: int = 400, noise_std: float = 0.
             ax.scatter(*x.T, s=3, color=f"C{i}", alpha=0.6)
             ax.axvline(c, color=f"C{i}", lw=0.8, ls=":")
         ax.set_title(titles[how])
-        ax.set_xlabel(f"{x}_1")
+        ax.set_xlabel(f"{axis}_1")
         ax.set_aspect("equal")
-    axes[0].set_ylabel(f"{x}_2")
-    units = "whitened units (data.scaling = 'pca')" if x == "z" else "model units"
-    fig.suptitle(f"{run.config.name}: posterior samples of {x}_2 given {x}_1, in {units} (grey: held-out data)")
+    axes[0].set_ylabel(f"{axis}_2")
+    units = "whitened units (data.scaling = 'pca')" if axis == "z" else "model units"
+    fig.suptitle(f"{run.config.name}: posterior samples of {axis}_2 given {axis}_1, in {units} (grey: held-out data)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
