@@ -200,7 +200,7 @@ class DiscreteTimeProcess(Process):
     def init_training(self, t_sampler: LossAwareSampler | None, loss: TrainingLoss | str,
                       hybrid_lambda: float = HYBRID_LAMBDA) -> None:
         if t_sampler is not None and len(t_sampler.seen) != self.T - 1:
-            raise ValueError(f"the t sampler draws from {len(t_sampler.seen)} steps; this process has T - 1 = {self.T - 1}")
+            raise ValueError(f"the t sampler draws from {len(t_sampler.seen)} steps, not T - 1 = {self.T - 1}")
         self.t_sampler = t_sampler
         self.loss = self.check_loss(loss)
         self.hybrid_lambda = hybrid_lambda
