@@ -49,7 +49,7 @@ def train_for(cfg, budget_s: float) -> tuple:
     dataset, kind = prepare_dataset(cfg)
     diffusion = build_diffusion(cfg, kind, float(dataset.train.mean()), data_bins(dataset))
     model = build_model(cfg, diffusion, dataset.event_shape)
-    objective = Objective(model, diffusion, cfg.train.loss, cfg.train.hybrid_lambda)
+    objective = Objective(model, diffusion)  # the process carries train.loss and hybrid_lambda
     optimizer = make_optimizer(cfg, list(objective.parameters()))
     noise_gen, order_gen = torch.Generator().manual_seed(cfg.seed + 1), torch.Generator().manual_seed(cfg.seed + 2)
     step, start = 0, time.perf_counter()

@@ -10,15 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from thermodiff import GaussianDiffusion, exact_bound, make_schedule, training_loss
-from thermodiff.bound import LossAwareSampler, check_training_loss, training_draws
+from thermodiff import BinomialDiffusion, GaussianDiffusion, exact_bound, make_schedule, training_loss
+from thermodiff.bound import LossAwareSampler, training_draws
 from thermodiff.distributions import discretized_gaussian_log_prob
 from thermodiff.gaussian import Bins
+from thermodiff.tensors import LN2
 
 from linear_gaussian import analytic_model, wavy_model
-
-
-LN2 = math.log(2)
 
 
 def tables(betas):
@@ -201,14 +199,20 @@ def test_simple_and_hybrid_losses_have_the_published_gradients(decoder):
 
 def test_losses_refuse_what_they_cannot_train():
     with pytest.raises(ValueError, match="parameterization 'eps'"):
-        check_training_loss(GaussianDiffusion(make_schedule("reference", 5), "reference"), "simple")
+        GaussianDiffusion(make_schedule("reference", 5), "reference", loss="simple")
     with pytest.raises(ValueError, match="'eps_learned_var'"):
-        check_training_loss(GaussianDiffusion(make_schedule("reference", 5), "eps"), "hybrid")
+        GaussianDiffusion(make_schedule("reference", 5), "eps", loss="hybrid")
     with pytest.raises(ValueError, match="schedule"):
-        check_training_loss(GaussianDiffusion(make_schedule("learned", 5), "eps"), "simple")
+        GaussianDiffusion(make_schedule("learned", 5), "eps", loss="simple")
     with pytest.raises(ValueError, match="train.loss must be one of"):
-        check_training_loss(GaussianDiffusion(make_schedule("reference", 5)), "vlb")
-    assert check_training_loss(GaussianDiffusion(make_schedule("learned", 5), "eps"), "bound").value == "bound"
+        GaussianDiffusion(make_schedule("reference", 5), loss="vlb")
+    with pytest.raises(ValueError, match="'bound'"):
+        BinomialDiffusion(make_schedule("erase", 5), 0.3, loss="simple")
+    with pytest.raises(ValueError, match="parameterization 'eps'"):  # the free function asks the process too
+        training_loss(GaussianDiffusion(make_schedule("reference", 5)), wavy_model, torch.zeros(3, 2), loss="simple")
+    with pytest.raises(ValueError, match="t sampler"):
+        GaussianDiffusion(make_schedule("reference", 5), t_sampler=LossAwareSampler(6))
+    assert GaussianDiffusion(make_schedule("learned", 5), "eps", loss="bound").loss.value == "bound"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,8 +242,8 @@ def test_importance_sampled_bound_is_unbiased():
     """K estimated with t drawn from a skewed p_t and weights 1 / p_t against exact_bound,
     Monte Carlo with error bars; the uniform estimate agrees, and the skew is large enough to matter."""
     T = 6
-    diffusion = GaussianDiffusion(make_schedule("reference", T), "eps_learned_var", "learned")
-    diffusion.t_sampler = warm_sampler(T, [8.0, 4.0, 2.0, 1.0, 0.5])
+    diffusion = GaussianDiffusion(make_schedule("reference", T), "eps_learned_var", "learned",
+                                  t_sampler=warm_sampler(T, [8.0, 4.0, 2.0, 1.0, 0.5]))
     assert float(diffusion.t_sampler.probs().max() / diffusion.t_sampler.probs().min()) > 10
     base = torch.tensor([[0.3, -1.2], [1.5, 0.4], [-0.8, -0.1], [0.0, 2.0]], dtype=torch.float64)
     g = torch.Generator().manual_seed(9)

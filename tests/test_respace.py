@@ -1,6 +1,6 @@
-"""Respaced chains: the kept steps, stride 1 reproducing the full chain (samples and bound), the
-eps kernels against improved-diffusion's respacing, the exact reverse means of Gaussian data,
-and the --respace option of evaluate and sample."""
+"""Respaced chains: the kept steps (improved-diffusion's on every count), stride 1 reproducing the
+full chain (samples and bound), the eps kernels against improved-diffusion's respacing, the exact
+reverse means of Gaussian data, and the --respace option of evaluate and sample."""
 
 import math
 
@@ -15,6 +15,29 @@ from conftest import assert_one_line_error
 from linear_gaussian import analytic_model, true_reverse, wavy_model
 
 PARAMETERIZATIONS = ["reference", "paper", "eps", "eps_learned_var"]
+
+
+def space_timesteps_one_section(T: int, count: int) -> list[int]:
+    """improved-diffusion's ``space_timesteps(T, [count])`` restated (0-based steps): the section's
+    fractional stride (T - 1) / (count - 1), or 1 for a single step, added up in floating point
+    from 0.0, Python's round of every partial sum kept, as a set."""
+    stride = (T - 1) / (count - 1) if count > 1 else 1
+    kept, position = set(), 0.0
+    for _ in range(count):
+        kept.add(round(position))
+        position += stride
+    return sorted(kept)
+
+
+@pytest.mark.parametrize("T", [6, 40, 1000])
+def test_evenly_spaced_steps_are_improved_diffusions_on_every_count(T):
+    assert space_timesteps_one_section(T, 1) == [0]  # a single step is no chain from 1 to T
+    with pytest.raises(ValueError, match="2.."):
+        respaced_timesteps(T, 1)
+    for count in range(2, T + 1):
+        assert respaced_timesteps(T, count) == [s + 1 for s in space_timesteps_one_section(T, count)], count
+    if T == 40:  # 7 * 39 / 14 = 19.5 is a tie: the accumulated stride falls just short of it
+        assert respaced_timesteps(40, 15)[7] == 20
 
 
 def test_respaced_timesteps():
@@ -127,7 +150,7 @@ def test_cli_evaluate_and_sample_respaced(cli, copy_run, tmp_path):
     saved = (run / "evaluation.json").read_text()
     r = cli("evaluate", run, "--quiet", "--json", "--respace", "3")
     e = r.json()
-    assert (e["T"], e["T_trained"], e["respaced_timesteps"]) == (3, 6, [1, 3, 6])  # Python round, as improved-diffusion
+    assert (e["T"], e["T_trained"], e["respaced_timesteps"]) == (3, 6, [1, 3, 6])  # as improved-diffusion's
     assert len(e["per_timestep_bits"]) == 4 and math.isfinite(e["K_bits"])
     assert (run / "evaluation.json").read_text() == saved  # the full chain's record stays
     same = cli("evaluate", run, "--quiet", "--json", "--respace", "1,2,3,4,5,6").json()

@@ -4,7 +4,8 @@ The package is layered so each part can be read on its own:
 
 - ``distributions``: closed-form KLs, entropies and log-densities (pure functions).
 - ``schedules``: the forward noise schedules beta_t, fixed or learned.
-- ``gaussian`` / ``binomial``: one object per diffusion process owning its math.
+- ``process``: the contract every process implements; ``tensors``: shared tensor helpers.
+- ``gaussian`` / ``binomial`` / ``vdm``: one object per diffusion process owning its math.
 - ``bound``: the variational bound K assembled from the processes' terms.
 - ``networks``: reverse-model networks and the temporal readout.
 - ``sampling``: ancestral sampling; ``respace``: chains on fewer steps.
@@ -13,7 +14,8 @@ The package is layered so each part can be read on its own:
 
 from thermodiff.binomial import BinomialDiffusion, BinomialParameterization
 from thermodiff.bound import BoundEstimate, LossAwareSampler, TrainingLoss, exact_bound, training_loss
-from thermodiff.gaussian import Decoder, FixedVariance, GaussianDiffusion, GaussianParameterization
+from thermodiff.gaussian import FixedVariance, GaussianDiffusion, GaussianParameterization
+from thermodiff.process import Decoder, Process
 from thermodiff.respace import respace
 from thermodiff.sampling import ancestral_sample
 from thermodiff.schedules import Schedule, make_schedule
@@ -29,6 +31,7 @@ __all__ = [
     "GaussianDiffusion",
     "GaussianParameterization",
     "LossAwareSampler",
+    "Process",
     "Schedule",
     "TrainingLoss",
     "ancestral_sample",

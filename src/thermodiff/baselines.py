@@ -8,8 +8,10 @@ p(x | y)); the talk names VAEs among the models in which multiplying distributio
 As with a diffusion process, each class here is the math (objective, bound, sampling) and the
 network a separate module (``model``): MLPs on flattened examples (:class:`VAENet`,
 :class:`DenoiserNet`, built from ``[model]`` by experiment.build_model), so they take vectors and
-images alike. Both plug into the training loop through ``training_draws`` / ``training_loss``;
-evaluation.evaluate_baseline reports them.
+images alike. Both implement the training side of the process contract
+(:class:`thermodiff.process.Trainable`: ``training_draws`` / ``training_loss``), and the VAE
+samples as a one-step chain (:class:`thermodiff.process.Chain`); evaluation.evaluate_baseline
+reports them.
 """
 
 import math
@@ -22,9 +24,10 @@ from torch.nn import functional as F
 from thermodiff.bound import standard_error
 from thermodiff.distributions import bernoulli_log_prob, gaussian_kl, gaussian_log_prob, standard_normal_log_prob
 from thermodiff.errors import UserError
-from thermodiff.gaussian import sum_except_batch
 from thermodiff.image_data import psnr_db
 from thermodiff.networks import mlp
+from thermodiff.process import Trainable
+from thermodiff.tensors import sum_except_batch
 
 
 def mlp_map(n_in: int, n_out: int, hidden: int, layers: int, activation: str) -> nn.Sequential:
@@ -64,7 +67,7 @@ class DenoiserNet(nn.Module):
         return self.net(y.flatten(1)).unflatten(1, self.event_shape)
 
 
-class VAE(nn.Module):
+class VAE(Trainable):
     """p(z) = N(0, I); p(x | z) Bernoulli for binary data, else Gaussian with variance
     min_var + softplus(.) per entry (min_var: the bound's resolution, as beta_1 is the diffusion's;
     without a floor the density of data on a curve grows without limit); q(z | x) = N(mean, diag var).
@@ -156,7 +159,7 @@ class VAE(nn.Module):
         return torch.cat(elbo).cpu(), torch.cat(iw).cpu()
 
 
-class DAE(nn.Module):
+class DAE(Trainable):
     """Trained to map y = x + N(0, noise_std^2 I) (scaled data) back to x on the squared error, so
     that its output estimates E[x | y] (Vincent et al. 2008). Not a density model: no bound, no
     samples; the value logged in K's place during training is minus the squared error (nats slot)."""

@@ -9,11 +9,13 @@ uses the data's mean activity). The reverse model is any callable ``model(x_t, t
 from enum import Enum
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from thermodiff.bound import DiscreteTimeProcess, LossAwareSampler, TrainingLoss
 from thermodiff.distributions import bernoulli_entropy, bernoulli_kl, bernoulli_log_prob
-from thermodiff.gaussian import Decoder, gather, sum_except_batch
+from thermodiff.process import Decoder
 from thermodiff.schedules import Schedule
+from thermodiff.tensors import gather, sum_except_batch
 
 
 class BinomialParameterization(str, Enum):
@@ -28,10 +30,12 @@ class BinomialParameterization(str, Enum):
     X0 = "x0"
 
 
-class BinomialDiffusion(nn.Module):
-    """q(x_t | x_{t-1}) = B(x_{t-1} (1 - beta_t) + p beta_t), p(x_T) = B(p)."""
+class BinomialDiffusion(DiscreteTimeProcess):
+    """q(x_t | x_{t-1}) = B(x_{t-1} (1 - beta_t) + p beta_t), p(x_T) = B(p). Trains on the bound
+    (``loss``), with t uniform or from ``t_sampler`` (bound.DiscreteTimeProcess)."""
 
     outputs_per_dim = 1
+    binary = True
 
     def __init__(
         self,
@@ -39,6 +43,9 @@ class BinomialDiffusion(nn.Module):
         stationary_p: float,
         parameterization: BinomialParameterization | str = BinomialParameterization.FORWARD_OFFSET,
         decoder: Decoder | str = Decoder.FORWARD,
+        *,
+        t_sampler: LossAwareSampler | None = None,
+        loss: TrainingLoss | str = TrainingLoss.BOUND,
     ):
         super().__init__()
         if not 0 < stationary_p < 1:
@@ -51,10 +58,15 @@ class BinomialDiffusion(nn.Module):
         self.decoder = Decoder(decoder)
         if self.decoder is Decoder.DISCRETIZED:
             raise ValueError("the discretized decoder is for Gaussian diffusion of 8-bit data; binary data are discrete already")
+        self.init_training(t_sampler, loss)
 
     @property
     def T(self) -> int:
         return self.schedule.T
+
+    @property
+    def stationary_p(self) -> float:
+        return float(self.p)
 
     def kernel_mean(self, x_prev: Tensor, beta: Tensor) -> Tensor:
         """q(x_t = 1 | x_{t-1}) = x_{t-1} (1 - beta_t) + p beta_t (paper App. A, binomial column)."""
@@ -149,7 +161,7 @@ class BinomialDiffusion(nn.Module):
         """x_T ~ B(p), independently per bit."""
         return torch.bernoulli(self.p.float().expand(shape).to(device), generator=generator)
 
-    def step_prob(self, model, x_t: Tensor, t: int) -> Tensor:
+    def step_distribution(self, model, x_t: Tensor, t: int) -> Tensor:
         """p(x_{t-1} = 1 | x_t) for the step from t (the decoder at t = 1)."""
         tt = torch.full((len(x_t),), t, dtype=torch.long, device=x_t.device)
         if t == 1 and self.decoder is Decoder.FORWARD:
@@ -160,7 +172,7 @@ class BinomialDiffusion(nn.Module):
     def p_sample(self, model, x_t: Tensor, t: int, generator: torch.Generator | None = None, factor=None) -> Tensor:
         """Draw x_{t-1} ~ p(x_{t-1} | x_t) (at t = 1, the decoder), multiplied by ``factor``
         (see :mod:`thermodiff.posterior`) when one is given."""
-        prob = self.step_prob(model, x_t, t)
+        prob = self.step_distribution(model, x_t, t)
         if factor is not None:
             prob = factor.bernoulli(prob, t, x_t)
         return torch.bernoulli(prob, generator=generator).to(x_t.dtype)

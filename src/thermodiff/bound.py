@@ -10,8 +10,9 @@ read as the cross-entropy E_q[-log p(x_T)], plus log pi(x_0) - E log pi(x_1); bo
 vanish on average over unit-variance data, where Eq. 14 and this bound agree. Written this way
 K is a true lower bound for every single example, held-out ones included.
 
-A process object must provide ``T``, ``prior_kl(x0)``, ``reverse_kl(model, x0, t, generator)``
-and ``decoder_log_likelihood(model, x0, generator)``, each per example in nats.
+The terms are those of the process contract (:class:`thermodiff.process.Process`), each per
+example in nats. :class:`DiscreteTimeProcess` is the contract's training side for processes of T
+discrete steps (gaussian.py, binomial.py): a one-t estimate of the bound.
 
 Training may instead minimise Ho et al.'s L_simple or Nichol & Dhariwal's hybrid loss
 (:class:`TrainingLoss`), and draw t by importance (:class:`LossAwareSampler`); the evaluated K
@@ -26,7 +27,8 @@ from enum import Enum
 import torch
 from torch import Tensor, nn
 
-from thermodiff.gaussian import Decoder, GaussianParameterization
+from thermodiff.process import Decoder, Process
+from thermodiff.tensors import LN2
 
 
 def standard_error(x: Tensor) -> float:
@@ -58,6 +60,10 @@ class BoundEstimate:
         return standard_error(self.per_example)
 
 
+#: lambda of Nichol & Dhariwal's hybrid loss L_simple + lambda L_vlb (their Eq. 16)
+HYBRID_LAMBDA = 1e-3
+
+
 class TrainingLoss(str, Enum):
     """What training minimises; K is what evaluation reports, whatever this is."""
 
@@ -71,7 +77,7 @@ class LossAwareSampler(nn.Module):
     proportional to sqrt(E[L_t^2]), mixed with 0.1% of the uniform, and uniform until every t
     has been seen ``warmup`` times. E[L_t^2] is a moving average over batches (improved-diffusion
     keeps the last 10 values instead), so that data-parallel processes can pool it by a sum.
-    Attached to a process as ``diffusion.t_sampler`` it is saved and restored with it."""
+    Given to a process as its ``t_sampler`` it is a submodule, saved and restored with it."""
 
     def __init__(self, T: int, warmup: int = 10, decay: float = 0.9, uniform: float = 1e-3):
         super().__init__()
@@ -120,9 +126,10 @@ class TrainingDraws:
         return TrainingDraws(self.t[index], self.weight[index], self.noise_t[index], self.noise_1[index])
 
 
-def training_draws(diffusion, x0: Tensor, generator: torch.Generator | None = None) -> TrainingDraws:
-    """t uniform on {2..T}, or from ``diffusion.t_sampler`` when one is attached."""
-    sampler = getattr(diffusion, "t_sampler", None)
+def training_draws(diffusion: "DiscreteTimeProcess", x0: Tensor, generator: torch.Generator | None = None
+                   ) -> TrainingDraws:
+    """t uniform on {2..T}, or from ``diffusion.t_sampler`` when it has one."""
+    sampler = diffusion.t_sampler
     if sampler is None:
         t = torch.randint(2, diffusion.T + 1, (len(x0),), generator=generator, device=x0.device)
         weight = torch.full((len(x0),), float(diffusion.T - 1), dtype=torch.float64, device=x0.device)
@@ -133,36 +140,19 @@ def training_draws(diffusion, x0: Tensor, generator: torch.Generator | None = No
     return TrainingDraws(t, weight, diffusion.noise_like(x0, generator), diffusion.noise_like(x0, generator))
 
 
-def check_training_loss(diffusion, loss: TrainingLoss | str) -> TrainingLoss:
-    """The loss, if this process can be trained on it (ValueError otherwise)."""
-    if loss not in set(TrainingLoss):
-        raise ValueError(f"train.loss must be one of {', '.join(v.value for v in TrainingLoss)}, got {loss!r}")
-    loss = TrainingLoss(loss)
-    if loss is TrainingLoss.BOUND:
-        return loss
-    needs = ((GaussianParameterization.EPS_LEARNED_VAR,) if loss is TrainingLoss.HYBRID else
-             (GaussianParameterization.EPS, GaussianParameterization.EPS_LEARNED_VAR))
-    if getattr(diffusion, "parameterization", None) not in needs:
-        raise ValueError(f"the {loss.value!r} loss needs parameterization {' or '.join(repr(n.value) for n in needs)}")
-    if diffusion.schedule.learn:
-        raise ValueError(f"the {loss.value!r} loss cannot learn the schedule (L_simple has no gradient that keeps "
-                         "it a bound); use a fixed schedule or the 'bound' loss")
-    return loss
-
-
-def training_loss(diffusion, model, x0: Tensor, generator: torch.Generator | None = None,
+def training_loss(diffusion: "DiscreteTimeProcess", model, x0: Tensor, generator: torch.Generator | None = None,
                   draws: TrainingDraws | None = None, loss: TrainingLoss | str = TrainingLoss.BOUND,
-                  hybrid_lambda: float = 1e-3) -> tuple[Tensor, Tensor]:
+                  hybrid_lambda: float = HYBRID_LAMBDA) -> tuple[Tensor, Tensor]:
     """The training loss from one t per example, and an unbiased one-draw estimate of K.
 
     The loss is -K (paper Eq. 14), L_simple (Ho et al. 2020, Eq. 14) or L_simple + lambda L_vlb
     (Nichol & Dhariwal 2021, Eq. 16), as ``loss`` says (:class:`TrainingLoss`). K's diffusion
     terms are weighted by 1 / p_t (T - 1 for uniform t; the reference code draws one t per batch
-    and weights it by T, T/(T-1) too much). Under grad, the terms update an attached ``t_sampler``.
+    and weights it by T, T/(T-1) too much). Under grad, the terms update the process's ``t_sampler``.
     Returns (loss, K_estimate): the loss differentiable in the model (and a learned schedule, for
     the bound); K_estimate per example in nats, detached, float64.
     """
-    loss = check_training_loss(diffusion, loss)
+    loss = diffusion.check_loss(loss)
     d = training_draws(diffusion, x0, generator) if draws is None else draws
     if loss is TrainingLoss.BOUND:
         kl = diffusion.reverse_kl(model, x0, d.t, noise=d.noise_t)
@@ -180,10 +170,9 @@ def training_loss(diffusion, model, x0: Tensor, generator: torch.Generator | Non
         # Ho et al.'s L_simple: t uniform on 1..T, here t = 1 always and t >= 2 by importance
         objective = ((sq_err_1 + d.weight * sq_err) / diffusion.T).mean()
         if loss is TrainingLoss.HYBRID:  # L_vlb in bits per dimension, as improved-diffusion's
-            objective = objective - hybrid_lambda * k.mean() / (x0[0].numel() * math.log(2))
-    sampler = getattr(diffusion, "t_sampler", None)
-    if sampler is not None and torch.is_grad_enabled():
-        sampler.update(d.t, kl.detach())
+            objective = objective - hybrid_lambda * k.mean() / (x0[0].numel() * LN2)
+    if diffusion.t_sampler is not None and torch.is_grad_enabled():
+        diffusion.t_sampler.update(d.t, kl.detach())
     return objective, k.detach()
 
 
@@ -199,6 +188,43 @@ def _frozen_mean_terms(diffusion, model, x0: Tensor, t: Tensor, noise: Tensor) -
     else:
         term = diffusion.reverse_kl(lambda *_: frozen, x0, t, noise=noise)
     return term, ((noise - z[:, 0].double()) ** 2).flatten(1).mean(1)
+
+
+class DiscreteTimeProcess(Process):
+    """The training side of the process contract for a process of T discrete steps: a one-t
+    estimate of its bound (:func:`training_loss`), with t uniform on 2..T or drawn by a
+    :class:`LossAwareSampler` (``t_sampler``), minimising the :class:`TrainingLoss` ``loss``.
+    A subclass's constructor sets them last, with :meth:`init_training`, as the losses it accepts
+    may depend on its other settings (:meth:`check_noise_loss`)."""
+
+    def init_training(self, t_sampler: LossAwareSampler | None, loss: TrainingLoss | str,
+                      hybrid_lambda: float = HYBRID_LAMBDA) -> None:
+        if t_sampler is not None and len(t_sampler.seen) != self.T - 1:
+            raise ValueError(f"the t sampler draws from {len(t_sampler.seen)} steps, not T - 1 = {self.T - 1}")
+        self.t_sampler = t_sampler
+        self.loss = self.check_loss(loss)
+        self.hybrid_lambda = hybrid_lambda
+
+    def check_loss(self, loss: TrainingLoss | str) -> TrainingLoss:
+        """``loss`` as a :class:`TrainingLoss`, if this process can be trained on it (ValueError otherwise)."""
+        if loss not in set(TrainingLoss):
+            raise ValueError(f"train.loss must be one of {', '.join(v.value for v in TrainingLoss)}, got {loss!r}")
+        loss = TrainingLoss(loss)
+        if loss is not TrainingLoss.BOUND:
+            self.check_noise_loss(loss)
+        return loss
+
+    def check_noise_loss(self, loss: TrainingLoss) -> None:
+        """Refuse ``loss``, SIMPLE or HYBRID, unless the process's network predicts Gaussian noise
+        (ValueError; GaussianDiffusion says when it does)."""
+        raise ValueError(f"the {loss.value!r} loss trains a prediction of Gaussian noise; a {type(self).__name__} "
+                         "trains on the 'bound'")
+
+    def training_draws(self, x0: Tensor, generator: torch.Generator | None = None) -> TrainingDraws:
+        return training_draws(self, x0, generator)
+
+    def training_loss(self, model, x0: Tensor, draws: TrainingDraws) -> tuple[Tensor, Tensor]:
+        return training_loss(self, model, x0, draws=draws, loss=self.loss, hybrid_lambda=self.hybrid_lambda)
 
 
 def strata(T: int, t_samples: int | None) -> list[Tensor]:

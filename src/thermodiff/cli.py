@@ -14,7 +14,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from thermodiff.binomial import BinomialDiffusion
 from thermodiff.checkpoint import atomic_write_bytes, atomic_write_text
 from thermodiff.config import RANGES, load_config
 from thermodiff.data import load_npy
@@ -22,7 +21,7 @@ from thermodiff.errors import UserError
 from thermodiff.evaluation import evaluate
 from thermodiff.experiment import PAPER_RESULTS, load_run, paper_row
 from thermodiff.parzen import parzen_evaluate
-from thermodiff.respace import chain
+from thermodiff.respace import respaced_process
 from thermodiff.sampling import ancestral_sample
 from thermodiff.training import train
 
@@ -179,7 +178,7 @@ def cmd_sample(args) -> None:
     run = load_run(args.run_dir)
     if out.suffix == ".png" and not run.dataset.is_image:
         raise UserError(f"--out {out}: a .png grid needs an image model; write .npy for vector data")
-    diffusion = chain(run.diffusion, args.respace)
+    diffusion = respaced_process(run.diffusion, args.respace)
     generator = torch.Generator().manual_seed(args.seed)
     batches = [min(args.batch_size, args.n - i) for i in range(0, args.n, args.batch_size)]
     parts = []
@@ -365,7 +364,7 @@ def cmd_inpaint(args) -> None:
     known = values[mask]
     if run.dataset.is_image and ((known < 0) | (known > 255) | (known != np.rint(known))).any():
         raise UserError(f"--input {args.input}: known pixels must be integers in 0..255")
-    if isinstance(run.diffusion, BinomialDiffusion) and not np.isin(known, (0, 1)).all():
+    if run.diffusion.binary and not np.isin(known, (0, 1)).all():
         raise UserError(f"--input {args.input}: known values must be 0 or 1 for a binomial run")
     samples = inpaint(run, values, mask, args.n, args.seed, progress=not args.quiet, known=args.known)
     _write_posterior(out, values, samples, run)

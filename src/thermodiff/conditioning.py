@@ -7,7 +7,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from thermodiff.binomial import BinomialDiffusion
 from thermodiff.errors import UserError
 from thermodiff.experiment import Run
 from thermodiff.networks import check_image_shape
@@ -64,7 +63,7 @@ def _observation(run: Run, noisy: np.ndarray, sigma: float) -> tuple[torch.Tenso
     """y and the noise variance in the model's space, for a Gaussian run."""
     if not sigma > 0:
         raise UserError(f"--sigma must be positive, got {sigma}")
-    if isinstance(run.diffusion, BinomialDiffusion):
+    if run.diffusion.binary:
         raise UserError(f"run {run.path} is a binomial diffusion; Gaussian denoising needs a Gaussian one (use inpaint)")
     return run.dataset.to_model(noisy, dequantize=False), (sigma * run.dataset.model_scale()) ** 2
 

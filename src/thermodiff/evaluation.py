@@ -1,7 +1,6 @@
 """Evaluate a trained run: the exact bound K on held-out data, in the units the paper reports,
 with how it was measured."""
 
-import math
 import os
 import platform
 
@@ -13,10 +12,8 @@ from thermodiff.bound import exact_bound, standard_error
 from thermodiff.config import AUTO
 from thermodiff.experiment import Run, dequantizes, paper_row
 from thermodiff.gaussian import GaussianParameterization
-from thermodiff.respace import chain
-from thermodiff.vdm import VDM
-
-LN2 = math.log(2.0)
+from thermodiff.respace import respaced_process
+from thermodiff.tensors import LN2
 
 
 def hardware() -> str:
@@ -102,7 +99,7 @@ def evaluate(run: Run, n_draws: int | None = None, max_examples: int | None = No
         return evaluate_baseline(run, n_draws, max_examples, seed, split_name)
     if t_samples is None:
         t_samples = cfg.eval.t_samples if cfg.eval.t_samples != AUTO else default_t_samples(run.dataset.is_image)
-    diffusion = chain(run.diffusion, respace_to)
+    diffusion = respaced_process(run.diffusion, respace_to)
     generator = torch.Generator().manual_seed(seed)
     test = run.dataset.test[:max_examples] if max_examples else run.dataset.test
     # fresh dequantisation noise for images; the bins' centres for the discretized decoder
@@ -142,7 +139,7 @@ def evaluate(run: Run, n_draws: int | None = None, max_examples: int | None = No
         "hardware": hardware(),
         "auto_choices": cfg.auto,
     }
-    if isinstance(run.diffusion, VDM):  # its continuous-time bound too, besides its T-step chain's
+    if run.diffusion.continuous_time:  # its continuous-time bound too, besides its T-step chain's
         continuous = run.diffusion.continuous_bound(run.model, batches, n_draws, generator)
         result["continuous_time"] = bound_report(run.dataset, continuous.per_example, null) | {
             "n_draws": n_draws, "terms_bits": (continuous.terms / LN2).tolist()}

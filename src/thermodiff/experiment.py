@@ -16,8 +16,8 @@ from thermodiff.checkpoint import load_checkpoint
 from thermodiff.config import AUTO, Config
 from thermodiff.convnet import build_conv_net
 from thermodiff.errors import UserError, first_line
-from thermodiff.bound import LossAwareSampler, check_training_loss
-from thermodiff.gaussian import Bins, Decoder, GaussianDiffusion, GaussianParameterization
+from thermodiff.bound import LossAwareSampler
+from thermodiff.gaussian import Bins, GaussianDiffusion, GaussianParameterization
 from thermodiff.baselines import DAE, VAE, DenoiserNet, VAENet
 from thermodiff.networks import build_vector_net
 from thermodiff.schedules import make_schedule
@@ -197,7 +197,7 @@ def data_bins(dataset: datasets.Dataset) -> Bins | None:
 def dequantizes(diffusion: nn.Module) -> bool:
     """Whether 8-bit data enter ``diffusion`` dequantised (a density model, the paper's) or as
     the centres of their bins (the discretized decoder's model of the discrete values)."""
-    return getattr(diffusion, "decoder", None) is not Decoder.DISCRETIZED  # baselines have no decoder attribute
+    return diffusion.dequantizes
 
 
 def build_diffusion(cfg: Config, kind: str, data_mean: float, bins: Bins | None = None) -> nn.Module:
@@ -221,21 +221,18 @@ def build_diffusion(cfg: Config, kind: str, data_mean: float, bins: Bins | None 
                                  "at their defaults")
             return VDM(d.T, d.schedule, d.beta_1, d.schedule_gradient)
         schedule = make_schedule(d.schedule, d.T, d.beta_1)
+        if cfg.train.t_sampler not in ("uniform", "loss_aware"):
+            raise ValueError(f"train.t_sampler must be 'uniform' or 'loss_aware', got {cfg.train.t_sampler!r}")
+        training = {"loss": cfg.train.loss, "t_sampler": LossAwareSampler(d.T) if cfg.train.t_sampler == "loss_aware" else None}
         if kind == "binomial":
             if d.stationary_p is None and not 0 < data_mean < 1:
                 raise ValueError("the binary data are constant (all 0 or all 1); nothing to model")
             if d.eps_variance is not None:
                 raise ValueError("eps_variance is for Gaussian diffusion")
             p = d.stationary_p if d.stationary_p is not None else data_mean
-            diffusion = BinomialDiffusion(schedule, p, d.parameterization, d.decoder)
-        else:
-            diffusion = GaussianDiffusion(schedule, d.parameterization, d.decoder, d.eps_variance, bins)
-        check_training_loss(diffusion, cfg.train.loss)
-        if cfg.train.t_sampler not in ("uniform", "loss_aware"):
-            raise ValueError(f"train.t_sampler must be 'uniform' or 'loss_aware', got {cfg.train.t_sampler!r}")
-        if cfg.train.t_sampler == "loss_aware":
-            diffusion.t_sampler = LossAwareSampler(d.T)
-        return diffusion
+            return BinomialDiffusion(schedule, p, d.parameterization, d.decoder, **training)
+        return GaussianDiffusion(schedule, d.parameterization, d.decoder, d.eps_variance, bins,
+                                 hybrid_lambda=cfg.train.hybrid_lambda, **training)
     except ValueError as e:
         raise UserError(f"diffusion: {e}") from None
 
@@ -258,13 +255,13 @@ def build_model(cfg: Config, diffusion: nn.Module, event_shape: tuple[int, ...])
     m = cfg.model
     image = len(event_shape) == 3
     try:
-        if isinstance(diffusion, VAE):
+        if cfg.baseline.kind == "vae":
             return VAENet(event_shape, diffusion.latent, diffusion.outputs_per_dim, m.hidden, m.layers, m.activation)
-        if isinstance(diffusion, DAE):
+        if cfg.baseline.kind == "dae":
             return DenoiserNet(event_shape, m.hidden, m.layers, m.activation)
     except ValueError as e:
         raise UserError(f"model: {e}") from None
-    if isinstance(diffusion, VDM) and not image and m.readout != "bumps":
+    if diffusion.continuous_time and not image and m.readout != "bumps":
         raise UserError("diffusion.kind = 'vdm' calls the network at continuous times: use model.readout = 'bumps'")
     if image != (m.network in IMAGE_NETWORKS):
         need = "'conv' or 'unet'" if image else "'rbf' or 'mlp'"

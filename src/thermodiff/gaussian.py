@@ -1,20 +1,24 @@
 """Gaussian diffusion for continuous data (Sohl-Dickstein et al. 2015, section 2 and App. A).
 
-One object owns the process math. The reverse model is any callable
+One object owns the process math, behind the contract of :mod:`thermodiff.process`. The reverse model is any callable
 ``model(x_t, t) -> z`` with ``z`` of shape ``(N, 2, *x.shape[1:])``; the parameterisation turns
 z into the reverse kernel's mean and variance, so that every parameterisation is scored by the
 same bound. Times are the paper's, 1-based: t = 1..T, and tables are float64, indexed at t - 1.
 """
 
+from abc import abstractmethod
 from dataclasses import dataclass
 from enum import Enum
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from thermodiff.bound import HYBRID_LAMBDA, DiscreteTimeProcess, LossAwareSampler, TrainingLoss
 from thermodiff.distributions import (bin_index, discretized_gaussian_log_prob, gaussian_entropy, gaussian_kl,
                                       gaussian_log_prob)
+from thermodiff.process import Decoder, Process
 from thermodiff.schedules import Schedule
+from thermodiff.tensors import gather, sum_except_batch
 
 
 class GaussianParameterization(str, Enum):
@@ -34,14 +38,6 @@ class FixedVariance(str, Enum):
 
     BETA_TILDE = "beta_tilde"  # q(x_{t-1}|x_t,x_0)'s: exact for a point-mass x_0 (FIXED_SMALL)
     BETA = "beta"  # the forward step's: exact for x_0 ~ N(0, I) (FIXED_LARGE)
-
-
-class Decoder(str, Enum):
-    """The last reverse step p(x_0 | x_1)."""
-
-    FORWARD = "forward"  # the forward step reversed, T_pi(x_0 | x_1; beta_1) (paper App. B.2)
-    LEARNED = "learned"  # the network's kernel at t = 1
-    DISCRETIZED = "discretized"  # the network's kernel at t = 1 over the bins of discrete data (Ho et al. 2020)
 
 
 @dataclass(frozen=True)
@@ -69,16 +65,55 @@ class Bins:
         return discretized_gaussian_log_prob(x, mean, var, *self.tables(x))
 
 
-def sum_except_batch(x: Tensor) -> Tensor:
-    return x.flatten(1).sum(1)
+class GaussianChain(Process):
+    """What every chain of Gaussian kernels with the prior N(0, I) shares, whatever defines its
+    steps (a schedule here, continuous time in vdm.py): its noise, its prior, the ancestral step
+    and observations as states. A subclass gives :meth:`log_alphas_cumprod` and the kernels
+    (:meth:`step_distribution`)."""
+
+    bins: Bins | None = None  # where discrete data lie, for the DISCRETIZED decoder
+
+    @abstractmethod
+    def log_alphas_cumprod(self) -> Tensor:
+        """log abar_t, t = 1..T (float64): q(x_t | x_0) = N(x_0 sqrt(abar_t), (1 - abar_t) I)."""
+
+    def noise_like(self, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """The standard normal draws that :meth:`q_sample` turns into x_t."""
+        return torch.randn(x0.shape, generator=generator, device=x0.device, dtype=torch.float64)
+
+    def sample_prior(self, shape: tuple[int, ...], generator: torch.Generator | None = None, device=None) -> Tensor:
+        """x_T ~ p(x_T) = N(0, I)."""
+        return torch.randn(shape, generator=generator, device=device)
+
+    def p_sample(self, model, x_t: Tensor, t: int, generator: torch.Generator | None = None, factor=None) -> Tensor:
+        """Draw x_{t-1} ~ p(x_{t-1} | x_t) (at t = 1, the decoder), multiplied by ``factor``
+        (see :mod:`thermodiff.posterior`) when one is given."""
+        mean, var = self.step_distribution(model, x_t, t)
+        if factor is not None:
+            mean, var = factor.gaussian(mean, var, t, x_t)
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=torch.float64)
+        x = mean + var.sqrt() * noise
+        if t == 1 and self.decoder is Decoder.DISCRETIZED:
+            x = self.bins.snap(x)  # a Gaussian draw snapped to its bin is a draw of the discretised decoder
+        return x.to(x_t.dtype)
+
+    def diffuse_observation(self, y: Tensor, noise_var: float, generator: torch.Generator | None = None) -> tuple[int, Tensor]:
+        """An observation y = x_0 + N(0, s^2 I) as a forward-process state: x_t / sqrt(abar_t) =
+        x_0 + N(0, (1 - abar_t) / abar_t I), so at the first t whose noise-to-signal ratio
+        rho_t = (1 - abar_t) / abar_t reaches s^2, x_t = sqrt(abar_t) (y + N(0, rho_t - s^2)) is an
+        exact draw of q(x_t | x_0) and the reverse chain from it samples p(x_0 | x_t). The extra
+        noise (the gap to the step's level, small for a fine schedule) is the only information lost."""
+        abar = self.log_alphas_cumprod().detach().exp()  # a learned schedule is fixed here
+        rho = (1 - abar) / abar
+        if not float(noise_var) <= float(rho[-1]):
+            raise ValueError(f"noise variance {float(noise_var):.3g} exceeds the chain's largest level {float(rho[-1]):.3g}")
+        t = int(torch.searchsorted(rho, torch.tensor(float(noise_var), dtype=torch.float64))) + 1
+        extra = torch.randn(y.shape, generator=generator, device=y.device, dtype=torch.float64)
+        x_t = abar[t - 1].sqrt() * (y.double() + (rho[t - 1] - noise_var).clamp_min(0).sqrt() * extra)
+        return t, x_t.to(y.dtype)
 
 
-def gather(table: Tensor, t: Tensor, like: Tensor) -> Tensor:
-    """table[t - 1] per example, shaped to broadcast against ``like`` (N, ...)."""
-    return table[t - 1].reshape(-1, *([1] * (like.ndim - 1)))
-
-
-class GaussianDiffusion(nn.Module):
+class GaussianDiffusion(GaussianChain, DiscreteTimeProcess):
     """q(x_t | x_{t-1}) = N(x_{t-1} sqrt(1 - beta_t), beta_t I), p(x_T) = N(0, I)."""
 
     outputs_per_dim = 2
@@ -90,9 +125,14 @@ class GaussianDiffusion(nn.Module):
         decoder: Decoder | str = Decoder.FORWARD,
         eps_variance: FixedVariance | str | None = None,
         bins: Bins | None = None,
+        *,
+        t_sampler: LossAwareSampler | None = None,
+        loss: TrainingLoss | str = TrainingLoss.BOUND,
+        hybrid_lambda: float = HYBRID_LAMBDA,
     ):
         """``eps_variance`` (EPS only; default beta-tilde) fixes the reverse variance; ``bins``
-        (the data's, for the DISCRETIZED decoder) says where 8-bit values lie in model units."""
+        (the data's, for the DISCRETIZED decoder) says where 8-bit values lie in model units;
+        ``t_sampler``, ``loss``, ``hybrid_lambda``: how it trains (bound.DiscreteTimeProcess)."""
         super().__init__()
         if not bool((schedule.betas() < 1).all()):
             raise ValueError("Gaussian diffusion needs every beta_t < 1")
@@ -106,6 +146,18 @@ class GaussianDiffusion(nn.Module):
             raise ValueError("the discretized decoder is for discrete data (8-bit images, integer-valued vectors): it "
                              "needs their bins in model units")
         self.bins = bins
+        self.init_training(t_sampler, loss, hybrid_lambda)
+
+    def check_noise_loss(self, loss: TrainingLoss) -> None:
+        """L_simple needs a noise prediction (EPS or EPS_LEARNED_VAR), the hybrid loss a learned
+        variance as well (EPS_LEARNED_VAR), and neither has a gradient that keeps a learned schedule a bound."""
+        needs = ((GaussianParameterization.EPS_LEARNED_VAR,) if loss is TrainingLoss.HYBRID else
+                 (GaussianParameterization.EPS, GaussianParameterization.EPS_LEARNED_VAR))
+        if self.parameterization not in needs:
+            raise ValueError(f"the {loss.value!r} loss needs parameterization {' or '.join(repr(n.value) for n in needs)}")
+        if self.schedule.learn:
+            raise ValueError(f"the {loss.value!r} loss cannot learn the schedule (L_simple has no gradient that keeps "
+                             "it a bound); use a fixed schedule or the 'bound' loss")
 
     @property
     def T(self) -> int:
@@ -114,10 +166,6 @@ class GaussianDiffusion(nn.Module):
     def log_alphas_cumprod(self) -> Tensor:
         """log abar_t = sum_{s <= t} log(1 - beta_s), t = 1..T (float64)."""
         return torch.cumsum(torch.log1p(-self.schedule.betas()), 0)
-
-    def noise_like(self, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """The standard normal draws that :meth:`q_sample` turns into x_t."""
-        return torch.randn(x0.shape, generator=generator, device=x0.device, dtype=torch.float64)
 
     def q_sample(self, x0: Tensor, t: Tensor, generator: torch.Generator | None = None, noise: Tensor | None = None) -> Tensor:
         """Draw x_t ~ q(x_t | x_0) = N(x_0 sqrt(abar_t), (1 - abar_t) I) (paper App. A), from
@@ -247,10 +295,6 @@ class GaussianDiffusion(nn.Module):
             return self.bins.log_prob(x0, mean, var)
         return gaussian_log_prob(x0, mean, var)
 
-    def sample_prior(self, shape: tuple[int, ...], generator: torch.Generator | None = None, device=None) -> Tensor:
-        """x_T ~ p(x_T) = N(0, I)."""
-        return torch.randn(shape, generator=generator, device=device)
-
     def step_distribution(self, model, x_t: Tensor, t: int) -> tuple[Tensor, Tensor]:
         """Mean and variance of the kernel that draws x_{t-1} from x_t, the decoder at t = 1."""
         tt = torch.full((len(x_t),), t, dtype=torch.long, device=x_t.device)
@@ -258,33 +302,6 @@ class GaussianDiffusion(nn.Module):
             beta_1 = self.schedule.betas()[0]
             return x_t.double() * (1 - beta_1).sqrt(), beta_1.expand(x_t.shape)
         return self.p_mean_var(model, x_t, tt)
-
-    def p_sample(self, model, x_t: Tensor, t: int, generator: torch.Generator | None = None, factor=None) -> Tensor:
-        """Draw x_{t-1} ~ p(x_{t-1} | x_t) (at t = 1, the decoder), multiplied by ``factor``
-        (see :mod:`thermodiff.posterior`) when one is given."""
-        mean, var = self.step_distribution(model, x_t, t)
-        if factor is not None:
-            mean, var = factor.gaussian(mean, var, t, x_t)
-        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=torch.float64)
-        x = mean + var.sqrt() * noise
-        if t == 1 and self.decoder is Decoder.DISCRETIZED:
-            x = self.bins.snap(x)  # a Gaussian draw snapped to its bin is a draw of the discretised decoder
-        return x.to(x_t.dtype)
-
-    def diffuse_observation(self, y: Tensor, noise_var: float, generator: torch.Generator | None = None) -> tuple[int, Tensor]:
-        """An observation y = x_0 + N(0, s^2 I) as a forward-process state: x_t / sqrt(abar_t) =
-        x_0 + N(0, (1 - abar_t) / abar_t I), so at the first t whose noise-to-signal ratio
-        rho_t = (1 - abar_t) / abar_t reaches s^2, x_t = sqrt(abar_t) (y + N(0, rho_t - s^2)) is an
-        exact draw of q(x_t | x_0) and the reverse chain from it samples p(x_0 | x_t). The extra
-        noise (the gap to the step's level, small for a fine schedule) is the only information lost."""
-        abar = self.log_alphas_cumprod().detach().exp()  # a learned schedule is fixed here
-        rho = (1 - abar) / abar
-        if not float(noise_var) <= float(rho[-1]):
-            raise ValueError(f"noise variance {float(noise_var):.3g} exceeds the chain's largest level {float(rho[-1]):.3g}")
-        t = int(torch.searchsorted(rho, torch.tensor(float(noise_var), dtype=torch.float64))) + 1
-        extra = torch.randn(y.shape, generator=generator, device=y.device, dtype=torch.float64)
-        x_t = abar[t - 1].sqrt() * (y.double() + (rho[t - 1] - noise_var).clamp_min(0).sqrt() * extra)
-        return t, x_t.to(y.dtype)
 
     def expected_x0(self, model, x_t: Tensor, t: int) -> Tensor:
         """The model's E[x_0 | x_t] in one network call: the bound is minimised by the kernel mean

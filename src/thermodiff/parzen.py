@@ -21,8 +21,8 @@ from thermodiff.bound import standard_error
 from thermodiff.evaluation import hardware
 from thermodiff.experiment import Run, paper_row
 from thermodiff.sampling import ancestral_sample
+from thermodiff.tensors import LN2
 
-LN2 = math.log(2.0)
 # Goodfellow et al.'s grid: numpy.logspace(sigma_start=-1, sigma_end=0, num=cross_val=10)
 DEFAULT_SIGMAS: tuple[float, ...] = tuple(float(s) for s in np.logspace(-1, 0, 10))
 

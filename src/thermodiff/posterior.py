@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from thermodiff.errors import UserError
+from thermodiff.process import Process
 
 
 def _observed(mask: Tensor | None, like: Tensor) -> Tensor:
@@ -54,7 +55,7 @@ class Clamp:
     forward trajectory that ends at their values, x_{t-1} ~ q(x_{t-1} | x_t, x_0 = value), so the
     network sees known entries noised like the data it was trained on; both are exact at t = 1."""
 
-    def __init__(self, values: Tensor, mask: Tensor, forward=None):
+    def __init__(self, values: Tensor, mask: Tensor, forward: Process | None = None):
         if not bool(mask.any()):
             raise UserError("the mask marks no known values")
         self.values, self.mask, self.forward = values.double(), mask.to(torch.bool), forward

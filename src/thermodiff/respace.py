@@ -32,9 +32,10 @@ import torch
 from torch import Tensor
 
 from thermodiff.errors import UserError
-from thermodiff.gaussian import GaussianDiffusion, GaussianParameterization, gather
+from thermodiff.gaussian import GaussianDiffusion, GaussianParameterization
+from thermodiff.process import Process
 from thermodiff.schedules import Schedule
-from thermodiff.vdm import VDM
+from thermodiff.tensors import gather
 
 
 class VarianceRule(str, Enum):
@@ -44,9 +45,22 @@ class VarianceRule(str, Enum):
     INTERPOLATE = "interpolate"  # improved-diffusion's: the same v between log beta-tilde and log beta
 
 
+def evenly_spaced(T: int, count: int) -> list[int]:
+    """``count`` of the steps 1..T, evenly strided: exactly the steps of improved-diffusion's
+    ``space_timesteps(T, [count])`` (one section), shifted to 1-based. Its fractional stride
+    (T - 1) / (count - 1) is accumulated in floating point and rounded half to even, so this is
+    not 1 + round(k (T - 1) / (count - 1)), which differs at a tie for some counts."""
+    stride, position, steps = (T - 1) / (count - 1), 0.0, []
+    for _ in range(count):
+        steps.append(1 + round(position))
+        position += stride
+    return steps
+
+
 def respaced_timesteps(T: int, spec: int | str | Sequence[int]) -> list[int]:
     """The kept steps (1-based, increasing, from 1 to T): ``N`` (or "N") for N steps evenly spaced
-    (improved-diffusion's space_timesteps with one section), or an explicit list ("1,10,20,40")."""
+    (:func:`evenly_spaced`), or the steps themselves as a list or comma-separated ("1,10,20,40";
+    unlike ``space_timesteps``, whose lists count steps per section)."""
     if isinstance(spec, str):
         try:
             spec = [int(s) for s in spec.split(",")] if "," in spec else int(spec)
@@ -55,7 +69,7 @@ def respaced_timesteps(T: int, spec: int | str | Sequence[int]) -> list[int]:
     if isinstance(spec, int):
         if not 2 <= spec <= T:
             raise ValueError(f"respacing to {spec} steps: the number of steps must lie in 2..{T}")
-        return [1 + round(i * (T - 1) / (spec - 1)) for i in range(spec)]
+        return evenly_spaced(T, spec)
     steps = [int(s) for s in spec]
     if len(steps) < 2 or steps[0] != 1 or steps[-1] != T or any(b <= a for a, b in zip(steps, steps[1:])):
         raise ValueError(f"respaced steps {steps}: must increase from 1 to T = {T} (the decoder's and the prior's steps)")
@@ -96,19 +110,19 @@ class RespacedDiffusion(GaussianDiffusion):
         return torch.where(skips, respaced_mean, mean), torch.where(skips, respaced_var, var)
 
 
-def respace(diffusion, spec: int | str | Sequence[int], variance_rule: VarianceRule | str = VarianceRule.MOMENTS
-            ) -> GaussianDiffusion:
-    """``diffusion`` on the steps that ``spec`` names (see :func:`respaced_timesteps`); a VDM
-    (continuous time) gives its own chain on those times."""
-    if isinstance(diffusion, VDM):
+def respace(diffusion: Process, spec: int | str | Sequence[int], variance_rule: VarianceRule | str = VarianceRule.MOMENTS
+            ) -> Process:
+    """``diffusion`` on the steps that ``spec`` names (see :func:`respaced_timesteps`); a process
+    in continuous time (VDM) gives its own chain on those times."""
+    if diffusion.continuous_time:
         return diffusion.respaced(respaced_timesteps(diffusion.T, spec))
     if not isinstance(diffusion, GaussianDiffusion):
         raise ValueError(f"respacing is for Gaussian diffusion; a {type(diffusion).__name__} keeps its T steps")
     return RespacedDiffusion(diffusion, respaced_timesteps(diffusion.T, spec), variance_rule)
 
 
-def chain(diffusion, respace_to: int | str | Sequence[int] | None):
-    """The chain a user's ``--respace`` asks for: ``diffusion`` itself when None, else its
+def respaced_process(diffusion: Process, respace_to: int | str | Sequence[int] | None) -> Process:
+    """The process a user's ``--respace`` asks for: ``diffusion`` itself when None, else its
     :func:`respace` (a bad spec is a one-line :class:`UserError`)."""
     if respace_to is None:
         return diffusion

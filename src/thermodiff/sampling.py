@@ -6,10 +6,12 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from thermodiff.process import Chain
+
 
 @torch.no_grad()
 def ancestral_sample(
-    diffusion,
+    diffusion: Chain,
     model,
     shape: tuple[int, ...],
     generator: torch.Generator | None = None,

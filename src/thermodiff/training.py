@@ -20,15 +20,16 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from thermodiff import distributed
-from thermodiff.bound import TrainingDraws, exact_bound, training_draws, training_loss
+from thermodiff.bound import exact_bound
 from thermodiff.checkpoint import (atomic_write_text, flatten_optimizer_state, load_checkpoint, save_checkpoint,
                                    umask, unflatten_optimizer_state)
 from thermodiff.config import Config
 from thermodiff.errors import UserError, first_line
 from thermodiff.experiment import (BEST_CHECKPOINT, build_diffusion, build_model, data_bins, dequantizes, file_digest,
                                    load_state, prepare_dataset, resolve_source)
+from thermodiff.process import Trainable
+from thermodiff.tensors import LN2
 
-LN2 = math.log(2.0)
 METRIC_FIELDS = ["step", "K_bits_running", "loss_bits", "lr", "elapsed_s", "nonfinite_skipped", "val_K_bits"]
 
 
@@ -147,26 +148,19 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
 
 
 class Objective(nn.Module):
-    """The network and the process together, so that DDP synchronises a learned schedule too.
-    A process with its own objective (vdm.py, baselines.py: methods ``training_draws`` and
-    ``training_loss``) trains on it; the others on bound.py's, with ``loss`` and ``hybrid_lambda``."""
+    """The network and the process together, so that DDP synchronises a learned schedule too;
+    trained on the process's own objective (process.Trainable)."""
 
-    def __init__(self, model: nn.Module, diffusion: nn.Module, loss: str = "bound", hybrid_lambda: float = 1e-3):
+    def __init__(self, model: nn.Module, diffusion: Trainable):
         super().__init__()
         self.model, self.diffusion = model, diffusion
-        self.loss, self.hybrid_lambda = loss, hybrid_lambda
-        self.own_objective = hasattr(diffusion, "training_loss")
 
-    def draws(self, x0: torch.Tensor, generator: torch.Generator) -> TrainingDraws:
+    def draws(self, x0: torch.Tensor, generator: torch.Generator):
         """The randomness of one training step (drawn for the whole global batch, then sharded)."""
-        if self.own_objective:
-            return self.diffusion.training_draws(x0, generator)
-        return training_draws(self.diffusion, x0, generator)
+        return self.diffusion.training_draws(x0, generator)
 
-    def forward(self, x0: torch.Tensor, draws: TrainingDraws) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.own_objective:
-            return self.diffusion.training_loss(self.model, x0, draws)
-        return training_loss(self.diffusion, self.model, x0, draws=draws, loss=self.loss, hybrid_lambda=self.hybrid_lambda)
+    def forward(self, x0: torch.Tensor, draws) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.diffusion.training_loss(self.model, x0, draws)
 
 
 class EMA:
@@ -275,7 +269,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, progress: 
     resolve_source(cfg)
     diffusion = build_diffusion(cfg, kind, float(dataset.train.mean()), data_bins(dataset))
     model = build_model(cfg, diffusion, dataset.event_shape)
-    objective = Objective(model, diffusion, cfg.train.loss, cfg.train.hybrid_lambda)
+    objective = Objective(model, diffusion)
     noise_gen = torch.Generator(ctx.device).manual_seed(cfg.seed + 1)
     order_gen = torch.Generator().manual_seed(cfg.seed + 2)
     # the state that makes a resumed run continue bit for bit: the logging window and the
@@ -303,7 +297,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, progress: 
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.precision == "fp16" and ctx.device.type == "cuda")
     if resume and scaler.is_enabled() and meta.get("grad_scaler"):
         scaler.load_state_dict(meta["grad_scaler"])  # fp16's loss scale continues, not restarted
-    data_info = dataset.describe() | {"kind": kind, "stationary_p": getattr(diffusion, "p", None) and float(diffusion.p),
+    data_info = dataset.describe() | {"kind": kind, "stationary_p": diffusion.stationary_p,
                                      "seed": cfg.seed}
     if Path(cfg.data.source).is_file():
         data_info["sha256"] = file_digest(Path(cfg.data.source))

@@ -14,10 +14,12 @@ The bound (sec. 3.5), in nats per example:
 
 with L_diffusion = 0.5 E_{s ~ U(0, 1), eps} gamma'(s) ||eps - eps_hat(z_s, s)||^2 in continuous time
 (sec. 5), or the sum of T - 1 Gaussian KLs of the chain it induces on the times
-s_t = (t - 1) / (T - 1), t = 1..T (sec. 4). That chain is offered through GaussianDiffusion's
-interface (steps t = 1..T, x_t = z_{s_t}, ``reverse_kl``, ``prior_kl``, ``decoder_log_likelihood``,
-``p_sample``), so the exact evaluator, the sampler and the figures treat it as they treat the 2015
-model: T latents, T - 1 KL terms, a decoder at the first, K in bits on the same footing.
+s_t = (t - 1) / (T - 1), t = 1..T (sec. 4). That chain is offered through the process contract
+(:class:`thermodiff.process.Process`: steps t = 1..T, x_t = z_{s_t}, ``reverse_kl``, ``prior_kl``,
+``decoder_log_likelihood``, ``p_sample``), as a chain of Gaussian kernels like the 2015 model's
+(:class:`thermodiff.gaussian.GaussianChain`), so the exact evaluator, the sampler and the figures
+treat it as they treat the 2015 model: T latents, T - 1 KL terms, a decoder at the first, K in
+bits on the same footing.
 """
 
 import copy
@@ -30,8 +32,10 @@ from torch import Tensor, nn
 
 from thermodiff.bound import BoundEstimate
 from thermodiff.distributions import gaussian_entropy, gaussian_kl, standard_normal_log_prob
-from thermodiff.gaussian import Decoder, GaussianDiffusion, sum_except_batch
+from thermodiff.gaussian import GaussianChain
+from thermodiff.process import Decoder
 from thermodiff.schedules import Schedule
+from thermodiff.tensors import per_example, sum_except_batch
 
 GAMMA_0 = -13.3  # VDM's initial gamma(0) and gamma(1) (its released code's gamma_min, gamma_max)
 GAMMA_1 = 5.0
@@ -128,16 +132,13 @@ class ContinuousDraws:
         return ContinuousDraws(self.s[index], self.noise[index])
 
 
-def _per_example(v: Tensor, like: Tensor) -> Tensor:
-    return v.reshape(-1, *([1] * (like.ndim - 1)))
-
-
-class VDM(nn.Module):
+class VDM(GaussianChain):
     """VDM's variance-preserving diffusion; see the module docstring. ``T`` is the length of the
     chain that evaluation and sampling use (it may be changed after training). ``schedule_gradient``:
     :class:`ScheduleGradient`, see :meth:`diffusion_loss`."""
 
     outputs_per_dim = 1
+    continuous_time = True
     parameterization = Parameterization.EPS
     # p(x | z_0) = N(z_0 / alpha_0, exp(gamma_0) I): the first forward step read as a density of x,
     # not learned, like the 2015 paper's forward decoder (without its pi(x_0) / pi(x_1) factor)
@@ -160,14 +161,6 @@ class VDM(nn.Module):
         self.step_times: Tensor | None = None  # the chain's times when respaced (see :meth:`respaced`)
         gamma_0 = GAMMA_0 if beta_1 is None else math.log(beta_1) - math.log1p(-beta_1)  # sigma_0^2 = beta_1
         self.gamma = NoiseSchedule(gamma_0, max(GAMMA_1, gamma_0 + 1), learn=schedule == "learned", end_point=variance)
-
-    # GaussianDiffusion's, which need only N(0, I) draws, :meth:`step_distribution` (p_sample: a
-    # draw of it, times a posterior factor) and :meth:`log_alphas_cumprod` (diffuse_observation:
-    # y = x + N(0, s^2 I) as a state of the chain, for denoising)
-    noise_like = GaussianDiffusion.noise_like
-    sample_prior = GaussianDiffusion.sample_prior
-    p_sample = GaussianDiffusion.p_sample
-    diffuse_observation = GaussianDiffusion.diffuse_observation
 
     def null_log_likelihood(self, x0: Tensor) -> Tensor:
         """log N(x; 0, I) per example: the null model L_null, as for the 2015 model."""
@@ -202,12 +195,12 @@ class VDM(nn.Module):
 
     @property
     def schedule(self) -> Schedule:
-        """The chain's schedule as a fixed :class:`Schedule` (for code written for GaussianDiffusion)."""
+        """The chain's schedule as a fixed :class:`Schedule` (the contract's ``schedule``)."""
         return Schedule(self.betas().detach())
 
     def diffuse(self, x0: Tensor, gamma: Tensor, noise: Tensor) -> Tensor:
         """z = alpha x + sigma eps, a draw of q(z_s | x) at gamma = gamma(s) (VDM sec. 3.1), float64."""
-        g = _per_example(gamma, x0)
+        g = per_example(gamma, x0)
         return torch.sigmoid(-g).sqrt() * x0.double() + torch.sigmoid(g).sqrt() * noise
 
     def q_sample(self, x0: Tensor, t: Tensor, generator: torch.Generator | None = None, noise: Tensor | None = None) -> Tensor:
@@ -232,7 +225,7 @@ class VDM(nn.Module):
         """Mean and variance of q(z_s | z_u, x) for s = s_{t-1} < u = s_t, chain steps t >= 2 (VDM
         App. A): with c = 1 - SNR(u) / SNR(s), mean = (alpha_u / alpha_s) (sigma_s^2 / sigma_u^2) z_u
         + alpha_s c x, variance = c sigma_s^2."""
-        g_s, g_u = _per_example(self.gamma(self.times(t - 1)), x_t), _per_example(self.gamma(self.times(t)), x_t)
+        g_s, g_u = per_example(self.gamma(self.times(t - 1)), x_t), per_example(self.gamma(self.times(t)), x_t)
         c = -torch.expm1(g_s - g_u)
         alpha_s = torch.sigmoid(-g_s).sqrt()
         mean = (torch.sigmoid(-g_u).sqrt() / alpha_s * torch.sigmoid(g_s) / torch.sigmoid(g_u) * x_t.double()
@@ -243,7 +236,7 @@ class VDM(nn.Module):
         """The network's E[x | z_u] at chain step t: x_hat = (z_u - sigma_u eps_hat) / alpha_u (VDM
         sec. 3.3); at t = 1 the decoder's mean z_0 / alpha_0."""
         u = self.times(torch.full((len(x_t),), t, device=x_t.device))
-        g_u = _per_example(self.gamma(u), x_t)
+        g_u = per_example(self.gamma(u), x_t)
         z = x_t.double()
         if t > 1:
             z = z - torch.sigmoid(g_u).sqrt() * self.eps_hat(model, x_t, u, x_t.dtype)
