@@ -4,24 +4,15 @@ run in-process for its JSON, and the record and image grids written to benchmark
 import contextlib
 import io
 import json
-import os
-import platform
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from thermodiff.cli import main
+from thermodiff.machine import machine
 from thermodiff.plotting import image_grid_png
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def machine() -> dict:
-    """The hardware and software of this process, with the load when the figure was taken."""
-    return {"platform": platform.platform(), "processor": platform.machine(), "python": platform.python_version(),
-            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "load_average": [round(x, 2) for x in os.getloadavg()]}
 
 
 def thermodiff_json(argv: list[str]) -> dict:

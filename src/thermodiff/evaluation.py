@@ -2,8 +2,6 @@
 with how it was measured."""
 
 import math
-import os
-import platform
 
 import torch
 from tqdm import tqdm
@@ -13,14 +11,11 @@ from thermodiff.bound import exact_bound, standard_error
 from thermodiff.config import AUTO
 from thermodiff.experiment import Run, dequantizes, paper_row
 from thermodiff.gaussian import GaussianParameterization
+from thermodiff.machine import hardware
 from thermodiff.respace import chain
 from thermodiff.vdm import VDM
 
 LN2 = math.log(2.0)
-
-
-def hardware() -> str:
-    return f"{platform.machine()} CPU ({os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads)"
 
 
 def bound_report(dataset, per_example: torch.Tensor, null: torch.Tensor, discrete: bool = False) -> dict:
