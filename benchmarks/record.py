@@ -33,6 +33,13 @@ def write_result(name: str, record: dict) -> Path:
     return out
 
 
+def cited(text: str, record: str, *paths: str, base: str = "../") -> str:
+    """``text`` as a Markdown link to the JSON paths (in order, one per number in ``text``) of
+    benchmarks/results/RECORD.json that hold its numbers: the form in which tests/test_docs.py
+    checks every figure of the README (``base=""``) and of docs/ (the default)."""
+    return f"[{text}]({base}benchmarks/results/{record}.json#{','.join(paths)})"
+
+
 def write_grid(name: str, rows: list[np.ndarray], columns: int = 10) -> Path:
     """benchmarks/results/NAME.png: one row of images (original 8-bit units) per entry of ``rows``,
     the first ``columns`` of each, rounded and clipped to 0..255."""
