@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from record import RESULTS, machine
+from record import RESULTS, cited, machine
 from thermodiff.known_densities import BATTERY, by_name, make_split
 
 LN2 = math.log(2.0)
@@ -93,17 +93,22 @@ def diagnose_case(name: str, out: Path, result: dict, examples: int = 5000) -> d
                      "n_training_examples_scored": len(gap)}
 
 
-def markdown_table(record: dict) -> str:
-    """The results as a Markdown table, one row per case, in the battery's order."""
+def markdown_table(record: dict, name: str) -> str:
+    """The results of benchmarks/results/NAME.json as a Markdown table for docs/, one row per case
+    in the battery's order, each figure a link to its place in the record."""
     order = [c.name for c in BATTERY]
     rows = ["| case | kind, D | exact log-likelihood | K (defaults) | gap exact - K | training |",
             "|---|---|---|---|---|---|"]
-    for name in sorted(record["cases"], key=order.index):
-        r = record["cases"][name]
+    for case in sorted(record["cases"], key=order.index):
+        r = record["cases"][case]
+
+        def figure(fmt: str, *keys: str) -> str:
+            return cited(fmt.format(*(r[k] for k in keys)), name, *(f"cases.{case}.{k}" for k in keys))
+
         mark = "" if r["within_goal"] else " (missed)"
-        rows.append(f"| `{name}`: {r['description']} | {r['kind']}, {r['dim']} | {r['exact_bits']:.3f} | {r['K_bits']:.3f} | "
-                    f"**{r['gap_bits']:.3f} ± {r['gap_stderr_bits']:.3f}**{mark} | {r['train_minutes']:.1f} min, "
-                    f"{r['train_steps']} steps |")
+        rows.append(f"| `{case}`: `{r['description']}` | {r['kind']}, {r['dim']} | {figure('{:.3f}', 'exact_bits')} | "
+                    f"{figure('{:.3f}', 'K_bits')} | **{figure('{:.3f} ± {:.3f}', 'gap_bits', 'gap_stderr_bits')}**{mark} | "
+                    f"{figure('{:.1f}', 'train_minutes')} min, {figure('{}', 'train_steps')} steps |")
     return "\n".join(rows)
 
 
@@ -123,7 +128,7 @@ def main() -> None:
     args = parser.parse_args()
     path = RESULTS / f"{args.name}.json"
     if args.table:
-        print(markdown_table(json.loads(path.read_text())))
+        print(markdown_table(json.loads(path.read_text()), args.name))
         return
     for name in args.cases:
         by_name(name)  # unknown names fail before any work

@@ -4,24 +4,15 @@ run in-process for its JSON, and the record and image grids written to benchmark
 import contextlib
 import io
 import json
-import os
-import platform
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from thermodiff.cli import main
+from thermodiff.machine import machine
 from thermodiff.plotting import image_grid_png
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def machine() -> dict:
-    """The hardware and software of this process, with the load when the figure was taken."""
-    return {"platform": platform.platform(), "processor": platform.machine(), "python": platform.python_version(),
-            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "load_average": [round(x, 2) for x in os.getloadavg()]}
 
 
 def thermodiff_json(argv: list[str]) -> dict:
@@ -40,6 +31,13 @@ def write_result(name: str, record: dict) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({**record, "machine": record.get("machine", machine())}, indent=2) + "\n")
     return out
+
+
+def cited(text: str, record: str, *paths: str, base: str = "../") -> str:
+    """``text`` as a Markdown link to the JSON paths (in order, one per number in ``text``) of
+    benchmarks/results/RECORD.json that hold its numbers: the form in which tests/test_docs.py
+    checks every figure of the README (``base=""``) and of docs/ (the default)."""
+    return f"[{text}]({base}benchmarks/results/{record}.json#{','.join(paths)})"
 
 
 def write_grid(name: str, rows: list[np.ndarray], columns: int = 10) -> Path:

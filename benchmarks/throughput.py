@@ -32,7 +32,6 @@ import datetime
 import json
 import multiprocessing
 import os
-import platform
 import resource
 import shlex
 import statistics
@@ -48,6 +47,7 @@ from thermodiff.config import Config
 from thermodiff.convnet import build_conv_net
 from thermodiff.gaussian import GaussianDiffusion
 from thermodiff.image_data import to_unit_float
+from thermodiff.machine import machine as this_process_machine
 from thermodiff.schedules import make_schedule
 from thermodiff.training import autocast
 from thermodiff.unet import build_unet
@@ -130,9 +130,7 @@ def measure(preset: str, mode: str, device: str, batch_size: int, T: int, warmup
 
 
 def machine(device: torch.device, threads: int) -> dict:
-    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "python": platform.python_version(), "cpu_count": os.cpu_count(),
-            "cpu_affinity": len(os.sched_getaffinity(0)), "torch": torch.__version__, "threads": threads}
+    info = this_process_machine() | {"cpu_affinity": len(os.sched_getaffinity(0)), "threads": threads}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info |= {"gpu": props.name, "gpu_memory_gib": props.total_memory / 2**30, "cuda": torch.version.cuda,

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from thermodiff import image_data
+from thermodiff.data import load_array
 from thermodiff.errors import UserError
 from thermodiff.image_data import (
     DATASETS,
@@ -31,7 +32,6 @@ from thermodiff.image_data import (
     from_unit_float,
     load_cifar10,
     load_grey_image,
-    load_image_array,
     load_image_folder,
     load_mnist,
     md5_of,
@@ -724,7 +724,8 @@ def test_load_image_folder_errors(tmp_path):
         load_image_folder(sizes, size=4)
 
 
-def test_load_image_array_layouts_and_scales(tmp_path):
+def test_image_arrays_layouts_and_scales(tmp_path):
+    """Image stacks in .npy / .npz files (``train images --data``) by the rules of validate_images."""
     rng = np.random.default_rng(0)
     v = rng.integers(0, 256, (4, 3, 5, 6), dtype=np.uint8)
     cases = {
@@ -736,40 +737,39 @@ def test_load_image_array_layouts_and_scales(tmp_path):
     }
     for name, arr in cases.items():
         np.save(tmp_path / name, arr)
-        np.testing.assert_array_equal(load_image_array(tmp_path / name), v, err_msg=name)
+        np.testing.assert_array_equal(load_array(tmp_path / name, images=True), v, err_msg=name)
     np.save(tmp_path / "nhw.npy", v[:, 0])
-    np.testing.assert_array_equal(load_image_array(tmp_path / "nhw.npy"), v[:, :1])
+    np.testing.assert_array_equal(load_array(tmp_path / "nhw.npy", images=True), v[:, :1])
     np.savez(tmp_path / "two.npz", images=v, other=np.zeros(3))
-    np.testing.assert_array_equal(load_image_array(tmp_path / "two.npz", key="images"), v)
+    np.testing.assert_array_equal(load_array(tmp_path / "two.npz", "images", images=True), v)
     with pytest.raises(UserError, match="name one"):
-        load_image_array(tmp_path / "two.npz")
+        load_array(tmp_path / "two.npz", images=True)
     with pytest.raises(UserError, match="no array"):
-        load_image_array(tmp_path / "two.npz", key="nope")
+        load_array(tmp_path / "two.npz", "nope", images=True)
     # the documented tie-break: axis 1 of size 1 or 3 means channel-first
     amb = rng.integers(0, 256, (2, 3, 7, 3), dtype=np.uint8)
     np.save(tmp_path / "amb.npy", amb)
-    np.testing.assert_array_equal(load_image_array(tmp_path / "amb.npy"), amb)
+    np.testing.assert_array_equal(load_array(tmp_path / "amb.npy", images=True), amb)
 
 
-def test_load_image_array_errors(tmp_path):
+def test_image_array_errors(tmp_path):
     bad = {
         "neg.npy": -np.ones((2, 4, 4)),
         "big.npy": np.full((2, 4, 4), 300.0),
         "nan.npy": np.full((2, 4, 4), np.nan),
-        "shape.npy": np.zeros((4, 4)),
         "chan.npy": np.zeros((2, 4, 5, 6)),
         "objects.npy": np.array([{"a": 1}, None], dtype=object),
     }
     for name, arr in bad.items():
         np.save(tmp_path / name, arr, allow_pickle=True)
         with pytest.raises(UserError) as e:
-            load_image_array(tmp_path / name)
+            load_array(tmp_path / name, images=True)
         assert name in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(UserError, match="no such file"):
-        load_image_array(tmp_path / "missing.npy")
-    (tmp_path / "x.csv").write_text("1,2")
+        load_array(tmp_path / "missing.npy", images=True)
+    (tmp_path / "x.txt").write_text("1,2")
     with pytest.raises(UserError, match="unsupported"):
-        load_image_array(tmp_path / "x.csv")
+        load_array(tmp_path / "x.txt", images=True)
 
 
 # --------------------------------------------------------------------------- dequantisation

@@ -10,12 +10,11 @@
 4. non-finite losses are skipped, counted and stop training after train.max_nonfinite in a row;
    gradient clipping bounds the gradient norm; the bound is accumulated in float64.
 
-The fuzzing of the loaders and the config parser is in test_fuzz.py; the kills reuse the soak
-benchmark's machinery (benchmarks/soak.py), which runs the same check with 30+ kills."""
+The fuzzing of the loaders and the config parser is in test_fuzz.py; the kills use
+thermodiff.interruption, which benchmarks/soak.py runs with 30+ kills."""
 
 import dataclasses
 import hashlib
-import importlib.util
 import io
 import itertools
 import json
@@ -36,23 +35,11 @@ from safetensors.torch import save as save_safetensors
 
 from conftest import CliResult, TINY_TOML, assert_one_line_error, write_tiny_config
 from test_image_data import write_cifar_bin, write_mnist
-from thermodiff import training
+from thermodiff import interruption, training
 from thermodiff.bound import exact_bound
 from thermodiff.checkpoint import FORMAT, FORMAT_VERSION, load_checkpoint, save_checkpoint, umask
 from thermodiff.config import Config, load_config
 from thermodiff.image_data import DATASETS, md5_of
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _import_soak():
-    spec = importlib.util.spec_from_file_location("soak", ROOT / "benchmarks" / "soak.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-soak = _import_soak()
 
 
 # --------------------------------------------------------------------------- 1. SIGKILL and --resume
@@ -63,7 +50,7 @@ def test_sigkill_at_random_moments_then_resume_ends_bit_for_bit(tmp_path, nproc,
     """Weights, optimiser, RNG, EMA, the checkpoint record and the metrics (all but wall-clock
     times) equal an uninterrupted run's; after every kill the checkpoint loads, never goes back,
     and is at most checkpoint_every steps behind the metrics (asserted in run_with_kills)."""
-    result = soak.soak(tmp_path, nproc, kills, steps, checkpoint_every=7, seed=seed)
+    result = interruption.soak(tmp_path, nproc, kills, steps, checkpoint_every=7, seed=seed)
     assert result["kills"] == kills and result["kills_during_training"] >= 1, result["kill_log"]
     assert result["differences"] == [], result
     assert not list((tmp_path / "killed").glob(".*.tmp")), "a resume leaves no temporary files behind"
@@ -91,22 +78,22 @@ STALL_IN_RENAME = textwrap.dedent("""
 
 
 def test_kill_during_a_checkpoint_write_keeps_the_previous_checkpoint(tmp_path):
-    config = soak.write_config(tmp_path, steps=30)
-    soak.run_uninterrupted(config, tmp_path / "uninterrupted", 1, tmp_path / "uninterrupted.log")
+    config = interruption.write_config(tmp_path, steps=30)
+    interruption.run_uninterrupted(config, tmp_path / "uninterrupted", 1, tmp_path / "uninterrupted.log")
     script, log, run = tmp_path / "stall.py", tmp_path / "stall.log", tmp_path / "killed"
     script.write_text(STALL_IN_RENAME)
-    proc = soak.launch([sys.executable, str(script), *soak.train_argv(config, run, 1, resume=False)[3:]], log)
+    proc = interruption.launch([sys.executable, str(script), *interruption.train_argv(config, run, 1, resume=False)[3:]], log)
     deadline = time.monotonic() + 120
     while "stalled" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     assert proc.poll() is None, log.read_text()
-    soak.kill_tree(proc)
+    interruption.kill_tree(proc)
     assert load_checkpoint(run / "checkpoint.safetensors")[1]["step"] == 7  # the previous one, intact
     [partial] = run.glob(".checkpoint.safetensors.*.tmp")
     assert load_checkpoint(partial)[1]["step"] == 14  # the new one was complete, just not yet in place
-    assert soak.launch(soak.train_argv(config, run, 1, resume=True), log).wait() == 0, log.read_text()
+    assert interruption.launch(interruption.train_argv(config, run, 1, resume=True), log).wait() == 0, log.read_text()
     assert not partial.exists()
-    assert soak.differences(soak.final_state(tmp_path / "uninterrupted"), soak.final_state(run)) == []
+    assert interruption.differences(interruption.final_state(tmp_path / "uninterrupted"), interruption.final_state(run)) == []
 
 
 def test_a_new_run_directory_appears_with_its_first_checkpoint(tiny_config, cli, tmp_path, monkeypatch):

@@ -1,9 +1,6 @@
 """Evaluate a trained run: the exact bound K on held-out data, in the units the paper reports,
 with how it was measured."""
 
-import os
-import platform
-
 import torch
 from tqdm import tqdm
 
@@ -12,12 +9,9 @@ from thermodiff.bound import exact_bound, standard_error
 from thermodiff.config import AUTO
 from thermodiff.experiment import Run, dequantizes, paper_row
 from thermodiff.gaussian import GaussianParameterization
+from thermodiff.machine import hardware
 from thermodiff.respace import respaced_process
 from thermodiff.tensors import LN2
-
-
-def hardware() -> str:
-    return f"{platform.machine()} CPU ({os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads)"
 
 
 def bound_report(dataset, per_example: torch.Tensor, null: torch.Tensor, discrete: bool = False) -> dict:

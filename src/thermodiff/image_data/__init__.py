@@ -12,14 +12,13 @@ Models see pixels through :func:`to_unit_float` (uniform dequantisation onto [0,
 
 - ``official``: MNIST and CIFAR-10 files, md5 checks, downloads, safe extraction, unpickling.
 - ``generated``: dead leaves.
-- ``files``: image files, folders and arrays, texture crops.
-- ``pixels``: dequantisation and bits per dimension.
+- ``files``: image files and folders, texture crops, checks of image arrays.
+- ``pixels``: dequantisation, its log-Jacobian and PSNR.
 """
 
 from thermodiff.image_data.files import (
     load_grey_image,
     load_image,
-    load_image_array,
     load_image_folder,
     texture_crops,
     validate_images,
@@ -55,7 +54,6 @@ __all__ = [
     "load_cifar10",
     "load_grey_image",
     "load_image",
-    "load_image_array",
     "load_image_folder",
     "load_mnist",
     "md5_of",

@@ -131,9 +131,8 @@ def load_image_folder(path: str | Path, size: int | tuple[int, int] | None = Non
     return np.stack(arrays)
 
 
-def load_image_array(path: str | Path, key: str | None = None) -> np.ndarray:
-    """Images from a ``.npy`` or ``.npz`` (``key`` picks the array) file as uint8 (N, C, H, W).
-    Never unpickles.
+def validate_images(x: np.ndarray, name: str) -> np.ndarray:
+    """Check an image array (``name`` for messages) and bring it to uint8 (N, C, H, W).
 
     Shapes: (N, H, W) is grey; a 4-D array is channel-first (N, C, H, W) when its axis 1 has
     size 1 or 3, otherwise channel-last (N, H, W, C) when its last axis has size 1 or 3 (so an
@@ -141,36 +140,6 @@ def load_image_array(path: str | Path, key: str | None = None) -> np.ndarray:
     values in 0..255; float arrays whose maximum is at most 1 are on [0, 1] (multiplied by 255),
     other float arrays on [0, 255]; floats are rounded to the nearest of the 256 levels; bool
     arrays map to 0 and 255."""
-    path = Path(path)
-    if not path.is_file():
-        what = "no such file" if not path.exists() else "is a folder, expected a .npy or .npz file"
-        raise UserError(f"{path}: {what}")
-    suffix = path.suffix.lower()
-    if suffix not in (".npy", ".npz"):
-        raise UserError(f"{path}: unsupported format {suffix or '(none)'}; use .npy or .npz")
-    try:
-        with open(path, "rb") as f:
-            loaded = np.load(f, allow_pickle=False)
-            if isinstance(loaded, np.lib.npyio.NpzFile):
-                with loaded:
-                    keys = list(loaded.keys())
-                    if key is None and len(keys) != 1:
-                        raise UserError(f"{path}: holds arrays {keys}; name one with a key")
-                    key = keys[0] if key is None else key
-                    if key not in keys:
-                        raise UserError(f"{path}: has no array {key!r} (it holds {keys})")
-                    x = loaded[key]
-            else:
-                x = loaded
-    except UserError:
-        raise
-    except Exception as e:  # untrusted bytes: numpy's parsers fail in many ways (tokenize, ast, zip, ...)
-        raise UserError(f"{path}: cannot be read as {suffix[1:]} ({first_line(e)})") from None
-    return validate_images(x, str(path))
-
-
-def validate_images(x: np.ndarray, name: str) -> np.ndarray:
-    """Check an image array and bring it to uint8 (N, C, H, W) by the rules of :func:`load_image_array`."""
     if not isinstance(x, np.ndarray) or not (np.issubdtype(x.dtype, np.number) or x.dtype == bool) \
             or np.iscomplexobj(x):
         raise UserError(f"{name}: expected a numeric image array, got {getattr(x, 'dtype', type(x).__name__)}")

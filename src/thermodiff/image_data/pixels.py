@@ -1,5 +1,5 @@
 """Dequantisation: uint8 pixels to and from the unit scale the models see, the log-Jacobian of
-that map, and bits per dimension."""
+that map (which turns a log-density on the unit scale into one per grey level), and PSNR."""
 
 import math
 
