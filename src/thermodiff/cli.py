@@ -8,6 +8,7 @@ import math
 import os
 import sys
 import time
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from thermodiff import reports
 from thermodiff.checkpoint import atomic_write_bytes, atomic_write_text
 from thermodiff.conditioning import (DENOISE_METHODS, KNOWN_VALUES, as_examples, denoise, denoise_mean, inpaint,
                                      inpainting_mask)
-from thermodiff.config import RANGES, load_config
+from thermodiff.config import RANGES, ScheduleName, load_config
 from thermodiff.data import load_npy
 from thermodiff.errors import UserError
 from thermodiff.evaluation import evaluate
@@ -322,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "like --steps, a new total for --resume)")
         p.add_argument("--T", type=int, help="diffusion steps (diffusion.T)")
         p.add_argument("--seed", type=int, help="seed for data, split, init and noise")
-        p.add_argument("--schedule", help="reference | learned | linear | cosine | erase")
+        p.add_argument("--schedule", help=" | ".join(typing.get_args(ScheduleName)))
         p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
         p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.lr=3e-4")

@@ -1,6 +1,6 @@
 """Experiment configuration: one TOML file per experiment (``configs/NAME.toml``), sections
-matching the dataclasses below; command-line flags override single keys. Unknown or
-ill-typed keys are errors that name the file and the key."""
+matching the dataclasses below; command-line flags override single keys. Unknown keys,
+ill-typed values and values outside an option's set are errors that name the file and the key."""
 
 import dataclasses
 import math
@@ -142,8 +142,8 @@ _NON_NEGATIVE = (lambda v: 0 <= v < math.inf), "be >= 0 and finite"
 _PROBABILITY = (lambda v: v is None or 0 < v < 1), "lie in (0, 1)"  # NaN fails every comparison
 
 # The range of every numeric key, checked whenever a Config is built or trained, so that a bad
-# value is a one-line error before any work (names, kinds and their combinations are checked
-# where they are used).
+# value is a one-line error before any work (combinations of values, such as a parameterisation
+# of another process or a preset of another network, are checked where they are used).
 RANGES = {
     "seed": ((lambda v: 0 <= v < 2**32), "lie in 0 .. 2**32 - 1"),
     "data.n": _at_least(0),
