@@ -18,8 +18,13 @@ from PIL import Image
 
 from conftest import (TINY_MAX_EXAMPLES, TINY_N, TINY_SEED, TINY_STEPS, TINY_TEST_FRACTION, TINY_TOML,
                       assert_one_line_error, write_tiny_config)
+from thermodiff import reports
 from thermodiff.checkpoint import load_checkpoint
+from thermodiff.conditioning import inpainting_mask
 from thermodiff.data import split, swiss_roll
+from thermodiff.errors import UserError
+from thermodiff.experiment import load_run
+from thermodiff.sampling import sample_in_batches
 
 LOG2_2PI = math.log2(2 * math.pi)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -137,6 +142,30 @@ def test_sample(trained_run, cli, tmp_path):
     other = tmp_path / "other.npy"
     assert cli("sample", trained_run["run_dir"], "-n", "50", "--out", other, "--seed", "1").rc == 0
     assert not np.array_equal(np.load(other), x)
+
+
+def test_sample_writes_what_the_librarys_batched_sampler_draws(trained_run, cli, tmp_path):
+    out = tmp_path / "x.npy"
+    assert cli("sample", trained_run["run_dir"], "-n", "7", "--batch-size", "3", "--out", out, "--quiet").rc == 0
+    run = load_run(trained_run["run_dir"])
+    batches = sample_in_batches(run.diffusion, run.model, 7, run.dataset.event_shape, 3, torch.Generator().manual_seed(0))
+    np.testing.assert_array_equal(np.load(out), np.concatenate([run.dataset.from_model(x) for x in batches]))
+
+
+def test_text_reports_are_the_librarys(copy_run, cli):
+    run = copy_run()
+    r = cli("evaluate", run, "--quiet")
+    assert r.rc == 0, r
+    assert r.out == reports.describe_evaluation(json.loads((run / "evaluation.json").read_text())) + "\n"
+
+
+def test_inpainting_mask_of_one_example_covers_every_input(trained_run):
+    run = load_run(trained_run["run_dir"])
+    values = np.zeros((3, 2))
+    mask = inpainting_mask(run, values, np.array([1.0, 0.0]))
+    assert mask.shape == (3, 2) and mask.dtype == bool and mask[:, 0].all() and not mask[:, 1].any()
+    with pytest.raises(UserError, match="m.npy: marks no known values"):
+        inpainting_mask(run, values, np.zeros(2), mask_name="m.npy")
 
 
 def test_sample_refuses_an_existing_out_without_overwrite(trained_run, cli, tmp_path):

@@ -1,12 +1,20 @@
 """Config files: the packaged experiments, strict keys and types, --set overrides, lookup by
 name, and errors that name the file and the key."""
 
+import typing
 from pathlib import Path
 
 import pytest
 
+from thermodiff import config, vdm
+from thermodiff.binomial import BinomialParameterization
+from thermodiff.bound import TrainingLoss
 from thermodiff.config import CONFIG_DIR, Config, find_config, load_config, parse_override
 from thermodiff.errors import UserError
+from thermodiff.experiment import IMAGE_NETWORKS
+from thermodiff.gaussian import Decoder, FixedVariance, GaussianParameterization
+from thermodiff.networks import ACTIVATIONS, Readout
+from thermodiff.schedules import ScheduleKind
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -53,6 +61,11 @@ def test_repository_configs_match_the_packaged_ones(name):
     """configs/NAME.toml (what the README points at) and the copy inside the package (what
     `thermodiff train NAME` reads) must not drift apart."""
     assert (REPO_CONFIGS / f"{name}.toml").read_text() == (CONFIG_DIR / f"{name}.toml").read_text()
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.rglob("*.toml")), ids=lambda p: p.relative_to(CONFIG_DIR).as_posix())
+def test_every_packaged_config_loads(path):
+    assert load_config(str(path)).name
 
 
 def test_config_by_path_defaults_and_name(tmp_path):
@@ -105,6 +118,54 @@ def test_ill_typed_values_are_refused(tmp_path, text, key):
     with pytest.raises(UserError) as e:
         load_config(str(path))
     assert key in str(e.value) and str(path) in str(e.value)
+
+
+def values(enum) -> set[str]:
+    return {member.value for member in enum}
+
+
+@pytest.mark.parametrize("options, library", [
+    (config.ScheduleName, values(ScheduleKind)),
+    (config.ParameterizationName, values(GaussianParameterization) | values(BinomialParameterization)
+     | values(vdm.Parameterization)),
+    (config.VarianceName, values(FixedVariance)),
+    (config.DecoderName, values(Decoder)),
+    (config.ScheduleGradientName, values(vdm.ScheduleGradient)),
+    (config.ActivationName, set(ACTIVATIONS)),
+    (config.ReadoutName, values(Readout)),
+    (config.LossName, values(TrainingLoss)),
+], ids=["schedule", "parameterization", "eps_variance", "decoder", "schedule_gradient", "activation", "readout", "loss"])
+def test_option_sets_are_the_librarys(options, library):
+    """Each config option with a fixed set of values lists exactly what the library builds."""
+    assert set(typing.get_args(options)) == library
+
+
+def test_image_networks_are_network_names():
+    assert set(IMAGE_NETWORKS) <= set(typing.get_args(config.NetworkName))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.precision=fp8", "train.precision: expected 'fp32' or 'bf16' or 'fp16', got 'fp8'"),
+    ("diffusion.kind=vae", "diffusion.kind: expected 'gaussian' or 'binomial' or 'vdm' or 'auto', got 'vae'"),
+    ("diffusion.eps_variance=small", "diffusion.eps_variance: expected 'beta_tilde' or 'beta' or none, got 'small'"),
+    ("baseline.kind=gan", "baseline.kind: expected '' or 'vae' or 'dae', got 'gan'"),
+    ("model.activation=gelu", "model.activation: expected 'sigmoid' or 'tanh' or 'relu'"),
+])
+def test_a_value_outside_its_set_is_refused_at_load_naming_key_and_values(override, message):
+    with pytest.raises(UserError) as e:
+        load_config("swissroll", [override])
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("section, key, value", [("train", "optimizer", "sgd"), ("train", "lr_schedule", "linear"),
+                                                 ("train", "t_sampler", "random"), ("data", "scaling", "minmax"),
+                                                 ("model", "readout", None)])
+def test_validate_checks_the_sets_of_a_config_built_in_code(section, key, value):
+    cfg = Config()
+    cfg.validate()
+    setattr(getattr(cfg, section), key, value)
+    with pytest.raises(UserError, match=f"{section}.{key}: expected .*, got {value!r}"):
+        cfg.validate()
 
 
 def test_int_is_accepted_where_float_is_expected(tmp_path):

@@ -4,13 +4,14 @@ the dense pathway, initialisation, presets and their parameter counts."""
 
 import math
 import pickle
+from dataclasses import asdict
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from thermodiff.convnet import (PRESETS, ConvReverseNet, MultiScaleConv, auto_n_scales, build_conv_net,
+from thermodiff.convnet import (PRESETS, ConvNetOptions, ConvReverseNet, MultiScaleConv, auto_n_scales, build_conv_net,
                                 preset_kwargs)
 
 
@@ -376,6 +377,15 @@ def test_without_the_dense_pathway_any_divisible_size_is_taken():
     torch.testing.assert_close(inner[..., 2:6, 2:6], z[..., 6:10, 10:14])
     with pytest.raises(ValueError, match="divisible by 2"):
         build_conv_net("small", 1, 8, 2, 10, dense_hidden=0)(images(1, 1, 12)[..., :9, :], t)
+
+
+def test_the_defaults_are_the_reference_codes_and_config_holds_them_resolved():
+    assert preset_kwargs("reference_mnist") == asdict(ConvNetOptions())
+    net = ConvReverseNet(1, 8, 2, 10, n_scales="auto", dense_hidden=0)
+    resolved = asdict(ConvNetOptions(n_scales=2, dense_hidden=0, dense_out_per_pixel=0))
+    assert net.config == dict(channels=1, size=8, outputs_per_dim=2, T=10, **resolved)
+    with pytest.raises(TypeError):
+        ConvReverseNet(1, 8, 2, 10, n_hidden_conv=5)
 
 
 def test_config_rebuilds_the_network_and_pickles():

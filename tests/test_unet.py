@@ -12,7 +12,7 @@ import torch
 from conftest import write_tiny_images
 from thermodiff.cli import main
 from thermodiff.networks import timestep_embedding
-from thermodiff.unet import UNET_PRESETS, UNet, build_unet
+from thermodiff.unet import UNET_PRESETS, UNet, UNetOptions, build_unet
 
 
 def randomise_readout(net: UNet) -> None:
@@ -91,6 +91,15 @@ def test_images_its_pooling_does_not_divide_are_refused():
 def test_presets_build():
     for name in UNET_PRESETS:
         assert isinstance(build_unet(name, 3, 32, 2, 1000), UNet)
+
+
+def test_config_holds_every_option_and_rebuilds_the_network():
+    net = build_unet("small", 1, 8, 2, 10, dropout=0.1)
+    assert net.config == dict(channels=1, size=8, outputs_per_dim=2, T=10, base_channels=16, channel_mults=[1, 2],
+                              blocks_per_level=1, dropout=0.1, groups=8)
+    assert UNET_PRESETS["cpu"] == UNetOptions()
+    again = UNet(**net.config)
+    again.load_state_dict(net.state_dict())
 
 
 @pytest.fixture(scope="module")

@@ -8,37 +8,35 @@ import math
 import os
 import sys
 import time
+import typing
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from thermodiff import reports
 from thermodiff.checkpoint import atomic_write_bytes, atomic_write_text
-from thermodiff.config import RANGES, load_config
+from thermodiff.conditioning import (DENOISE_METHODS, KNOWN_VALUES, as_examples, denoise, denoise_mean, inpaint,
+                                     inpainting_mask)
+from thermodiff.config import RANGES, ScheduleName, load_config
 from thermodiff.data import load_npy
 from thermodiff.errors import UserError
 from thermodiff.evaluation import evaluate
 from thermodiff.experiment import PAPER_RESULTS, load_run, paper_row
 from thermodiff.parzen import parzen_evaluate
 from thermodiff.respace import respaced_process
-from thermodiff.sampling import ancestral_sample
+from thermodiff.sampling import sample_in_batches
 from thermodiff.training import train
 
 
-def _finite(obj):
-    """NaN and infinities become null, so the output is strict JSON."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite(v) for v in obj]
-    return obj
-
-
 def _emit(args, result: dict, text: str) -> None:
-    print(json.dumps(_finite(result), indent=2, allow_nan=False) if args.json else text)
+    print(reports.to_json(result) if args.json else text)
+
+
+def _write_npy(path: Path, array: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _overrides(args) -> list[str]:
@@ -69,12 +67,8 @@ def _train(args) -> dict:
 
 
 def cmd_train(args) -> None:
-    s = _train(args)
-    best = s["best"]
-    kept = (f"; best validation K {best['K_bits']:.3f} +- {best['stderr_bits']:.3f} bits per example at step "
-            f"{best['step']} (best.safetensors)" if best else "")
-    _emit(args, s, f"trained {s['steps']} steps in {s['wall_s']:.1f} s -> {s['run_dir']} "
-                   f"(running K estimate {s['K_bits_running']:.3f} bits per example{kept})")
+    summary = _train(args)
+    _emit(args, summary, reports.describe_training(summary))
 
 
 def _evaluate(run_dir: str, args, data: str | None = None) -> dict:
@@ -95,69 +89,16 @@ def _evaluate(run_dir: str, args, data: str | None = None) -> dict:
                       split_name="test" if data is None else str(data), respace_to=respace_to,
                       t_samples=0 if exact else args.t_samples, per_example=per_example is not None)
     if per_example is not None:
-        bits = result.pop("per_example_original_units_bits")
-        buffer = io.BytesIO()
-        np.save(buffer, np.asarray(bits))
-        atomic_write_bytes(Path(per_example), buffer.getvalue())
+        _write_npy(Path(per_example), np.asarray(result.pop("per_example_original_units_bits")))
         result["per_example_file"] = str(per_example)
     if data is None and respace_to is None:  # evaluation.json is the full chain's
-        atomic_write_text(Path(run_dir) / "evaluation.json", json.dumps(_finite(result), indent=2, allow_nan=False) + "\n")
+        atomic_write_text(Path(run_dir) / "evaluation.json", reports.to_json(result) + "\n")
     return result
 
 
-# (label, key, its standard error's key) of the figures compared with the paper's
-COMPARED = [("K", "K_bits", "stderr_bits"), ("K - L_null", "K_minus_L_null_bits", "K_minus_L_null_stderr_bits"),
-            ("K", "K_bits_per_pixel", "stderr_bits_per_pixel"),
-            ("K - L_null", "K_minus_L_null_bits_per_pixel", "K_minus_L_null_stderr_bits_per_pixel")]
-
-
-def _describe_baseline(r: dict) -> str:
-    head = f"{r['experiment']} ({r['model']} baseline, {r['split']} split, {r['n_examples']} examples, step {r['train_steps']})"
-    if r["model"] == "dae":
-        psnr = (lambda name: f" (PSNR {r[f'{name}_psnr_db']:.2f} dB)" if f"{name}_psnr_db" in r else "")
-        return "\n".join([head, f"  denoised output: MSE {r['output_mse']:.4g} +- {r['output_mse_stderr']:.2g}{psnr('output')}",
-                          f"  noisy input:     MSE {r['noisy_input_mse']:.4g} +- {r['noisy_input_mse_stderr']:.2g}"
-                          f"{psnr('noisy_input')} (noise std {r['noise_std']} of the scaled data)"])
-    lines = [head, f"  ELBO           = {r['K_bits']:.4f} +- {r['stderr_bits']:.4f} {r['unit']} ({r['K_bits_per_dim']:.4f} bits/dim, "
-                   f"{r['n_draws']} draws of z)",
-             f"  importance-weighted ({r['n_importance']}) = {r['K_iw_bits']:.4f} +- {r['K_iw_stderr_bits']:.4f} {r['unit']}",
-             f"  ELBO - L_null  = {r['K_minus_L_null_bits']:.4f} +- {r['K_minus_L_null_stderr_bits']:.4f} {r['unit']}"]
-    if r.get("nll_bits_per_dim") is not None:
-        lines.append(f"  NLL bound of the 8-bit data ({r['nll_bound']}) = {r['nll_bits_per_dim']:.4f} bits/dim")
-    return "\n".join(lines)
-
-
-def _describe(r: dict) -> str:
-    if "model" in r:
-        return _describe_baseline(r)
-    respaced = f" respaced from {r['T_trained']}" if "T_trained" in r else ""
-    lines = [f"{r['experiment']} ({r['split']} split, {r['n_examples']} of {r['n_test']} examples, {r['n_draws']} draws/t, "
-             f"T = {r['T']}{respaced}, {r['parameterization']} parameterisation, {r['schedule']} schedule, "
-             f"{r['checkpoint']} weights: step {r['train_steps']})",
-             f"  bound: {r['estimator']}",
-             f"  K              = {r['K_bits']:.4f} +- {r['stderr_bits']:.4f} {r['unit']} ({r['K_bits_per_dim']:.4f} bits/dim)",
-             f"  K - L_null     = {r['K_minus_L_null_bits']:.4f} +- {r['K_minus_L_null_stderr_bits']:.4f} {r['unit']}",
-             f"  K (orig units) = {r['K_original_units_bits']:.4f} {r['unit']}"]
-    if "continuous_time" in r:
-        c = r["continuous_time"]
-        lines.append(f"  K, continuous time = {c['K_bits']:.4f} +- {c['stderr_bits']:.4f} {r['unit']} ({c['n_draws']} draws of t)")
-    if "K_bits_per_pixel" in r:
-        lines.append(f"  per pixel: K = {r['K_bits_per_pixel']:.4f} +- {r['stderr_bits_per_pixel']:.4f}, "
-                     f"K - L_null = {r['K_minus_L_null_bits_per_pixel']:.4f} bits/pixel")
-    if r.get("nll_bits_per_dim") is not None:
-        lines.append(f"  NLL bound of the 8-bit data ({r['nll_bound']}) = {r['nll_bits_per_dim']:.4f} bits/dim")
-    for label, key, _ in COMPARED:
-        if key in r.get("paper", {}):
-            lines.append(f"  paper: {label} = {r['paper'][key]} ({key})")
-    if r.get("auto_choices"):
-        lines.append("  chosen from the training data:")
-        lines += [f"    {key} = {why}" for key, why in r["auto_choices"].items()]
-    return "\n".join(lines)
-
-
 def cmd_evaluate(args) -> None:
-    r = _evaluate(args.run_dir, args, args.data)
-    _emit(args, r, _describe(r))
+    result = _evaluate(args.run_dir, args, args.data)
+    _emit(args, result, reports.describe_evaluation(result))
 
 
 def _refuse_existing(path: Path, overwrite: bool) -> None:
@@ -179,25 +120,17 @@ def cmd_sample(args) -> None:
     if out.suffix == ".png" and not run.dataset.is_image:
         raise UserError(f"--out {out}: a .png grid needs an image model; write .npy for vector data")
     diffusion = respaced_process(run.diffusion, args.respace)
-    generator = torch.Generator().manual_seed(args.seed)
-    batches = [min(args.batch_size, args.n - i) for i in range(0, args.n, args.batch_size)]
-    parts = []
     start = time.perf_counter()
-    with tqdm(total=len(batches) * diffusion.T, desc="sample", unit="t", disable=args.quiet, mininterval=1.0) as bar:
-        for size in batches:
-            x = ancestral_sample(diffusion, run.model, (size, *run.dataset.event_shape), generator,
-                                 callback=lambda t, x: bar.update(1) if t > 0 else None)
-            parts.append(run.dataset.from_model(x))
+    batches = sample_in_batches(diffusion, run.model, args.n, run.dataset.event_shape, args.batch_size,
+                                torch.Generator().manual_seed(args.seed), progress=not args.quiet)
+    samples = np.concatenate([run.dataset.from_model(x) for x in batches])
     wall = time.perf_counter() - start
-    samples = np.concatenate(parts)
     if out.suffix == ".png":
         from thermodiff.plotting import image_grid_png
 
         atomic_write_bytes(out, image_grid_png(samples))
     else:
-        buffer = io.BytesIO()
-        np.save(buffer, samples)
-        atomic_write_bytes(out, buffer.getvalue())
+        _write_npy(out, samples)
     _emit(args, {"out": str(out), "n": args.n, "shape": list(samples.shape), "units": "original", "steps": diffusion.T,
                  "sample_wall_s": round(wall, 3)},
           f"wrote {args.n} samples (original units, {diffusion.T} steps, {wall:.1f} s) to {out}")
@@ -235,15 +168,10 @@ def cmd_plot(args) -> None:
 
 
 def cmd_parzen(args) -> None:
-    r = parzen_evaluate(load_run(args.run_dir), args.samples, args.valid, args.max_test, seed=args.seed,
-                        progress=not args.quiet)
-    atomic_write_text(Path(args.run_dir) / "parzen.json", json.dumps(_finite(r), indent=2, allow_nan=False) + "\n")
-    paper = f"; paper {r['paper']['parzen_bits']} bits" if "paper" in r else ""
-    edge = " (on the grid's edge)" if r["sigma_on_grid_edge"] else ""
-    _emit(args, r, f"{r['experiment']}: Parzen-window log-likelihood of {r['n_test']} test images = "
-                   f"{r['parzen_bits']:.2f} +- {r['parzen_stderr_bits']:.2f} bits ({r['parzen_nats']:.2f} nats){paper}\n"
-                   f"  sigma = {r['sigma']:.4g}{edge}, chosen on {r['n_valid']} validation images; "
-                   f"{r['n_samples']} samples (step {r['train_steps']})")
+    result = parzen_evaluate(load_run(args.run_dir), args.samples, args.valid, args.max_test, seed=args.seed,
+                             progress=not args.quiet)
+    atomic_write_text(Path(args.run_dir) / "parzen.json", reports.to_json(result) + "\n")
+    _emit(args, result, reports.describe_parzen(result))
 
 
 def cmd_reproduce(args) -> None:
@@ -253,19 +181,8 @@ def cmd_reproduce(args) -> None:
     summary = _train(args)
     result = _evaluate(summary["run_dir"], args)
     files = _plot(summary["run_dir"], None, args.quiet, args.overwrite)
-    rows = []
-    for label, key, err in COMPARED:
-        if key in result.get("paper", {}):
-            unit = "bits/pixel" if key.endswith("per_pixel") else result["unit"]
-            rows.append(f"  {f'{label} [{unit}]':28}{result[key]:>10.3f} +- {result[err]:<8.3f}{result['paper'][key]:>10}")
-    table = "\n".join([
-        _describe(result),
-        "",
-        f"  {'':28}{'thermodiff':>21}{'paper':>9}",
-        *rows,
-        f"  trained {summary['steps']} steps in {summary['wall_s']:.0f} s; figures: {', '.join(files)}",
-    ])
-    _emit(args, {"train": summary, "evaluation": result, "figures": files}, table)
+    _emit(args, {"train": summary, "evaluation": result, "figures": files},
+          reports.describe_reproduction(summary, result, files))
 
 
 def cmd_compare(args) -> None:
@@ -333,8 +250,6 @@ def _posterior_out(args, default_suffix: str) -> Path:
 
 
 def cmd_denoise(args) -> None:
-    from thermodiff.conditioning import as_examples, denoise, denoise_mean
-
     out = _posterior_out(args, "_denoised.npz")
     run = load_run(args.run_dir)
     noisy = as_examples(_read_input(args.input, run, "--input"), run, args.input)
@@ -348,24 +263,11 @@ def cmd_denoise(args) -> None:
 
 
 def cmd_inpaint(args) -> None:
-    from thermodiff.conditioning import as_examples, inpaint
-
     out = _posterior_out(args, "_inpainted.npz")
     run = load_run(args.run_dir)
     values = as_examples(_read_input(args.input, run, "--input"), run, args.input)
-    mask = _read_input(args.mask, run, "--mask")
-    if not np.isfinite(mask).all():
-        raise UserError(f"--mask {args.mask}: contains NaN or infinite values")
-    if mask.shape != values.shape[1:] and mask.shape != values.shape:
-        raise UserError(f"--mask {args.mask}: shape {mask.shape} does not match the input's {values.shape[1:]}")
-    mask = np.broadcast_to(mask, values.shape) != 0
-    if not mask.any():
-        raise UserError(f"--mask {args.mask}: marks no known values (nonzero = known)")
-    known = values[mask]
-    if run.dataset.is_image and ((known < 0) | (known > 255) | (known != np.rint(known))).any():
-        raise UserError(f"--input {args.input}: known pixels must be integers in 0..255")
-    if run.diffusion.binary and not np.isin(known, (0, 1)).all():
-        raise UserError(f"--input {args.input}: known values must be 0 or 1 for a binomial run")
+    mask = inpainting_mask(run, values, _read_input(args.mask, run, "--mask"), f"--mask {args.mask}",
+                           f"--input {args.input}")
     samples = inpaint(run, values, mask, args.n, args.seed, progress=not args.quiet, known=args.known)
     _write_posterior(out, values, samples, run)
     _emit(args, {"out": str(out), "inputs": len(values), "samples_per_input": args.n,
@@ -421,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "like --steps, a new total for --resume)")
         p.add_argument("--T", type=int, help="diffusion steps (diffusion.T)")
         p.add_argument("--seed", type=int, help="seed for data, split, init and noise")
-        p.add_argument("--schedule", help="reference | learned | linear | cosine | erase")
+        p.add_argument("--schedule", help=" | ".join(typing.get_args(ScheduleName)))
         p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
         p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.lr=3e-4")
@@ -471,12 +373,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--input", required=True, help="a .npy array (one example or a stack) or, for image runs, a .png")
         if name == "denoise":
             p.add_argument("--sigma", type=float, required=True, help="noise std in original units (pixel values 0..255)")
-            p.add_argument("--method", choices=["start", "product"], default="start",
+            p.add_argument("--method", choices=DENOISE_METHODS, default="start",
                            help="start the reverse chain from y at the step whose noise level matches sigma (exact "
                                 "under the model, default) or multiply every kernel by N(y; x, sigma^2) (the paper's)")
         else:
             p.add_argument("--mask", required=True, help="same shape as one example; nonzero = known")
-            p.add_argument("--known", choices=["clamp", "forward"], default="clamp",
+            p.add_argument("--known", choices=KNOWN_VALUES, default="clamp",
                            help="known values held at their values at every step (the paper's, default) or "
                                 "following a forward trajectory to them")
         p.add_argument("--out", help="FILE.npz (input, samples, mean, samples_mean) or FILE.png (grid: input, mean, "

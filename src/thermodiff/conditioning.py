@@ -111,13 +111,39 @@ def denoise_mean(run: Run, noisy: np.ndarray, sigma: float, draws: int = 4, seed
     return run.dataset.from_model(total / draws)
 
 
+#: How ``inpaint`` treats the known values: "clamp" holds them at their values at every step
+#: (paper Fig. 5); "forward" lets them follow a forward trajectory to their values (see
+#: :class:`~thermodiff.posterior.Clamp`).
+KNOWN_VALUES = ("clamp", "forward")
+
+
+def inpainting_mask(run: Run, values: np.ndarray, mask: np.ndarray, mask_name: str = "mask",
+                    values_name: str = "values") -> np.ndarray:
+    """``mask`` (nonzero = known; one example's shape or that of all ``values``) as booleans of
+    the shape of ``values`` (examples of ``run``, :func:`as_examples`), after checking it and the
+    known values: 8-bit pixels for an image run, 0 or 1 for a binomial one. Errors name the
+    mask and the values by ``mask_name`` and ``values_name``."""
+    if not np.isfinite(mask).all():
+        raise UserError(f"{mask_name}: contains NaN or infinite values")
+    if mask.shape != values.shape[1:] and mask.shape != values.shape:
+        raise UserError(f"{mask_name}: shape {mask.shape} does not match the input's {values.shape[1:]}")
+    mask = np.broadcast_to(mask, values.shape) != 0
+    if not mask.any():
+        raise UserError(f"{mask_name}: marks no known values (nonzero = known)")
+    known = values[mask]
+    if run.dataset.is_image and ((known < 0) | (known > 255) | (known != np.rint(known))).any():
+        raise UserError(f"{values_name}: known pixels must be integers in 0..255")
+    if run.diffusion.binary and not np.isin(known, (0, 1)).all():
+        raise UserError(f"{values_name}: known values must be 0 or 1 for a binomial run")
+    return mask
+
+
 def inpaint(run: Run, values: np.ndarray, mask: np.ndarray, n_samples: int, seed: int = 0, progress: bool = True,
             known: str = "clamp") -> np.ndarray:
-    """Samples with the entries where ``mask`` is true fixed to ``values`` and the rest drawn.
-    ``known = "clamp"`` holds them at their values at every step (paper Fig. 5); "forward" lets
-    them follow a forward trajectory to their values (see :class:`~thermodiff.posterior.Clamp`).
-    Known entries come back exactly as given."""
-    if known not in ("clamp", "forward"):
+    """Samples with the entries where ``mask`` (as :func:`inpainting_mask` returns it) is true
+    fixed to ``values`` and the rest drawn, the known ones treated as ``known`` says (see
+    :data:`KNOWN_VALUES`). Known entries come back exactly as given."""
+    if known not in KNOWN_VALUES:
         raise UserError(f"--known must be 'clamp' or 'forward', got {known!r}")
     if run.dataset.scaling.rotation is not None:
         raise UserError(f"run {run.path} whitens its data with a rotation (data.scaling = 'pca'), which mixes the "

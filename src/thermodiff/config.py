@@ -1,9 +1,8 @@
 """Experiment configuration: one TOML file per experiment (``configs/NAME.toml``), sections
-matching the dataclasses below; command-line flags override single keys. Unknown or
-ill-typed keys are errors that name the file and the key."""
+matching the dataclasses below; command-line flags override single keys. Unknown keys,
+ill-typed values and values outside an option's set are errors that name the file and the key."""
 
 import dataclasses
-import json
 import math
 import sys
 import types
@@ -27,6 +26,28 @@ AUTO = "auto"
 Auto = Literal["auto"]
 
 
+# The allowed values of every option with a fixed set of them, checked when a config is loaded
+# (and by :meth:`Config.validate` for one built in code); tests/test_config.py holds them equal to
+# the library's enums and tables. The parameterisations: gaussian reference | paper | eps |
+# eps_learned_var | eps_residual; binomial paper | forward_offset | x0; vdm eps.
+ScalingMode = Literal["global", "per_dimension", "pca", "none"]  # global: one scalar (the paper's); pca: whitening
+DiffusionKind = Literal["gaussian", "binomial", "vdm"]  # vdm: continuous time (vdm.py)
+ScheduleName = Literal["reference", "learned", "linear", "cosine", "erase", "log_snr"]  # schedules.ScheduleKind
+ParameterizationName = Literal["reference", "paper", "eps", "eps_learned_var", "eps_residual", "forward_offset", "x0"]
+VarianceName = Literal["beta_tilde", "beta"]  # gaussian.FixedVariance
+DecoderName = Literal["forward", "learned", "discretized"]  # gaussian.Decoder
+ScheduleGradientName = Literal["bound", "variance"]  # vdm.ScheduleGradient
+NetworkName = Literal["rbf", "mlp", "resmlp", "conv", "unet"]  # rbf, mlp, resmlp: vectors; conv, unet: images
+ActivationName = Literal["sigmoid", "tanh", "relu", "leaky_relu", "softplus", "silu"]  # networks.ACTIVATIONS
+ReadoutName = Literal["per_step", "bumps"]  # networks.Readout
+OptimizerName = Literal["adam", "rmsprop"]
+LrSchedule = Literal["step", "cosine"]
+Precision = Literal["fp32", "bf16", "fp16"]
+LossName = Literal["bound", "simple", "hybrid"]  # bound.TrainingLoss
+TSampler = Literal["uniform", "loss_aware"]
+BaselineKind = Literal["", "vae", "dae"]
+
+
 @dataclass
 class DataConfig:
     source: str = "swissroll"  # swissroll | heartbeat | mnist | cifar10 | dead_leaves | texture | a path
@@ -39,32 +60,33 @@ class DataConfig:
     noise: float = 0.0  # Swiss roll: std of added Gaussian noise, original units
     test_fraction: float = 0.2
     val_fraction: float = 0.0  # of the training split, held out to score checkpoints by the exact bound (0: none)
-    scaling: str = "global"  # 'global' (one scalar, the paper's), 'per_dimension', 'pca' (whitening), 'none' or 'auto'
+    scaling: ScalingMode | Auto = "global"
 
 
 @dataclass
 class DiffusionConfig:
-    kind: str = "auto"  # 'gaussian', 'binomial', 'vdm' (continuous time, vdm.py), or 'auto' (binomial iff the data are {0, 1})
+    kind: DiffusionKind | Auto = "auto"  # auto: binomial iff the data are {0, 1}
     T: int | Auto = 40
-    schedule: str = "reference"  # reference | learned | linear | cosine | erase | log_snr | auto
+    schedule: ScheduleName | Auto = "reference"
     beta_1: float | None | Auto = None  # fixed first-step beta (None: the schedule's own)
-    parameterization: str = "auto"  # gaussian: reference | paper | eps | eps_learned_var | eps_residual; binomial: paper | forward_offset
-    eps_variance: str | None = None  # parameterization 'eps': beta_tilde (the default) | beta
-    decoder: str = "forward"  # forward (paper App. B.2) | learned | discretized (8-bit images) | auto
+    parameterization: ParameterizationName | Auto = "auto"
+    eps_variance: VarianceName | None = None  # parameterization 'eps': None is beta_tilde
+    decoder: DecoderName | Auto = "forward"  # forward: paper App. B.2; discretized: 8-bit images
     stationary_p: float | None = None  # binomial: None = the training data's mean activity
-    schedule_gradient: str = "bound"  # vdm: bound | variance (the learned schedule's shape cuts the loss estimate's variance, VDM sec. 5.2)
+    # vdm: 'variance' lets the learned schedule's shape cut the loss estimate's variance (VDM sec. 5.2)
+    schedule_gradient: ScheduleGradientName = "bound"
 
 
 @dataclass
 class ModelConfig:
-    network: str = "rbf"  # rbf | mlp | resmlp (vectors) | conv (images: the paper's) | unet (images: Ho et al.'s) | auto
-    preset: str = "small"  # conv: paper, paper_mnist, reference_mnist, reference_cifar10, small; unet: small, cpu, ddpm_cifar10
+    network: NetworkName | Auto = "rbf"
+    preset: str = "small"  # a key of convnet.PRESETS (conv) or unet.UNET_PRESETS (unet)
     conv: dict = field(default_factory=dict)  # overrides of the conv preset, e.g. {n_conv_layers = 6}
     unet: dict = field(default_factory=dict)  # overrides of the unet preset, e.g. {base_channels = 64}
     hidden: int | Auto = 16
     layers: int | Auto = 1
-    activation: str = "tanh"
-    readout: str = "per_step"  # per_step | bumps
+    activation: ActivationName = "tanh"
+    readout: ReadoutName = "per_step"
     n_basis: int = 10
     bump_width: float = 0.5  # bump width in centre spacings (reference code 0.5, paper 1.0)
 
@@ -73,9 +95,9 @@ class ModelConfig:
 class TrainConfig:
     steps: int = 20000  # 0: no limit (max_minutes decides)
     batch_size: int | Auto = 512
-    optimizer: str = "adam"  # adam | rmsprop (the reference code's)
+    optimizer: OptimizerName = "adam"  # rmsprop: the reference code's
     lr: float | Auto = 1e-3
-    lr_schedule: str = "step"  # step (lr_decay every lr_decay_every steps) | cosine (to 0 over the run's steps or minutes)
+    lr_schedule: LrSchedule = "step"  # step: lr_decay every lr_decay_every steps; cosine: to 0 at the run's end
     warmup: float = 0.0  # the fraction of the run over which lr rises linearly from 0 (cosine schedule)
     lr_decay_every: int = 0  # multiply lr by lr_decay every this many steps (0: never)
     lr_decay: float = 0.1
@@ -85,10 +107,10 @@ class TrainConfig:
     log_every: int = 100
     max_nonfinite: int = 20  # stop after this many non-finite losses in a row
     ema_decay: float = 0.0  # exponential moving average of the weights (0: off); evaluation uses it
-    precision: str = "fp32"  # fp32 | bf16 (autocast, CPU or GPU) | fp16 (autocast, GPU only)
-    loss: str = "bound"  # bound (-K) | simple (Ho et al.'s L_simple) | hybrid (L_simple + hybrid_lambda L_vlb)
+    precision: Precision = "fp32"  # bf16: autocast, CPU or GPU; fp16: autocast, GPU only
+    loss: LossName = "bound"  # bound: -K; simple: Ho et al.'s L_simple; hybrid: L_simple + hybrid_lambda L_vlb
     hybrid_lambda: float = 0.001  # Nichol & Dhariwal's lambda
-    t_sampler: str = "uniform"  # how t is drawn for the one-t estimate: uniform | loss_aware (importance)
+    t_sampler: TSampler = "uniform"  # how t is drawn for the one-t estimate; loss_aware: importance sampling
     max_minutes: float | Auto = 0.0  # stop after this much training time (0: no limit)
     val_minutes: float | Auto = 0.0  # score the validation split every this many minutes of training (0: at the end only)
     val_examples: int = 2000  # validation examples scored (the first of the split)
@@ -104,7 +126,7 @@ class EvalConfig:
 
 @dataclass
 class BaselineConfig:
-    kind: str = ""  # '' (the run is a diffusion model) | vae | dae (baselines.py; networks from [model])
+    kind: BaselineKind = ""  # '': the run is a diffusion model; vae, dae: baselines.py, networks from [model]
     latent: int = 2  # vae: latent dimensions
     min_var: float = 1e-6  # vae: floor of the Gaussian decoder's variance (the bound's resolution, as beta_1)
     n_importance: int = 64  # vae: samples of the importance-weighted bound at evaluation
@@ -120,8 +142,8 @@ _NON_NEGATIVE = (lambda v: 0 <= v < math.inf), "be >= 0 and finite"
 _PROBABILITY = (lambda v: v is None or 0 < v < 1), "lie in (0, 1)"  # NaN fails every comparison
 
 # The range of every numeric key, checked whenever a Config is built or trained, so that a bad
-# value is a one-line error before any work (names, kinds and their combinations are checked
-# where they are used).
+# value is a one-line error before any work (combinations of values, such as a parameterisation
+# of another process or a preset of another network, are checked where they are used).
 RANGES = {
     "seed": ((lambda v: 0 <= v < 2**32), "lie in 0 .. 2**32 - 1"),
     "data.n": _at_least(0),
@@ -185,9 +207,13 @@ class Config:
         return cfg
 
     def validate(self, origin: str = "config") -> None:
-        """Refuse out-of-range values (see :data:`RANGES`), naming the key and where it came from."""
+        """Refuse values outside an option's set (for a config built in code; a loaded one is checked
+        as it is read) or out of range (see :data:`RANGES`), naming the key and where it came from."""
         if not self.name:
             raise UserError(f"{origin}: name must not be empty")
+        for section in dataclasses.fields(self):
+            if dataclasses.is_dataclass(section.type):
+                _check_choices(getattr(self, section.name), f"{origin}: {section.name}.")
         for key, (ok, requirement) in RANGES.items():
             section, _, name = key.rpartition(".")
             value = getattr(getattr(self, section) if section else self, name)
@@ -220,6 +246,21 @@ def _check_type(value, annotation, where: str):
             return value
     names = " or ".join("none" if o is type(None) else repr(o) if isinstance(o, str) else o.__name__ for o in options)
     raise UserError(f"{where}: expected {names}, got {value!r}")
+
+
+def _choices(annotation) -> bool:
+    """Whether ``annotation`` is a fixed set of values: Literals, with or without None."""
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    options = typing.get_args(annotation) if union else (annotation,)
+    return all(o is type(None) or typing.get_origin(o) is Literal for o in options)
+
+
+def _check_choices(section, prefix: str) -> None:
+    """Check every option of ``section`` that has a fixed set of values (as loading does)."""
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        if _choices(hints[f.name]):
+            _check_type(getattr(section, f.name), hints[f.name], f"{prefix}{f.name}")
 
 
 def _build(cls, raw: dict, origin: str, prefix: str):
@@ -287,9 +328,3 @@ def load_config(name_or_path: str, overrides: list[str] = ()) -> Config:
         table[keys[-1]] = value
     return Config.from_dict(raw, origin=str(path))
 
-
-def config_from_json(path: Path) -> Config:
-    try:
-        return Config.from_dict(json.loads(path.read_text(encoding="utf-8")), origin=str(path))
-    except (json.JSONDecodeError, RecursionError) as e:
-        raise UserError(f"{path}: not valid JSON: {e}") from None

@@ -37,18 +37,21 @@ reverse kernel starts near the forward kernel (the reference code leaves it unsc
 only); ``dense_out_per_pixel = 0`` or ``dense_hidden = 0`` removes the dense pathway (the
 reference code's switch). At least one must remain.
 
-Presets: :data:`PRESETS`, built with :func:`build_conv_net`.
+Options: :class:`ConvNetOptions`; presets: :data:`PRESETS`, built with :func:`build_conv_net`.
 """
 
 from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from thermodiff.networks import ACTIVATIONS, basis_at, check_image_shape, temporal_basis
+from thermodiff.networks import N_BASIS, WIDTH_FACTOR, activation_layer, basis_at, check_image_shape, temporal_basis
 
-__all__ = ["PRESETS", "ConvReverseNet", "MultiScaleConv", "auto_n_scales", "build_conv_net", "preset_kwargs"]
+__all__ = ["PRESETS", "ConvNetOptions", "ConvReverseNet", "MultiScaleConv", "auto_n_scales", "build_conv_net",
+           "preset_kwargs"]
 
 
 def auto_n_scales(size: int, min_size: int = 4) -> int:
@@ -58,12 +61,6 @@ def auto_n_scales(size: int, min_size: int = 4) -> int:
     while size % 2**n == 0 and size // 2**n >= min_size:
         n += 1
     return n
-
-
-def _activation(name: str) -> nn.Module:
-    if name not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r}; choose from {sorted(ACTIVATIONS)}")
-    return ACTIVATIONS[name]()
 
 
 class MultiScaleConv(nn.Module):
@@ -98,120 +95,118 @@ class MultiScaleConv(nn.Module):
         return acc
 
 
+@dataclass(frozen=True)
+class ConvNetOptions:
+    """The options of :class:`ConvReverseNet` (see the module docstring). The defaults are the
+    reference code's (its MNIST run): leaky ReLU 0.05, a single scale; dense pathway
+    784 -> 500 -> 500 -> 500 -> 2 per pixel; upper half 22 -> 20 -> K*C*10."""
+
+    n_conv_layers: int = 4
+    conv_channels: int = 20
+    n_scales: int | str = 1  # or "auto" (:func:`auto_n_scales`)
+    filter_size: int = 3
+    conv_activation: str = "leaky_relu"
+    n_dense_layers: int = 3
+    dense_hidden: int = 500
+    dense_out_per_pixel: int = 2
+    dense_activation: str = "leaky_relu"
+    dense_output_activation: bool = True
+    balance_paths: bool = True
+    n_upper_layers: int = 1
+    upper_hidden: int = 20
+    upper_activation: str = "leaky_relu"
+    n_basis: int = N_BASIS
+    width_factor: float = WIDTH_FACTOR
+    readout_init_scale: float = 0.1
+
+
+def _checked(size: int, o: ConvNetOptions) -> ConvNetOptions:
+    """``o`` with ``n_scales`` resolved and a disabled pathway's sizes zeroed; ValueError if it
+    cannot be built for images of side ``size``."""
+    for name in ("n_conv_layers", "conv_channels", "n_dense_layers", "dense_hidden", "dense_out_per_pixel",
+                 "n_upper_layers", "upper_hidden"):
+        value = getattr(o, name)
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    n_scales = auto_n_scales(size) if o.n_scales == "auto" else o.n_scales
+    if not isinstance(n_scales, int) or n_scales < 1:
+        raise ValueError(f"n_scales must be a positive integer or 'auto', got {n_scales!r}")
+    if size % 2 ** (n_scales - 1) != 0:
+        raise ValueError(
+            f"image size {size} is not divisible by 2^(n_scales - 1) = {2 ** (n_scales - 1)} "
+            f"(n_scales = {n_scales}); choose fewer scales or n_scales='auto'")
+    for name in (o.conv_activation, o.dense_activation, o.upper_activation):
+        activation_layer(name)  # validates the name
+    if o.n_basis < 2:
+        raise ValueError(f"n_basis must be >= 2, got {o.n_basis}")
+    use_conv = o.n_conv_layers > 0 and o.conv_channels > 0
+    use_dense = o.dense_out_per_pixel > 0 and o.dense_hidden > 0
+    if not (use_conv or use_dense):
+        raise ValueError("both pathways are disabled: need n_conv_layers > 0 (and conv_channels > 0) "
+                         "or dense_out_per_pixel > 0 and dense_hidden > 0")
+    if o.n_upper_layers > 0 and o.upper_hidden < 1:
+        raise ValueError("upper_hidden must be >= 1 when n_upper_layers > 0")
+    return replace(o, n_scales=n_scales, n_conv_layers=o.n_conv_layers if use_conv else 0,
+                   dense_hidden=o.dense_hidden if use_dense else 0,
+                   dense_out_per_pixel=o.dense_out_per_pixel if use_dense else 0)
+
+
 class ConvReverseNet(nn.Module):
     """Reverse model for (N, C, H, W) images, H = W = ``size``; see the module docstring.
 
-    Keyword defaults are the reference code's (MNIST) defaults. ``n_scales`` may be ``"auto"``
-    (:func:`auto_n_scales`). ``config`` holds every constructor argument (resolved), so
-    ``ConvReverseNet(**net.config)`` rebuilds the same architecture for a state_dict.
+    The keyword ``options`` are the fields of :class:`ConvNetOptions`. ``config`` holds every
+    constructor argument (resolved), so ``ConvReverseNet(**net.config)`` rebuilds the same
+    architecture for a state_dict.
     """
 
-    def __init__(
-        self,
-        channels: int,
-        size: int,
-        outputs_per_dim: int,
-        T: int,
-        *,
-        n_conv_layers: int = 4,
-        conv_channels: int = 20,
-        n_scales: int | str = 1,
-        filter_size: int = 3,
-        conv_activation: str = "leaky_relu",
-        n_dense_layers: int = 3,
-        dense_hidden: int = 500,
-        dense_out_per_pixel: int = 2,
-        dense_activation: str = "leaky_relu",
-        dense_output_activation: bool = True,
-        balance_paths: bool = True,
-        n_upper_layers: int = 1,
-        upper_hidden: int = 20,
-        upper_activation: str = "leaky_relu",
-        n_basis: int = 10,
-        width_factor: float = 0.5,
-        readout_init_scale: float = 0.1,
-    ):
+    def __init__(self, channels: int, size: int, outputs_per_dim: int, T: int, **options):
         super().__init__()
         for name, value in (("channels", channels), ("size", size), ("outputs_per_dim", outputs_per_dim), ("T", T)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name, value in (("n_conv_layers", n_conv_layers), ("conv_channels", conv_channels),
-                            ("n_dense_layers", n_dense_layers), ("dense_hidden", dense_hidden),
-                            ("dense_out_per_pixel", dense_out_per_pixel), ("n_upper_layers", n_upper_layers),
-                            ("upper_hidden", upper_hidden)):
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-        if n_scales == "auto":
-            n_scales = auto_n_scales(size)
-        if not isinstance(n_scales, int) or n_scales < 1:
-            raise ValueError(f"n_scales must be a positive integer or 'auto', got {n_scales!r}")
-        if size % 2 ** (n_scales - 1) != 0:
-            raise ValueError(
-                f"image size {size} is not divisible by 2^(n_scales - 1) = {2 ** (n_scales - 1)} "
-                f"(n_scales = {n_scales}); choose fewer scales or n_scales='auto'")
-        for name in (conv_activation, dense_activation, upper_activation):
-            _activation(name)  # validates the name
-        if n_basis < 2:
-            raise ValueError(f"n_basis must be >= 2, got {n_basis}")
-        use_conv = n_conv_layers > 0 and conv_channels > 0
-        use_dense = dense_out_per_pixel > 0 and dense_hidden > 0
-        if not (use_conv or use_dense):
-            raise ValueError("both pathways are disabled: need n_conv_layers > 0 (and conv_channels > 0) "
-                             "or dense_out_per_pixel > 0 and dense_hidden > 0")
-        if n_upper_layers > 0 and upper_hidden < 1:
-            raise ValueError("upper_hidden must be >= 1 when n_upper_layers > 0")
-
-        self.config = dict(
-            channels=channels, size=size, outputs_per_dim=outputs_per_dim, T=T,
-            n_conv_layers=n_conv_layers if use_conv else 0, conv_channels=conv_channels, n_scales=n_scales,
-            filter_size=filter_size, conv_activation=conv_activation,
-            n_dense_layers=n_dense_layers, dense_hidden=dense_hidden if use_dense else 0,
-            dense_out_per_pixel=dense_out_per_pixel if use_dense else 0,
-            dense_activation=dense_activation, dense_output_activation=dense_output_activation,
-            balance_paths=balance_paths, n_upper_layers=n_upper_layers, upper_hidden=upper_hidden,
-            upper_activation=upper_activation, n_basis=n_basis, width_factor=width_factor,
-            readout_init_scale=readout_init_scale,
-        )
+        o = _checked(size, ConvNetOptions(**options))
+        self.config = dict(channels=channels, size=size, outputs_per_dim=outputs_per_dim, T=T, **asdict(o))
         self.channels, self.size, self.outputs_per_dim, self.T = channels, size, outputs_per_dim, T
-        self.n_basis, self.n_scales = n_basis, n_scales
-
-        # lower half: multi-scale convolutions
-        self.conv = None
-        if use_conv:
-            layers, width = [], channels
-            for _ in range(n_conv_layers):
-                layers += [MultiScaleConv(width, conv_channels, n_scales, filter_size), _activation(conv_activation)]
-                width = conv_channels
-            self.conv = nn.Sequential(*layers)
-        # lower half: dense pathway on the flattened image
-        self.dense = None
-        if use_dense:
-            layers, width = [], channels * size * size
-            for _ in range(n_dense_layers):
-                layers += [nn.Linear(width, dense_hidden), _activation(dense_activation)]
-                width = dense_hidden
-            layers.append(nn.Linear(width, dense_out_per_pixel * size * size))
-            if dense_output_activation:
-                layers.append(_activation(dense_activation))
-            self.dense = nn.Sequential(*layers)
-        conv_out = conv_channels if use_conv else 0
-        dense_out = dense_out_per_pixel if use_dense else 0
-        self.n_features = conv_out + dense_out
-        scale = balance_paths and use_conv and use_dense
+        self.n_basis, self.n_scales = o.n_basis, o.n_scales
+        # lower half: multi-scale convolutions and the dense pathway, in parallel
+        self.conv = self._conv_pathway(o) if o.n_conv_layers else None
+        self.dense = self._dense_pathway(o) if o.dense_out_per_pixel else None
+        conv_out = o.conv_channels if self.conv is not None else 0
+        self.n_features = conv_out + o.dense_out_per_pixel
+        scale = o.balance_paths and self.conv is not None and self.dense is not None
         self.conv_scale = conv_out**-0.5 if scale else 1.0
-        self.dense_scale = dense_out**-0.5 if scale else 1.0
+        self.dense_scale = o.dense_out_per_pixel**-0.5 if scale else 1.0
 
         # upper half: per-pixel MLP (1x1 convolutions), then the linear readout of coefficients
         layers, width = [], self.n_features
-        for _ in range(n_upper_layers):
-            layers += [nn.Conv2d(width, upper_hidden, 1), _activation(upper_activation)]
-            width = upper_hidden
+        for _ in range(o.n_upper_layers):
+            layers += [nn.Conv2d(width, o.upper_hidden, 1), activation_layer(o.upper_activation)]
+            width = o.upper_hidden
         self.upper = nn.Sequential(*layers)
-        self.readout = nn.Conv2d(width, outputs_per_dim * channels * n_basis, 1)
+        self.readout = nn.Conv2d(width, outputs_per_dim * channels * o.n_basis, 1)
 
         # temporal readout weights g(t), rows t - 1 (paper Eqs. 62-63)
-        self.register_buffer("basis", temporal_basis(T, n_basis, width_factor))
+        self.register_buffer("basis", temporal_basis(T, o.n_basis, o.width_factor))
         self.reset_parameters()
+
+    def _conv_pathway(self, o: ConvNetOptions) -> nn.Sequential:
+        layers, width = [], self.channels
+        for _ in range(o.n_conv_layers):
+            layers += [MultiScaleConv(width, o.conv_channels, o.n_scales, o.filter_size),
+                       activation_layer(o.conv_activation)]
+            width = o.conv_channels
+        return nn.Sequential(*layers)
+
+    def _dense_pathway(self, o: ConvNetOptions) -> nn.Sequential:
+        """The flattened image through the dense layers, to ``dense_out_per_pixel`` maps."""
+        layers, width = [], self.channels * self.size * self.size
+        for _ in range(o.n_dense_layers):
+            layers += [nn.Linear(width, o.dense_hidden), activation_layer(o.dense_activation)]
+            width = o.dense_hidden
+        layers.append(nn.Linear(width, o.dense_out_per_pixel * self.size * self.size))
+        if o.dense_output_activation:
+            layers.append(activation_layer(o.dense_activation))
+        return nn.Sequential(*layers)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -270,35 +265,27 @@ class ConvReverseNet(nn.Module):
                 f"n_scales={c['n_scales']}, J={c['n_basis']}")
 
 
-_REFERENCE = dict(
-    n_conv_layers=4, conv_channels=20, n_scales=1, filter_size=3, conv_activation="leaky_relu",
-    n_dense_layers=3, dense_hidden=500, dense_out_per_pixel=2, dense_activation="leaky_relu",
-    dense_output_activation=True, balance_paths=True,
-    n_upper_layers=1, upper_hidden=20, upper_activation="leaky_relu",
-    n_basis=10, width_factor=0.5, readout_init_scale=0.1,
-)
+_PAPER = ConvNetOptions(n_scales="auto", conv_activation="softplus", dense_activation="tanh", upper_activation="tanh",
+                        width_factor=1.0)
 
-#: Named architectures: constructor keyword arguments for :class:`ConvReverseNet`.
-PRESETS: dict[str, dict] = {
-    # the reference code's defaults (its MNIST run): leaky ReLU 0.05, single scale; dense path
-    # 784 -> 500 -> 500 -> 500 -> 2 per pixel; upper 22 -> 20 -> K*C*10
-    "reference_mnist": dict(_REFERENCE),
+#: Named architectures, built with :func:`build_conv_net`.
+PRESETS: dict[str, ConvNetOptions] = {
+    # the reference code's defaults (its MNIST run)
+    "reference_mnist": ConvNetOptions(),
     # the reference README's CIFAR-10 command: n_layers_conv=6, n_hidden_conv=100,
     # n_hidden_dense_lower=1000 (6 dense maps: 5 hidden layers), 5 outputs per pixel,
     # n_layers_dense_upper=4 (3 hidden layers of 100 + the readout)
-    "reference_cifar10": dict(_REFERENCE, n_conv_layers=6, conv_channels=100, n_dense_layers=5,
-                              dense_hidden=1000, dense_out_per_pixel=5, n_upper_layers=3, upper_hidden=100),
+    "reference_cifar10": ConvNetOptions(n_conv_layers=6, conv_channels=100, n_dense_layers=5, dense_hidden=1000,
+                                        dense_out_per_pixel=5, n_upper_layers=3, upper_hidden=100),
     # the paper's text: multi-scale (coarsest scale >= 4 pixels), softplus after the multi-scale
     # sum, tanh in the dense and 1x1 layers, bump width = the centre spacing; dense pathway in
     # parallel (its CIFAR-10 network). Widths are the reference code's (the text gives none).
-    "paper": dict(_REFERENCE, n_scales="auto", conv_activation="softplus", dense_activation="tanh",
-                  upper_activation="tanh", width_factor=1.0),
+    "paper": _PAPER,
     # the paper's MNIST network: the dense pathway only
-    "paper_mnist": dict(_REFERENCE, n_conv_layers=0, n_scales="auto", conv_activation="softplus",
-                        dense_activation="tanh", upper_activation="tanh", width_factor=1.0),
+    "paper_mnist": replace(_PAPER, n_conv_layers=0),
     # fast on a CPU, for tests and demos: two multi-scale layers, a small dense pathway
-    "small": dict(_REFERENCE, n_conv_layers=2, conv_channels=16, n_scales="auto", n_dense_layers=1,
-                  dense_hidden=64, dense_out_per_pixel=2, n_upper_layers=1, upper_hidden=32, n_basis=6),
+    "small": ConvNetOptions(n_conv_layers=2, conv_channels=16, n_scales="auto", n_dense_layers=1, dense_hidden=64,
+                            dense_out_per_pixel=2, n_upper_layers=1, upper_hidden=32, n_basis=6),
 }
 
 
@@ -306,10 +293,11 @@ def preset_kwargs(preset: str, **overrides) -> dict:
     """The preset's keyword arguments with ``overrides`` applied (unknown names are errors)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown conv-net preset {preset!r}; choose from {sorted(PRESETS)}")
-    unknown = sorted(set(overrides) - set(_REFERENCE))
+    valid = [f.name for f in fields(ConvNetOptions)]
+    unknown = sorted(set(overrides) - set(valid))
     if unknown:
-        raise ValueError(f"unknown conv-net option(s) {unknown}; valid options: {sorted(_REFERENCE)}")
-    return {**PRESETS[preset], **overrides}
+        raise ValueError(f"unknown conv-net option(s) {unknown}; valid options: {sorted(valid)}")
+    return {**asdict(PRESETS[preset]), **overrides}
 
 
 def build_conv_net(preset: str, channels: int, size: int, outputs_per_dim: int, T: int,

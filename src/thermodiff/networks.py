@@ -31,8 +31,20 @@ ACTIVATIONS = {
     "silu": nn.SiLU,
 }
 
+#: The temporal readout's bumps J and their width in centre spacings: the reference code's (the
+#: paper's text has width 1.0).
+N_BASIS = 10
+WIDTH_FACTOR = 0.5
 
-def bump_weights(times: Tensor, n_basis: int, width_factor: float = 0.5) -> Tensor:
+
+def activation_layer(name: str) -> nn.Module:
+    """A new module of the named nonlinearity (a key of :data:`ACTIVATIONS`)."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; choose from {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]()
+
+
+def bump_weights(times: Tensor, n_basis: int, width_factor: float = WIDTH_FACTOR) -> Tensor:
     """Bump weights g_j(tau) at times tau in [-1, 1], shape (len(times), n_basis), each row
     summing to 1 (paper Eq. 63), in the dtype of ``times``.
 
@@ -47,7 +59,7 @@ def bump_weights(times: Tensor, n_basis: int, width_factor: float = 0.5) -> Tens
     return torch.softmax(log_bumps, dim=1)  # normalised in log space: no underflow between bumps
 
 
-def temporal_basis(T: int, n_basis: int, width_factor: float = 0.5) -> Tensor:
+def temporal_basis(T: int, n_basis: int, width_factor: float = WIDTH_FACTOR) -> Tensor:
     """Bump weights g_j(t) for the steps t = 1..T (times linspace(-1, 1, T)), shape (T, n_basis)."""
     return bump_weights(torch.linspace(-1, 1, T, dtype=torch.float64), n_basis, width_factor).float()
 
@@ -93,7 +105,7 @@ class TimeReadout(nn.Module):
     g the bump basis, or one-hot in t for a readout separate per step."""
 
     def __init__(self, in_features: int, out_features: int, T: int, readout: Readout | str = Readout.BUMPS,
-                 n_basis: int = 10, width_factor: float = 0.5):
+                 n_basis: int = N_BASIS, width_factor: float = WIDTH_FACTOR):
         super().__init__()
         self.readout = Readout(readout)
         n = T if self.readout is Readout.PER_STEP else n_basis
@@ -139,7 +151,8 @@ class VectorReverseNet(nn.Module):
     followed by a :class:`TimeReadout` giving K outputs per dimension."""
 
     def __init__(self, features: nn.Module, hidden: int, dim: int, outputs_per_dim: int, T: int,
-                 readout: Readout | str = Readout.BUMPS, n_basis: int = 10, width_factor: float = 0.5):
+                 readout: Readout | str = Readout.BUMPS, n_basis: int = N_BASIS,
+                 width_factor: float = WIDTH_FACTOR):
         super().__init__()
         self.dim, self.outputs_per_dim = dim, outputs_per_dim
         self.features = features
@@ -192,18 +205,17 @@ class ResidualMLP(nn.Module):
 
 def mlp(dim: int, hidden: int, layers: int, activation: str) -> nn.Sequential:
     """``layers`` hidden layers of ``hidden`` units; the heartbeat net is mlp(20, 50, 3, 'sigmoid')."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; choose from {sorted(ACTIVATIONS)}")
+    activation_layer(activation)  # refuses an unknown name even with no layers
     blocks, width = [], dim
     for _ in range(layers):
-        blocks += [nn.Linear(width, hidden), ACTIVATIONS[activation]()]
+        blocks += [nn.Linear(width, hidden), activation_layer(activation)]
         width = hidden
     return nn.Sequential(*blocks)
 
 
 def build_vector_net(kind: str, dim: int, outputs_per_dim: int, T: int, hidden: int, layers: int = 1,
-                     activation: str = "tanh", readout: str = "bumps", n_basis: int = 10,
-                     width_factor: float = 0.5) -> nn.Module:
+                     activation: str = "tanh", readout: Readout | str = Readout.BUMPS, n_basis: int = N_BASIS,
+                     width_factor: float = WIDTH_FACTOR) -> nn.Module:
     """The named vector network: 'rbf' (Swiss roll), 'mlp' (heartbeat; time in the readout only)
     or 'resmlp' (:class:`ResidualMLP`, ``layers`` residual blocks; time in every block)."""
     if kind == "resmlp":

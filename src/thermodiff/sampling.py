@@ -1,10 +1,11 @@
 """Ancestral sampling through the reverse chain (paper section 2.2), k-diffusion style:
 a small pure function with an optional per-step callback."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from thermodiff.process import Chain
 
@@ -35,3 +36,14 @@ def ancestral_sample(
     if callback is not None:
         callback(0, x)
     return x
+
+
+def sample_in_batches(diffusion, model, n: int, event_shape: tuple[int, ...], batch_size: int,
+                      generator: torch.Generator | None = None, progress: bool = False) -> Iterator[Tensor]:
+    """``n`` draws of :func:`ancestral_sample` made ``batch_size`` at a time, batch after batch
+    from one ``generator`` (so the draws depend on ``batch_size``), under one progress bar."""
+    sizes = [min(batch_size, n - i) for i in range(0, n, batch_size)]
+    with tqdm(total=len(sizes) * diffusion.T, desc="sample", unit="t", disable=not progress, mininterval=1.0) as bar:
+        for size in sizes:
+            yield ancestral_sample(diffusion, model, (size, *event_shape), generator,
+                                   callback=lambda t, x: bar.update(1) if t > 0 else None)

@@ -19,10 +19,12 @@ concatenation. The last convolution starts at zero, so z starts at 0 and the rev
 the forward one, as ``readout_init_scale`` does for the paper's network. No attention: at
 these sizes it costs more CPU time than it gains.
 
-Presets: :data:`UNET_PRESETS`, built with :func:`build_unet`.
+Options: :class:`UNetOptions`; presets: :data:`UNET_PRESETS`, built with :func:`build_unet`.
 """
 
 from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +32,7 @@ from torch import Tensor, nn
 
 from thermodiff.networks import check_image_shape, continuous_time, timestep_embedding
 
-__all__ = ["UNET_PRESETS", "UNet", "build_unet"]
+__all__ = ["UNET_PRESETS", "UNet", "UNetOptions", "build_unet"]
 
 
 class ResBlock(nn.Module):
@@ -48,26 +50,38 @@ class ResBlock(nn.Module):
         return self.skip(x) + self.out_layers(h)
 
 
-class UNet(nn.Module):
-    """U-Net over ``channels`` x ``size`` x ``size`` images with ``len(channel_mults)``
-    resolutions of ``base_channels * mult`` channels (module docstring)."""
+@dataclass(frozen=True)
+class UNetOptions:
+    """The options of :class:`UNet`: ``len(channel_mults)`` resolutions of ``base_channels * mult``
+    channels, ``blocks_per_level`` residual blocks each, GroupNorm over ``groups`` groups. The
+    defaults are the ``cpu`` preset's."""
 
-    def __init__(self, channels: int, size: int, outputs_per_dim: int, T: int, base_channels: int = 32,
-                 channel_mults: tuple[int, ...] | list[int] = (1, 2, 2), blocks_per_level: int = 1,
-                 dropout: float = 0.0, groups: int = 8):
+    base_channels: int = 32
+    channel_mults: tuple[int, ...] = (1, 2, 2)
+    blocks_per_level: int = 1
+    dropout: float = 0.0
+    groups: int = 8
+
+
+class UNet(nn.Module):
+    """U-Net over ``channels`` x ``size`` x ``size`` images (module docstring); the keyword
+    ``options`` are the fields of :class:`UNetOptions`."""
+
+    def __init__(self, channels: int, size: int, outputs_per_dim: int, T: int, **options):
         super().__init__()
-        levels = len(channel_mults)
+        o = UNetOptions(**options)
+        base_channels, groups, dropout = o.base_channels, o.groups, o.dropout
+        levels = len(o.channel_mults)
         if levels < 1 or size % 2 ** (levels - 1):
             raise ValueError(f"image size {size} must be divisible by 2^(levels - 1) = {2 ** (levels - 1)}")
-        widths = [base_channels * m for m in channel_mults]
+        widths = [base_channels * m for m in o.channel_mults]
         if any(w % groups for w in [base_channels, *widths]):
             raise ValueError(f"every width {[base_channels, *widths]} must be divisible by groups = {groups}")
         if T < 2:
             raise ValueError("the U-Net needs T >= 2 (times are scaled by T - 1)")
         self.channels, self.size, self.outputs_per_dim, self.T = channels, size, outputs_per_dim, T
         self.config = dict(channels=channels, size=size, outputs_per_dim=outputs_per_dim, T=T,
-                           base_channels=base_channels, channel_mults=list(channel_mults),
-                           blocks_per_level=blocks_per_level, dropout=dropout, groups=groups)
+                           **asdict(o)) | {"channel_mults": list(o.channel_mults)}
         emb_dim = 4 * base_channels
         self.sinusoid_dim = base_channels
         self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -82,7 +96,7 @@ class UNet(nn.Module):
             if i > 0:
                 skip_widths.append(width)  # the pooled input of this level is a skip too
             level = nn.ModuleList()
-            for _ in range(blocks_per_level):
+            for _ in range(o.blocks_per_level):
                 level.append(block(width, w))
                 width = w
                 skip_widths.append(width)
@@ -92,7 +106,7 @@ class UNet(nn.Module):
         self.up_convs = nn.ModuleList()  # after every level but the finest: upsample, then this convolution
         for i, w in reversed(list(enumerate(widths))):
             level = nn.ModuleList()
-            for _ in range(blocks_per_level + 1):
+            for _ in range(o.blocks_per_level + 1):
                 level.append(block(width + skip_widths.pop(), w))
                 width = w
             self.up.append(level)
@@ -136,14 +150,15 @@ class UNet(nn.Module):
         return f"channels={c['channels']}, size={c['size']}, K={c['outputs_per_dim']}, T={c['T']}, widths={c['base_channels']}x{c['channel_mults']}"
 
 
-#: Named U-Net sizes: constructor keyword arguments for :class:`UNet`.
-UNET_PRESETS: dict[str, dict] = {
+#: Named U-Net sizes, built with :func:`build_unet`.
+UNET_PRESETS: dict[str, UNetOptions] = {
     # fast on a CPU, for tests and demos
-    "small": dict(base_channels=16, channel_mults=(1, 2), blocks_per_level=1, groups=8),
+    "small": UNetOptions(base_channels=16, channel_mults=(1, 2)),
     # a CPU budget for 32 x 32 images: 32 / 64 / 64 channels at 32 / 16 / 8 pixels, ~1M parameters
-    "cpu": dict(base_channels=32, channel_mults=(1, 2, 2), blocks_per_level=1, groups=8),
+    "cpu": UNetOptions(),
     # DDPM's CIFAR-10 widths (128 x (1, 2, 2, 2), 2 blocks per level, dropout 0.1), without attention
-    "ddpm_cifar10": dict(base_channels=128, channel_mults=(1, 2, 2, 2), blocks_per_level=2, dropout=0.1, groups=32),
+    "ddpm_cifar10": UNetOptions(base_channels=128, channel_mults=(1, 2, 2, 2), blocks_per_level=2, dropout=0.1,
+                                groups=32),
 }
 
 
@@ -154,8 +169,8 @@ def build_unet(preset: str, channels: int, size: int, outputs_per_dim: int, T: i
     """
     if preset not in UNET_PRESETS:
         raise ValueError(f"unknown U-Net preset {preset!r}; choose from {sorted(UNET_PRESETS)}")
-    valid = {"base_channels", "channel_mults", "blocks_per_level", "dropout", "groups"}
-    unknown = sorted(set(overrides) - valid)
+    valid = [f.name for f in fields(UNetOptions)]
+    unknown = sorted(set(overrides) - set(valid))
     if unknown:
         raise ValueError(f"unknown U-Net option(s) {unknown}; valid options: {sorted(valid)}")
-    return UNet(channels, size, outputs_per_dim, T, **{**UNET_PRESETS[preset], **overrides})
+    return UNet(channels, size, outputs_per_dim, T, **asdict(replace(UNET_PRESETS[preset], **overrides)))

@@ -1,0 +1,109 @@
+"""Text reports of the records that training, evaluation, Parzen estimation and reproduction
+return (the ``thermodiff`` commands print them, or the records as strict JSON)."""
+
+import json
+import math
+
+# (label, key, its standard error's key) of the figures compared with the paper's
+COMPARED = [("K", "K_bits", "stderr_bits"), ("K - L_null", "K_minus_L_null_bits", "K_minus_L_null_stderr_bits"),
+            ("K", "K_bits_per_pixel", "stderr_bits_per_pixel"),
+            ("K - L_null", "K_minus_L_null_bits_per_pixel", "K_minus_L_null_stderr_bits_per_pixel")]
+
+
+def finite(obj):
+    """NaN and infinities become null, so the output is strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def to_json(record: dict) -> str:
+    """``record`` as indented strict JSON (non-finite numbers as null)."""
+    return json.dumps(finite(record), indent=2, allow_nan=False)
+
+
+def describe_training(s: dict) -> str:
+    """One line on a finished run: steps, time, folder, the running K estimate and the best weights."""
+    best = s["best"]
+    kept = (f"; best validation K {best['K_bits']:.3f} +- {best['stderr_bits']:.3f} bits per example at step "
+            f"{best['step']} (best.safetensors)" if best else "")
+    return (f"trained {s['steps']} steps in {s['wall_s']:.1f} s -> {s['run_dir']} "
+            f"(running K estimate {s['K_bits_running']:.3f} bits per example{kept})")
+
+
+def describe_baseline(r: dict) -> str:
+    """A baseline's evaluation: a DAE's denoising error, or a VAE's ELBO and importance-weighted bound."""
+    head = f"{r['experiment']} ({r['model']} baseline, {r['split']} split, {r['n_examples']} examples, step {r['train_steps']})"
+    if r["model"] == "dae":
+        psnr = (lambda name: f" (PSNR {r[f'{name}_psnr_db']:.2f} dB)" if f"{name}_psnr_db" in r else "")
+        return "\n".join([head, f"  denoised output: MSE {r['output_mse']:.4g} +- {r['output_mse_stderr']:.2g}{psnr('output')}",
+                          f"  noisy input:     MSE {r['noisy_input_mse']:.4g} +- {r['noisy_input_mse_stderr']:.2g}"
+                          f"{psnr('noisy_input')} (noise std {r['noise_std']} of the scaled data)"])
+    lines = [head, f"  ELBO           = {r['K_bits']:.4f} +- {r['stderr_bits']:.4f} {r['unit']} ({r['K_bits_per_dim']:.4f} bits/dim, "
+                   f"{r['n_draws']} draws of z)",
+             f"  importance-weighted ({r['n_importance']}) = {r['K_iw_bits']:.4f} +- {r['K_iw_stderr_bits']:.4f} {r['unit']}",
+             f"  ELBO - L_null  = {r['K_minus_L_null_bits']:.4f} +- {r['K_minus_L_null_stderr_bits']:.4f} {r['unit']}"]
+    if r.get("nll_bits_per_dim") is not None:
+        lines.append(f"  NLL bound of the 8-bit data ({r['nll_bound']}) = {r['nll_bits_per_dim']:.4f} bits/dim")
+    return "\n".join(lines)
+
+
+def describe_evaluation(r: dict) -> str:
+    """An evaluation record (:func:`thermodiff.evaluation.evaluate`): the bound and how it was
+    estimated, the paper's figures beside it, and the settings chosen from the data."""
+    if "model" in r:
+        return describe_baseline(r)
+    respaced = f" respaced from {r['T_trained']}" if "T_trained" in r else ""
+    lines = [f"{r['experiment']} ({r['split']} split, {r['n_examples']} of {r['n_test']} examples, {r['n_draws']} draws/t, "
+             f"T = {r['T']}{respaced}, {r['parameterization']} parameterisation, {r['schedule']} schedule, "
+             f"{r['checkpoint']} weights: step {r['train_steps']})",
+             f"  bound: {r['estimator']}",
+             f"  K              = {r['K_bits']:.4f} +- {r['stderr_bits']:.4f} {r['unit']} ({r['K_bits_per_dim']:.4f} bits/dim)",
+             f"  K - L_null     = {r['K_minus_L_null_bits']:.4f} +- {r['K_minus_L_null_stderr_bits']:.4f} {r['unit']}",
+             f"  K (orig units) = {r['K_original_units_bits']:.4f} {r['unit']}"]
+    if "continuous_time" in r:
+        c = r["continuous_time"]
+        lines.append(f"  K, continuous time = {c['K_bits']:.4f} +- {c['stderr_bits']:.4f} {r['unit']} ({c['n_draws']} draws of t)")
+    if "K_bits_per_pixel" in r:
+        lines.append(f"  per pixel: K = {r['K_bits_per_pixel']:.4f} +- {r['stderr_bits_per_pixel']:.4f}, "
+                     f"K - L_null = {r['K_minus_L_null_bits_per_pixel']:.4f} bits/pixel")
+    if r.get("nll_bits_per_dim") is not None:
+        lines.append(f"  NLL bound of the 8-bit data ({r['nll_bound']}) = {r['nll_bits_per_dim']:.4f} bits/dim")
+    for label, key, _ in COMPARED:
+        if key in r.get("paper", {}):
+            lines.append(f"  paper: {label} = {r['paper'][key]} ({key})")
+    if r.get("auto_choices"):
+        lines.append("  chosen from the training data:")
+        lines += [f"    {key} = {why}" for key, why in r["auto_choices"].items()]
+    return "\n".join(lines)
+
+
+def describe_parzen(r: dict) -> str:
+    """A Parzen-window record (:func:`thermodiff.parzen.parzen_evaluate`) beside the paper's figure."""
+    paper = f"; paper {r['paper']['parzen_bits']} bits" if "paper" in r else ""
+    edge = " (on the grid's edge)" if r["sigma_on_grid_edge"] else ""
+    return (f"{r['experiment']}: Parzen-window log-likelihood of {r['n_test']} test images = "
+            f"{r['parzen_bits']:.2f} +- {r['parzen_stderr_bits']:.2f} bits ({r['parzen_nats']:.2f} nats){paper}\n"
+            f"  sigma = {r['sigma']:.4g}{edge}, chosen on {r['n_valid']} validation images; "
+            f"{r['n_samples']} samples (step {r['train_steps']})")
+
+
+def describe_reproduction(summary: dict, result: dict, figures: list[str]) -> str:
+    """A paper experiment reproduced: the evaluation, a table of ours against the paper's
+    figures, the training time and the figures drawn."""
+    rows = []
+    for label, key, err in COMPARED:
+        if key in result.get("paper", {}):
+            unit = "bits/pixel" if key.endswith("per_pixel") else result["unit"]
+            rows.append(f"  {f'{label} [{unit}]':28}{result[key]:>10.3f} +- {result[err]:<8.3f}{result['paper'][key]:>10}")
+    return "\n".join([
+        describe_evaluation(result),
+        "",
+        f"  {'':28}{'thermodiff':>21}{'paper':>9}",
+        *rows,
+        f"  trained {summary['steps']} steps in {summary['wall_s']:.0f} s; figures: {', '.join(figures)}",
+    ])
