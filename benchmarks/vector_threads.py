@@ -5,7 +5,8 @@ what is faster on a 2-core machine.
     python benchmarks/vector_threads.py [--cases gauss_10d bernoulli_mix_64d] [--repeats 5] [--seconds 10]
 
 Each case's training data come from thermodiff.known_densities; the config is `vectors` with every
-"auto" decided as `train vectors` decides it; a step is the training loop's (training.train_step). Writes benchmarks/results/vector_threads.json.
+"auto" decided as `train vectors` decides it; a step is the training loop's (training.train_step).
+Writes benchmarks/results/vector_threads.json.
 """
 
 import argparse

@@ -431,6 +431,7 @@ def log_metrics(state: TrainState, session: Session, val_bits: float | None) -> 
 
 
 def show(bar: tqdm, state: TrainState, val_bits: float | None) -> None:
+    """The running K on the progress bar, and the last validation score and the best."""
     shown = {"K_bits": f"{state.K_bits_running:.3f}"}
     if val_bits is not None:
         shown |= {"val_K": f"{val_bits:.3f}", "best": f"{state.best['K_bits']:.3f}"}
