@@ -4,7 +4,8 @@ sampling speed.
 
     OMP_NUM_THREADS=1 python benchmarks/parameterizations.py [--budget-s 20] [--config swissroll]
 
-Each variant trains configs/swissroll.toml (with the variant's overrides) for the same wall time,
+Each variant trains configs/swissroll.toml (with the variant's overrides) for the same wall time
+with the training loop's own step (training.train_step),
 then the exact bound (all terms, float64) is measured on the held-out split for the full chain
 and the respaced ones, and samples are timed. Writes benchmarks/results/parameterizations_<config>.json.
 """
@@ -17,13 +18,13 @@ import time
 import torch
 
 from record import write_result  # a sibling module: benchmarks/ is on sys.path when run
-from thermodiff.bound import exact_bound, training_draws
+from thermodiff.bound import exact_bound
 from thermodiff.config import load_config
 from thermodiff.evaluation import bound_report
-from thermodiff.experiment import build_diffusion, build_model, data_bins, prepare_dataset
+from thermodiff.experiment import assemble
 from thermodiff.respace import respace
 from thermodiff.sampling import ancestral_sample
-from thermodiff.training import Objective, learning_rate, make_optimizer
+from thermodiff.training import TrainState, draw_batch, train_step
 
 # (name, config overrides): the bound-trained parameterisations on the config's learned schedule;
 # L_simple and the hybrid loss cannot learn a schedule, so they run on the cosine schedule next to
@@ -43,28 +44,19 @@ VARIANTS = [
 
 
 def train_for(cfg, budget_s: float) -> tuple:
-    """Train for ``budget_s`` seconds of wall time (the library's loss, optimiser and lr schedule;
-    no checkpoints). Returns (dataset, diffusion, model, steps, wall_s)."""
-    torch.manual_seed(cfg.seed)
-    dataset, kind = prepare_dataset(cfg)
-    diffusion = build_diffusion(cfg, kind, float(dataset.train.mean()), data_bins(dataset))
-    model = build_model(cfg, diffusion, dataset.event_shape)
-    objective = Objective(model, diffusion)  # the process carries train.loss and hybrid_lambda
-    optimizer = make_optimizer(cfg, list(objective.parameters()))
-    noise_gen, order_gen = torch.Generator().manual_seed(cfg.seed + 1), torch.Generator().manual_seed(cfg.seed + 2)
-    step, start = 0, time.perf_counter()
-    while time.perf_counter() - start < budget_s:
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(cfg, step)
-        idx = torch.randint(0, len(dataset.train), (cfg.train.batch_size,), generator=order_gen)
-        x0 = dataset.to_model(dataset.train[idx.numpy()], order_gen)
-        loss, _ = objective(x0, training_draws(diffusion, x0, noise_gen))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        step += 1
-    model.eval()
-    return dataset, diffusion, model, step, time.perf_counter() - start
+    """Train for ``budget_s`` seconds of wall time with the library's training step (its loss,
+    optimiser, lr schedule over the budget, gradient clipping and weight average; no
+    checkpoints). Returns (dataset, diffusion, model, steps, wall_s), with the weights that
+    evaluation uses (the average's, if any)."""
+    parts = assemble(cfg)
+    cfg.train.steps, cfg.train.max_minutes = 0, budget_s / 60  # the lr schedule's run is the budget
+    state = TrainState.start(parts.model, parts.diffusion, cfg.train, cfg.seed)
+    while state.elapsed_s < budget_s:
+        train_step(state, draw_batch(state, parts.dataset, cfg.train.batch_size, torch.device("cpu")), cfg.train)
+    wall = state.elapsed_s
+    state.objective.load_state_dict(state.evaluated_weights(), strict=False)
+    parts.model.eval()
+    return parts.dataset, parts.diffusion, parts.model, state.step, wall
 
 
 def measure(dataset, diffusion, model, steps: int, n_draws: int, n_samples: int, seed: int = 0) -> dict:

@@ -12,8 +12,8 @@ after the other, with the training loop's own autocast (training.autocast: bf16 
 too). Random uint8 images (throughput does not depend on the
 pixels) are dequantised and globally scaled as ``Dataset.to_model`` does.
 
-- training: images/s of forward + backward + Adam step of ``training_loss``, data
-  preparation included;
+- training: images/s of the training loop's step (``training.train_step``: forward, backward
+  and Adam step of the bound), data preparation included;
 - sampling: ancestral sampling is T reverse steps of one network evaluation each, too slow to
   run through on a CPU, so the time of one reverse step (at t = T) is measured and
   images/s = batch / (T x time per step);
@@ -41,15 +41,15 @@ from pathlib import Path
 
 import torch
 
-from thermodiff.bound import training_loss
 from thermodiff.checkpoint import atomic_write_text
-from thermodiff.config import Config
+from thermodiff.config import TrainConfig
 from thermodiff.convnet import build_conv_net
+from thermodiff.distributed import Context
 from thermodiff.gaussian import GaussianDiffusion
 from thermodiff.image_data import to_unit_float
 from thermodiff.machine import machine as this_process_machine
 from thermodiff.schedules import make_schedule
-from thermodiff.training import autocast
+from thermodiff.training import TrainState, autocast, train_step
 from thermodiff.unet import build_unet
 
 # name: (network builder, its preset, the image shape (C, H, W) it was designed for)
@@ -78,26 +78,20 @@ def measure(preset: str, mode: str, device: str, batch_size: int, T: int, warmup
     images = torch.randint(0, 256, shape, dtype=torch.uint8, device=dev)
     unit = images.double() / 255
     mean, std = float(unit.mean()), float(unit.std())  # one global pair, as image_scaling fits
-    cfg = Config()
-    cfg.train.precision = precision
-    amp = lambda: autocast(cfg, dev)  # noqa: E731  the training loop's own
+    train = TrainConfig(lr=1e-3, precision=precision)
 
     if mode == "train":
-        optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+        ctx = Context(device=dev)
+        state = TrainState.start(net, diffusion, train, seed=0, ctx=ctx)
 
         def step() -> None:
-            x0 = (to_unit_float(images) - mean) / std
-            with amp():
-                loss, _ = training_loss(diffusion, net, x0)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            train_step(state, (to_unit_float(images) - mean) / std, train, ctx)
     else:
         x_T = diffusion.sample_prior(shape, device=dev)
 
         @torch.no_grad()
         def step() -> None:
-            with amp():
+            with autocast(train, dev):  # the training loop's own
                 diffusion.p_sample(net, x_T, T)  # any t >= 2 costs one network evaluation
 
     sync()
@@ -186,7 +180,8 @@ def main(argv: list[str]) -> None:
                      "optimizer": "Adam, lr 1e-3", "precisions": args.precisions,
                      "batch_size": args.batch_size, "repeats": args.repeats, "iters_per_repeat": args.iters,
                      "warmup": args.warmup},
-        "method": {"train": "images/s of forward + backward + Adam step of training_loss (dequantisation and scaling included)",
+        "method": {"train": "images/s of training.train_step: forward + backward + Adam step of the bound "
+                            "(dequantisation and scaling included)",
                    "sample": "images/s = batch / (T x time of one reverse step at t = T), not a full T-step run",
                    "memory": "each measurement in a fresh process: rss_peak_mib = its ru_maxrss (torch runtime included), "
                              "rss_setup_mib = that mark before the first step; CUDA: max_memory_allocated"},

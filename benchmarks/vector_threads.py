@@ -5,7 +5,8 @@ what is faster on a 2-core machine.
     python benchmarks/vector_threads.py [--cases gauss_10d bernoulli_mix_64d] [--repeats 5] [--seconds 10]
 
 Each case's training data come from thermodiff.known_densities; the config is `vectors` with every
-"auto" decided as `train vectors` decides it. Writes benchmarks/results/vector_threads.json.
+"auto" decided as `train vectors` decides it; a step is the training loop's (training.train_step).
+Writes benchmarks/results/vector_threads.json.
 """
 
 import argparse
@@ -22,27 +23,21 @@ STEPS = '''
 import json, sys, time, torch
 import numpy as np
 from thermodiff.config import load_config
-from thermodiff.experiment import build_diffusion, build_model, data_bins, prepare_dataset
-from thermodiff.training import Objective, make_optimizer
+from thermodiff.experiment import assemble
+from thermodiff.training import TrainState, draw_batch, train_step
 torch.set_num_threads(int(sys.argv[2]))
 cfg = load_config("vectors", ["data.source=" + json.dumps(sys.argv[1])])
-dataset, kind = prepare_dataset(cfg)
-diffusion = build_diffusion(cfg, kind, float(dataset.train.mean()), data_bins(dataset))
-objective = Objective(build_model(cfg, diffusion, dataset.event_shape), diffusion)
-optimizer = make_optimizer(cfg, list(objective.parameters()))
-generator = torch.Generator().manual_seed(0)
+parts = assemble(cfg)
+state = TrainState.start(parts.model, parts.diffusion, cfg.train, cfg.seed)
 def step():
-    idx = torch.randint(0, len(dataset.train), (cfg.train.batch_size,), generator=generator)
-    x0 = dataset.to_model(dataset.train[idx.numpy()], generator)
-    loss, _ = objective(x0, objective.draws(x0, generator))
-    optimizer.zero_grad(); loss.backward(); optimizer.step()
+    train_step(state, draw_batch(state, parts.dataset, cfg.train.batch_size, torch.device("cpu")), cfg.train)
 for _ in range(20):
     step()
 start, n = time.perf_counter(), 0
 while time.perf_counter() - start < float(sys.argv[3]):
     step(); n += 1
 print(json.dumps({"steps_per_s": n / (time.perf_counter() - start), "batch_size": cfg.train.batch_size,
-                  "hidden": cfg.model.hidden, "layers": cfg.model.layers, "kind": kind}))
+                  "hidden": cfg.model.hidden, "layers": cfg.model.layers, "kind": parts.kind}))
 '''
 
 

@@ -10,7 +10,7 @@ import torch
 
 from thermodiff.checkpoint import load_checkpoint
 from thermodiff.config import load_config
-from thermodiff.experiment import build_diffusion, build_model, prepare_dataset
+from thermodiff.experiment import assemble
 
 WORKER = textwrap.dedent("""
     import sys
@@ -81,9 +81,5 @@ def test_two_gloo_processes_stay_in_sync_and_match_one_process(tmp_path):
         # the all-reduce sums gradients in another order: equal up to float rounding, amplified by 15 Adam steps
         torch.testing.assert_close(rank0[key], single[key], rtol=1e-4, atol=1e-5, msg=f"{key}: DDP != one process")
     # and training moved the weights well away from their shared initialisation
-    cfg = load_config(str(config))
-    torch.manual_seed(cfg.seed)
-    dataset, kind = prepare_dataset(cfg)
-    diffusion = build_diffusion(cfg, kind, float(dataset.train.mean()))
-    initial = {f"model.{k}": v for k, v in build_model(cfg, diffusion, (2,)).state_dict().items()}
+    initial = {f"model.{k}": v for k, v in assemble(load_config(str(config))).model.state_dict().items()}
     assert max(float((single[k] - initial[k]).abs().max()) for k in initial) > 1e-2

@@ -1,12 +1,17 @@
-"""The training loop's weight average, its mixed precision and its time limit."""
+"""The training loop's weight average, its mixed precision, its time limit, its state's round
+trip through a checkpoint and its metrics files."""
+
+import json
 
 import pytest
 import torch
 from torch import nn
 
 from conftest import assert_one_line_error
-from thermodiff.config import Config
-from thermodiff.training import EMA, autocast
+from thermodiff.checkpoint import load_checkpoint, save_checkpoint
+from thermodiff.config import TrainConfig, load_config
+from thermodiff.experiment import assemble
+from thermodiff.training import EMA, METRIC_FIELDS, TrainState, autocast, draw_batch, read_metrics, train_step
 
 
 @pytest.mark.parametrize("decay", [0.9, 0.999])
@@ -43,9 +48,49 @@ def test_minutes_limits_training_and_extends_a_resumed_run(cli, tiny_config, tmp
 @pytest.mark.parametrize("precision, expected", [("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float32)])
 def test_autocast_lowers_the_network_on_cpu_only_for_bf16(precision, expected):
     """bf16 autocasts on the CPU too; fp16 (which needs CUDA's gradient scaler) leaves the CPU in fp32."""
-    cfg = Config()
-    cfg.train.precision = precision
     a = torch.randn(4, 4)
-    with autocast(cfg, torch.device("cpu")):
+    with autocast(TrainConfig(precision=precision), torch.device("cpu")):
         assert (a @ a).dtype == expected
         assert torch.exp(a).dtype == torch.float32  # elementwise math keeps its precision
+
+
+def _steps(state: TrainState, parts, t: TrainConfig, n: int) -> list[float]:
+    return [train_step(state, draw_batch(state, parts.dataset, t.batch_size, torch.device("cpu")), t) for _ in range(n)]
+
+
+def test_a_train_state_continues_bit_for_bit_from_its_checkpoint(tiny_config, tmp_path):
+    """to_checkpoint, written and read back, then from_checkpoint into freshly built parts: the
+    next steps equal those of the state that never stopped (weights, average, optimiser, RNG)."""
+    cfg = load_config(str(tiny_config), ["train.ema_decay=0.9", "train.grad_clip=0.5"])
+    parts = assemble(cfg)
+    state = TrainState.start(parts.model, parts.diffusion, cfg.train, cfg.seed)
+    _steps(state, parts, cfg.train, 3)
+    tensors, meta = state.to_checkpoint()
+    save_checkpoint(tmp_path / "state.safetensors", tensors, meta)
+    tensors, meta = load_checkpoint(tmp_path / "state.safetensors")
+    again_parts = assemble(cfg)
+    again = TrainState.from_checkpoint(again_parts.model, again_parts.diffusion, cfg.train, cfg.seed, tensors, meta)
+    assert (again.step, again.window) == (state.step, state.window) and again.elapsed_s >= meta["elapsed_s"]
+    assert _steps(again, again_parts, cfg.train, 4) == _steps(state, parts, cfg.train, 4)
+    ours, theirs = state.to_checkpoint()[0], again.to_checkpoint()[0]
+    assert ours.keys() == theirs.keys() and any(k.startswith("ema.") for k in ours)
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), key
+
+
+def test_old_metrics_with_loss_bits_resume_as_K_bits_window(tiny_config, cli, tmp_path):
+    """Older versions logged minus the window's mean K as loss_bits, which is not the optimised
+    loss; a run of theirs resumes with that column as K_bits_window, sign and all."""
+    run = tmp_path / "run"
+    assert cli("train", tiny_config, "--out", run, "--steps", 10, "--quiet").rc == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    old = [{("loss_bits" if k == "K_bits_window" else k): (-v if k == "K_bits_window" else v) for k, v in r.items()}
+           for r in records]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old))
+    assert read_metrics(run) == records
+    assert cli("train", tiny_config, "--out", run, "--resume", "--steps", 20, "--quiet").rc == 0
+    resumed = read_metrics(run)
+    assert resumed[: len(records)] == records and [r["step"] for r in resumed] == [5, 10, 15, 20]
+    header, *rows = (run / "metrics.csv").read_text().splitlines()
+    assert header.split(",") == METRIC_FIELDS and len(rows) == 4
+    assert [float(row.split(",")[2]) for row in rows] == [r["K_bits_window"] for r in resumed]

@@ -10,11 +10,13 @@ import torch.distributed as dist
 from thermodiff.errors import UserError
 
 
-@dataclass
+@dataclass(frozen=True)
 class Context:
-    rank: int
-    world_size: int
-    device: torch.device
+    """This process's place in the run: ``Context()`` is a single process on the CPU."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
 
     @property
     def is_main(self) -> bool:
@@ -33,6 +35,11 @@ class Context:
         if self.distributed:
             dist.all_reduce(value, op=dist.ReduceOp.SUM)
         return value
+
+    def any(self, *flags: bool) -> list[bool]:
+        """Each flag, true if it is true in any process (so that all processes act together)."""
+        summed = self.all_reduce_sum(torch.tensor(flags, dtype=torch.float64, device=self.device))
+        return [bool(value > 0) for value in summed]
 
     def barrier(self) -> None:
         if self.distributed:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch import nn
 
 from thermodiff import autoconfig
@@ -277,6 +278,27 @@ def build_model(cfg: Config, diffusion: nn.Module, event_shape: tuple[int, ...])
 
 
 @dataclass
+class Parts:
+    """The data, process and network that a config describes (:func:`assemble`)."""
+
+    dataset: datasets.Dataset
+    kind: str  # the process kind: gaussian, binomial or vdm
+    diffusion: nn.Module
+    model: nn.Module
+
+
+def assemble(cfg: Config, override: np.ndarray | None = None, scaling: datasets.Scaling | None = None) -> Parts:
+    """Build the data, the process and the network of ``cfg``, deciding its "auto" settings
+    (:func:`prepare_dataset`, whose ``override`` and ``scaling`` these are). The network's initial
+    weights are drawn from torch's global generator seeded with ``cfg.seed``, so that a run's
+    initialisation is its config's."""
+    torch.manual_seed(cfg.seed)
+    dataset, kind = prepare_dataset(cfg, override, scaling)
+    diffusion = build_diffusion(cfg, kind, float(dataset.train.mean()), data_bins(dataset))
+    return Parts(dataset, kind, diffusion, build_model(cfg, diffusion, dataset.event_shape))
+
+
+@dataclass
 class Run:
     """A trained run loaded from its directory."""
 
@@ -324,15 +346,13 @@ def load_run(run_dir: str | Path, data_path: str | None = None) -> Run:
             what = (f"has {got[0]} columns but run {run_dir} models {expected[0]}-dimensional data" if len(got) == len(expected) == 1
                     else f"holds examples of shape {got}, but run {run_dir} models shape {expected}")
             raise UserError(f"{data_path}: {what}")
-    dataset, kind = prepare_dataset(cfg, override, scaling)
-    if kind == "binomial" and override is not None and not datasets.is_binary(override):
+    parts = assemble(cfg, override, scaling)
+    if parts.kind == "binomial" and override is not None and not datasets.is_binary(override):
         raise UserError(f"{data_path}: data are not binary, but run {run_dir} is a binomial diffusion")
-    diffusion = build_diffusion(cfg, kind, float(dataset.train.mean()), data_bins(dataset))
-    model = build_model(cfg, diffusion, dataset.event_shape)
     weights = "ema." if any(k.startswith("ema.") for k in tensors) else ""  # evaluate the averaged weights
-    load_state(model, tensors, f"{weights}model.", str(run_dir))
-    load_state(diffusion, tensors, f"{weights}diffusion.", str(run_dir))
-    model.eval()
-    return Run(run_dir, cfg, dataset, diffusion, model, int(meta["step"]), meta,
+    load_state(parts.model, tensors, f"{weights}model.", str(run_dir))
+    load_state(parts.diffusion, tensors, f"{weights}diffusion.", str(run_dir))
+    parts.model.eval()
+    return Run(run_dir, cfg, parts.dataset, parts.diffusion, parts.model, int(meta["step"]), meta,
                "best" if checkpoint == best else "last")
 

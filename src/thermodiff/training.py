@@ -1,5 +1,8 @@
 """The training loop: maximise the stochastic estimate of K with Adam or RMSProp, log
-metrics, checkpoint atomically, resume exactly (model, optimiser, step and RNG states)."""
+metrics, checkpoint atomically, resume exactly (model, optimiser, step and RNG states).
+
+Everything a run needs to continue bit for bit is its :class:`TrainState`; one optimiser step
+(:func:`train_step`) serves the loop and the benchmarks alike."""
 
 import contextlib
 import copy
@@ -12,6 +15,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,27 +27,33 @@ from thermodiff import distributed
 from thermodiff.bound import exact_bound
 from thermodiff.checkpoint import (atomic_write_text, flatten_optimizer_state, load_checkpoint, save_checkpoint,
                                    umask, unflatten_optimizer_state)
-from thermodiff.config import Config
+from thermodiff.config import Config, TrainConfig
+from thermodiff.data import Dataset
+from thermodiff.distributed import Context
 from thermodiff.errors import UserError, first_line
-from thermodiff.experiment import (BEST_CHECKPOINT, build_diffusion, build_model, data_bins, dequantizes, file_digest,
-                                   load_state, prepare_dataset, resolve_source)
+from thermodiff.experiment import BEST_CHECKPOINT, Parts, assemble, dequantizes, file_digest, load_state, resolve_source
 from thermodiff.process import Trainable
 from thermodiff.tensors import LN2
 
-METRIC_FIELDS = ["step", "K_bits_running", "loss_bits", "lr", "elapsed_s", "nonfinite_skipped", "val_K_bits"]
+CHECKPOINT = "checkpoint.safetensors"
+#: the columns of metrics.csv; K_bits_window is the mean K of the steps since the previous record
+#: (before it was named, as the loss_bits column, by its negative; :func:`read_metrics` converts)
+METRIC_FIELDS = ["step", "K_bits_running", "K_bits_window", "lr", "elapsed_s", "nonfinite_skipped", "val_K_bits"]
 
 
-def make_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
-    t = cfg.train
-    return {"adam": torch.optim.Adam, "rmsprop": torch.optim.RMSprop}[t.optimizer](params, lr=t.lr)
+def make_optimizer(t: TrainConfig, params) -> torch.optim.Optimizer:
+    if t.optimizer == "adam":
+        return torch.optim.Adam(params, lr=t.lr)
+    if t.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=t.lr)
+    raise UserError(f"train.optimizer must be 'adam' or 'rmsprop', got {t.optimizer!r}")
 
 
-def learning_rate(cfg: Config, step: int, progress: float = 0.0) -> float:
+def learning_rate(t: TrainConfig, step: int, progress: float = 0.0) -> float:
     """The learning rate at ``step``: decayed by lr_decay every lr_decay_every steps (the
     ``step`` schedule), or (``cosine``) a linear warm-up over the first ``warmup`` of the run and
     a cosine decay to 0 at its end, ``progress`` in [0, 1] being how much of the run is done (of
     its steps or of its minutes, whichever limit is nearer)."""
-    t = cfg.train
     if t.lr_schedule == "cosine":
         warm = min(1.0, progress / t.warmup) if t.warmup > 0 else 1.0
         return t.lr * warm * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
@@ -52,9 +62,8 @@ def learning_rate(cfg: Config, step: int, progress: float = 0.0) -> float:
     return max(t.lr * t.lr_decay ** (step // t.lr_decay_every), min(t.lr_min, t.lr))
 
 
-def run_progress(cfg: Config, step: int, elapsed_s: float) -> float:
+def run_progress(t: TrainConfig, step: int, elapsed_s: float) -> float:
     """How much of the run is done: the larger of its fractions of train.steps and train.max_minutes."""
-    t = cfg.train
     return max(step / t.steps if t.steps else 0.0, elapsed_s / (60 * t.max_minutes) if t.max_minutes else 0.0)
 
 
@@ -65,15 +74,31 @@ def validate_train_config(cfg: Config, world_size: int = 1) -> None:
         raise UserError(f"train.batch_size {t.batch_size} must be divisible by the number of processes ({world_size})")
 
 
+def autocast(t: TrainConfig, device: torch.device):
+    """The network's mixed precision: bf16 on any device (on CPUs with AVX-512 BF16 it trains
+    faster; benchmarks/throughput.py --precisions fp32,bf16 measures it), fp16 only on CUDA (it
+    needs the gradient scaler); the bound's own arithmetic stays in float32/float64 either way (autocast only lowers convolutions and matmuls)."""
+    precision = t.precision
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision == "fp16" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
-    """The complete records of a run's metrics.jsonl, in order ([] when there is none)."""
+    """The complete records of a run's metrics.jsonl, in order ([] when there is none), those of
+    older versions with their loss_bits column as K_bits_window (its negative)."""
     path = run_dir / "metrics.jsonl"
     records = []
     for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut short by a kill
+        if "loss_bits" in record:  # written by an older version
+            record["K_bits_window"] = -record.pop("loss_bits")
+        records.append(record)
     return records
 
 
@@ -175,23 +200,161 @@ class EMA:
                 self.shadow[k].lerp_(v, 1 - decay)
 
 
+@dataclass
+class TrainState:
+    """Everything that makes a resumed run continue bit for bit: weights, optimiser, weight
+    average, loss scale, both generators, the step, the non-finite counts, the running K and
+    its logging window, the training time, the best validation score and when to score next."""
+
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    ema: EMA | None
+    scaler: torch.amp.GradScaler
+    noise_gen: torch.Generator  # the steps' randomness (t, noise), on the training device
+    order_gen: torch.Generator  # which examples each batch holds, and their dequantisation
+    trainer: nn.Module  # what the forward pass runs through: the objective, or its DDP wrapper
+    step: int = 0
+    nonfinite_skipped: int = 0
+    nonfinite_in_a_row: int = 0
+    K_bits_running: float | None = None
+    window: list[float] = field(default_factory=list)  # the steps' K since the last metrics record
+    start_time: float = field(default_factory=time.perf_counter)  # when training time was 0
+    best: dict | None = None  # {"K_bits", "stderr_bits", "step", "n_examples"} of the best validation score
+    next_val_s: float = math.inf  # the training time at which to score the validation split next
+
+    #: what a checkpoint must hold to be resumed (the metrics state added later is optional)
+    RESUME_FIELDS = {"config": dict, "step": int, "optimizer": dict, "nonfinite_skipped": int}
+    RESUME_TENSORS = ("rng.noise", "rng.order")
+
+    @classmethod
+    def start(cls, model: nn.Module, diffusion: nn.Module, t: TrainConfig, seed: int,
+              ctx: Context = Context()) -> "TrainState":
+        """A new run's state, on ``ctx``'s device, for the weights as they are."""
+        objective = Objective(model, diffusion).to(ctx.device)
+        return cls(objective, make_optimizer(t, list(objective.parameters())),
+                   EMA(objective, t.ema_decay) if t.ema_decay > 0 else None,
+                   torch.amp.GradScaler("cuda", enabled=t.precision == "fp16" and ctx.device.type == "cuda"),
+                   torch.Generator(ctx.device).manual_seed(seed + 1), torch.Generator().manual_seed(seed + 2),
+                   DistributedDataParallel(objective) if ctx.distributed else objective,
+                   next_val_s=60 * t.val_minutes or math.inf)
+
+    @classmethod
+    def from_checkpoint(cls, model: nn.Module, diffusion: nn.Module, t: TrainConfig, seed: int,
+                        tensors: dict[str, torch.Tensor], meta: dict, ctx: Context = Context(),
+                        origin: str = "checkpoint") -> "TrainState":
+        """The state that :meth:`to_checkpoint` wrote (``tensors`` and ``meta``), continued on
+        ``ctx``'s device; the weights load into ``model`` and ``diffusion`` first, so that the
+        optimiser and the weight average start from them."""
+        load_state(model, tensors, "model.", origin)
+        load_state(diffusion, tensors, "diffusion.", origin)
+        state = cls.start(model, diffusion, t, seed, ctx)
+        try:
+            state.noise_gen.set_state(tensors["rng.noise"])
+            state.order_gen.set_state(tensors["rng.order"])
+            state.optimizer.load_state_dict(unflatten_optimizer_state(tensors, meta["optimizer"]))
+            if state.ema is not None and any(k.startswith("ema.") for k in tensors):
+                state.ema.shadow = {k: tensors[f"ema.{k}"].to(ctx.device) for k in state.ema.shadow}
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise UserError(f"{origin}: checkpoint does not match this model ({first_line(e)})") from None
+        if state.scaler.is_enabled() and meta.get("grad_scaler"):
+            state.scaler.load_state_dict(meta["grad_scaler"])  # fp16's loss scale continues, not restarted
+        state.step, state.nonfinite_skipped = meta["step"], meta["nonfinite_skipped"]
+        state.nonfinite_in_a_row, state.K_bits_running = meta.get("nonfinite_in_a_row", 0), meta.get("K_bits_running")
+        state.window, state.best = meta.get("window", []), meta.get("best")
+        state.start_time = time.perf_counter() - meta.get("elapsed_s", 0.0)  # training time counts on across resumes
+        state.next_val_s = meta.get("next_val_s", state.next_val_s)
+        return state
+
+    def to_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """The tensors and the JSON record of this state, as :meth:`from_checkpoint` reads them."""
+        tensors = dict(self.objective.state_dict())  # model.* and diffusion.*
+        if self.ema is not None:
+            tensors |= {f"ema.{k}": v for k, v in self.ema.shadow.items()}
+        optim_tensors, optim_meta = flatten_optimizer_state(self.optimizer.state_dict())
+        tensors |= optim_tensors | {"rng.noise": self.noise_gen.get_state(), "rng.order": self.order_gen.get_state()}
+        return tensors, {"step": self.step, "optimizer": optim_meta, "nonfinite_skipped": self.nonfinite_skipped,
+                         "nonfinite_in_a_row": self.nonfinite_in_a_row, "K_bits_running": self.K_bits_running,
+                         "window": self.window, "elapsed_s": self.elapsed_s, "grad_scaler": self.scaler.state_dict(),
+                         "best": self.best, "next_val_s": self.next_val_s}
+
+    @property
+    def elapsed_s(self) -> float:
+        """Training time so far, in seconds, across resumes."""
+        return time.perf_counter() - self.start_time
+
+    def evaluated_weights(self) -> dict[str, torch.Tensor]:
+        """The weights that evaluation uses: the average's, if any (an Objective state dict)."""
+        return self.ema.shadow if self.ema is not None else self.objective.state_dict()
+
+
+class NonFiniteLosses(UserError):
+    """train.max_nonfinite non-finite losses in a row: training stops."""
+
+
+def draw_batch(state: TrainState, dataset: Dataset, batch_size: int, device: torch.device) -> torch.Tensor:
+    """A global batch drawn with replacement from the training split (by ``state.order_gen``),
+    in model units."""
+    idx = torch.randint(0, len(dataset.train), (batch_size,), generator=state.order_gen)
+    return dataset.to_model(dataset.train[idx.numpy()], state.order_gen, device,
+                            dequantize=dequantizes(state.objective.diffusion))
+
+
+def train_step(state: TrainState, x0: torch.Tensor, t: TrainConfig, ctx: Context = Context()) -> float | None:
+    """One optimiser step on the global batch ``x0``, the same in every process, at the learning
+    rate of the run's progress; the gradients clipped, fp16's loss scaled, the weights averaged.
+    A non-finite loss in any process skips the step in all (counted; :class:`NonFiniteLosses`
+    after train.max_nonfinite in a row). Returns the batch's K in bits per example, or None
+    for a skipped step."""
+    lr = learning_rate(t, state.step, run_progress(t, state.step, state.elapsed_s))
+    for group in state.optimizer.param_groups:
+        group["lr"] = lr
+    # every process draws the whole global batch's randomness, then takes its shard: the same
+    # numbers as one process training on the global batch
+    draws, shard = state.objective.draws(x0, state.noise_gen), ctx.shard(len(x0))
+    with autocast(t, ctx.device):
+        loss, k = state.trainer(x0[shard], draws[shard])
+    state.step += 1
+    stats = torch.tensor([float(k.sum()), float(not torch.isfinite(loss)), float(len(k))], dtype=torch.float64,
+                         device=k.device)
+    k_sum, nonfinite, n = ctx.all_reduce_sum(stats).tolist()
+    if nonfinite:  # any process saw a non-finite loss: all skip the step together
+        state.nonfinite_skipped += 1
+        state.nonfinite_in_a_row += 1
+        if state.nonfinite_in_a_row >= t.max_nonfinite:
+            raise NonFiniteLosses(f"training stopped at step {state.step}: {state.nonfinite_in_a_row} non-finite "
+                                  f"losses in a row (try a lower train.lr or train.grad_clip)")
+        return None
+    state.nonfinite_in_a_row = 0
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scaler.scale(loss).backward()
+    if t.grad_clip > 0:
+        state.scaler.unscale_(state.optimizer)
+        torch.nn.utils.clip_grad_norm_(list(state.objective.parameters()), t.grad_clip)
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    if state.ema is not None:
+        state.ema.update(state.objective, state.step)
+    k_bits = k_sum / n / LN2
+    state.window.append(k_bits)
+    state.K_bits_running = k_bits if state.K_bits_running is None else 0.99 * state.K_bits_running + 0.01 * k_bits
+    return k_bits
+
+
 class Validator:
-    """Scores the weights that evaluation uses (the EMA's, if any) by the bound on the validation
-    split, always with the same noise (so that two checkpoints' scores differ by their weights,
-    not their draws), and keeps the best as ``best.safetensors``, which runs are loaded from."""
+    """Scores weights by the bound on the validation split, always with the same noise (so that
+    two checkpoints' scores differ by their weights, not their draws)."""
 
     #: steps per example of the stratified estimate of the validation examples' bound (the same
     #: steps and noise every time, so that scores differ by the weights)
     T_SAMPLES = 50
 
-    def __init__(self, objective: "Objective", dataset, cfg: Config, device: torch.device, best: dict | None):
+    def __init__(self, objective: Objective, dataset: Dataset, cfg: Config, device: torch.device):
         self.copy = copy.deepcopy(objective)  # holds the weights being scored
         self.copy.eval()
         val = dataset.val[: cfg.train.val_examples]
         self.x = dataset.to_model(val, torch.Generator().manual_seed(cfg.seed + 3), device,
                                   dequantize=dequantizes(objective.diffusion))
         self.batch_size, self.seed = cfg.eval.batch_size, cfg.seed + 4
-        self.best = best  # {"K_bits", "stderr_bits", "step"} of the best so far
 
     def score(self, weights: dict[str, torch.Tensor]) -> tuple[float, float]:
         """K (bits per example) of ``weights`` (an Objective state dict) and its standard error."""
@@ -201,26 +364,68 @@ class Validator:
                                generator, t_samples=self.T_SAMPLES)
         return estimate.mean / LN2, estimate.stderr / LN2
 
-    def update(self, weights: dict[str, torch.Tensor], step: int, path: Path, meta: dict) -> float:
-        """Score ``weights``; if they are the best so far, write them to ``path`` with ``meta``."""
-        k_bits, stderr = self.score(weights)
-        if self.best is None or k_bits > self.best["K_bits"]:
-            self.best = {"K_bits": k_bits, "stderr_bits": stderr, "step": step, "n_examples": len(self.x)}
-            state = {k: v.detach().clone() for k, v in self.copy.state_dict().items()}
-            save_checkpoint(path, state, meta | {"step": step, "validation": self.best})
-        return k_bits
+
+@dataclass
+class Session:
+    """What one training session works with besides its :class:`TrainState`: the run's config,
+    folder and data, process 0's validator, and the step of the checkpoint on disk."""
+
+    cfg: Config
+    run_dir: Path
+    ctx: Context
+    dataset: Dataset
+    data: dict  # the data record of the run's checkpoints
+    validator: Validator | None
+    saved_step: int | None = None
+    start_time: float = field(default_factory=time.perf_counter)
+
+    def record(self) -> dict:
+        """What every checkpoint of the run records besides the state."""
+        return {"config": self.cfg.to_dict(), "data": self.data}
 
 
-def autocast(cfg: Config, device: torch.device):
-    """The network's mixed precision: bf16 on any device (on CPUs with AVX-512 BF16 it trains
-    faster; benchmarks/throughput.py --precisions fp32,bf16 measures it), fp16 only on CUDA (it needs the gradient scaler); the bound's own
-    arithmetic stays in float32/float64 either way (autocast only lowers convolutions and matmuls)."""
-    precision = cfg.train.precision
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    if precision == "fp16" and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
-    return contextlib.nullcontext()
+def save(state: TrainState, session: Session, folder: Path | None = None) -> None:
+    """Checkpoint ``state`` into the run directory (or ``folder``); process 0 writes it."""
+    session.saved_step = state.step
+    if session.ctx.is_main:
+        tensors, meta = state.to_checkpoint()
+        save_checkpoint((folder or session.run_dir) / CHECKPOINT, tensors,
+                        session.record() | meta | {"world_size": session.ctx.world_size})
+
+
+def validate(state: TrainState, session: Session) -> float | None:
+    """Score the evaluated weights on the validation split (process 0), keeping the best as
+    ``best.safetensors``, which runs are loaded from; None without a validator."""
+    if session.validator is None:
+        return None
+    k_bits, stderr = session.validator.score(state.evaluated_weights())
+    if state.best is None or k_bits > state.best["K_bits"]:
+        state.best = {"K_bits": k_bits, "stderr_bits": stderr, "step": state.step, "n_examples": len(session.validator.x)}
+        weights = {k: v.detach().clone() for k, v in session.validator.copy.state_dict().items()}
+        save_checkpoint(session.run_dir / BEST_CHECKPOINT, weights,
+                        session.record() | {"step": state.step, "validation": state.best})
+    return k_bits
+
+
+def log_metrics(state: TrainState, session: Session, val_bits: float | None) -> None:
+    """Append a metrics record (process 0) and start a new window of steps."""
+    if session.ctx.is_main:
+        record = {"step": state.step, "K_bits_running": round(state.K_bits_running, 6),
+                  "K_bits_window": round(sum(state.window) / len(state.window), 6),
+                  "lr": state.optimizer.param_groups[0]["lr"], "elapsed_s": round(state.elapsed_s, 3),
+                  "nonfinite_skipped": state.nonfinite_skipped}
+        if val_bits is not None:
+            record["val_K_bits"] = round(val_bits, 6)
+        append_metrics(session.run_dir, record)
+    state.window = []
+
+
+def show(bar: tqdm, state: TrainState, val_bits: float | None) -> None:
+    """The running K on the progress bar, and the last validation score and the best."""
+    shown = {"K_bits": f"{state.K_bits_running:.3f}"}
+    if val_bits is not None:
+        shown |= {"val_K": f"{val_bits:.3f}", "best": f"{state.best['K_bits']:.3f}"}
+    bar.set_postfix(shown, refresh=False)
 
 
 def train(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: bool = False, progress: bool = True,
@@ -237,183 +442,117 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: boo
         distributed.teardown(ctx)
 
 
-# what a checkpoint must hold to be resumed (the metrics state added later is optional)
-RESUME_FIELDS = {"config": dict, "step": int, "optimizer": dict, "nonfinite_skipped": int}
-RESUME_TENSORS = ("rng.noise", "rng.order")
-
-
-def _train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, progress: bool, ctx: distributed.Context,
+def _train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, progress: bool, ctx: Context,
            max_minutes: float | None = None) -> dict:
     check_run_dir(run_dir, resume, overwrite)
     ctx.barrier()  # every process has checked before process 0 creates the folder
-    tensors, meta = (load_checkpoint(run_dir / "checkpoint.safetensors", RESUME_FIELDS, RESUME_TENSORS)
+    tensors, meta = (load_checkpoint(run_dir / CHECKPOINT, TrainState.RESUME_FIELDS, TrainState.RESUME_TENSORS)
                      if resume else ({}, {}))
+    cfg = run_config(cfg, meta, str(run_dir), max_minutes)
+    parts = assemble(cfg)  # bad input fails here, before anything on disk changes
+    validate_train_config(cfg, ctx.world_size)  # with every "auto" decided
+    resolve_source(cfg)
     if resume:
+        state = TrainState.from_checkpoint(parts.model, parts.diffusion, cfg.train, cfg.seed, tensors, meta, ctx,
+                                           str(run_dir))
+        if (run_dir / BEST_CHECKPOINT).exists():  # it may be newer than the checkpoint (a kill in between)
+            state.best = load_checkpoint(run_dir / BEST_CHECKPOINT, {"validation": dict})[1]["validation"]
+    else:
+        state = TrainState.start(parts.model, parts.diffusion, cfg.train, cfg.seed, ctx)
+    session = open_session(cfg, run_dir, parts, state, ctx, resume)
+    start_step = state.step
+    # the untrained weights are scored too (for whitened Gaussian data, the exact model)
+    train_loop(state, session, progress, val_bits=None if resume else validate(state, session))
+    ctx.barrier()
+    wall = time.perf_counter() - session.start_time
+    return {"run_dir": str(run_dir), "steps": state.step, "K_bits_running": state.K_bits_running,
+            "wall_s": round(wall, 3), "steps_per_s": round((state.step - start_step) / wall, 2) if wall > 0 else None,
+            "nonfinite_skipped": state.nonfinite_skipped, "world_size": ctx.world_size, "device": str(ctx.device),
+            "best": state.best if session.validator else None, "auto_choices": cfg.auto, "data": session.data}
+
+
+def run_config(cfg: Config, meta: dict, origin: str, max_minutes: float | None) -> Config:
+    """The config to train: a resumed run's own (``meta`` of its checkpoint) with ``cfg``'s
+    train.steps as the new total; ``max_minutes``, when given, replaces train.max_minutes."""
+    if meta:
         steps = cfg.train.steps
-        cfg = Config.from_dict(meta["config"], origin=str(run_dir))
+        cfg = Config.from_dict(meta["config"], origin=origin)
         cfg.train.steps = steps
     if max_minutes is not None:
         cfg.train.max_minutes = max_minutes
     cfg.validate()
-    torch.manual_seed(cfg.seed)
-    dataset, kind = prepare_dataset(cfg)  # bad input fails here, before anything on disk changes
-    validate_train_config(cfg, ctx.world_size)  # with every "auto" decided
-    resolve_source(cfg)
-    diffusion = build_diffusion(cfg, kind, float(dataset.train.mean()), data_bins(dataset))
-    model = build_model(cfg, diffusion, dataset.event_shape)
-    objective = Objective(model, diffusion)
-    noise_gen = torch.Generator(ctx.device).manual_seed(cfg.seed + 1)
-    order_gen = torch.Generator().manual_seed(cfg.seed + 2)
-    # the state that makes a resumed run continue bit for bit: the logging window and the
-    # non-finite streak too, so metrics.jsonl matches an uninterrupted run's as well
-    step, skipped_total, running, window, in_a_row, elapsed = 0, 0, None, [], 0, 0.0
-    if resume:  # load before moving and wrapping in DDP
-        load_state(model, tensors, "model.", str(run_dir))
-        load_state(diffusion, tensors, "diffusion.", str(run_dir))
-        step, skipped_total, running = meta["step"], meta["nonfinite_skipped"], meta.get("K_bits_running")
-        window, in_a_row, elapsed = meta.get("window", []), meta.get("nonfinite_in_a_row", 0), meta.get("elapsed_s", 0.0)
-    objective.to(ctx.device)
-    params = list(objective.parameters())
-    optimizer = make_optimizer(cfg, params)
-    ema = EMA(objective, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
-    if resume:
-        try:
-            noise_gen.set_state(tensors["rng.noise"])
-            order_gen.set_state(tensors["rng.order"])
-            optimizer.load_state_dict(unflatten_optimizer_state(tensors, meta["optimizer"]))
-            if ema is not None and any(k.startswith("ema.") for k in tensors):
-                ema.shadow = {k: tensors[f"ema.{k}"].to(ctx.device) for k in ema.shadow}
-        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise UserError(f"{run_dir}: checkpoint does not match this model ({first_line(e)})") from None
-    trainer = DistributedDataParallel(objective) if ctx.distributed else objective
-    scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.precision == "fp16" and ctx.device.type == "cuda")
-    if resume and scaler.is_enabled() and meta.get("grad_scaler"):
-        scaler.load_state_dict(meta["grad_scaler"])  # fp16's loss scale continues, not restarted
-    data_info = dataset.describe() | {"kind": kind, "stationary_p": diffusion.stationary_p,
-                                     "seed": cfg.seed}
+    return cfg
+
+
+def data_record(cfg: Config, parts: Parts) -> dict:
+    """What a run's checkpoints record of its data (load_run rebuilds the data from it)."""
+    diffusion = parts.diffusion
+    record = parts.dataset.describe() | {"kind": parts.kind, "stationary_p": diffusion.stationary_p,
+                                         "seed": cfg.seed}
     if Path(cfg.data.source).is_file():
-        data_info["sha256"] = file_digest(Path(cfg.data.source))
+        record["sha256"] = file_digest(Path(cfg.data.source))
+    return record
 
-    saved_step = step if resume else None  # the step of the checkpoint in the run directory
-    has_val = dataset.val is not None and len(dataset.val) > 0
-    best = meta.get("best")
-    if resume and (run_dir / BEST_CHECKPOINT).exists():  # it may be newer than the checkpoint (a kill in between)
-        best = load_checkpoint(run_dir / BEST_CHECKPOINT, {"validation": dict})[1]["validation"]
-    validator = Validator(objective, dataset, cfg, ctx.device, best) if has_val and ctx.is_main else None
-    val_every = 60 * cfg.train.val_minutes or math.inf
-    next_val = meta.get("next_val_s", val_every)  # training seconds at which to score the validation split next
 
-    def checkpoint(folder: Path = run_dir) -> None:
-        nonlocal saved_step
-        saved_step = step
-        if not ctx.is_main:
-            return
-        state = {f"model.{k}": v for k, v in model.state_dict().items()}
-        state |= {f"diffusion.{k}": v for k, v in diffusion.state_dict().items()}
-        if ema is not None:
-            state |= {f"ema.{k}": v for k, v in ema.shadow.items()}
-        optim_tensors, optim_meta = flatten_optimizer_state(optimizer.state_dict())
-        state |= optim_tensors | {"rng.noise": noise_gen.get_state(), "rng.order": order_gen.get_state()}
-        save_checkpoint(folder / "checkpoint.safetensors", state, {
-            "config": cfg.to_dict(), "data": data_info, "step": step, "optimizer": optim_meta,
-            "nonfinite_skipped": skipped_total, "nonfinite_in_a_row": in_a_row, "K_bits_running": running,
-            "window": window, "elapsed_s": time.perf_counter() - start_time, "world_size": ctx.world_size,
-            "grad_scaler": scaler.state_dict(), "best": validator and validator.best, "next_val_s": next_val})
-
-    def validate() -> float | None:
-        """Score the evaluated weights on the validation split (process 0), keeping the best."""
-        if validator is None:
-            return None
-        weights = ema.shadow if ema is not None else objective.state_dict()
-        return validator.update(weights, step, run_dir / BEST_CHECKPOINT, {"config": cfg.to_dict(), "data": data_info})
-
-    start_time, start_step = time.perf_counter() - elapsed, step  # elapsed_s counts on across resumes
-    session_start = time.perf_counter()
-    time_limit = 60 * cfg.train.max_minutes or math.inf
+def open_session(cfg: Config, run_dir: Path, parts: Parts, state: TrainState, ctx: Context, resume: bool) -> Session:
+    """Process 0 creates a new run's directory with its config and step-0 checkpoint, or tidies
+    a resumed one (stale temporary files, metrics past the checkpoint)."""
+    has_val = parts.dataset.val is not None and len(parts.dataset.val) > 0
+    validator = Validator(state.objective, parts.dataset, cfg, ctx.device) if has_val and ctx.is_main else None
+    session = Session(cfg, run_dir, ctx, parts.dataset, data_record(cfg, parts), validator,
+                      saved_step=state.step if resume else None)
     if ctx.is_main and not resume:  # check_run_dir allowed it: a new run, or --overwrite of a run
 
         def populate(folder: Path) -> None:
             atomic_write_text(folder / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
-            checkpoint(folder)  # step 0
+            save(state, session, folder)
 
         create_run_dir(run_dir, populate)
     if ctx.is_main:
         remove_stale_temporaries(run_dir)
-        rewrite_metrics(run_dir, step)
-    shard = ctx.shard(cfg.train.batch_size)
-    dequantize = dequantizes(diffusion)
-    # under a time budget the bar counts steps without a total
-    timed = math.isfinite(time_limit)
-    bar = tqdm(total=cfg.train.steps if cfg.train.steps and not timed else None, initial=step, unit="step",
-               file=sys.stderr, desc=f"train {cfg.name}" + (f" ({cfg.train.max_minutes:g} min)" if timed else ""),
-               disable=not progress, mininterval=1.0)
-    objective.train()
-    out_of_time, val_bits = False, None
-    if validator is not None and not resume:  # the untrained weights too (for whitened Gaussian data, the exact model)
-        val_bits = validate()
-    while (not cfg.train.steps or step < cfg.train.steps) and not out_of_time:
-        lr = learning_rate(cfg, step, run_progress(cfg, step, time.perf_counter() - start_time))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        # every process draws the whole global batch and its randomness, then takes its shard:
-        # the same numbers as one process training on the global batch
-        idx = torch.randint(0, len(dataset.train), (cfg.train.batch_size,), generator=order_gen)
-        x0 = dataset.to_model(dataset.train[idx.numpy()], order_gen, ctx.device, dequantize=dequantize)
-        draws = objective.draws(x0, noise_gen)
-        with autocast(cfg, ctx.device):
-            loss, k = trainer(x0[shard], draws[shard])
-        step += 1
+        rewrite_metrics(run_dir, state.step)
+    return session
+
+
+def train_loop(state: TrainState, session: Session, progress: bool, val_bits: float | None) -> None:
+    """Train until train.steps or train.max_minutes, whichever comes first; score the validation
+    split every train.val_minutes and at the end, log every train.log_every steps, checkpoint
+    every train.checkpoint_every steps and at the end."""
+    t, ctx = session.cfg.train, session.ctx
+    time_limit, val_every = 60 * t.max_minutes or math.inf, 60 * t.val_minutes or math.inf
+    bar = progress_bar(session.cfg, state.step, progress)
+    state.objective.train()
+    out_of_time = False
+    while not out_of_time and (not t.steps or state.step < t.steps):
+        try:
+            k_bits = train_step(state, draw_batch(state, session.dataset, t.batch_size, ctx.device), t, ctx)
+        except NonFiniteLosses:
+            save(state, session)  # the last good weights
+            raise
         bar.update(1)
-        now = time.perf_counter() - start_time
-        stats = ctx.all_reduce_sum(torch.tensor([float(k.sum()), float(not torch.isfinite(loss)), float(len(k)),
-                                                 float(now >= time_limit), float(now >= next_val)],
-                                                dtype=torch.float64, device=k.device))
-        out_of_time, due = bool(stats[3] > 0), bool(stats[4] > 0)  # one process due: all act together
-        if stats[1] > 0:  # any process saw a non-finite loss: all skip the step together
-            skipped_total += 1
-            in_a_row += 1
-            if in_a_row >= cfg.train.max_nonfinite:
-                checkpoint()
-                raise UserError(f"training stopped at step {step}: {in_a_row} non-finite losses in a row "
-                                f"(try a lower train.lr or train.grad_clip)")
+        now = state.elapsed_s
+        out_of_time, due = ctx.any(now >= time_limit, now >= state.next_val_s)  # one process: all act together
+        if k_bits is None:  # a skipped step
             continue
-        in_a_row = 0
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if cfg.train.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        if ema is not None:
-            ema.update(objective, step)
-        k_bits = float(stats[0] / stats[2]) / LN2
-        window.append(k_bits)
-        running = k_bits if running is None else 0.99 * running + 0.01 * k_bits
-        last = out_of_time or step == cfg.train.steps
-        if due or (last and validator is not None):
-            val_bits = validate()
-            next_val = now + val_every
+        last = out_of_time or state.step == t.steps
+        if due or (last and session.validator is not None):
+            val_bits = validate(state, session)
+            state.next_val_s = now + val_every
+        if due:
             ctx.barrier()
-        shown = {"K_bits": f"{running:.3f}"}
-        if val_bits is not None:
-            shown |= {"val_K": f"{val_bits:.3f}", "best": f"{validator.best['K_bits']:.3f}"}
-        bar.set_postfix(shown, refresh=False)
-        if ctx.is_main and (step % cfg.train.log_every == 0 or last or due):
-            record = {"step": step, "K_bits_running": round(running, 6), "loss_bits": round(-sum(window) / len(window), 6),
-                      "lr": lr, "elapsed_s": round(time.perf_counter() - start_time, 3), "nonfinite_skipped": skipped_total}
-            if (due or last) and val_bits is not None:
-                record["val_K_bits"] = round(val_bits, 6)
-            append_metrics(run_dir, record)
-            window = []
-        if step % cfg.train.checkpoint_every == 0 or due:
-            checkpoint()
+        show(bar, state, val_bits)
+        if state.step % t.log_every == 0 or last or due:
+            log_metrics(state, session, val_bits if due or last else None)
+        if state.step % t.checkpoint_every == 0 or due:
+            save(state, session)
     bar.close()
-    if saved_step != step:
-        checkpoint()  # the last step (logged above, or a skipped one)
-    ctx.barrier()
-    wall = time.perf_counter() - session_start
-    return {"run_dir": str(run_dir), "steps": step, "K_bits_running": running, "wall_s": round(wall, 3),
-            "steps_per_s": round((step - start_step) / wall, 2) if wall > 0 else None,
-            "nonfinite_skipped": skipped_total, "world_size": ctx.world_size, "device": str(ctx.device),
-            "best": validator and validator.best, "auto_choices": cfg.auto, "data": data_info}
+    if session.saved_step != state.step:
+        save(state, session)  # the last step (logged above, or a skipped one)
+
+
+def progress_bar(cfg: Config, step: int, enabled: bool) -> tqdm:
+    """Steps done out of train.steps; under a time budget, steps without a total."""
+    timed = bool(cfg.train.max_minutes)
+    return tqdm(total=cfg.train.steps if cfg.train.steps and not timed else None, initial=step, unit="step",
+                file=sys.stderr, desc=f"train {cfg.name}" + (f" ({cfg.train.max_minutes:g} min)" if timed else ""),
+                disable=not enabled, mininterval=1.0)
