@@ -505,13 +505,13 @@ def _tiny(tmp_path, **train) -> Config:
 
 def _poison(monkeypatch, bad_calls) -> None:
     """Make the training loss NaN at the given (1-based) calls."""
-    real, calls = training.training_loss, itertools.count(1)
+    real, calls = training.Objective.forward, itertools.count(1)
 
     def loss(*args, **kwargs):
         value, k = real(*args, **kwargs)
         return (value * math.nan, k) if next(calls) in bad_calls else (value, k)
 
-    monkeypatch.setattr(training, "training_loss", loss)
+    monkeypatch.setattr(training.Objective, "forward", loss)
 
 
 def test_nonfinite_losses_are_skipped_and_counted(tmp_path, monkeypatch):
