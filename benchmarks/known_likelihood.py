@@ -93,6 +93,14 @@ def diagnose_case(name: str, out: Path, result: dict, examples: int = 5000) -> d
                      "n_training_examples_scored": len(gap)}
 
 
+def summary(cases: dict) -> dict:
+    """How many cases met the goal, and the largest gap of those that did not."""
+    missed = {name: r["gap_bits"] for name, r in cases.items() if not r["within_goal"]}
+    return {"cases": len(cases), "within_goal": len(cases) - len(missed), "missed": sorted(missed),
+            "largest_gap_bits": max(r["gap_bits"] for r in cases.values()),
+            "median_gap_bits": float(np.median([r["gap_bits"] for r in cases.values()]))}
+
+
 def markdown_table(record: dict, name: str) -> str:
     """The results of benchmarks/results/NAME.json as a Markdown table for docs/, one row per case
     in the battery's order, each figure a link to its place in the record."""
@@ -143,6 +151,7 @@ def main() -> None:
             continue
         result = run_case(name, Path(args.out), args.n_train, args.n_test, args.seed, extra)
         record["cases"][name] = result
+        record["summary"] = summary(record["cases"])
         path.write_text(json.dumps(record, indent=2) + "\n")  # after every case: a stop loses nothing
         print(f"{name:22} exact {result['exact_bits']:9.3f}  K {result['K_bits']:9.3f}  gap {result['gap_bits']:7.3f} "
               f"+- {result['gap_stderr_bits']:.3f} bits  ({result['train_minutes']:.1f} min, {result['train_steps']} steps)",
