@@ -16,6 +16,7 @@ from thermodiff.binomial import BinomialDiffusion, BinomialParameterization
 from thermodiff.bound import BoundEstimate, LossAwareSampler, TrainingLoss, exact_bound, training_loss
 from thermodiff.gaussian import FixedVariance, GaussianDiffusion, GaussianParameterization
 from thermodiff.process import Decoder, Process
+from thermodiff.networks import build_vector_net
 from thermodiff.respace import respace
 from thermodiff.sampling import ancestral_sample
 from thermodiff.schedules import Schedule, make_schedule
@@ -35,6 +36,7 @@ __all__ = [
     "Schedule",
     "TrainingLoss",
     "ancestral_sample",
+    "build_vector_net",
     "exact_bound",
     "make_schedule",
     "respace",
