@@ -28,7 +28,7 @@ import numpy as np
 from record import RESULTS, cited, machine
 from thermodiff.known_densities import BATTERY, by_name, make_split
 
-LN2 = math.log(2.0)
+from thermodiff.tensors import LN2
 GOAL_BITS = 0.1
 
 

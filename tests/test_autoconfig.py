@@ -20,7 +20,7 @@ from thermodiff.gaussian import Bins
 from thermodiff.networks import ResidualMLP
 from thermodiff.schedules import LOG_SNR_END, log_snr_betas
 
-LN2 = math.log(2.0)
+from thermodiff.tensors import LN2
 
 
 def correlated_gaussian(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

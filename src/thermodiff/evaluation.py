@@ -7,7 +7,7 @@ from tqdm import tqdm
 from thermodiff.autoconfig import default_t_samples
 from thermodiff.bound import exact_bound, standard_error
 from thermodiff.config import AUTO
-from thermodiff.experiment import Run, dequantizes, paper_row
+from thermodiff.experiment import Run, paper_row
 from thermodiff.gaussian import GaussianParameterization
 from thermodiff.machine import hardware
 from thermodiff.respace import respaced_process
@@ -97,7 +97,7 @@ def evaluate(run: Run, n_draws: int | None = None, max_examples: int | None = No
     generator = torch.Generator().manual_seed(seed)
     test = run.dataset.test[:max_examples] if max_examples else run.dataset.test
     # fresh dequantisation noise for images; the bins' centres for the discretized decoder
-    discrete = not dequantizes(diffusion)
+    discrete = not diffusion.dequantizes
     x = run.dataset.to_model(test, generator, dequantize=not discrete)
     batches = torch.split(x, cfg.eval.batch_size)
     with tqdm(desc="bound", unit="call", disable=not progress, leave=False, mininterval=1.0) as bar:

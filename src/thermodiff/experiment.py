@@ -193,11 +193,6 @@ def data_bins(dataset: datasets.Dataset) -> Bins | None:
                 width=tuple((np.asarray(lattice.step) / scale).tolist()), count=tuple(lattice.count))
 
 
-def dequantizes(diffusion: nn.Module) -> bool:
-    """Whether 8-bit data enter ``diffusion`` dequantised (a density model, the paper's) or as
-    the centres of their bins (the discretized decoder's model of the discrete values)."""
-    return diffusion.dequantizes
-
 
 def build_diffusion(cfg: Config, kind: str, data_mean: float, bins: Bins | None = None) -> nn.Module:
     """The configured process; a binomial one is stationary at ``data_mean`` unless the config

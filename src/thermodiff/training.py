@@ -31,7 +31,7 @@ from thermodiff.config import Config, TrainConfig
 from thermodiff.data import Dataset
 from thermodiff.distributed import Context
 from thermodiff.errors import UserError, first_line
-from thermodiff.experiment import BEST_CHECKPOINT, Parts, assemble, dequantizes, file_digest, load_state, resolve_source
+from thermodiff.experiment import BEST_CHECKPOINT, Parts, assemble, file_digest, load_state, resolve_source
 from thermodiff.process import Trainable
 from thermodiff.tensors import LN2
 
@@ -293,7 +293,7 @@ def draw_batch(state: TrainState, dataset: Dataset, batch_size: int, device: tor
     in model units."""
     idx = torch.randint(0, len(dataset.train), (batch_size,), generator=state.order_gen)
     return dataset.to_model(dataset.train[idx.numpy()], state.order_gen, device,
-                            dequantize=dequantizes(state.objective.diffusion))
+                            dequantize=state.objective.diffusion.dequantizes)
 
 
 def train_step(state: TrainState, x0: torch.Tensor, t: TrainConfig, ctx: Context = Context()) -> float | None:
@@ -350,7 +350,7 @@ class Validator:
         self.copy.eval()
         val = dataset.val[: cfg.train.val_examples]
         self.x = dataset.to_model(val, torch.Generator().manual_seed(cfg.seed + 3), device,
-                                  dequantize=dequantizes(objective.diffusion))
+                                  dequantize=objective.diffusion.dequantizes)
         self.batch_size, self.seed = cfg.eval.batch_size, cfg.seed + 4
 
     def score(self, weights: dict[str, torch.Tensor]) -> tuple[float, float]:
