@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from record import thermodiff_json, write_result  # a sibling module: benchmarks/ is on sys.path when run
-from thermodiff.training import read_metrics
+from thermodiff.run.training import read_metrics
 
 
 def training_curve(run_dir: Path, dim: int, smooth: int = 10) -> list[dict]:

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from record import write_grid, write_result  # a sibling module: benchmarks/ is on sys.path when run
-from thermodiff.conditioning import DENOISE_METHODS, denoise, denoise_mean
-from thermodiff.experiment import load_run
-from thermodiff.image_data import psnr_db
+from thermodiff.tasks.conditioning import DENOISE_METHODS, denoise, denoise_mean
+from thermodiff.run.experiment import load_run
+from thermodiff.data.images import psnr_db
 
 
 def psnr(estimate: np.ndarray, truth: np.ndarray, where: np.ndarray | None = None) -> np.ndarray:
@@ -74,10 +74,10 @@ if __name__ == "__main__":
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", nargs="*", choices=DENOISE_METHODS, default=["start"],
-                        help="posterior samplers to compare (see thermodiff.conditioning.DENOISE_METHODS); "
+                        help="posterior samplers to compare (see thermodiff.tasks.conditioning.DENOISE_METHODS); "
                              "none: the one-call mean, the Wiener filter and --dae only")
     parser.add_argument("--one-step-draws", type=int, default=4,
-                        help="draws averaged by the one-call posterior mean (thermodiff.conditioning.denoise_mean)")
+                        help="draws averaged by the one-call posterior mean (thermodiff.tasks.conditioning.denoise_mean)")
     parser.add_argument("--dae", metavar="DAE_RUN_DIR", help="a denoising auto-encoder run (baseline.kind = 'dae') "
                                                              "trained at this noise level, run on the same noisy images")
     parser.add_argument("--name", help="the result's name: benchmarks/results/NAME.json (default denoise_<experiment>)")

@@ -1,5 +1,5 @@
 """The known-likelihood battery: how close `thermodiff train vectors --data X` with no other flag
-gets to the exact log-likelihood of data sets whose density is known (thermodiff.known_densities).
+gets to the exact log-likelihood of data sets whose density is known (thermodiff.data.known_densities).
 
 For each case: draw a training set and a separate test set, train with the defaults as a new
 user would (`thermodiff train vectors --data train.npy`), evaluate the exact bound on the test
@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from record import RESULTS, cited, machine
-from thermodiff.known_densities import BATTERY, by_name, make_split
+from thermodiff.data.known_densities import BATTERY, by_name, make_split
+from thermodiff.process.tensors import LN2
 
-from thermodiff.tensors import LN2
 GOAL_BITS = 0.1
 
 
@@ -80,7 +80,7 @@ def diagnose_case(name: str, out: Path, result: dict, examples: int = 5000) -> d
     """Where a gap comes from: the same bound and gap on up to ``examples`` of the run's own
     training examples. A gap much smaller there than on the test set is the network's
     generalisation from N examples, not its fit, the resolution beta_1 or T."""
-    from thermodiff.experiment import load_run
+    from thermodiff.run.experiment import load_run
 
     case, folder = by_name(name), out / name
     train = load_run(folder / "run").dataset.train[:examples]

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from thermodiff.cli import main
-from thermodiff.machine import machine
-from thermodiff.plotting import image_grid_png
+from thermodiff.run.machine import machine
+from thermodiff.tasks.plotting import image_grid_png
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -1,6 +1,6 @@
 """Soak test of interruption safety (issue 5): train a small run, kill it with SIGKILL at random
 moments many times, restart it with ``--resume`` each time, and compare its final state with an
-uninterrupted run's, bit for bit (thermodiff.interruption says how the kills are placed and what
+uninterrupted run's, bit for bit (thermodiff.run.interruption says how the kills are placed and what
 is checked after each).
 
     OMP_NUM_THREADS=1 python benchmarks/soak.py                       # 40 kills, then 8 under torchrun
@@ -19,9 +19,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from thermodiff.checkpoint import atomic_write_text
-from thermodiff.interruption import soak
-from thermodiff.machine import machine
+from thermodiff.run.checkpoint import atomic_write_text
+from thermodiff.run.interruption import soak
+from thermodiff.run.machine import machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

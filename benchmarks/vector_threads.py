@@ -4,7 +4,7 @@ what is faster on a 2-core machine.
 
     python benchmarks/vector_threads.py [--cases gauss_10d bernoulli_mix_64d] [--repeats 5] [--seconds 10]
 
-Each case's training data come from thermodiff.known_densities; the config is `vectors` with every
+Each case's training data come from thermodiff.data.known_densities; the config is `vectors` with every
 "auto" decided as `train vectors` decides it; a step is the training loop's (training.train_step).
 Writes benchmarks/results/vector_threads.json.
 """
@@ -22,9 +22,9 @@ from record import machine, write_result
 STEPS = '''
 import json, sys, time, torch
 import numpy as np
-from thermodiff.config import load_config
-from thermodiff.experiment import assemble
-from thermodiff.training import TrainState, draw_batch, train_step
+from thermodiff.run.config import load_config
+from thermodiff.run.experiment import assemble
+from thermodiff.run.training import TrainState, draw_batch, train_step
 torch.set_num_threads(int(sys.argv[2]))
 cfg = load_config("vectors", ["data.source=" + json.dumps(sys.argv[1])])
 parts = assemble(cfg)
@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=10.0)
     args = parser.parse_args()
-    from thermodiff.known_densities import by_name, make_split
+    from thermodiff.data.known_densities import by_name, make_split
     import numpy as np
 
     record = {"command": "python benchmarks/vector_threads.py " + " ".join(sys.argv[1:]), "cases": {}}

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from thermodiff.cli import main
-from thermodiff.image_data import dead_leaves
+from thermodiff.data.images import dead_leaves
 
 TINY_N = 400
 TINY_TEST_FRACTION = 0.25

@@ -1,4 +1,4 @@
-"""Settings decided from the data (thermodiff.autoconfig) and the pieces they choose: the whitening
+"""Settings decided from the data (thermodiff.run.autoconfig) and the pieces they choose: the whitening
 map, the log-SNR schedule, the eps_residual parameterisation, the residual MLP, integer lattices,
 the validation split, the stratified bound estimate; and `train vectors` end to end on a
 Gaussian whose exact log-likelihood the bound must reach."""
@@ -11,16 +11,16 @@ import pytest
 import torch
 
 from thermodiff import GaussianDiffusion, exact_bound, make_schedule
-from thermodiff.autoconfig import LATTICE_RESOLUTION, MIN_BETA_1, NN_QUANTILE, NN_RESOLUTION, RESOLUTION_NATS, nn_distance_quantile
-from thermodiff.config import load_config
-from thermodiff.data import Lattice, Scaling
-from thermodiff.distributions import discretized_gaussian_log_prob, standard_normal_log_prob
-from thermodiff.experiment import data_bins, prepare_dataset
-from thermodiff.gaussian import Bins
-from thermodiff.networks import ResidualMLP
-from thermodiff.schedules import LOG_SNR_END, log_snr_betas
+from thermodiff.run.autoconfig import LATTICE_RESOLUTION, MIN_BETA_1, NN_QUANTILE, NN_RESOLUTION, RESOLUTION_NATS, nn_distance_quantile
+from thermodiff.run.config import load_config
+from thermodiff.data.dataset import Lattice, Scaling
+from thermodiff.process.distributions import discretized_gaussian_log_prob, standard_normal_log_prob
+from thermodiff.run.experiment import data_bins, prepare_dataset
+from thermodiff.process.gaussian import Bins
+from thermodiff.nets.vector import ResidualMLP
+from thermodiff.process.schedules import LOG_SNR_END, log_snr_betas
 
-from thermodiff.tensors import LN2
+from thermodiff.process.tensors import LN2
 
 
 def correlated_gaussian(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -279,7 +279,7 @@ def test_time_budget_stops_training_and_validation_is_logged(cli, tmp_path):
 def test_resumed_run_keeps_its_best_weights(cli, tmp_path):
     """A validated run resumed for more steps scores again; best.safetensors is replaced only by
     better weights, and its record agrees with the checkpoint's."""
-    from thermodiff.checkpoint import load_checkpoint
+    from thermodiff.run.checkpoint import load_checkpoint
 
     x, _, _ = correlated_gaussian(400)
     np.save(tmp_path / "x.npy", x)

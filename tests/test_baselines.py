@@ -13,8 +13,8 @@ from torch import nn
 from torch.distributions import Bernoulli, MultivariateNormal
 
 from conftest import TINY_TOML, assert_one_line_error, write_tiny_config
-from thermodiff.baselines import DAE, VAE, DenoiserNet, VAENet
-from thermodiff.image_data import dead_leaves
+from thermodiff.nets.baselines import DAE, VAE, DenoiserNet, VAENet
+from thermodiff.data.images import dead_leaves
 
 D, LATENT, NOISE_VAR = 3, 2, 0.3
 

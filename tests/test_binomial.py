@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from thermodiff import BinomialDiffusion, ancestral_sample, exact_bound, make_schedule
-from thermodiff.schedules import Schedule
+from thermodiff.process.schedules import Schedule
 
 P = 0.3
 D = 2
@@ -234,7 +234,7 @@ def test_exact_bound_matches_enumerated_elbo(schedule_name, parameterization, de
 def test_library_terms_in_expectation_equal_enumerated_elbo(schedule_name, parameterization, decoder):
     """Averaging the library's per-term quantities exactly over x_t ~ q(x_t|x_0) (by enumerating
     the 4 states instead of sampling) reproduces the enumerated ELBO to rounding error."""
-    from thermodiff.distributions import bernoulli_kl, bernoulli_log_prob
+    from thermodiff.process.distributions import bernoulli_kl, bernoulli_log_prob
 
     diffusion, model, betas, _, elbo = _reference_values(schedule_name, parameterization, decoder)
     T = len(betas)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from thermodiff import BinomialDiffusion, GaussianDiffusion, exact_bound, make_schedule, training_loss
-from thermodiff.schedules import Schedule
+from thermodiff.process.schedules import Schedule
 
 from linear_gaussian import analytic_model, true_reverse
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from thermodiff.convnet import (PRESETS, ConvNetOptions, ConvReverseNet, MultiScaleConv, auto_n_scales, build_conv_net,
+from thermodiff.nets.convnet import (PRESETS, ConvNetOptions, ConvReverseNet, MultiScaleConv, auto_n_scales, build_conv_net,
                                 preset_kwargs)
 
 
@@ -34,7 +34,7 @@ def times(n, T, seed=1):
 
 
 def bump_weights(T, J, width_factor):
-    """g_j(t) of paper Eq. 63, written out independently of thermodiff.networks.temporal_basis."""
+    """g_j(t) of paper Eq. 63, written out independently of thermodiff.nets.vector.temporal_basis."""
     spacing = 2.0 / (J - 1)
     rows = []
     for i in range(T):

@@ -9,7 +9,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from thermodiff.data import Scaling, heartbeat, is_binary, load_array, split, swiss_roll, validate_array
+from thermodiff.data.dataset import Scaling, heartbeat, is_binary, load_array, split, swiss_roll, validate_array
 from thermodiff.errors import UserError
 
 # --------------------------------------------------------------------------- toy sets

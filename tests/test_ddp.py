@@ -8,16 +8,16 @@ import textwrap
 
 import torch
 
-from thermodiff.checkpoint import load_checkpoint
-from thermodiff.config import load_config
-from thermodiff.experiment import assemble
+from thermodiff.run.checkpoint import load_checkpoint
+from thermodiff.run.config import load_config
+from thermodiff.run.experiment import assemble
 
 WORKER = textwrap.dedent("""
     import sys
     from pathlib import Path
-    from thermodiff import distributed
-    from thermodiff.config import load_config
-    from thermodiff.training import train
+    from thermodiff.run import distributed
+    from thermodiff.run.config import load_config
+    from thermodiff.run.training import train
 
     config, out = sys.argv[1], Path(sys.argv[2])
     if "RANK" in __import__("os").environ:

@@ -5,7 +5,7 @@ import math
 import torch
 from torch.distributions import Bernoulli, Normal, kl_divergence
 
-from thermodiff.distributions import (
+from thermodiff.process.distributions import (
     bernoulli_entropy,
     bernoulli_kl,
     bernoulli_log_prob,

@@ -22,10 +22,10 @@ import pytest
 import torch
 from PIL import Image
 
-from thermodiff import image_data
-from thermodiff.data import load_array
+from thermodiff.data import images as image_data
+from thermodiff.data.dataset import load_array
 from thermodiff.errors import UserError
-from thermodiff.image_data import (
+from thermodiff.data.images import (
     DATASETS,
     dead_leaves,
     ensure_dataset,

@@ -22,7 +22,7 @@ import pytest
 import torch
 from torch import distributions as D
 
-from thermodiff import known_densities as kd
+from thermodiff.data import known_densities as kd
 
 N = 20000  # Monte Carlo draws per case
 NAMES = [case.name for case in kd.BATTERY]

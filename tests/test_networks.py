@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from thermodiff.networks import TimeReadout, build_vector_net, mlp, temporal_basis
+from thermodiff.nets.vector import TimeReadout, build_vector_net, mlp, temporal_basis
 
 
 @pytest.mark.parametrize("T,J,width", [(40, 10, 0.5), (1000, 10, 0.5), (40, 10, 1.0), (5, 3, 0.5)])

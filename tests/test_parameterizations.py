@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from thermodiff import BinomialDiffusion, GaussianDiffusion, exact_bound, make_schedule, training_loss
-from thermodiff.bound import LossAwareSampler, training_draws
-from thermodiff.distributions import discretized_gaussian_log_prob
-from thermodiff.gaussian import Bins
-from thermodiff.tensors import LN2
+from thermodiff.process.bound import LossAwareSampler, training_draws
+from thermodiff.process.distributions import discretized_gaussian_log_prob
+from thermodiff.process.gaussian import Bins
+from thermodiff.process.tensors import LN2
 
 from linear_gaussian import analytic_model, wavy_model
 
@@ -259,7 +259,7 @@ def test_importance_sampled_bound_is_unbiased():
 
 
 def test_training_with_hybrid_loss_and_importance_sampling_end_to_end(cli, tiny_config, tmp_path):
-    from thermodiff.checkpoint import load_checkpoint
+    from thermodiff.run.checkpoint import load_checkpoint
 
     run = tmp_path / "run"
     flags = ["--set", "diffusion.parameterization=eps_learned_var", "--set", "diffusion.schedule=cosine",
@@ -331,8 +331,8 @@ def test_discretized_decoder_term_is_a_log_probability_and_samples_are_on_the_bi
 
 
 def test_discretized_decoder_on_images_reports_discrete_bits_per_dim(cli, tiny_images, tmp_path):
-    from thermodiff.config import load_config
-    from thermodiff.experiment import data_bins, prepare_dataset
+    from thermodiff.run.config import load_config
+    from thermodiff.run.experiment import data_bins, prepare_dataset
 
     overrides = ["diffusion.schedule=cosine", "diffusion.parameterization=eps", "diffusion.decoder=discretized",
                  "train.loss=simple"]

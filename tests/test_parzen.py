@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from conftest import assert_one_line_error
-from thermodiff.image_data import dead_leaves
-from thermodiff.parzen import DEFAULT_SIGMAS, parzen_log_likelihood, select_bandwidth
+from thermodiff.data.images import dead_leaves
+from thermodiff.tasks.parzen import DEFAULT_SIGMAS, parzen_log_likelihood, select_bandwidth
 
 
 def brute_force(test: np.ndarray, samples: np.ndarray, sigma: float) -> np.ndarray:

@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 
-from thermodiff.binomial import BinomialDiffusion
+from thermodiff.process.binomial import BinomialDiffusion
 from thermodiff.errors import UserError
-from thermodiff.gaussian import GaussianDiffusion
-from thermodiff.posterior import Clamp, GaussianObservation, Product, SmoothFactor
-from thermodiff.sampling import ancestral_sample
-from thermodiff.schedules import make_schedule
+from thermodiff.process.gaussian import GaussianDiffusion
+from thermodiff.process.posterior import Clamp, GaussianObservation, Product, SmoothFactor
+from thermodiff.process.sampling import ancestral_sample
+from thermodiff.process.schedules import make_schedule
 
 from linear_gaussian import analytic_model
 
@@ -120,8 +120,8 @@ def test_denoise_and_inpaint_commands(tiny_runs, tmp_path):
         d = np.load(tmp_path / f"{method}.npz")
         assert d["samples"].shape == (3, 2, 2) and np.allclose(d["samples_mean"], d["samples"].mean(0))
         assert d["mean"].shape == (2, 2) and np.isfinite(d["mean"]).all()
-    from thermodiff.conditioning import denoise_mean
-    from thermodiff.experiment import load_run
+    from thermodiff.tasks.conditioning import denoise_mean
+    from thermodiff.run.experiment import load_run
 
     expected = denoise_mean(load_run(tiny_runs / "roll"), np.load(tmp_path / "noisy.npy"), 0.5, seed=0)
     assert np.allclose(np.load(tmp_path / "start.npz")["mean"], expected)  # start writes the one-call E[x | y]

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from thermodiff import BinomialDiffusion, GaussianDiffusion, LossAwareSampler, Process, make_schedule
-from thermodiff.baselines import DAE, VAE
-from thermodiff.gaussian import Bins
-from thermodiff.process import Trainable
-from thermodiff.respace import respace
-from thermodiff.tensors import LN2, gather, per_example, sum_except_batch
-from thermodiff.vdm import VDM
+from thermodiff.nets.baselines import DAE, VAE
+from thermodiff.process.gaussian import Bins
+from thermodiff.process.contract import Trainable
+from thermodiff.process.respace import respace
+from thermodiff.process.tensors import LN2, gather, per_example, sum_except_batch
+from thermodiff.process.vdm import VDM
 
 
 def processes() -> dict[str, Process]:

@@ -11,7 +11,7 @@
    gradient clipping bounds the gradient norm; the bound is accumulated in float64.
 
 The fuzzing of the loaders and the config parser is in test_fuzz.py; the kills use
-thermodiff.interruption, which benchmarks/soak.py runs with 30+ kills."""
+thermodiff.run.interruption, which benchmarks/soak.py runs with 30+ kills."""
 
 import dataclasses
 import hashlib
@@ -35,11 +35,12 @@ from safetensors.torch import save as save_safetensors
 
 from conftest import CliResult, TINY_TOML, assert_one_line_error, write_tiny_config
 from test_image_data import write_cifar_bin, write_mnist
-from thermodiff import interruption, training
-from thermodiff.bound import exact_bound
-from thermodiff.checkpoint import FORMAT, FORMAT_VERSION, load_checkpoint, save_checkpoint, umask
-from thermodiff.config import Config, load_config
-from thermodiff.image_data import DATASETS, md5_of
+from thermodiff.run import interruption
+from thermodiff.run import training
+from thermodiff.process.bound import exact_bound
+from thermodiff.run.checkpoint import FORMAT, FORMAT_VERSION, load_checkpoint, save_checkpoint, umask
+from thermodiff.run.config import Config, load_config
+from thermodiff.data.images import DATASETS, md5_of
 
 
 # --------------------------------------------------------------------------- 1. SIGKILL and --resume

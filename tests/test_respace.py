@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from thermodiff import BinomialDiffusion, GaussianDiffusion, ancestral_sample, exact_bound, make_schedule
-from thermodiff.respace import RespacedDiffusion, respace, respaced_timesteps
+from thermodiff.process.respace import RespacedDiffusion, respace, respaced_timesteps
 
 from conftest import assert_one_line_error
 from linear_gaussian import analytic_model, true_reverse, wavy_model

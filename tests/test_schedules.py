@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from thermodiff import GaussianDiffusion, training_loss
-from thermodiff.schedules import Schedule, make_schedule
+from thermodiff.process.schedules import Schedule, make_schedule
 
 
 def _abar(betas):

@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 from conftest import assert_one_line_error
-from thermodiff.checkpoint import load_checkpoint, save_checkpoint
-from thermodiff.config import TrainConfig, load_config
-from thermodiff.experiment import assemble
-from thermodiff.training import EMA, METRIC_FIELDS, TrainState, autocast, draw_batch, read_metrics, train_step
+from thermodiff.run.checkpoint import load_checkpoint, save_checkpoint
+from thermodiff.run.config import TrainConfig, load_config
+from thermodiff.run.experiment import assemble
+from thermodiff.run.training import EMA, METRIC_FIELDS, TrainState, autocast, draw_batch, read_metrics, train_step
 
 
 @pytest.mark.parametrize("decay", [0.9, 0.999])

@@ -11,8 +11,8 @@ import torch
 
 from conftest import write_tiny_images
 from thermodiff.cli import main
-from thermodiff.networks import timestep_embedding
-from thermodiff.unet import UNET_PRESETS, UNet, UNetOptions, build_unet
+from thermodiff.nets.vector import timestep_embedding
+from thermodiff.nets.unet import UNET_PRESETS, UNet, UNetOptions, build_unet
 
 
 def randomise_readout(net: UNet) -> None:

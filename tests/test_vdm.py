@@ -16,12 +16,12 @@ import torch
 from torch.distributions import Normal, kl_divergence
 
 from conftest import TINY_TOML, assert_one_line_error, write_tiny_config
-from thermodiff.bound import exact_bound
-from thermodiff.gaussian import GaussianDiffusion
-from thermodiff.networks import build_vector_net
-from thermodiff.respace import respace
-from thermodiff.schedules import Schedule
-from thermodiff.vdm import VDM, NoiseSchedule, ScheduleGradient
+from thermodiff.process.bound import exact_bound
+from thermodiff.process.gaussian import GaussianDiffusion
+from thermodiff.nets.vector import build_vector_net
+from thermodiff.process.respace import respace
+from thermodiff.process.schedules import Schedule
+from thermodiff.process.vdm import VDM, NoiseSchedule, ScheduleGradient
 
 BETA_1 = 1e-3
 GAMMA_0 = math.log(BETA_1 / (1 - BETA_1))

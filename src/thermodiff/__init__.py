@@ -1,25 +1,28 @@
 """thermodiff: diffusion probabilistic models (Sohl-Dickstein et al., ICML 2015).
 
-The package is layered so each part can be read on its own:
+The package is layered; each layer imports only from itself and the layers listed before it (and ``errors``):
 
-- ``distributions``: closed-form KLs, entropies and log-densities (pure functions).
-- ``schedules``: the forward noise schedules beta_t, fixed or learned.
-- ``process``: the contract every process implements; ``tensors``: shared tensor helpers.
-- ``gaussian`` / ``binomial`` / ``vdm``: one object per diffusion process owning its math.
-- ``bound``: the variational bound K assembled from the processes' terms.
-- ``networks``: reverse-model networks and the temporal readout.
-- ``sampling``: ancestral sampling; ``respace``: chains on fewer steps.
-- ``data``, ``training``, ``evaluation``, ``checkpoint``, ``config``, ``plotting``, ``cli``.
+- ``process``: the math of diffusion processes and bounds (the contract every process implements,
+  closed-form distributions, schedules, the Gaussian, binomial and VDM processes, the bound K,
+  respacing, ancestral sampling, posterior factors).
+- ``data``: loading and scaling examples, image data sets, densities with known likelihoods.
+- ``nets``: reverse-model networks and the baseline models compared against diffusion.
+- ``run``: typed config, settings derived from the data, assembly, training, checkpoints.
+- ``tasks``: evaluation, posteriors (denoising, inpainting), Parzen estimates, comparisons, plots,
+  reports.
+- ``cli``: the command line, which parses arguments and calls the layers above.
+
+The names below are the library's entry points for use from Python.
 """
 
-from thermodiff.binomial import BinomialDiffusion, BinomialParameterization
-from thermodiff.bound import BoundEstimate, LossAwareSampler, TrainingLoss, exact_bound, training_loss
-from thermodiff.gaussian import FixedVariance, GaussianDiffusion, GaussianParameterization
-from thermodiff.process import Decoder, Process
-from thermodiff.networks import build_vector_net
-from thermodiff.respace import respace
-from thermodiff.sampling import ancestral_sample
-from thermodiff.schedules import Schedule, make_schedule
+from thermodiff.process.binomial import BinomialDiffusion, BinomialParameterization
+from thermodiff.process.contract import Decoder, Process
+from thermodiff.process.bound import BoundEstimate, LossAwareSampler, TrainingLoss, exact_bound, training_loss
+from thermodiff.process.gaussian import FixedVariance, GaussianDiffusion, GaussianParameterization
+from thermodiff.nets.vector import build_vector_net
+from thermodiff.process.respace import respace
+from thermodiff.process.sampling import ancestral_sample
+from thermodiff.process.schedules import Schedule, make_schedule
 
 __version__ = "0.1.0"
 

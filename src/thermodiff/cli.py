@@ -14,19 +14,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from thermodiff import reports
-from thermodiff.checkpoint import atomic_write_bytes, atomic_write_text
-from thermodiff.conditioning import (DENOISE_METHODS, KNOWN_VALUES, as_examples, denoise, denoise_mean, inpaint,
+from thermodiff.tasks import reports
+from thermodiff.run.checkpoint import atomic_write_bytes, atomic_write_text
+from thermodiff.tasks.conditioning import (DENOISE_METHODS, KNOWN_VALUES, as_examples, denoise, denoise_mean, inpaint,
                                      inpainting_mask)
-from thermodiff.config import RANGES, ScheduleName, load_config
-from thermodiff.data import load_npy
+from thermodiff.run.config import RANGES, ScheduleName, load_config
+from thermodiff.data.dataset import load_npy
 from thermodiff.errors import UserError
-from thermodiff.evaluation import evaluate
-from thermodiff.experiment import PAPER_RESULTS, load_run, paper_row
-from thermodiff.parzen import parzen_evaluate
-from thermodiff.respace import respaced_process
-from thermodiff.sampling import sample_in_batches
-from thermodiff.training import train
+from thermodiff.tasks.evaluation import evaluate
+from thermodiff.run.experiment import PAPER_RESULTS, load_run, paper_row
+from thermodiff.tasks.parzen import parzen_evaluate
+from thermodiff.process.respace import respaced_process
+from thermodiff.process.sampling import sample_in_batches
+from thermodiff.run.training import train
 
 
 def _emit(args, result: dict, text: str) -> None:
@@ -126,7 +126,7 @@ def cmd_sample(args) -> None:
     samples = np.concatenate([run.dataset.from_model(x) for x in batches])
     wall = time.perf_counter() - start
     if out.suffix == ".png":
-        from thermodiff.plotting import image_grid_png
+        from thermodiff.tasks.plotting import image_grid_png
 
         atomic_write_bytes(out, image_grid_png(samples))
     else:
@@ -137,7 +137,7 @@ def cmd_sample(args) -> None:
 
 
 def _plot(run_dir: str, out_dir: str | None, quiet: bool, overwrite: bool) -> list[str]:
-    from thermodiff import plotting
+    from thermodiff.tasks import plotting
 
     run = load_run(run_dir)
     if run.config.baseline.kind:
@@ -186,7 +186,7 @@ def cmd_reproduce(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    from thermodiff.compare import compare, format_table
+    from thermodiff.tasks.compare import compare, format_table
 
     if args.samples < 1:
         raise UserError(f"--samples must be at least 1, got {args.samples}")
@@ -205,7 +205,7 @@ def _read_input(path: str, run, flag: str) -> np.ndarray:
     if not p.is_file():
         raise UserError(f"{flag} {p}: no such file")
     if p.suffix.lower() == ".png":
-        from thermodiff.image_data import load_image
+        from thermodiff.data.images import load_image
 
         if not run.dataset.is_image:
             raise UserError(f"{flag} {p}: a PNG needs an image run; give vector data as .npy")
@@ -228,7 +228,7 @@ def _write_posterior(out: Path, inputs: np.ndarray, samples: np.ndarray, run, me
     if out.suffix == ".png":
         if not run.dataset.is_image:
             raise UserError(f"--out {out}: a .png needs an image run; write .npz")
-        from thermodiff.plotting import image_grid_png
+        from thermodiff.tasks.plotting import image_grid_png
 
         rows = [np.clip(np.rint(inputs), 0, 255).astype(np.uint8), np.clip(np.rint(mean), 0, 255).astype(np.uint8),
                 *samples.astype(np.uint8)]

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from thermodiff.process import Chain
+from thermodiff.process.contract import Chain
 
 
 @torch.no_grad()
@@ -24,7 +24,7 @@ def ancestral_sample(
     """Draw x_T ~ p(x_T), then x_{t-1} ~ p(x_{t-1} | x_t) for t = T..1; returns x_0.
 
     ``callback(t, x_t)`` is called with every state, from t = T down to t = 0. With a
-    ``factor`` r (see :mod:`thermodiff.posterior`) every kernel is multiplied by r, which samples
+    ``factor`` r (see :mod:`thermodiff.process.posterior`) every kernel is multiplied by r, which samples
     the posterior p(x_0) r(x_0) / Z (paper section 4). ``start = (t, x_t)`` runs the chain from
     that state instead of the prior (``shape`` is then x_t's), drawing from p(x_0 | x_t).
     """

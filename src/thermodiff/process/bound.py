@@ -10,7 +10,7 @@ read as the cross-entropy E_q[-log p(x_T)], plus log pi(x_0) - E log pi(x_1); bo
 vanish on average over unit-variance data, where Eq. 14 and this bound agree. Written this way
 K is a true lower bound for every single example, held-out ones included.
 
-The terms are those of the process contract (:class:`thermodiff.process.Process`), each per
+The terms are those of the process contract (:class:`thermodiff.process.contract.Process`), each per
 example in nats. :class:`DiscreteTimeProcess` is the contract's training side for processes of T
 discrete steps (gaussian.py, binomial.py): a one-t estimate of the bound.
 
@@ -27,8 +27,8 @@ from enum import Enum
 import torch
 from torch import Tensor, nn
 
-from thermodiff.process import Decoder, Process
-from thermodiff.tensors import LN2
+from thermodiff.process.contract import Decoder, Process
+from thermodiff.process.tensors import LN2
 
 
 def standard_error(x: Tensor) -> float:

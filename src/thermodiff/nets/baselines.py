@@ -9,8 +9,8 @@ As with a diffusion process, each class here is the math (objective, bound, samp
 network a separate module (``model``): MLPs on flattened examples (:class:`VAENet`,
 :class:`DenoiserNet`, built from ``[model]`` by experiment.build_model), so they take vectors and
 images alike. Both implement the training side of the process contract
-(:class:`thermodiff.process.Trainable`: ``training_draws`` / ``training_loss``), and the VAE
-samples as a one-step chain (:class:`thermodiff.process.Chain`); evaluation.evaluate_baseline
+(:class:`thermodiff.process.contract.Trainable`: ``training_draws`` / ``training_loss``), and the VAE
+samples as a one-step chain (:class:`thermodiff.process.contract.Chain`); evaluation.evaluate_baseline
 reports them.
 """
 
@@ -21,13 +21,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from thermodiff.bound import standard_error
-from thermodiff.distributions import bernoulli_log_prob, gaussian_kl, gaussian_log_prob, standard_normal_log_prob
+from thermodiff.process.bound import standard_error
+from thermodiff.process.distributions import bernoulli_log_prob, gaussian_kl, gaussian_log_prob, standard_normal_log_prob
 from thermodiff.errors import UserError
-from thermodiff.image_data import psnr_db
-from thermodiff.networks import mlp
-from thermodiff.process import Trainable
-from thermodiff.tensors import sum_except_batch
+from thermodiff.data.images import psnr_db
+from thermodiff.nets.vector import mlp
+from thermodiff.process.contract import Trainable
+from thermodiff.process.tensors import sum_except_batch
 
 
 def mlp_map(n_in: int, n_out: int, hidden: int, layers: int, activation: str) -> nn.Sequential:

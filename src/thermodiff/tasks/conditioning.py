@@ -1,5 +1,5 @@
 """Denoising and inpainting with a trained run: the posterior samplers of
-:mod:`thermodiff.posterior` applied in the run's own units (paper section 4, Figs. 3 and 5)."""
+:mod:`thermodiff.process.posterior` applied in the run's own units (paper section 4, Figs. 3 and 5)."""
 
 from collections.abc import Callable
 
@@ -8,10 +8,10 @@ import torch
 from tqdm import tqdm
 
 from thermodiff.errors import UserError
-from thermodiff.experiment import Run
-from thermodiff.networks import check_image_shape
-from thermodiff.posterior import Clamp, GaussianObservation
-from thermodiff.sampling import ancestral_sample
+from thermodiff.run.experiment import Run
+from thermodiff.nets.vector import check_image_shape
+from thermodiff.process.posterior import Clamp, GaussianObservation
+from thermodiff.process.sampling import ancestral_sample
 
 
 def as_examples(x: np.ndarray, run: Run, name: str) -> np.ndarray:
@@ -100,7 +100,7 @@ def denoise(run: Run, noisy: np.ndarray, sigma: float, n_samples: int, seed: int
 def denoise_mean(run: Run, noisy: np.ndarray, sigma: float, draws: int = 4, seed: int = 0) -> np.ndarray:
     """The model's posterior mean E[x | y] in one network call per draw, with no chain: y as the
     forward state at its matching step (as ``method="start"``), then
-    :meth:`~thermodiff.gaussian.GaussianDiffusion.expected_x0`, averaged over ``draws`` draws of
+    :meth:`~thermodiff.process.gaussian.GaussianDiffusion.expected_x0`, averaged over ``draws`` draws of
     the step's extra noise. Original units."""
     y, noise_var = _observation(run, noisy, sigma)
     start, generator = _starter(run, y, noise_var, sigma), torch.Generator().manual_seed(seed)
@@ -113,7 +113,7 @@ def denoise_mean(run: Run, noisy: np.ndarray, sigma: float, draws: int = 4, seed
 
 #: How ``inpaint`` treats the known values: "clamp" holds them at their values at every step
 #: (paper Fig. 5); "forward" lets them follow a forward trajectory to their values (see
-#: :class:`~thermodiff.posterior.Clamp`).
+#: :class:`~thermodiff.process.posterior.Clamp`).
 KNOWN_VALUES = ("clamp", "forward")
 
 

@@ -15,9 +15,9 @@ The bound (sec. 3.5), in nats per example:
 with L_diffusion = 0.5 E_{s ~ U(0, 1), eps} gamma'(s) ||eps - eps_hat(z_s, s)||^2 in continuous time
 (sec. 5), or the sum of T - 1 Gaussian KLs of the chain it induces on the times
 s_t = (t - 1) / (T - 1), t = 1..T (sec. 4). That chain is offered through the process contract
-(:class:`thermodiff.process.Process`: steps t = 1..T, x_t = z_{s_t}, ``reverse_kl``, ``prior_kl``,
+(:class:`thermodiff.process.contract.Process`: steps t = 1..T, x_t = z_{s_t}, ``reverse_kl``, ``prior_kl``,
 ``decoder_log_likelihood``, ``p_sample``), as a chain of Gaussian kernels like the 2015 model's
-(:class:`thermodiff.gaussian.GaussianChain`), so the exact evaluator, the sampler and the figures
+(:class:`thermodiff.process.gaussian.GaussianChain`), so the exact evaluator, the sampler and the figures
 treat it as they treat the 2015 model: T latents, T - 1 KL terms, a decoder at the first, K in
 bits on the same footing.
 """
@@ -30,12 +30,12 @@ from enum import Enum
 import torch
 from torch import Tensor, nn
 
-from thermodiff.bound import BoundEstimate
-from thermodiff.distributions import gaussian_entropy, gaussian_kl, standard_normal_log_prob
-from thermodiff.gaussian import GaussianChain
-from thermodiff.process import Decoder
-from thermodiff.schedules import Schedule
-from thermodiff.tensors import per_example, sum_except_batch
+from thermodiff.process.bound import BoundEstimate
+from thermodiff.process.distributions import gaussian_entropy, gaussian_kl, standard_normal_log_prob
+from thermodiff.process.gaussian import GaussianChain
+from thermodiff.process.contract import Decoder
+from thermodiff.process.schedules import Schedule
+from thermodiff.process.tensors import per_example, sum_except_batch
 
 GAMMA_0 = -13.3  # VDM's initial gamma(0) and gamma(1) (its released code's gamma_min, gamma_max)
 GAMMA_1 = 5.0
@@ -173,11 +173,11 @@ class VDM(GaussianChain):
             return self.step_times.to(t.device)[t - 1]
         return (t - 1).double() / (self.T - 1)
 
-    def respaced(self, timesteps: list[int]) -> "VDM":
+    def respaced(self, timesteps: list[int], variance_rule=None) -> "VDM":
         """The chain on the kept steps ``timesteps`` (1-based, from 1 to T) of this chain, sharing
         the network-free process and its parameters. A VDM is defined at every time, so the respaced
         chain is the model's own chain on those times: exact, with no kernel approximation (unlike
-        :class:`~thermodiff.respace.RespacedDiffusion`)."""
+        :class:`~thermodiff.process.respace.RespacedDiffusion`), hence no ``variance_rule``."""
         chain = copy.copy(self)  # shares the schedule's parameters and buffers
         chain.timesteps = torch.as_tensor(timesteps, device=self.gamma.gamma_0.device)  # as RespacedDiffusion's
         chain.step_times = self.times(chain.timesteps)

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from thermodiff.checkpoint import load_checkpoint
+from thermodiff.run.checkpoint import load_checkpoint
 from thermodiff.errors import UserError
-from thermodiff.training import read_metrics
+from thermodiff.run.training import read_metrics
 
 # A small Swiss roll run that still has everything a resume must restore: a learned schedule
 # (parameters and optimiser state outside the network), EMA weights, gradient clipping, and a

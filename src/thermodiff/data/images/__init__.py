@@ -16,15 +16,15 @@ Models see pixels through :func:`to_unit_float` (uniform dequantisation onto [0,
 - ``pixels``: dequantisation, its log-Jacobian and PSNR.
 """
 
-from thermodiff.image_data.files import (
+from thermodiff.data.images.files import (
     load_grey_image,
     load_image,
     load_image_folder,
     texture_crops,
     validate_images,
 )
-from thermodiff.image_data.generated import dead_leaves
-from thermodiff.image_data.official import (
+from thermodiff.data.images.generated import dead_leaves
+from thermodiff.data.images.official import (
     CIFAR10_CLASSES,
     CIFAR10_PARTIAL_TEST,
     DATASETS,
@@ -39,7 +39,7 @@ from thermodiff.image_data.official import (
     restricted_unpickle,
     safe_extract_tar,
 )
-from thermodiff.image_data.pixels import from_unit_float, pixel_log_jacobian, psnr_db, to_unit_float
+from thermodiff.data.images.pixels import from_unit_float, pixel_log_jacobian, psnr_db, to_unit_float
 
 __all__ = [
     "CIFAR10_CLASSES",

@@ -47,8 +47,7 @@ class Trainable(nn.Module, ABC):
       factors do not apply and known values must be 0 or 1.
     - ``continuous_time``: defined at every time s in [0, 1] (VDM): the network is called at
       floating-point times, ``continuous_bound(model, batches, n_draws, generator)`` gives the
-      continuous-time bound besides the T-step chain's, and ``respaced(timesteps)`` is the
-      process's own chain on some of its steps (respace.py).
+      continuous-time bound besides the T-step chain's.
     - ``stationary_p``: the stationary probability of a 1 of a binary process (recorded with the
       run), else None.
     """
@@ -57,6 +56,12 @@ class Trainable(nn.Module, ABC):
     binary: bool = False
     continuous_time: bool = False
     stationary_p: float | None = None
+
+    def respaced(self, timesteps: list[int], variance_rule) -> "Trainable":
+        """The chain on the kept steps ``timesteps`` (1-based, from 1 to T) of this one, with the same
+        network (respace.py; ``variance_rule`` a respace.VarianceRule for processes whose kernels it
+        approximates). Only Gaussian processes have one."""
+        raise ValueError(f"respacing is for Gaussian diffusion; a {type(self).__name__} keeps its T steps")
 
     @abstractmethod
     def training_draws(self, x0: Tensor, generator: torch.Generator | None = None):

@@ -5,7 +5,7 @@ per dimension (2 for Gaussian diffusion: z_mu, z_Sigma; 1 for binomial). As in t
 code, time enters only through the readout: the hidden layers are shared across t, and the
 last linear layer's weights depend on t, either separately per step or as a combination of
 J bump functions of t. The bumps also take a continuous time s in [0, 1] (a floating-point t,
-for continuous-time processes such as :mod:`thermodiff.vdm`), at the same positions: step t of
+for continuous-time processes such as :mod:`thermodiff.process.vdm`), at the same positions: step t of
 T sits at s = (t - 1) / (T - 1).
 """
 

@@ -53,7 +53,7 @@ def describe_baseline(r: dict) -> str:
 
 
 def describe_evaluation(r: dict) -> str:
-    """An evaluation record (:func:`thermodiff.evaluation.evaluate`): the bound and how it was
+    """An evaluation record (:func:`thermodiff.tasks.evaluation.evaluate`): the bound and how it was
     estimated, the paper's figures beside it, and the settings chosen from the data."""
     if "model" in r:
         return describe_baseline(r)
@@ -83,7 +83,7 @@ def describe_evaluation(r: dict) -> str:
 
 
 def describe_parzen(r: dict) -> str:
-    """A Parzen-window record (:func:`thermodiff.parzen.parzen_evaluate`) beside the paper's figure."""
+    """A Parzen-window record (:func:`thermodiff.tasks.parzen.parzen_evaluate`) beside the paper's figure."""
     paper = f"; paper {r['paper']['parzen_bits']} bits" if "paper" in r else ""
     edge = " (on the grid's edge)" if r["sigma_on_grid_edge"] else ""
     return (f"{r['experiment']}: Parzen-window log-likelihood of {r['n_test']} test images = "

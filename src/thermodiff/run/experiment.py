@@ -9,21 +9,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from thermodiff import autoconfig
-from thermodiff import data as datasets
-from thermodiff import image_data
-from thermodiff.binomial import BinomialDiffusion, BinomialParameterization
-from thermodiff.checkpoint import load_checkpoint
-from thermodiff.config import AUTO, Config
-from thermodiff.convnet import build_conv_net
+from thermodiff.run import autoconfig
+from thermodiff.data import dataset as datasets
+from thermodiff.data import images as image_data
+from thermodiff.process.binomial import BinomialDiffusion, BinomialParameterization
+from thermodiff.run.checkpoint import load_checkpoint
+from thermodiff.run.config import AUTO, Config
+from thermodiff.nets.convnet import build_conv_net
 from thermodiff.errors import UserError, first_line
-from thermodiff.bound import LossAwareSampler
-from thermodiff.gaussian import Bins, GaussianDiffusion, GaussianParameterization
-from thermodiff.baselines import DAE, VAE, DenoiserNet, VAENet
-from thermodiff.networks import build_vector_net
-from thermodiff.schedules import make_schedule
-from thermodiff.unet import build_unet
-from thermodiff.vdm import VDM
+from thermodiff.process.bound import LossAwareSampler
+from thermodiff.process.gaussian import Bins, GaussianDiffusion, GaussianParameterization
+from thermodiff.nets.baselines import DAE, VAE, DenoiserNet, VAENet
+from thermodiff.nets.vector import build_vector_net
+from thermodiff.process.schedules import make_schedule
+from thermodiff.nets.unet import build_unet
+from thermodiff.process.vdm import VDM
 
 #: the run directory's file of the best weights by the validation bound (training.Validator writes it)
 BEST_CHECKPOINT = "best.safetensors"
@@ -141,7 +141,7 @@ def carve_validation(train: np.ndarray, fraction: float, seed: int) -> tuple[np.
 
 def prepare_dataset(cfg: Config, override: np.ndarray | None = None, scaling: datasets.Scaling | None = None) -> tuple[datasets.Dataset, str]:
     """Load, split and scale the data, and decide every "auto" setting of ``cfg`` from the
-    training split (:mod:`thermodiff.autoconfig`); returns the data set and the diffusion kind.
+    training split (:mod:`thermodiff.run.autoconfig`); returns the data set and the diffusion kind.
     With ``override`` and a fitted ``scaling`` (evaluating a trained run on other data), all of
     ``override`` is the test split."""
     train, test, source = load_splits(cfg)

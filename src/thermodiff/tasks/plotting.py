@@ -9,8 +9,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from thermodiff.experiment import Run  # noqa: E402
-from thermodiff.sampling import ancestral_sample  # noqa: E402
+from thermodiff.run.experiment import Run  # noqa: E402
+from thermodiff.process.sampling import ancestral_sample  # noqa: E402
 
 
 def _times(T: int) -> list[int]:
@@ -62,7 +62,7 @@ def conditional_figure(run: Run, path: Path, n: int = 400, noise_std: float = 0.
     value at every step as the paper does, or following a forward trajectory to it) and with x_1
     observed with Gaussian noise of std ``noise_std`` in model units: every reverse kernel is
     multiplied by the factor (paper section 4)."""
-    from thermodiff.posterior import Clamp, GaussianObservation
+    from thermodiff.process.posterior import Clamp, GaussianObservation
 
     generator = torch.Generator().manual_seed(seed)
     data = run.dataset.to_model(run.dataset.test[:2000]).numpy()

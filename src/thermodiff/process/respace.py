@@ -3,7 +3,7 @@ the bound (Nichol & Dhariwal 2021, section 4; improved-diffusion's respace.py).
 
 A subsequence S = (s_1 = 1 < s_2 < ... < s_K = T) of the trained steps is itself a Gaussian
 diffusion with K steps: abar'_k = abar_{s_k}, so beta'_k = 1 - abar_{s_k} / abar_{s_{k-1}}, and
-:func:`thermodiff.bound.exact_bound` evaluates its bound like any other's. The network is called
+:func:`thermodiff.process.bound.exact_bound` evaluates its bound like any other's. The network is called
 with the original t = s_k; its kernel there is turned into one for the longer step to s_{k-1}.
 
 Every reparameterisation reads the same way. The true reverse kernel is the forward posterior
@@ -32,10 +32,10 @@ import torch
 from torch import Tensor
 
 from thermodiff.errors import UserError
-from thermodiff.gaussian import GaussianDiffusion, GaussianParameterization
-from thermodiff.process import Process
-from thermodiff.schedules import Schedule
-from thermodiff.tensors import gather
+from thermodiff.process.gaussian import GaussianDiffusion, GaussianParameterization
+from thermodiff.process.contract import Process
+from thermodiff.process.schedules import Schedule
+from thermodiff.process.tensors import gather
 
 
 class VarianceRule(str, Enum):
@@ -112,13 +112,11 @@ class RespacedDiffusion(GaussianDiffusion):
 
 def respace(diffusion: Process, spec: int | str | Sequence[int], variance_rule: VarianceRule | str = VarianceRule.MOMENTS
             ) -> Process:
-    """``diffusion`` on the steps that ``spec`` names (see :func:`respaced_timesteps`); a process
-    in continuous time (VDM) gives its own chain on those times."""
-    if diffusion.continuous_time:
-        return diffusion.respaced(respaced_timesteps(diffusion.T, spec))
-    if not isinstance(diffusion, GaussianDiffusion):
-        raise ValueError(f"respacing is for Gaussian diffusion; a {type(diffusion).__name__} keeps its T steps")
-    return RespacedDiffusion(diffusion, respaced_timesteps(diffusion.T, spec), variance_rule)
+    """``diffusion`` on the steps that ``spec`` names (see :func:`respaced_timesteps`): the
+    process's own :meth:`~thermodiff.process.contract.Trainable.respaced` chain (a
+    :class:`RespacedDiffusion` for discrete-time Gaussian diffusion, a VDM's exact chain on those
+    times; a ValueError for the others)."""
+    return diffusion.respaced(respaced_timesteps(diffusion.T, spec), VarianceRule(variance_rule))
 
 
 def respaced_process(diffusion: Process, respace_to: int | str | Sequence[int] | None) -> Process:

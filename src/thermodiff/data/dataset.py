@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from thermodiff.errors import UserError, first_line
-from thermodiff.image_data import from_unit_float, pixel_log_jacobian, to_unit_float, validate_images
+from thermodiff.data.images import from_unit_float, pixel_log_jacobian, to_unit_float, validate_images
 
 
 def _check_n(n: int) -> None:

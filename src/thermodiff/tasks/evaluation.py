@@ -4,14 +4,14 @@ with how it was measured."""
 import torch
 from tqdm import tqdm
 
-from thermodiff.autoconfig import default_t_samples
-from thermodiff.bound import exact_bound, standard_error
-from thermodiff.config import AUTO
-from thermodiff.experiment import Run, paper_row
-from thermodiff.gaussian import GaussianParameterization
-from thermodiff.machine import hardware
-from thermodiff.respace import respaced_process
-from thermodiff.tensors import LN2
+from thermodiff.run.autoconfig import default_t_samples
+from thermodiff.process.bound import exact_bound, standard_error
+from thermodiff.run.config import AUTO
+from thermodiff.run.experiment import Run, paper_row
+from thermodiff.process.gaussian import GaussianParameterization
+from thermodiff.run.machine import hardware
+from thermodiff.process.respace import respaced_process
+from thermodiff.process.tensors import LN2
 
 
 def bound_report(dataset, per_example: torch.Tensor, null: torch.Tensor, discrete: bool = False) -> dict:
@@ -82,7 +82,7 @@ def evaluate(run: Run, n_draws: int | None = None, max_examples: int | None = No
              t_samples: int | None = None, per_example: bool = False) -> dict:
     """K, K - L_null (bits per sample and per dimension), K in the data's original units, and
     the per-timestep terms, on the run's test split (or the data that replaced it). With
-    ``respace_to`` (see :func:`thermodiff.respace.respaced_timesteps`), of the respaced chain.
+    ``respace_to`` (see :func:`thermodiff.process.respace.respaced_timesteps`), of the respaced chain.
     ``t_samples`` (default ``eval.t_samples``): steps per example of an unbiased stratified
     estimate, 0 for the exact sum over every step. ``per_example``: also K of every example, in bits
     in the data's original units (``per_example_original_units_bits``)."""

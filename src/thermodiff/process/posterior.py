@@ -7,7 +7,7 @@ entries to known values (variance 0), and a first-order perturbation for any smo
 moves by Sigma * grad log r (paper section 4.3). For Bernoulli kernels, known bits are clamped.
 The chain of exact per-step products is still the paper's approximation of the posterior (a
 constant Gaussian r at every step targets p r^2, tested in closed form);
-:func:`thermodiff.conditioning.denoise` with ``method="start"`` is exact for Gaussian noise.
+:func:`thermodiff.tasks.conditioning.denoise` with ``method="start"`` is exact for Gaussian noise.
 
 A factor is an object with ``gaussian(mean, var, t, x_t) -> (mean, var)`` and/or
 ``bernoulli(prob, t, x_t) -> prob`` acting on the kernel that draws x_{t-1} from x_t; the
@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from thermodiff.errors import UserError
-from thermodiff.process import Process
+from thermodiff.process.contract import Process
 
 
 def _observed(mask: Tensor | None, like: Tensor) -> Tensor:

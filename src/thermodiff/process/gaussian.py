@@ -1,6 +1,6 @@
 """Gaussian diffusion for continuous data (Sohl-Dickstein et al. 2015, section 2 and App. A).
 
-One object owns the process math, behind the contract of :mod:`thermodiff.process`. The reverse model is any callable
+One object owns the process math, behind the contract of :mod:`thermodiff.process.contract`. The reverse model is any callable
 ``model(x_t, t) -> z`` with ``z`` of shape ``(N, 2, *x.shape[1:])``; the parameterisation turns
 z into the reverse kernel's mean and variance, so that every parameterisation is scored by the
 same bound. Times are the paper's, 1-based: t = 1..T, and tables are float64, indexed at t - 1.
@@ -13,12 +13,12 @@ from enum import Enum
 import torch
 from torch import Tensor
 
-from thermodiff.bound import HYBRID_LAMBDA, DiscreteTimeProcess, LossAwareSampler, TrainingLoss
-from thermodiff.distributions import (bin_index, discretized_gaussian_log_prob, gaussian_entropy, gaussian_kl,
+from thermodiff.process.bound import HYBRID_LAMBDA, DiscreteTimeProcess, LossAwareSampler, TrainingLoss
+from thermodiff.process.distributions import (bin_index, discretized_gaussian_log_prob, gaussian_entropy, gaussian_kl,
                                       gaussian_log_prob)
-from thermodiff.process import Decoder, Process
-from thermodiff.schedules import Schedule
-from thermodiff.tensors import gather, sum_except_batch
+from thermodiff.process.contract import Decoder, Process
+from thermodiff.process.schedules import Schedule
+from thermodiff.process.tensors import gather, sum_except_batch
 
 
 class GaussianParameterization(str, Enum):
@@ -45,7 +45,7 @@ class Bins:
     """Where discrete data lie in the model's units: low + k width, k = 0..count - 1, the same for
     every dimension (floats) or per dimension of N x D data (sequences of D values). For 8-bit
     images, width is one grey level after the data's scaling and count = 256; for integer-valued
-    vectors, the lattice of each dimension (:class:`thermodiff.data.Lattice`)."""
+    vectors, the lattice of each dimension (:class:`thermodiff.data.dataset.Lattice`)."""
 
     low: float | tuple[float, ...]
     width: float | tuple[float, ...]
@@ -87,7 +87,7 @@ class GaussianChain(Process):
 
     def p_sample(self, model, x_t: Tensor, t: int, generator: torch.Generator | None = None, factor=None) -> Tensor:
         """Draw x_{t-1} ~ p(x_{t-1} | x_t) (at t = 1, the decoder), multiplied by ``factor``
-        (see :mod:`thermodiff.posterior`) when one is given."""
+        (see :mod:`thermodiff.process.posterior`) when one is given."""
         mean, var = self.step_distribution(model, x_t, t)
         if factor is not None:
             mean, var = factor.gaussian(mean, var, t, x_t)
@@ -162,6 +162,11 @@ class GaussianDiffusion(GaussianChain, DiscreteTimeProcess):
     @property
     def T(self) -> int:
         return self.schedule.T
+
+    def respaced(self, timesteps: list[int], variance_rule) -> "GaussianDiffusion":
+        from thermodiff.process.respace import RespacedDiffusion  # respace.py builds on this module
+
+        return RespacedDiffusion(self, timesteps, variance_rule)
 
     def log_alphas_cumprod(self) -> Tensor:
         """log abar_t = sum_{s <= t} log(1 - beta_s), t = 1..T (float64)."""

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from thermodiff.networks import N_BASIS, WIDTH_FACTOR, activation_layer, basis_at, check_image_shape, temporal_basis
+from thermodiff.nets.vector import N_BASIS, WIDTH_FACTOR, activation_layer, basis_at, check_image_shape, temporal_basis
 
 __all__ = ["PRESETS", "ConvNetOptions", "ConvReverseNet", "MultiScaleConv", "auto_n_scales", "build_conv_net",
            "preset_kwargs"]

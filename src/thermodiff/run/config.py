@@ -18,9 +18,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-CONFIG_DIR = Path(__file__).parent / "configs"
+CONFIG_DIR = Path(__file__).parent.parent / "configs"
 
-#: A value decided from the training data by the rules of :mod:`thermodiff.autoconfig`, which write
+#: A value decided from the training data by the rules of :mod:`thermodiff.run.autoconfig`, which write
 #: the value chosen and the reason into the run's config (``Config.auto``).
 AUTO = "auto"
 Auto = Literal["auto"]

@@ -11,11 +11,11 @@ from enum import Enum
 import torch
 from torch import Tensor
 
-from thermodiff.bound import DiscreteTimeProcess, LossAwareSampler, TrainingLoss
-from thermodiff.distributions import bernoulli_entropy, bernoulli_kl, bernoulli_log_prob
-from thermodiff.process import Decoder
-from thermodiff.schedules import Schedule
-from thermodiff.tensors import gather, sum_except_batch
+from thermodiff.process.bound import DiscreteTimeProcess, LossAwareSampler, TrainingLoss
+from thermodiff.process.distributions import bernoulli_entropy, bernoulli_kl, bernoulli_log_prob
+from thermodiff.process.contract import Decoder
+from thermodiff.process.schedules import Schedule
+from thermodiff.process.tensors import gather, sum_except_batch
 
 
 class BinomialParameterization(str, Enum):
@@ -171,7 +171,7 @@ class BinomialDiffusion(DiscreteTimeProcess):
 
     def p_sample(self, model, x_t: Tensor, t: int, generator: torch.Generator | None = None, factor=None) -> Tensor:
         """Draw x_{t-1} ~ p(x_{t-1} | x_t) (at t = 1, the decoder), multiplied by ``factor``
-        (see :mod:`thermodiff.posterior`) when one is given."""
+        (see :mod:`thermodiff.process.posterior`) when one is given."""
         prob = self.step_distribution(model, x_t, t)
         if factor is not None:
             prob = factor.bernoulli(prob, t, x_t)

@@ -1,13 +1,13 @@
 """A time-conditioned U-Net reverse-model network for images (Ho et al. 2020, after PixelCNN++).
 
-The paper's network (:mod:`thermodiff.convnet`) shares its whole body across t and lets time in
+The paper's network (:mod:`thermodiff.nets.convnet`) shares its whole body across t and lets time in
 only through the readout. This one, the architecture of the diffusion models that followed, feeds
 t to every residual block, so each block can act differently at each noise level; that matters
 most for denoising, where the network must be a good E[x_0 | x_t] at one particular t.
 
 ``net(x_t, t) -> z`` has the same contract as every reverse network here: images (N, C, H, W),
 the paper's 1-based integer steps t (values 1..T) or continuous times in [0, 1] (floating
-point, :mod:`thermodiff.vdm`), output (N, K, C, H, W) with K = ``outputs_per_dim``. Step t of T
+point, :mod:`thermodiff.process.vdm`), output (N, K, C, H, W) with K = ``outputs_per_dim``. Step t of T
 sits at s = (t - 1) / (T - 1), as for the bump readout, so one network serves both.
 
 Layout: a 3x3 stem, then per resolution ``blocks_per_level`` residual blocks (GroupNorm, SiLU,
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from thermodiff.networks import check_image_shape, continuous_time, timestep_embedding
+from thermodiff.nets.vector import check_image_shape, continuous_time, timestep_embedding
 
 __all__ = ["UNET_PRESETS", "UNet", "UNetOptions", "build_unet"]
 
