@@ -17,9 +17,9 @@ import shutil
 from pathlib import Path
 
 from record import RESULTS, thermodiff_json, write_result  # a sibling module: benchmarks/ is on sys.path when run
+from thermodiff.run.experiment import load_run
 from thermodiff.tasks.compare import format_table
 from thermodiff.tasks.evaluation import evaluate
-from thermodiff.run.experiment import load_run
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = [f"configs/compare_swissroll/{name}.toml" for name in ("paper2015", "vdm", "vae")]

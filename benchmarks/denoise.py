@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from record import write_grid, write_result  # a sibling module: benchmarks/ is on sys.path when run
-from thermodiff.tasks.conditioning import DENOISE_METHODS, denoise, denoise_mean
-from thermodiff.run.experiment import load_run
 from thermodiff.data.images import psnr_db
+from thermodiff.run.experiment import load_run
+from thermodiff.tasks.conditioning import DENOISE_METHODS, denoise, denoise_mean
 
 
 def psnr(estimate: np.ndarray, truth: np.ndarray, where: np.ndarray | None = None) -> np.ndarray:

@@ -18,12 +18,12 @@ import json
 import time
 
 import numpy as np
-
 from denoise import psnr, score_samples, summary  # sibling modules: benchmarks/ is on sys.path when run
+
 from record import write_grid, write_result
-from thermodiff.tasks.conditioning import inpaint
-from thermodiff.run.experiment import load_run
 from thermodiff.data.images import load_grey_image, texture_crops
+from thermodiff.run.experiment import load_run
+from thermodiff.tasks.conditioning import inpaint
 
 
 def gaussian_fill(train: np.ndarray, images: np.ndarray, hole: np.ndarray) -> np.ndarray:

@@ -19,12 +19,12 @@ import torch
 
 from record import write_result  # a sibling module: benchmarks/ is on sys.path when run
 from thermodiff.process.bound import exact_bound
-from thermodiff.run.config import load_config
-from thermodiff.tasks.evaluation import bound_report
-from thermodiff.run.experiment import assemble
 from thermodiff.process.respace import respace
 from thermodiff.process.sampling import ancestral_sample
+from thermodiff.run.config import load_config
+from thermodiff.run.experiment import assemble
 from thermodiff.run.training import TrainState, draw_batch, train_step
+from thermodiff.tasks.evaluation import bound_report
 
 # (name, config overrides): the bound-trained parameterisations on the config's learned schedule;
 # L_simple and the hybrid loss cannot learn a schedule, so they run on the cosine schedule next to

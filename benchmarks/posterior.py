@@ -16,8 +16,8 @@ import time
 import numpy as np
 
 from record import write_result  # a sibling module: benchmarks/ is on sys.path when run
-from thermodiff.tasks.conditioning import inpaint
 from thermodiff.run.experiment import load_run
+from thermodiff.tasks.conditioning import inpaint
 
 
 def heartbeat_completion(run_dir: str, observed: int, sequences: int, samples: int, seed: int) -> dict:

@@ -41,16 +41,16 @@ from pathlib import Path
 
 import torch
 
+from thermodiff.data.images import to_unit_float
+from thermodiff.nets.convnet import build_conv_net
+from thermodiff.nets.unet import build_unet
+from thermodiff.process.gaussian import GaussianDiffusion
+from thermodiff.process.schedules import make_schedule
 from thermodiff.run.checkpoint import atomic_write_text
 from thermodiff.run.config import TrainConfig
-from thermodiff.nets.convnet import build_conv_net
 from thermodiff.run.distributed import Context
-from thermodiff.process.gaussian import GaussianDiffusion
-from thermodiff.data.images import to_unit_float
 from thermodiff.run.machine import machine as this_process_machine
-from thermodiff.process.schedules import make_schedule
 from thermodiff.run.training import TrainState, autocast, train_step
-from thermodiff.nets.unet import build_unet
 
 # name: (network builder, its preset, the image shape (C, H, W) it was designed for)
 NETWORKS = {"small": (build_conv_net, "small", (1, 28, 28)), "reference_mnist": (build_conv_net, "reference_mnist", (1, 28, 28)),

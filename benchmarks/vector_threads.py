@@ -47,8 +47,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=10.0)
     args = parser.parse_args()
-    from thermodiff.data.known_densities import by_name, make_split
     import numpy as np
+
+    from thermodiff.data.known_densities import by_name, make_split
 
     record = {"command": "python benchmarks/vector_threads.py " + " ".join(sys.argv[1:]), "cases": {}}
     with tempfile.TemporaryDirectory() as folder:

@@ -11,16 +11,22 @@ import pytest
 import torch
 
 from thermodiff import GaussianDiffusion, exact_bound, make_schedule
-from thermodiff.run.autoconfig import LATTICE_RESOLUTION, MIN_BETA_1, NN_QUANTILE, NN_RESOLUTION, RESOLUTION_NATS, nn_distance_quantile
-from thermodiff.run.config import load_config
 from thermodiff.data.dataset import Lattice, Scaling
-from thermodiff.process.distributions import discretized_gaussian_log_prob, standard_normal_log_prob
-from thermodiff.run.experiment import data_bins, prepare_dataset
-from thermodiff.process.gaussian import Bins
 from thermodiff.nets.vector import ResidualMLP
+from thermodiff.process.distributions import discretized_gaussian_log_prob, standard_normal_log_prob
+from thermodiff.process.gaussian import Bins
 from thermodiff.process.schedules import LOG_SNR_END, log_snr_betas
-
 from thermodiff.process.tensors import LN2
+from thermodiff.run.autoconfig import (
+    LATTICE_RESOLUTION,
+    MIN_BETA_1,
+    NN_QUANTILE,
+    NN_RESOLUTION,
+    RESOLUTION_NATS,
+    nn_distance_quantile,
+)
+from thermodiff.run.config import load_config
+from thermodiff.run.experiment import data_bins, prepare_dataset
 
 
 def correlated_gaussian(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

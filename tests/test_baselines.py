@@ -9,12 +9,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_TOML, assert_one_line_error, write_tiny_config
 from torch import nn
 from torch.distributions import Bernoulli, MultivariateNormal
 
-from conftest import TINY_TOML, assert_one_line_error, write_tiny_config
-from thermodiff.nets.baselines import DAE, VAE, DenoiserNet, VAENet
 from thermodiff.data.images import dead_leaves
+from thermodiff.nets.baselines import DAE, VAE, DenoiserNet, VAENet
 
 D, LATENT, NOISE_VAR = 3, 2, 0.3
 

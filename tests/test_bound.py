@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from linear_gaussian import analytic_model, true_reverse
 from thermodiff import BinomialDiffusion, GaussianDiffusion, exact_bound, make_schedule, training_loss
 from thermodiff.process.schedules import Schedule
-
-from linear_gaussian import analytic_model, true_reverse
 
 LOG_2PI = math.log(2 * math.pi)
 

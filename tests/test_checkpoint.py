@@ -12,11 +12,18 @@ import pytest
 import torch
 from safetensors.torch import save as save_safetensors
 
-from thermodiff.run import checkpoint as ckpt
-from thermodiff.run.checkpoint import (FORMAT, FORMAT_VERSION, atomic_write_bytes, atomic_write_text,
-                                   flatten_optimizer_state, load_checkpoint, save_checkpoint,
-                                   unflatten_optimizer_state)
 from thermodiff.errors import UserError
+from thermodiff.run import checkpoint as ckpt
+from thermodiff.run.checkpoint import (
+    FORMAT,
+    FORMAT_VERSION,
+    atomic_write_bytes,
+    atomic_write_text,
+    flatten_optimizer_state,
+    load_checkpoint,
+    save_checkpoint,
+    unflatten_optimizer_state,
+)
 
 
 def sample_tensors() -> dict[str, torch.Tensor]:

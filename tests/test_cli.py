@@ -14,17 +14,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import (
+    TINY_MAX_EXAMPLES,
+    TINY_N,
+    TINY_SEED,
+    TINY_STEPS,
+    TINY_TEST_FRACTION,
+    TINY_TOML,
+    assert_one_line_error,
+    write_tiny_config,
+)
 from PIL import Image
 
-from conftest import (TINY_MAX_EXAMPLES, TINY_N, TINY_SEED, TINY_STEPS, TINY_TEST_FRACTION, TINY_TOML,
-                      assert_one_line_error, write_tiny_config)
-from thermodiff.tasks import reports
-from thermodiff.run.checkpoint import load_checkpoint
-from thermodiff.tasks.conditioning import inpainting_mask
 from thermodiff.data.dataset import split, swiss_roll
 from thermodiff.errors import UserError
-from thermodiff.run.experiment import load_run
 from thermodiff.process.sampling import sample_in_batches
+from thermodiff.run.checkpoint import load_checkpoint
+from thermodiff.run.experiment import load_run
+from thermodiff.tasks import reports
+from thermodiff.tasks.conditioning import inpainting_mask
 
 LOG2_2PI = math.log2(2 * math.pi)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

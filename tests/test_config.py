@@ -6,16 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from thermodiff.run import config
+from thermodiff.errors import UserError
+from thermodiff.nets.vector import ACTIVATIONS, Readout
 from thermodiff.process import vdm
 from thermodiff.process.binomial import BinomialParameterization
 from thermodiff.process.bound import TrainingLoss
-from thermodiff.run.config import CONFIG_DIR, Config, find_config, load_config, parse_override
-from thermodiff.errors import UserError
-from thermodiff.run.experiment import IMAGE_NETWORKS
 from thermodiff.process.gaussian import Decoder, FixedVariance, GaussianParameterization
-from thermodiff.nets.vector import ACTIVATIONS, Readout
 from thermodiff.process.schedules import ScheduleKind
+from thermodiff.run import config
+from thermodiff.run.config import CONFIG_DIR, Config, find_config, load_config, parse_override
+from thermodiff.run.experiment import IMAGE_NETWORKS
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -11,8 +11,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from thermodiff.nets.convnet import (PRESETS, ConvNetOptions, ConvReverseNet, MultiScaleConv, auto_n_scales, build_conv_net,
-                                preset_kwargs)
+from thermodiff.nets.convnet import (
+    PRESETS,
+    ConvNetOptions,
+    ConvReverseNet,
+    MultiScaleConv,
+    auto_n_scales,
+    build_conv_net,
+    preset_kwargs,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")

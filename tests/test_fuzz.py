@@ -23,13 +23,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
-
 from test_image_data import cifar_pickle, cifar_records, idx_bytes
+
+from thermodiff.data.dataset import load_array
+from thermodiff.data.images import load_cifar10, load_image_folder, load_mnist, read_idx
+from thermodiff.errors import UserError
 from thermodiff.run.checkpoint import load_checkpoint, save_checkpoint
 from thermodiff.run.config import Config, load_config, parse_override
-from thermodiff.data.dataset import load_array
-from thermodiff.errors import UserError
-from thermodiff.data.images import load_cifar10, load_image_folder, load_mnist, read_idx
 
 FUZZ = settings(max_examples=60, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

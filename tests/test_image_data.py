@@ -24,7 +24,6 @@ from PIL import Image
 
 from thermodiff.data import images as image_data
 from thermodiff.data.dataset import load_array
-from thermodiff.errors import UserError
 from thermodiff.data.images import (
     DATASETS,
     dead_leaves,
@@ -43,6 +42,7 @@ from thermodiff.data.images import (
     texture_crops,
     to_unit_float,
 )
+from thermodiff.errors import UserError
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # ../shared/data from the project root
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="shared real data folder absent")

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from thermodiff.process.bound import exact_bound
 from thermodiff.cli import main
+from thermodiff.process.bound import exact_bound
 from thermodiff.run.config import load_config
-from thermodiff.tasks.evaluation import evaluate
 from thermodiff.run.experiment import Run, build_diffusion, prepare_dataset
+from thermodiff.tasks.evaluation import evaluate
+
 
 def run_cli(*args) -> int:
     return main([str(a) for a in args])

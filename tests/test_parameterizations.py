@@ -10,13 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+from linear_gaussian import analytic_model, wavy_model
 from thermodiff import BinomialDiffusion, GaussianDiffusion, exact_bound, make_schedule, training_loss
 from thermodiff.process.bound import LossAwareSampler, training_draws
 from thermodiff.process.distributions import discretized_gaussian_log_prob
 from thermodiff.process.gaussian import Bins
 from thermodiff.process.tensors import LN2
-
-from linear_gaussian import analytic_model, wavy_model
 
 
 def tables(betas):

@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import assert_one_line_error
+
 from thermodiff.data.images import dead_leaves
 from thermodiff.tasks.parzen import DEFAULT_SIGMAS, parzen_log_likelihood, select_bandwidth
 

@@ -5,14 +5,13 @@ import math
 import pytest
 import torch
 
-from thermodiff.process.binomial import BinomialDiffusion
+from linear_gaussian import analytic_model
 from thermodiff.errors import UserError
+from thermodiff.process.binomial import BinomialDiffusion
 from thermodiff.process.gaussian import GaussianDiffusion
 from thermodiff.process.posterior import Clamp, GaussianObservation, Product, SmoothFactor
 from thermodiff.process.sampling import ancestral_sample
 from thermodiff.process.schedules import make_schedule
-
-from linear_gaussian import analytic_model
 
 
 def zero_model(k: int):
@@ -120,8 +119,8 @@ def test_denoise_and_inpaint_commands(tiny_runs, tmp_path):
         d = np.load(tmp_path / f"{method}.npz")
         assert d["samples"].shape == (3, 2, 2) and np.allclose(d["samples_mean"], d["samples"].mean(0))
         assert d["mean"].shape == (2, 2) and np.isfinite(d["mean"]).all()
-    from thermodiff.tasks.conditioning import denoise_mean
     from thermodiff.run.experiment import load_run
+    from thermodiff.tasks.conditioning import denoise_mean
 
     expected = denoise_mean(load_run(tiny_runs / "roll"), np.load(tmp_path / "noisy.npy"), 0.5, seed=0)
     assert np.allclose(np.load(tmp_path / "start.npz")["mean"], expected)  # start writes the one-call E[x | y]

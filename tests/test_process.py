@@ -9,8 +9,8 @@ import torch
 
 from thermodiff import BinomialDiffusion, GaussianDiffusion, LossAwareSampler, Process, make_schedule
 from thermodiff.nets.baselines import DAE, VAE
-from thermodiff.process.gaussian import Bins
 from thermodiff.process.contract import Trainable
+from thermodiff.process.gaussian import Bins
 from thermodiff.process.respace import respace
 from thermodiff.process.tensors import LN2, gather, per_example, sum_except_batch
 from thermodiff.process.vdm import VDM

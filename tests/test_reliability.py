@@ -30,18 +30,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_TOML, CliResult, assert_one_line_error, write_tiny_config
 from PIL import Image
 from safetensors.torch import save as save_safetensors
-
-from conftest import CliResult, TINY_TOML, assert_one_line_error, write_tiny_config
 from test_image_data import write_cifar_bin, write_mnist
-from thermodiff.run import interruption
-from thermodiff.run import training
+
+from thermodiff.data.images import DATASETS, md5_of
 from thermodiff.process.bound import exact_bound
+from thermodiff.run import interruption, training
 from thermodiff.run.checkpoint import FORMAT, FORMAT_VERSION, load_checkpoint, save_checkpoint, umask
 from thermodiff.run.config import Config, load_config
-from thermodiff.data.images import DATASETS, md5_of
-
 
 # --------------------------------------------------------------------------- 1. SIGKILL and --resume
 

@@ -7,12 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import assert_one_line_error
 
+from linear_gaussian import analytic_model, true_reverse, wavy_model
 from thermodiff import BinomialDiffusion, GaussianDiffusion, ancestral_sample, exact_bound, make_schedule
 from thermodiff.process.respace import RespacedDiffusion, respace, respaced_timesteps
-
-from conftest import assert_one_line_error
-from linear_gaussian import analytic_model, true_reverse, wavy_model
 
 PARAMETERIZATIONS = ["reference", "paper", "eps", "eps_learned_var"]
 

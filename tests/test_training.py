@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
+from conftest import assert_one_line_error
 from torch import nn
 
-from conftest import assert_one_line_error
 from thermodiff.run.checkpoint import load_checkpoint, save_checkpoint
 from thermodiff.run.config import TrainConfig, load_config
 from thermodiff.run.experiment import assemble

@@ -8,11 +8,11 @@ import re
 import numpy as np
 import pytest
 import torch
-
 from conftest import write_tiny_images
+
 from thermodiff.cli import main
-from thermodiff.nets.vector import timestep_embedding
 from thermodiff.nets.unet import UNET_PRESETS, UNet, UNetOptions, build_unet
+from thermodiff.nets.vector import timestep_embedding
 
 
 def randomise_readout(net: UNet) -> None:

@@ -13,12 +13,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_TOML, assert_one_line_error, write_tiny_config
 from torch.distributions import Normal, kl_divergence
 
-from conftest import TINY_TOML, assert_one_line_error, write_tiny_config
+from thermodiff.nets.vector import build_vector_net
 from thermodiff.process.bound import exact_bound
 from thermodiff.process.gaussian import GaussianDiffusion
-from thermodiff.nets.vector import build_vector_net
 from thermodiff.process.respace import respace
 from thermodiff.process.schedules import Schedule
 from thermodiff.process.vdm import VDM, NoiseSchedule, ScheduleGradient

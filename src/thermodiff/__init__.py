@@ -15,11 +15,11 @@ The package is layered; each layer imports only from itself and the layers liste
 The names below are the library's entry points for use from Python.
 """
 
-from thermodiff.process.binomial import BinomialDiffusion, BinomialParameterization
-from thermodiff.process.contract import Decoder, Process
-from thermodiff.process.bound import BoundEstimate, LossAwareSampler, TrainingLoss, exact_bound, training_loss
-from thermodiff.process.gaussian import FixedVariance, GaussianDiffusion, GaussianParameterization
 from thermodiff.nets.vector import build_vector_net
+from thermodiff.process.binomial import BinomialDiffusion, BinomialParameterization
+from thermodiff.process.bound import BoundEstimate, LossAwareSampler, TrainingLoss, exact_bound, training_loss
+from thermodiff.process.contract import Decoder, Process
+from thermodiff.process.gaussian import FixedVariance, GaussianDiffusion, GaussianParameterization
 from thermodiff.process.respace import respace
 from thermodiff.process.sampling import ancestral_sample
 from thermodiff.process.schedules import Schedule, make_schedule

@@ -14,19 +14,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from thermodiff.tasks import reports
-from thermodiff.run.checkpoint import atomic_write_bytes, atomic_write_text
-from thermodiff.tasks.conditioning import (DENOISE_METHODS, KNOWN_VALUES, as_examples, denoise, denoise_mean, inpaint,
-                                     inpainting_mask)
-from thermodiff.run.config import RANGES, ScheduleName, load_config
 from thermodiff.data.dataset import load_npy
 from thermodiff.errors import UserError
-from thermodiff.tasks.evaluation import evaluate
-from thermodiff.run.experiment import PAPER_RESULTS, load_run, paper_row
-from thermodiff.tasks.parzen import parzen_evaluate
 from thermodiff.process.respace import respaced_process
 from thermodiff.process.sampling import sample_in_batches
+from thermodiff.run.checkpoint import atomic_write_bytes, atomic_write_text
+from thermodiff.run.config import RANGES, ScheduleName, load_config
+from thermodiff.run.experiment import PAPER_RESULTS, load_run, paper_row
 from thermodiff.run.training import train
+from thermodiff.tasks import reports
+from thermodiff.tasks.conditioning import (
+    DENOISE_METHODS,
+    KNOWN_VALUES,
+    as_examples,
+    denoise,
+    denoise_mean,
+    inpaint,
+    inpainting_mask,
+)
+from thermodiff.tasks.evaluation import evaluate
+from thermodiff.tasks.parzen import parzen_evaluate
 
 
 def _emit(args, result: dict, text: str) -> None:

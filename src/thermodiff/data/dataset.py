@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from thermodiff.errors import UserError, first_line
 from thermodiff.data.images import from_unit_float, pixel_log_jacobian, to_unit_float, validate_images
+from thermodiff.errors import UserError, first_line
 
 
 def _check_n(n: int) -> None:

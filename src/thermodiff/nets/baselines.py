@@ -21,12 +21,17 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from thermodiff.process.bound import standard_error
-from thermodiff.process.distributions import bernoulli_log_prob, gaussian_kl, gaussian_log_prob, standard_normal_log_prob
-from thermodiff.errors import UserError
 from thermodiff.data.images import psnr_db
+from thermodiff.errors import UserError
 from thermodiff.nets.vector import mlp
+from thermodiff.process.bound import standard_error
 from thermodiff.process.contract import Trainable
+from thermodiff.process.distributions import (
+    bernoulli_log_prob,
+    gaussian_kl,
+    gaussian_log_prob,
+    standard_normal_log_prob,
+)
 from thermodiff.process.tensors import sum_except_batch
 
 

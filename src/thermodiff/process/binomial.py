@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 
 from thermodiff.process.bound import DiscreteTimeProcess, LossAwareSampler, TrainingLoss
-from thermodiff.process.distributions import bernoulli_entropy, bernoulli_kl, bernoulli_log_prob
 from thermodiff.process.contract import Decoder
+from thermodiff.process.distributions import bernoulli_entropy, bernoulli_kl, bernoulli_log_prob
 from thermodiff.process.schedules import Schedule
 from thermodiff.process.tensors import gather, sum_except_batch
 

@@ -14,9 +14,14 @@ import torch
 from torch import Tensor
 
 from thermodiff.process.bound import HYBRID_LAMBDA, DiscreteTimeProcess, LossAwareSampler, TrainingLoss
-from thermodiff.process.distributions import (bin_index, discretized_gaussian_log_prob, gaussian_entropy, gaussian_kl,
-                                      gaussian_log_prob)
 from thermodiff.process.contract import Decoder, Process
+from thermodiff.process.distributions import (
+    bin_index,
+    discretized_gaussian_log_prob,
+    gaussian_entropy,
+    gaussian_kl,
+    gaussian_log_prob,
+)
 from thermodiff.process.schedules import Schedule
 from thermodiff.process.tensors import gather, sum_except_batch
 

@@ -32,8 +32,8 @@ import torch
 from torch import Tensor
 
 from thermodiff.errors import UserError
-from thermodiff.process.gaussian import GaussianDiffusion, GaussianParameterization
 from thermodiff.process.contract import Process
+from thermodiff.process.gaussian import GaussianDiffusion, GaussianParameterization
 from thermodiff.process.schedules import Schedule
 from thermodiff.process.tensors import gather
 

@@ -31,9 +31,9 @@ import torch
 from torch import Tensor, nn
 
 from thermodiff.process.bound import BoundEstimate
+from thermodiff.process.contract import Decoder
 from thermodiff.process.distributions import gaussian_entropy, gaussian_kl, standard_normal_log_prob
 from thermodiff.process.gaussian import GaussianChain
-from thermodiff.process.contract import Decoder
 from thermodiff.process.schedules import Schedule
 from thermodiff.process.tensors import per_example, sum_except_batch
 

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from thermodiff.run.config import AUTO, Config
 from thermodiff.data.dataset import Lattice
 from thermodiff.process.gaussian import Bins
+from thermodiff.run.config import AUTO, Config
 
 #: Whitening needs a covariance estimated from at least this many examples per dimension.
 PCA_EXAMPLES_PER_DIM = 10

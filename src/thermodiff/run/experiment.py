@@ -9,21 +9,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from thermodiff.run import autoconfig
 from thermodiff.data import dataset as datasets
 from thermodiff.data import images as image_data
-from thermodiff.process.binomial import BinomialDiffusion, BinomialParameterization
-from thermodiff.run.checkpoint import load_checkpoint
-from thermodiff.run.config import AUTO, Config
-from thermodiff.nets.convnet import build_conv_net
 from thermodiff.errors import UserError, first_line
+from thermodiff.nets.baselines import DAE, VAE, DenoiserNet, VAENet
+from thermodiff.nets.convnet import build_conv_net
+from thermodiff.nets.unet import build_unet
+from thermodiff.nets.vector import build_vector_net
+from thermodiff.process.binomial import BinomialDiffusion, BinomialParameterization
 from thermodiff.process.bound import LossAwareSampler
 from thermodiff.process.gaussian import Bins, GaussianDiffusion, GaussianParameterization
-from thermodiff.nets.baselines import DAE, VAE, DenoiserNet, VAENet
-from thermodiff.nets.vector import build_vector_net
 from thermodiff.process.schedules import make_schedule
-from thermodiff.nets.unet import build_unet
 from thermodiff.process.vdm import VDM
+from thermodiff.run import autoconfig
+from thermodiff.run.checkpoint import load_checkpoint
+from thermodiff.run.config import AUTO, Config
 
 #: the run directory's file of the best weights by the validation bound (training.Validator writes it)
 BEST_CHECKPOINT = "best.safetensors"

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from thermodiff.run.checkpoint import load_checkpoint
 from thermodiff.errors import UserError
+from thermodiff.run.checkpoint import load_checkpoint
 from thermodiff.run.training import read_metrics
 
 # A small Swiss roll run that still has everything a resume must restore: a learned schedule

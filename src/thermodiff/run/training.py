@@ -23,17 +23,23 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from thermodiff.run import distributed
-from thermodiff.process.bound import exact_bound
-from thermodiff.run.checkpoint import (atomic_write_text, flatten_optimizer_state, load_checkpoint, save_checkpoint,
-                                   umask, unflatten_optimizer_state)
-from thermodiff.run.config import Config, TrainConfig
 from thermodiff.data.dataset import Dataset
-from thermodiff.run.distributed import Context
 from thermodiff.errors import UserError, first_line
-from thermodiff.run.experiment import BEST_CHECKPOINT, Parts, assemble, file_digest, load_state, resolve_source
+from thermodiff.process.bound import exact_bound
 from thermodiff.process.contract import Trainable
 from thermodiff.process.tensors import LN2
+from thermodiff.run import distributed
+from thermodiff.run.checkpoint import (
+    atomic_write_text,
+    flatten_optimizer_state,
+    load_checkpoint,
+    save_checkpoint,
+    umask,
+    unflatten_optimizer_state,
+)
+from thermodiff.run.config import Config, TrainConfig
+from thermodiff.run.distributed import Context
+from thermodiff.run.experiment import BEST_CHECKPOINT, Parts, assemble, file_digest, load_state, resolve_source
 
 CHECKPOINT = "checkpoint.safetensors"
 #: the columns of metrics.csv; K_bits_window is the mean K of the steps since the previous record

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import torch
 
+from thermodiff.errors import UserError
+from thermodiff.process.sampling import ancestral_sample
 from thermodiff.run.checkpoint import atomic_write_text
 from thermodiff.run.config import Config
-from thermodiff.errors import UserError
-from thermodiff.tasks.evaluation import evaluate, hardware
 from thermodiff.run.experiment import Run, load_run
-from thermodiff.process.sampling import ancestral_sample
 from thermodiff.run.training import read_metrics, train
+from thermodiff.tasks.evaluation import evaluate, hardware
 
 
 def check_comparable(configs: list[Config], origins: list[str]) -> None:

@@ -8,10 +8,10 @@ import torch
 from tqdm import tqdm
 
 from thermodiff.errors import UserError
-from thermodiff.run.experiment import Run
 from thermodiff.nets.vector import check_image_shape
 from thermodiff.process.posterior import Clamp, GaussianObservation
 from thermodiff.process.sampling import ancestral_sample
+from thermodiff.run.experiment import Run
 
 
 def as_examples(x: np.ndarray, run: Run, name: str) -> np.ndarray:

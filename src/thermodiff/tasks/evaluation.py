@@ -4,14 +4,14 @@ with how it was measured."""
 import torch
 from tqdm import tqdm
 
-from thermodiff.run.autoconfig import default_t_samples
 from thermodiff.process.bound import exact_bound, standard_error
-from thermodiff.run.config import AUTO
-from thermodiff.run.experiment import Run, paper_row
 from thermodiff.process.gaussian import GaussianParameterization
-from thermodiff.run.machine import hardware
 from thermodiff.process.respace import respaced_process
 from thermodiff.process.tensors import LN2
+from thermodiff.run.autoconfig import default_t_samples
+from thermodiff.run.config import AUTO
+from thermodiff.run.experiment import Run, paper_row
+from thermodiff.run.machine import hardware
 
 
 def bound_report(dataset, per_example: torch.Tensor, null: torch.Tensor, discrete: bool = False) -> dict:

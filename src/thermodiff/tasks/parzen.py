@@ -18,10 +18,10 @@ from tqdm import tqdm
 
 from thermodiff.errors import UserError
 from thermodiff.process.bound import standard_error
-from thermodiff.tasks.evaluation import hardware
-from thermodiff.run.experiment import Run, paper_row
 from thermodiff.process.sampling import ancestral_sample
 from thermodiff.process.tensors import LN2
+from thermodiff.run.experiment import Run, paper_row
+from thermodiff.tasks.evaluation import hardware
 
 # Goodfellow et al.'s grid: numpy.logspace(sigma_start=-1, sigma_end=0, num=cross_val=10)
 DEFAULT_SIGMAS: tuple[float, ...] = tuple(float(s) for s in np.logspace(-1, 0, 10))

@@ -9,8 +9,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from thermodiff.run.experiment import Run  # noqa: E402
 from thermodiff.process.sampling import ancestral_sample  # noqa: E402
+from thermodiff.run.experiment import Run  # noqa: E402
 
 
 def _times(T: int) -> list[int]:
