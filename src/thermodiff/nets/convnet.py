@@ -42,12 +42,13 @@ Options: :class:`ConvNetOptions`; presets: :data:`PRESETS`, built with :func:`bu
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from thermodiff.nets.presets import from_preset
 from thermodiff.nets.vector import N_BASIS, WIDTH_FACTOR, activation_layer, basis_at, check_image_shape, temporal_basis
 
 __all__ = ["PRESETS", "ConvNetOptions", "ConvReverseNet", "MultiScaleConv", "auto_n_scales", "build_conv_net",
@@ -291,13 +292,7 @@ PRESETS: dict[str, ConvNetOptions] = {
 
 def preset_kwargs(preset: str, **overrides) -> dict:
     """The preset's keyword arguments with ``overrides`` applied (unknown names are errors)."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown conv-net preset {preset!r}; choose from {sorted(PRESETS)}")
-    valid = [f.name for f in fields(ConvNetOptions)]
-    unknown = sorted(set(overrides) - set(valid))
-    if unknown:
-        raise ValueError(f"unknown conv-net option(s) {unknown}; valid options: {sorted(valid)}")
-    return {**asdict(PRESETS[preset]), **overrides}
+    return asdict(from_preset("conv-net", PRESETS, preset, overrides))
 
 
 def build_conv_net(preset: str, channels: int, size: int, outputs_per_dim: int, T: int,

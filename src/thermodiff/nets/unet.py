@@ -24,12 +24,13 @@ Options: :class:`UNetOptions`; presets: :data:`UNET_PRESETS`, built with :func:`
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from thermodiff.nets.presets import from_preset
 from thermodiff.nets.vector import check_image_shape, continuous_time, timestep_embedding
 
 __all__ = ["UNET_PRESETS", "UNet", "UNetOptions", "build_unet"]
@@ -167,10 +168,4 @@ def build_unet(preset: str, channels: int, size: int, outputs_per_dim: int, T: i
 
     Raises ValueError for an unknown preset or option, or a size the levels do not divide.
     """
-    if preset not in UNET_PRESETS:
-        raise ValueError(f"unknown U-Net preset {preset!r}; choose from {sorted(UNET_PRESETS)}")
-    valid = [f.name for f in fields(UNetOptions)]
-    unknown = sorted(set(overrides) - set(valid))
-    if unknown:
-        raise ValueError(f"unknown U-Net option(s) {unknown}; valid options: {sorted(valid)}")
-    return UNet(channels, size, outputs_per_dim, T, **asdict(replace(UNET_PRESETS[preset], **overrides)))
+    return UNet(channels, size, outputs_per_dim, T, **asdict(from_preset("U-Net", UNET_PRESETS, preset, overrides)))
