@@ -111,7 +111,8 @@ def _save_beside_run(path: Path, result: dict, command: str) -> None:
     try:
         atomic_write_text(path, reports.to_json(result) + "\n")
     except OSError as e:
-        print(f"thermodiff {command}: warning: result not saved: {os_error_message(e)}", file=sys.stderr)
+        print(f"thermodiff {command}: warning: {path} not saved ({e.strerror}); the result printed is complete",
+              file=sys.stderr)
 
 
 def cmd_evaluate(args) -> None:
@@ -169,12 +170,11 @@ def _plot(run_dir: str, out_dir: str | None, quiet: bool, overwrite: bool) -> li
         figures = [(plotting.figure_1, "figure1.png"), (plotting.conditional_figure, "conditional.png"), *figures]
     for name in [name for _, name in figures] + ["bound.png"]:
         _refuse_existing(out / name, overwrite)
+    evaluation_path = Path(run_dir) / "evaluation.json"
+    evaluation = reports.read_evaluation(evaluation_path) if evaluation_path.exists() else None  # damaged: refused now
     out.mkdir(parents=True, exist_ok=True)
     written = [draw(run, out / name) for draw, name in figures]
-    evaluation_path = Path(run_dir) / "evaluation.json"
-    if evaluation_path.exists():
-        evaluation = reports.read_evaluation(evaluation_path)
-    else:
+    if evaluation is None:
         evaluation = evaluate(run, n_draws=1, max_examples=1000, progress=not quiet)
     written.append(plotting.bound_terms(evaluation, out / "bound.png"))
     return [str(p) for p in written]

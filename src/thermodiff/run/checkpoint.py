@@ -47,8 +47,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     failure (a full disk, a read-only folder) leaves the old one and no temporary file, and its
     OSError names ``path``, not the temporary file."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)  # its error names the part of the path in the way
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:
         _name(e, path)

@@ -148,19 +148,25 @@ def create_run_dir(run_dir: Path, populate) -> None:
     """Make ``run_dir`` appear complete or not at all: ``populate(folder)`` fills a temporary
     sibling folder (config, first checkpoint), which is then renamed into place, so a run
     directory always holds a checkpoint to resume from. An existing run (``--overwrite``) is
-    moved aside first and deleted last."""
+    moved aside first and deleted last; put back if the new one cannot take its place."""
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=run_dir.parent, prefix=f".{run_dir.name}.new."))
+    old = None
     try:
         os.chmod(staging, 0o777 & ~umask())  # mkdtemp's 0700 would make the run private
         populate(staging)
-        old = None
         if run_dir.exists():
             old = Path(tempfile.mkdtemp(dir=run_dir.parent, prefix=f".{run_dir.name}.old."))
             os.replace(run_dir, old / run_dir.name)
         os.replace(staging, run_dir)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(e, OSError) and str(e.filename).startswith(f"{staging}{os.sep}"):  # the new run's file
+            e.filename = str(run_dir / Path(e.filename).relative_to(staging))
+        if old is not None:
+            if (old / run_dir.name).exists():
+                os.replace(old / run_dir.name, run_dir)
+            old.rmdir()
         raise
     if old is not None:
         shutil.rmtree(old)
