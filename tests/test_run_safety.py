@@ -16,7 +16,6 @@ none can be made."""
 
 import contextlib
 import errno
-import json
 import os
 import re
 import shlex
@@ -271,23 +270,15 @@ def _limit_file_size() -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (SIZE_LIMIT, SIZE_LIMIT))  # writes beyond it fail with EFBIG
 
 
-@pytest.mark.parametrize("case", ["new_run", "resume"])
-def test_a_file_size_limit_is_one_line_and_keeps_the_last_checkpoint(case, copy_run, tiny_config, tmp_path):
-    """A real write failure from the kernel, half way through a checkpoint (``ulimit -f``)."""
-    run = copy_run() if case == "resume" else tmp_path / "new"
-    assert (copy_run("probe") / "checkpoint.safetensors").stat().st_size > SIZE_LIMIT
-    shutil.rmtree(tmp_path / "probe")
+def test_a_file_size_limit_on_a_new_run_is_one_line_and_leaves_nothing(trained_run, tiny_config, tmp_path):
+    """A real write failure from the kernel (``ulimit -f``), half way through the first checkpoint,
+    written in the folder that would have become the run."""
+    assert (trained_run["run_dir"] / "checkpoint.safetensors").stat().st_size > SIZE_LIMIT
+    run = tmp_path / "new"
     before = snapshot(tmp_path)
-    flags = ["--resume", "--steps", "40"] if case == "resume" else []
-    result = thermodiff("train", tiny_config, "--out", run, "--quiet", *flags, preexec_fn=_limit_file_size)
+    result = thermodiff("train", tiny_config, "--out", run, "--quiet", preexec_fn=_limit_file_size)
     assert_one_line_error(result, str(run / "checkpoint.safetensors"), "File too large")
-    assert temporaries(tmp_path) == []
-    if case == "new_run":  # nothing appeared
-        assert snapshot(tmp_path) == before
-        return
-    assert "checkpoint of step 20" in result.err and "--resume" in result.err
-    assert load_checkpoint(run / "checkpoint.safetensors")[1]["step"] == 20
-    assert [r["step"] for r in training.read_metrics(run)] == [5, 10, 15, 20, 25, 30]  # trimmed to 20 on resume
+    assert snapshot(tmp_path) == before  # no run, no staging folder, no lock
 
 
 FULL_DISK = r"""
@@ -391,7 +382,8 @@ def uninterrupted(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_signal_checkpoints_the_step_and_the_printed_resume_ends_bit_for_bit(signum, uninterrupted, tmp_path):
+def test_a_signal_checkpoints_the_step_and_the_printed_resume_ends_bit_for_bit(signum, request, tmp_path):
+    """Both signals take one path; SIGTERM's run is resumed and compared (what a preempted job does)."""
     config, run, log = interruption.write_config(tmp_path, steps=STEPS), tmp_path / "run", tmp_path / "train.log"
     with sigint_not_ignored():
         proc = interruption.launch(interruption.train_argv(config, run, 1, resume=False), log)
@@ -405,6 +397,9 @@ def test_a_signal_checkpoints_the_step_and_the_printed_resume_ends_bit_for_bit(s
     assert 20 <= step < STEPS and interruption.checkpoint_step(run) == step
     command = shlex.split(message.split("continue with: ")[1])
     assert command[:2] == ["thermodiff", "train"] and "--resume" in command
+    if signum != signal.SIGTERM:
+        return
+    uninterrupted = request.getfixturevalue("uninterrupted")
     resumed = thermodiff(*command[1:], "--quiet")  # as printed (thermodiff being python -m thermodiff)
     assert resumed.rc == 0, resumed
     assert interruption.differences(interruption.final_state(uninterrupted), interruption.final_state(run)) == []

@@ -15,9 +15,9 @@ def first_line(e: Exception) -> str:
 
 #: what to do about a file-system error, by errno (the rest: check the path)
 _OS_ADVICE = {
-    errno.EACCES: "check its permissions, or write somewhere else e.g. with --out",
-    errno.EPERM: "check its permissions, or write somewhere else e.g. with --out",
-    errno.EROFS: "the file system is read-only: write somewhere else e.g. with --out",
+    errno.EACCES: "check its permissions, or write somewhere else, e.g. with --out",
+    errno.EPERM: "check its permissions, or write somewhere else, e.g. with --out",
+    errno.EROFS: "the file system is read-only: write somewhere else, e.g. with --out",
     errno.ENOSPC: "free some disk space and run the command again; files written before are intact",
     errno.EDQUOT: "free some of your disk quota and run the command again; files written before are intact",
     errno.EFBIG: "the file exceeds a size limit (ulimit -f or the file system's): raise it or write elsewhere",

@@ -461,9 +461,15 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: boo
     every process trains on its shard of each global batch and process 0 writes the files."""
     ctx = distributed.setup(device)
     try:
-        return _train(cfg, Path(run_dir), resume, overwrite, progress and ctx.is_main, ctx, max_minutes)
+        return _train(cfg, named(Path(run_dir)), resume, overwrite, progress and ctx.is_main, ctx, max_minutes)
     finally:
         distributed.teardown(ctx)
+
+
+def named(run_dir: Path) -> Path:
+    """``run_dir`` as given, unless it names no folder of its own (``.``, ``runs/..``): then
+    absolute, so that the run is created beside, and renamed as, the folder it means."""
+    return Path(os.path.abspath(run_dir)) if run_dir.name in ("", "..") else run_dir
 
 
 def _train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, progress: bool, ctx: Context,
@@ -560,7 +566,7 @@ def run_loop(state: TrainState, session: Session, progress: bool, val_bits: floa
 
 
 def train_loop(state: TrainState, session: Session, progress: bool, val_bits: float | None,
-               stop: StopRequest = StopRequest()) -> bool:
+               stop: StopRequest) -> bool:
     """Train until train.steps or train.max_minutes, whichever comes first, or until ``stop``
     holds a signal; score the validation split every train.val_minutes and at the end, log every
     train.log_every steps, checkpoint every train.checkpoint_every steps and at the end (or the
