@@ -6,6 +6,7 @@ import io
 import json
 import math
 import os
+import shlex
 import sys
 import time
 import typing
@@ -15,12 +16,13 @@ import numpy as np
 import torch
 
 from thermodiff.data.dataset import load_npy
-from thermodiff.errors import UserError
+from thermodiff.errors import UserError, os_error_message
 from thermodiff.process.respace import respaced_process
 from thermodiff.process.sampling import sample_in_batches
 from thermodiff.run.checkpoint import atomic_write_bytes, atomic_write_text
 from thermodiff.run.config import RANGES, ScheduleName, load_config
 from thermodiff.run.experiment import PAPER_RESULTS, load_run, paper_row
+from thermodiff.run.stopping import RunStopped
 from thermodiff.run.training import train
 from thermodiff.tasks import reports
 from thermodiff.tasks.conditioning import (
@@ -99,8 +101,18 @@ def _evaluate(run_dir: str, args, data: str | None = None) -> dict:
         _write_npy(Path(per_example), np.asarray(result.pop("per_example_original_units_bits")))
         result["per_example_file"] = str(per_example)
     if data is None and respace_to is None:  # evaluation.json is the full chain's
-        atomic_write_text(Path(run_dir) / "evaluation.json", reports.to_json(result) + "\n")
+        _save_beside_run(Path(run_dir) / "evaluation.json", result, "evaluate")
     return result
+
+
+def _save_beside_run(path: Path, result: dict, command: str) -> None:
+    """Keep a command's result in the run (``path``). The result is what was asked for: when the
+    run cannot be written (read-only, a full disk) it is still printed, with a one-line warning."""
+    try:
+        atomic_write_text(path, reports.to_json(result) + "\n")
+    except OSError as e:
+        print(f"thermodiff {command}: warning: {path} not saved ({e.strerror}); the result printed is complete",
+              file=sys.stderr)
 
 
 def cmd_evaluate(args) -> None:
@@ -158,12 +170,11 @@ def _plot(run_dir: str, out_dir: str | None, quiet: bool, overwrite: bool) -> li
         figures = [(plotting.figure_1, "figure1.png"), (plotting.conditional_figure, "conditional.png"), *figures]
     for name in [name for _, name in figures] + ["bound.png"]:
         _refuse_existing(out / name, overwrite)
+    evaluation_path = Path(run_dir) / "evaluation.json"
+    evaluation = reports.read_evaluation(evaluation_path) if evaluation_path.exists() else None  # damaged: refused now
     out.mkdir(parents=True, exist_ok=True)
     written = [draw(run, out / name) for draw, name in figures]
-    evaluation_path = Path(run_dir) / "evaluation.json"
-    if evaluation_path.exists():
-        evaluation = json.loads(evaluation_path.read_text())
-    else:
+    if evaluation is None:
         evaluation = evaluate(run, n_draws=1, max_examples=1000, progress=not quiet)
     written.append(plotting.bound_terms(evaluation, out / "bound.png"))
     return [str(p) for p in written]
@@ -177,7 +188,7 @@ def cmd_plot(args) -> None:
 def cmd_parzen(args) -> None:
     result = parzen_evaluate(load_run(args.run_dir), args.samples, args.valid, args.max_test, seed=args.seed,
                              progress=not args.quiet)
-    atomic_write_text(Path(args.run_dir) / "parzen.json", reports.to_json(result) + "\n")
+    _save_beside_run(Path(args.run_dir) / "parzen.json", result, "parzen")
     _emit(args, result, reports.describe_parzen(result))
 
 
@@ -434,6 +445,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
+    except RunStopped as e:  # its checkpoint saved or kept: say how to continue
+        kind = "error: " if e.exit_code == 2 else ""
+        print(f"thermodiff {args.command}: {kind}{e}; continue with: {_resume_command(args, e)}", file=sys.stderr)
+        return e.exit_code
     except UserError as e:
         print(f"thermodiff {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -443,7 +458,19 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (`thermodiff evaluate RUN | head`): not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as e:  # read-only, permission denied, a full disk, a file in the path: one line too
+        print(f"thermodiff {args.command}: error: {os_error_message(e)}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _resume_command(args, stopped: RunStopped) -> str:
+    """The command that continues a stopped run (``compare`` trains from several configs: the
+    run's own is to be filled in)."""
+    config = getattr(args, "config", None) or getattr(args, "experiment", None) or "CONFIG"
+    device = ["--device", args.device] if getattr(args, "device", "auto") != "auto" else []
+    return shlex.join(["thermodiff", "train", str(config), "--out", str(stopped.run_dir), "--resume",
+                       "--steps", str(stopped.steps), *device])
 
 
 if __name__ == "__main__":

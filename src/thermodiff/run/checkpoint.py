@@ -37,11 +37,22 @@ def _file_mode(path: Path) -> int:
         return 0o666 & ~umask()
 
 
+def _name(e: OSError, path: Path) -> None:
+    """Make ``e`` name the file being written, not its temporary file (which is gone)."""
+    e.filename, e.filename2 = str(path), None
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the complete new one."""
+    """Write ``data`` to ``path`` so that readers see the old file or the complete new one; a
+    failure (a full disk, a read-only folder) leaves the old one and no temporary file, and its
+    OSError names ``path``, not the temporary file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)  # its error names the part of the path in the way
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        _name(e, path)
+        raise
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), _file_mode(path))  # mkstemp makes 0600; keep the usual permissions
@@ -49,8 +60,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            _name(e, path)
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:

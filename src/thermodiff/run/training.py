@@ -24,11 +24,11 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from thermodiff.data.dataset import Dataset
-from thermodiff.errors import UserError, first_line
+from thermodiff.errors import UserError, first_line, os_error_message
 from thermodiff.process.bound import exact_bound
 from thermodiff.process.contract import Trainable
 from thermodiff.process.tensors import LN2
-from thermodiff.run import distributed
+from thermodiff.run import distributed, lock
 from thermodiff.run.checkpoint import (
     atomic_write_text,
     flatten_optimizer_state,
@@ -40,6 +40,7 @@ from thermodiff.run.checkpoint import (
 from thermodiff.run.config import Config, TrainConfig
 from thermodiff.run.distributed import Context
 from thermodiff.run.experiment import BEST_CHECKPOINT, Parts, assemble, file_digest, load_state, resolve_source
+from thermodiff.run.stopping import RunStopped, StopRequest, stop_requests
 
 CHECKPOINT = "checkpoint.safetensors"
 #: the columns of metrics.csv; K_bits_window is the mean K of the steps since the previous record
@@ -91,14 +92,20 @@ def autocast(t: TrainConfig, device: torch.device):
 
 def read_metrics(run_dir: Path) -> list[dict]:
     """The complete records of a run's metrics.jsonl, in order ([] when there is none), those of
-    older versions with their loss_bits column as K_bits_window (its negative)."""
+    older versions with their loss_bits column as K_bits_window (its negative). A last line
+    without its newline was cut short by a kill and is left out; any other line that is not a
+    JSON record is damage, refused rather than dropped."""
     path = run_dir / "metrics.jsonl"
+    lines = path.read_bytes().split(b"\n") if path.exists() else [b""]
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
+    for number, line in enumerate(lines[:-1], 1):  # the last item is b"" or the line cut short
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a kill
+            record = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            record = None
+        if not isinstance(record, dict):
+            raise UserError(f"{path}: line {number} is damaged (not a JSON record: {line[:40]!r}); delete that line "
+                            "(or the whole file: the checkpoint does not need it) and run the command again")
         if "loss_bits" in record:  # written by an older version
             record["K_bits_window"] = -record.pop("loss_bits")
         records.append(record)
@@ -117,10 +124,18 @@ def rewrite_metrics(run_dir: Path, upto_step: int) -> None:
 
 
 def append_metrics(run_dir: Path, record: dict) -> None:
+    """Append ``record`` to both logs; a failed write (a full disk) is undone, so that no log
+    ends in a partial line."""
     for name, line in (("metrics.jsonl", json.dumps(record) + "\n"),
                        ("metrics.csv", ",".join(str(record.get(f, "")) for f in METRIC_FIELDS) + "\n")):
-        with open(run_dir / name, "a", encoding="utf-8") as f:
-            f.write(line)
+        with open(run_dir / name, "ab") as f:
+            end = f.tell()
+            try:
+                f.write(line.encode("utf-8"))
+                f.flush()
+            except OSError:
+                f.truncate(end)  # frees space: possible on a full disk
+                raise
 
 
 def remove_stale_temporaries(run_dir: Path) -> None:
@@ -133,19 +148,25 @@ def create_run_dir(run_dir: Path, populate) -> None:
     """Make ``run_dir`` appear complete or not at all: ``populate(folder)`` fills a temporary
     sibling folder (config, first checkpoint), which is then renamed into place, so a run
     directory always holds a checkpoint to resume from. An existing run (``--overwrite``) is
-    moved aside first and deleted last."""
+    moved aside first and deleted last; put back if the new one cannot take its place."""
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=run_dir.parent, prefix=f".{run_dir.name}.new."))
+    old = None
     try:
         os.chmod(staging, 0o777 & ~umask())  # mkdtemp's 0700 would make the run private
         populate(staging)
-        old = None
         if run_dir.exists():
             old = Path(tempfile.mkdtemp(dir=run_dir.parent, prefix=f".{run_dir.name}.old."))
             os.replace(run_dir, old / run_dir.name)
         os.replace(staging, run_dir)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(e, OSError) and str(e.filename).startswith(f"{staging}{os.sep}"):  # the new run's file
+            e.filename = str(run_dir / Path(e.filename).relative_to(staging))
+        if old is not None:
+            if (old / run_dir.name).exists():
+                os.replace(old / run_dir.name, run_dir)
+            old.rmdir()
         raise
     if old is not None:
         shutil.rmtree(old)
@@ -389,11 +410,11 @@ class Session:
 
 def save(state: TrainState, session: Session, folder: Path | None = None) -> None:
     """Checkpoint ``state`` into the run directory (or ``folder``); process 0 writes it."""
-    session.saved_step = state.step
     if session.ctx.is_main:
         tensors, meta = state.to_checkpoint()
         save_checkpoint((folder or session.run_dir) / CHECKPOINT, tensors,
                         session.record() | meta | {"world_size": session.ctx.world_size})
+    session.saved_step = state.step  # only once written: a failed write leaves the previous one the last
 
 
 def validate(state: TrainState, session: Session) -> float | None:
@@ -440,13 +461,27 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: boo
     every process trains on its shard of each global batch and process 0 writes the files."""
     ctx = distributed.setup(device)
     try:
-        return _train(cfg, Path(run_dir), resume, overwrite, progress and ctx.is_main, ctx, max_minutes)
+        return _train(cfg, named(Path(run_dir)), resume, overwrite, progress and ctx.is_main, ctx, max_minutes)
     finally:
         distributed.teardown(ctx)
 
 
+def named(run_dir: Path) -> Path:
+    """``run_dir`` as given, unless it names no folder of its own (``.``, ``runs/..``): then
+    absolute, so that the run is created beside, and renamed as, the folder it means."""
+    return Path(os.path.abspath(run_dir)) if run_dir.name in ("", "..") else run_dir
+
+
 def _train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, progress: bool, ctx: Context,
            max_minutes: float | None = None) -> dict:
+    """Train while holding the run's lock (one writer per run: taken before the run is looked at)
+    and catching SIGINT / SIGTERM (checkpoint the current step, then :class:`RunStopped`)."""
+    with lock.hold_in_main(run_dir, ctx), stop_requests() as stop:
+        return _train_locked(cfg, run_dir, resume, overwrite, progress, ctx, max_minutes, stop)
+
+
+def _train_locked(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, progress: bool, ctx: Context,
+                  max_minutes: float | None, stop: StopRequest) -> dict:
     check_run_dir(run_dir, resume, overwrite)
     ctx.barrier()  # every process has checked before process 0 creates the folder
     tensors, meta = (load_checkpoint(run_dir / CHECKPOINT, TrainState.RESUME_FIELDS, TrainState.RESUME_TENSORS)
@@ -465,7 +500,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, progress: 
     session = open_session(cfg, run_dir, parts, state, ctx, resume)
     start_step = state.step
     # the untrained weights are scored too (for whitened Gaussian data, the exact model)
-    train_loop(state, session, progress, val_bits=None if resume else validate(state, session))
+    run_loop(state, session, progress, None if resume else validate(state, session), stop)
     ctx.barrier()
     wall = time.perf_counter() - session.start_time
     return {"run_dir": str(run_dir), "steps": state.step, "K_bits_running": state.K_bits_running,
@@ -517,40 +552,57 @@ def open_session(cfg: Config, run_dir: Path, parts: Parts, state: TrainState, ct
     return session
 
 
-def train_loop(state: TrainState, session: Session, progress: bool, val_bits: float | None) -> None:
-    """Train until train.steps or train.max_minutes, whichever comes first; score the validation
-    split every train.val_minutes and at the end, log every train.log_every steps, checkpoint
-    every train.checkpoint_every steps and at the end."""
+def run_loop(state: TrainState, session: Session, progress: bool, val_bits: float | None, stop: StopRequest) -> None:
+    """:func:`train_loop`, ended early as :class:`RunStopped` by a signal (its step checkpointed)
+    or a failed write (the last checkpoint intact)."""
+    steps = session.cfg.train.steps
+    try:
+        stopped = train_loop(state, session, progress, val_bits, stop)
+    except OSError as e:
+        raise RunStopped(f"{os_error_message(e)}; the checkpoint of step {session.saved_step} in {session.run_dir} "
+                         "is intact", session.run_dir, session.saved_step, steps, 2) from None
+    if stopped:
+        raise RunStopped.by_signal(stop.signum, session.run_dir, state.step, steps)
+
+
+def train_loop(state: TrainState, session: Session, progress: bool, val_bits: float | None,
+               stop: StopRequest) -> bool:
+    """Train until train.steps or train.max_minutes, whichever comes first, or until ``stop``
+    holds a signal; score the validation split every train.val_minutes and at the end, log every
+    train.log_every steps, checkpoint every train.checkpoint_every steps and at the end (or the
+    stop). Returns whether a signal stopped it; a stop logs nothing extra, so that the resumed
+    run ends as an uninterrupted one."""
     t, ctx = session.cfg.train, session.ctx
     time_limit, val_every = 60 * t.max_minutes or math.inf, 60 * t.val_minutes or math.inf
-    bar = progress_bar(session.cfg, state.step, progress)
     state.objective.train()
-    out_of_time = False
-    while not out_of_time and (not t.steps or state.step < t.steps):
-        try:
-            k_bits = train_step(state, draw_batch(state, session.dataset, t.batch_size, ctx.device), t, ctx)
-        except NonFiniteLosses:
-            save(state, session)  # the last good weights
-            raise
-        bar.update(1)
-        now = state.elapsed_s
-        out_of_time, due = ctx.any(now >= time_limit, now >= state.next_val_s)  # one process: all act together
-        if k_bits is None:  # a skipped step
-            continue
-        last = out_of_time or state.step == t.steps
-        if due or (last and session.validator is not None):
-            val_bits = validate(state, session)
-            state.next_val_s = now + val_every
-        if due:
-            ctx.barrier()
-        show(bar, state, val_bits)
-        if state.step % t.log_every == 0 or last or due:
-            log_metrics(state, session, val_bits if due or last else None)
-        if state.step % t.checkpoint_every == 0 or due:
-            save(state, session)
-    bar.close()
+    out_of_time = stopping = False
+    with progress_bar(session.cfg, state.step, progress) as bar:  # closed on a failed write too
+        while not out_of_time and not stopping and (not t.steps or state.step < t.steps):
+            try:
+                k_bits = train_step(state, draw_batch(state, session.dataset, t.batch_size, ctx.device), t, ctx)
+            except NonFiniteLosses:
+                save(state, session)  # the last good weights
+                raise
+            bar.update(1)
+            now = state.elapsed_s
+            out_of_time, due, stopping = ctx.any(now >= time_limit, now >= state.next_val_s,  # one process:
+                                                 stop.signum is not None)  # all act together
+            if k_bits is None:  # a skipped step
+                continue
+            last = out_of_time or state.step == t.steps
+            if due or (last and session.validator is not None):
+                val_bits = validate(state, session)
+                state.next_val_s = now + val_every
+            if due:
+                ctx.barrier()
+            show(bar, state, val_bits)
+            if state.step % t.log_every == 0 or last or due:
+                log_metrics(state, session, val_bits if due or last else None)
+            if state.step % t.checkpoint_every == 0 or due:
+                save(state, session)
     if session.saved_step != state.step:
-        save(state, session)  # the last step (logged above, or a skipped one)
+        save(state, session)  # the last step (logged above, a skipped one, or where a signal stopped it)
+    return stopping
 
 
 def progress_bar(cfg: Config, step: int, enabled: bool) -> tqdm:

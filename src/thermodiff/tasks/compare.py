@@ -94,10 +94,7 @@ def plot_bound_vs_time(rows: list[dict], path: Path) -> None:
     """The running training estimate of each run's bound against training time (lines; of the
     bound each model trains on, VDM's continuous-time one) and its held-out bounds at the end
     (points with standard errors); a DAE has no bound to draw."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from thermodiff.tasks.plotting import plt, save_figure  # pyplot on the Agg backend
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     finals = []
@@ -119,9 +116,7 @@ def plot_bound_vs_time(rows: list[dict], path: Path) -> None:
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def format_table(record: dict) -> str:

@@ -1,5 +1,6 @@
 """Figures: the paper's Figure 1 for 2-D data, sample panels, and the per-timestep bound."""
 
+import io
 from pathlib import Path
 
 import matplotlib
@@ -10,7 +11,18 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from thermodiff.process.sampling import ancestral_sample  # noqa: E402
+from thermodiff.run.checkpoint import atomic_write_bytes  # noqa: E402
 from thermodiff.run.experiment import Run  # noqa: E402
+
+
+def save_figure(fig, path: Path, dpi: int = 110) -> Path:
+    """Close ``fig`` and write it as PNG atomically: a failed write (a full disk, a read-only
+    folder) leaves the previous file, never half an image."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
 
 
 def _times(T: int) -> list[int]:
@@ -51,9 +63,7 @@ def figure_1(run: Run, path: Path, n: int = 2000, seed: int = 0) -> Path:
         ax.set_aspect("equal")
     fig.suptitle(f"{run.config.name}: forward trajectory, reverse samples, drift (T = {T}, step {run.step})")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 @torch.no_grad()
@@ -87,9 +97,7 @@ def conditional_figure(run: Run, path: Path, n: int = 400, noise_std: float = 0.
     units = "whitened units (data.scaling = 'pca')" if axis == "z" else "model units"
     fig.suptitle(f"{run.config.name}: posterior samples of {axis}_2 given {axis}_1, in {units} (grey: held-out data)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
@@ -106,8 +114,6 @@ def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
 
 def image_grid_png(images: np.ndarray, columns: int | None = None) -> bytes:
     """uint8 (N, C, H, W) -> the PNG file of their :func:`image_grid`."""
-    import io
-
     from PIL import Image
 
     buffer = io.BytesIO()
@@ -141,9 +147,7 @@ def samples_panel(run: Run, path: Path, n: int = 40, seed: int = 0) -> Path:
                 ax.scatter(x[:, 0], x[:, 1 if x.shape[1] > 1 else 0], s=4)
         ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def bound_terms(evaluation: dict, path: Path) -> Path:
@@ -158,6 +162,4 @@ def bound_terms(evaluation: dict, path: Path) -> Path:
     ax.set_title(f"{evaluation['experiment']}: K = {evaluation['K_bits']:.3f} ± {evaluation['stderr_bits'] or float('nan'):.3f} bits; "
                  f"decoder {-terms[0]:.3f}, prior KL {terms[T]:.4f} bits", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -3,6 +3,9 @@ return (the ``thermodiff`` commands print them, or the records as strict JSON)."
 
 import json
 import math
+from pathlib import Path
+
+from thermodiff.errors import UserError
 
 # (label, key, its standard error's key) of the figures compared with the paper's
 COMPARED = [("K", "K_bits", "stderr_bits"), ("K - L_null", "K_minus_L_null_bits", "K_minus_L_null_stderr_bits"),
@@ -24,6 +27,19 @@ def finite(obj):
 def to_json(record: dict) -> str:
     """``record`` as indented strict JSON (non-finite numbers as null)."""
     return json.dumps(finite(record), indent=2, allow_nan=False)
+
+
+def read_evaluation(path: Path) -> dict:
+    """A record that :func:`to_json` wrote (``thermodiff evaluate``'s evaluation.json); a damaged
+    file is refused with the way to write it again."""
+    try:
+        record = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        record = e
+    if not isinstance(record, dict) or not {"per_timestep_bits", "experiment", "K_bits"} <= record.keys():
+        raise UserError(f"{path}: damaged (not an evaluation record); delete it or write it again with "
+                        f"thermodiff evaluate {path.parent}")
+    return record
 
 
 def describe_training(s: dict) -> str:
