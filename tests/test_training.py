@@ -116,3 +116,20 @@ def test_old_metrics_with_loss_bits_resume_as_K_bits_window(tiny_config, cli, tm
     header, *rows = (run / "metrics.csv").read_text().splitlines()
     assert header.split(",") == METRIC_FIELDS and len(rows) == 4
     assert [float(row.split(",")[2]) for row in rows] == [r["K_bits_window"] for r in resumed]
+
+
+def test_a_compiled_channels_last_fused_unet_run_validates_resumes_and_evaluates(cli, tiny_images, eager_compile, tmp_path):
+    """Through the CLI, with the validation split scored (an uncompiled copy of the network) and
+    a weight average: both checkpoints hold the plain network's keys, and the run resumes and
+    evaluates; RMSprop, which torch gives no fused step, is a one-line error."""
+    run = tmp_path / "run"
+    options = ["--set", "model.network=unet", "--set", "train.compile=true", "--set", "train.channels_last=true",
+               "--set", "train.optimizer_kernel=fused", "--set", "train.ema_decay=0.9", "--set", "data.val_fraction=0.25"]
+    first = cli("train", tiny_images, "--out", run, *options, "--quiet", "--json").json()
+    again = cli("train", tiny_images, "--out", run, "--resume", "--steps", 6, "--quiet", "--json").json()
+    assert (first["steps"], again["steps"]) == (4, 6) and again["best"]["step"] in (4, 6)
+    for name in ("checkpoint.safetensors", "best.safetensors"):
+        assert not [k for k in load_checkpoint(run / name)[0] if "_orig_mod" in k], name
+    assert cli("evaluate", run, "--quiet", "--json").json()["n_examples"] == 12
+    assert_one_line_error(cli("train", tiny_images, "--out", tmp_path / "r2", "--set", "train.optimizer=rmsprop",
+                              "--set", "train.optimizer_kernel=fused", "--quiet"), "optimizer_kernel", "rmsprop")
