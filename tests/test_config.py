@@ -151,6 +151,9 @@ def test_image_networks_are_network_names():
     ("diffusion.eps_variance=small", "diffusion.eps_variance: expected 'beta_tilde' or 'beta' or none, got 'small'"),
     ("baseline.kind=gan", "baseline.kind: expected '' or 'vae' or 'dae', got 'gan'"),
     ("model.activation=gelu", "model.activation: expected 'sigmoid' or 'tanh' or 'relu'"),
+    ("train.optimizer_kernel=fast", "train.optimizer_kernel: expected 'default' or 'foreach' or 'fused', got 'fast'"),
+    ("train.compile=yes", "train.compile: expected bool, got 'yes'"),
+    ("train.channels_last=1", "train.channels_last: expected bool, got 1"),
 ])
 def test_a_value_outside_its_set_is_refused_at_load_naming_key_and_values(override, message):
     with pytest.raises(UserError) as e:
@@ -160,7 +163,7 @@ def test_a_value_outside_its_set_is_refused_at_load_naming_key_and_values(overri
 
 @pytest.mark.parametrize("section, key, value", [("train", "optimizer", "sgd"), ("train", "lr_schedule", "linear"),
                                                  ("train", "t_sampler", "random"), ("data", "scaling", "minmax"),
-                                                 ("model", "readout", None)])
+                                                 ("model", "readout", None), ("train", "optimizer_kernel", "fast")])
 def test_validate_checks_the_sets_of_a_config_built_in_code(section, key, value):
     cfg = Config()
     cfg.validate()

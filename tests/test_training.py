@@ -1,6 +1,7 @@
 """The training loop's weight average, its mixed precision, its time limit, its state's round
 trip through a checkpoint and its metrics files."""
 
+import functools
 import json
 
 import pytest
@@ -58,10 +59,29 @@ def _steps(state: TrainState, parts, t: TrainConfig, n: int) -> list[float]:
     return [train_step(state, draw_batch(state, parts.dataset, t.batch_size, torch.device("cpu")), t) for _ in range(n)]
 
 
-def test_a_train_state_continues_bit_for_bit_from_its_checkpoint(tiny_config, tmp_path):
+@pytest.fixture
+def eager_compile(monkeypatch):
+    """torch.compile with the aot_eager backend: dynamo's graph capture and AOT autograd, as
+    inductor has them, without its C++ compilation (minutes on a busy CPU;
+    benchmarks/throughput.py --variants compile runs inductor itself)."""
+    if not torch._dynamo.is_dynamo_supported():
+        pytest.skip("torch.compile is not supported on this Python")
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+
+
+@pytest.mark.parametrize("config, options", [
+    ("tiny_config", ["train.ema_decay=0.9", "train.grad_clip=0.5"]),
+    ("tiny_images", ["train.ema_decay=0.9", "train.channels_last=true", "train.optimizer_kernel=fused",
+                     "train.precision=bf16"]),
+    ("tiny_images", ["model.network=unet", "train.compile=true", "train.channels_last=true",
+                     "train.optimizer_kernel=foreach", "train.ema_decay=0.9"]),
+], ids=["vectors", "images_channels_last_fused_bf16", "unet_compiled_channels_last_foreach"])
+def test_a_train_state_continues_bit_for_bit_from_its_checkpoint(config, options, request, eager_compile, tmp_path):
     """to_checkpoint, written and read back, then from_checkpoint into freshly built parts: the
-    next steps equal those of the state that never stopped (weights, average, optimiser, RNG)."""
-    cfg = load_config(str(tiny_config), ["train.ema_decay=0.9", "train.grad_clip=0.5"])
+    next steps equal those of the state that never stopped (weights, average, optimiser, RNG),
+    with the training options that change the network's layout, its compilation and the
+    optimiser's kernel too; the checkpoint holds the plain network's keys."""
+    cfg = load_config(str(request.getfixturevalue(config)), options)
     parts = assemble(cfg)
     state = TrainState.start(parts.model, parts.diffusion, cfg.train, cfg.seed)
     _steps(state, parts, cfg.train, 3)
@@ -74,6 +94,8 @@ def test_a_train_state_continues_bit_for_bit_from_its_checkpoint(tiny_config, tm
     assert _steps(again, again_parts, cfg.train, 4) == _steps(state, parts, cfg.train, 4)
     ours, theirs = state.to_checkpoint()[0], again.to_checkpoint()[0]
     assert ours.keys() == theirs.keys() and any(k.startswith("ema.") for k in ours)
+    # the plain network's keys, not a compiled wrapper's "_orig_mod."
+    assert {k for k in ours if k.startswith("model.")} == {f"model.{k}" for k in assemble(cfg).model.state_dict()}
     for key in ours:
         assert torch.equal(ours[key], theirs[key]), key
 
@@ -94,3 +116,20 @@ def test_old_metrics_with_loss_bits_resume_as_K_bits_window(tiny_config, cli, tm
     header, *rows = (run / "metrics.csv").read_text().splitlines()
     assert header.split(",") == METRIC_FIELDS and len(rows) == 4
     assert [float(row.split(",")[2]) for row in rows] == [r["K_bits_window"] for r in resumed]
+
+
+def test_a_compiled_channels_last_fused_unet_run_validates_resumes_and_evaluates(cli, tiny_images, eager_compile, tmp_path):
+    """Through the CLI, with the validation split scored (an uncompiled copy of the network) and
+    a weight average: both checkpoints hold the plain network's keys, and the run resumes and
+    evaluates; RMSprop, which torch gives no fused step, is a one-line error."""
+    run = tmp_path / "run"
+    options = ["--set", "model.network=unet", "--set", "train.compile=true", "--set", "train.channels_last=true",
+               "--set", "train.optimizer_kernel=fused", "--set", "train.ema_decay=0.9", "--set", "data.val_fraction=0.25"]
+    first = cli("train", tiny_images, "--out", run, *options, "--quiet", "--json").json()
+    again = cli("train", tiny_images, "--out", run, "--resume", "--steps", 6, "--quiet", "--json").json()
+    assert (first["steps"], again["steps"]) == (4, 6) and again["best"]["step"] in (4, 6)
+    for name in ("checkpoint.safetensors", "best.safetensors"):
+        assert not [k for k in load_checkpoint(run / name)[0] if "_orig_mod" in k], name
+    assert cli("evaluate", run, "--quiet", "--json").json()["n_examples"] == 12
+    assert_one_line_error(cli("train", tiny_images, "--out", tmp_path / "r2", "--set", "train.optimizer=rmsprop",
+                              "--set", "train.optimizer_kernel=fused", "--quiet"), "optimizer_kernel", "rmsprop")

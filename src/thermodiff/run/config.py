@@ -41,6 +41,7 @@ NetworkName = Literal["rbf", "mlp", "resmlp", "conv", "unet"]  # rbf, mlp, resml
 ActivationName = Literal["sigmoid", "tanh", "relu", "leaky_relu", "softplus", "silu"]  # networks.ACTIVATIONS
 ReadoutName = Literal["per_step", "bumps"]  # networks.Readout
 OptimizerName = Literal["adam", "rmsprop"]
+OptimizerKernel = Literal["default", "foreach", "fused"]  # torch.optim's implementations of the step
 LrSchedule = Literal["step", "cosine"]
 Precision = Literal["fp32", "bf16", "fp16"]
 LossName = Literal["bound", "simple", "hybrid"]  # bound.TrainingLoss
@@ -96,6 +97,9 @@ class TrainConfig:
     steps: int = 20000  # 0: no limit (max_minutes decides)
     batch_size: int | Auto = 512
     optimizer: OptimizerName = "adam"  # rmsprop: the reference code's
+    # default: torch's choice (a loop over the tensors on a CPU); foreach: one multi-tensor op per
+    # update term; fused: one kernel for the whole step (Adam only)
+    optimizer_kernel: OptimizerKernel = "default"
     lr: float | Auto = 1e-3
     lr_schedule: LrSchedule = "step"  # step: lr_decay every lr_decay_every steps; cosine: to 0 at the run's end
     warmup: float = 0.0  # the fraction of the run over which lr rises linearly from 0 (cosine schedule)
@@ -108,6 +112,8 @@ class TrainConfig:
     max_nonfinite: int = 20  # stop after this many non-finite losses in a row
     ema_decay: float = 0.0  # exponential moving average of the weights (0: off); evaluation uses it
     precision: Precision = "fp32"  # bf16: autocast, CPU or GPU; fp16: autocast, GPU only
+    compile: bool = False  # torch.compile the network (inductor); the first steps pay for the compilation
+    channels_last: bool = False  # image networks and their batches in channels_last memory format (NHWC)
     loss: LossName = "bound"  # bound: -K; simple: Ho et al.'s L_simple; hybrid: L_simple + hybrid_lambda L_vlb
     hybrid_lambda: float = 0.001  # Nichol & Dhariwal's lambda
     t_sampler: TSampler = "uniform"  # how t is drawn for the one-t estimate; loss_aware: importance sampling

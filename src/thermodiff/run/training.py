@@ -49,8 +49,14 @@ METRIC_FIELDS = ["step", "K_bits_running", "K_bits_window", "lr", "elapsed_s", "
 
 
 def make_optimizer(t: TrainConfig, params) -> torch.optim.Optimizer:
-    """``train.optimizer`` (a value the config checked when it was loaded) at ``train.lr``."""
-    return {"adam": torch.optim.Adam, "rmsprop": torch.optim.RMSprop}[t.optimizer](params, lr=t.lr)
+    """``train.optimizer`` (a value the config checked when it was loaded) at ``train.lr``, its
+    step implemented as ``train.optimizer_kernel`` says, if torch has that kernel for it."""
+    kernel = {} if t.optimizer_kernel == "default" else {t.optimizer_kernel: True}
+    try:
+        return {"adam": torch.optim.Adam, "rmsprop": torch.optim.RMSprop}[t.optimizer](params, lr=t.lr, **kernel)
+    except (TypeError, RuntimeError) as e:  # TypeError: no such keyword (RMSprop has no fused step)
+        raise UserError(f"train.optimizer_kernel = {t.optimizer_kernel!r} is not available for "
+                        f"train.optimizer = {t.optimizer!r} in this torch ({first_line(e)})") from None
 
 
 def learning_rate(t: TrainConfig, step: int, progress: float = 0.0) -> float:
@@ -88,6 +94,26 @@ def autocast(t: TrainConfig, device: torch.device):
     if precision == "fp16" and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.float16)
     return contextlib.nullcontext()
+
+
+def speed_up(net: nn.Module, t: TrainConfig) -> None:
+    """The network in place as ``train.channels_last`` and ``train.compile`` say: the layout
+    changes only its 4-D weights (convolutions'); compiling in place, unlike wrapping it in
+    torch.compile(net), keeps the keys of its state dict (no "_orig_mod." prefix)."""
+    if t.channels_last:
+        net.to(memory_format=torch.channels_last)
+    if t.compile:
+        net.compile()
+
+
+def match_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Give the optimiser's per-weight state its weight's memory layout. A checkpoint stores it
+    contiguous, and torch's fused Adam on a CPU pairs the elements of a state and a weight of
+    different layouts by memory order: channels_last weights would be updated wrongly, silently."""
+    for param, entry in optimizer.state.items():
+        for name, value in entry.items():
+            if torch.is_tensor(value) and value.shape == param.shape:
+                entry[name] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -255,6 +281,7 @@ class TrainState:
               ctx: Context = Context()) -> "TrainState":
         """A new run's state, on ``ctx``'s device, for the weights as they are."""
         objective = Objective(model, diffusion).to(ctx.device)
+        speed_up(model, t)
         return cls(objective, make_optimizer(t, list(objective.parameters())),
                    EMA(objective, t.ema_decay) if t.ema_decay > 0 else None,
                    torch.amp.GradScaler("cuda", enabled=t.precision == "fp16" and ctx.device.type == "cuda"),
@@ -276,6 +303,7 @@ class TrainState:
             state.noise_gen.set_state(tensors["rng.noise"])
             state.order_gen.set_state(tensors["rng.order"])
             state.optimizer.load_state_dict(unflatten_optimizer_state(tensors, meta["optimizer"]))
+            match_layouts(state.optimizer)
             if state.ema is not None and any(k.startswith("ema.") for k in tensors):
                 state.ema.shadow = {k: tensors[f"ema.{k}"].to(ctx.device) for k in state.ema.shadow}
         except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
@@ -335,6 +363,8 @@ def train_step(state: TrainState, x0: torch.Tensor, t: TrainConfig, ctx: Context
     # every process draws the whole global batch's randomness, then takes its shard: the same
     # numbers as one process training on the global batch
     draws, shard = state.objective.draws(x0, state.noise_gen), ctx.shard(len(x0))
+    if t.channels_last and x0.ndim == 4:  # after the draws, whose numbers do not depend on the layout
+        x0 = x0.contiguous(memory_format=torch.channels_last)
     with autocast(t, ctx.device):
         loss, k = state.trainer(x0[shard], draws[shard])
     state.step += 1
