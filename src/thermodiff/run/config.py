@@ -246,7 +246,8 @@ def _check_type(value, annotation, where: str, key: str = ""):
         if option in (str, bool, dict) and type(value) is option:
             return value
     if int in options and isinstance(value, int) and not isinstance(value, bool):  # too large for 64 bits
-        requirement = RANGES.get(key, (None, "lie in -2**63 .. 2**63 - 1 (a 64-bit integer)"))[1]
+        ok, requirement = RANGES.get(key, (lambda v: True, ""))
+        requirement = "lie in -2**63 .. 2**63 - 1 (a 64-bit integer)" if ok(value) else requirement
         raise UserError(f"{where}: must {requirement}, got {value}")
     names = " or ".join("none" if o is type(None) else repr(o) if isinstance(o, str) else o.__name__ for o in options)
     raise UserError(f"{where}: expected {names}, got {value!r}")

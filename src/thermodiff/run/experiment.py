@@ -344,8 +344,8 @@ def load_state(module: nn.Module, tensors: dict, prefix: str, origin: str) -> No
     state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     mismatch = state_mismatch(module.state_dict(), state)
     if mismatch:
-        raise UserError(f"{origin}: the checkpoint's {prefix.rstrip('.')} tensors do not fit the model its config "
-                        f"builds: {mismatch}; the checkpoint was written by another version or edited")
+        raise UserError(f"{origin}: checkpoint does not match the model its config builds ({prefix.rstrip('.')} "
+                        f"tensors: {mismatch}); it was written by another version or edited")
     module.load_state_dict(state)
 
 
