@@ -58,8 +58,10 @@ def compare(configs: list[Config], origins: list[str], out: Path, overwrite: boo
     existing = [str(out / cfg.name) for cfg in configs
                 if (out / cfg.name).exists() and not ((out / cfg.name).is_dir() and not any((out / cfg.name).iterdir()))]
     if existing and not overwrite:  # before any training; compare has no --resume (each run trains from the start)
-        raise UserError(f"--out {out}: {', '.join(existing)} already {'exists' if len(existing) == 1 else 'exist'}; pass --overwrite to "
-                        f"replace {'it' if len(existing) == 1 else 'them'}, or a new --out (to continue one run, use thermodiff train CONFIG --out RUN --resume)")
+        one = len(existing) == 1
+        raise UserError(f"--out {out}: {', '.join(existing)} already {'exists' if one else 'exist'}; pass --overwrite "
+                        f"to replace {'it' if one else 'them'}, or a new --out (to continue one run, use thermodiff "
+                        "train CONFIG --out RUN --resume)")
     rows = []
     for cfg, origin in zip(configs, origins):
         summary = train(cfg, out / cfg.name, overwrite=overwrite, progress=progress, device=device)
