@@ -33,7 +33,7 @@ def test_compare_two_configs_table_json_and_plot(cli, tmp_path):
     assert rows["paper2015"]["evaluation"]["L_null_bits"] == rows["second"]["evaluation"]["L_null_bits"]  # same examples
     assert (out / "bound_vs_time.png").read_bytes()[:8] == PNG_MAGIC
     again = cli("compare", first, second, "--steps", 10, "--out", out, "--quiet", "--json")
-    assert_one_line_error(again, "already exists")
+    assert_one_line_error(again, "already exist", "--overwrite")
     assert cli("compare", first, second, "--steps", 10, "--out", out, "--quiet", "--json", "--overwrite").json()["rows"]
 
 

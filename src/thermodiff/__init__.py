@@ -15,33 +15,40 @@ The package is layered; each layer imports only from itself and the layers liste
 The names below are the library's entry points for use from Python.
 """
 
-from thermodiff.nets.vector import build_vector_net
-from thermodiff.process.binomial import BinomialDiffusion, BinomialParameterization
-from thermodiff.process.bound import BoundEstimate, LossAwareSampler, TrainingLoss, exact_bound, training_loss
-from thermodiff.process.contract import Decoder, Process
-from thermodiff.process.gaussian import FixedVariance, GaussianDiffusion, GaussianParameterization
-from thermodiff.process.respace import respace
-from thermodiff.process.sampling import ancestral_sample
-from thermodiff.process.schedules import Schedule, make_schedule
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BinomialDiffusion",
-    "BinomialParameterization",
-    "BoundEstimate",
-    "Decoder",
-    "FixedVariance",
-    "GaussianDiffusion",
-    "GaussianParameterization",
-    "LossAwareSampler",
-    "Process",
-    "Schedule",
-    "TrainingLoss",
-    "ancestral_sample",
-    "build_vector_net",
-    "exact_bound",
-    "make_schedule",
-    "respace",
-    "training_loss",
-]
+# name -> the module that defines it; imported on first use (PEP 562), so that the command line,
+# which imports this package first, starts without loading torch for --help
+_ENTRY_POINTS = {
+    "BinomialDiffusion": "thermodiff.process.binomial",
+    "BinomialParameterization": "thermodiff.process.binomial",
+    "BoundEstimate": "thermodiff.process.bound",
+    "Decoder": "thermodiff.process.contract",
+    "FixedVariance": "thermodiff.process.gaussian",
+    "GaussianDiffusion": "thermodiff.process.gaussian",
+    "GaussianParameterization": "thermodiff.process.gaussian",
+    "LossAwareSampler": "thermodiff.process.bound",
+    "Process": "thermodiff.process.contract",
+    "Schedule": "thermodiff.process.schedules",
+    "TrainingLoss": "thermodiff.process.bound",
+    "ancestral_sample": "thermodiff.process.sampling",
+    "build_vector_net": "thermodiff.nets.vector",
+    "exact_bound": "thermodiff.process.bound",
+    "make_schedule": "thermodiff.process.schedules",
+    "respace": "thermodiff.process.respace",
+    "training_loss": "thermodiff.process.bound",
+}
+
+__all__ = sorted(_ENTRY_POINTS)
+
+
+def __getattr__(name: str):
+    if name not in _ENTRY_POINTS:
+        raise AttributeError(f"module 'thermodiff' has no attribute {name!r}")
+    return getattr(importlib.import_module(_ENTRY_POINTS[name]), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

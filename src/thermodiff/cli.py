@@ -1,41 +1,29 @@
 """The ``thermodiff`` command line. Every command can print one JSON object (``--json``);
-bad input ends with a one-line message and exit code 2."""
+bad input ends with a one-line message and exit code 2 (and, with ``--json``, a JSON object
+naming the error on stdout).
+
+The parser is built without torch, numpy or the library's modules, so that ``--help`` answers at
+once: each command imports what it uses when it runs (a few seconds of imports otherwise)."""
+
+from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import os
 import shlex
 import sys
-import time
 import typing
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from thermodiff.data.dataset import load_npy
 from thermodiff.errors import UserError, os_error_message
-from thermodiff.process.respace import respaced_process
-from thermodiff.process.sampling import sample_in_batches
-from thermodiff.run.checkpoint import atomic_write_bytes, atomic_write_text
-from thermodiff.run.config import RANGES, ScheduleName, load_config
-from thermodiff.run.experiment import PAPER_RESULTS, load_run, paper_row
+from thermodiff.run.config import RANGES, ScheduleName
 from thermodiff.run.stopping import RunStopped
-from thermodiff.run.training import train
 from thermodiff.tasks import reports
-from thermodiff.tasks.conditioning import (
-    DENOISE_METHODS,
-    KNOWN_VALUES,
-    as_examples,
-    denoise,
-    denoise_mean,
-    inpaint,
-    inpainting_mask,
-)
-from thermodiff.tasks.evaluation import evaluate
-from thermodiff.tasks.parzen import parzen_evaluate
+from thermodiff.tasks.options import DENOISE_METHODS, KNOWN_VALUES
+
+if typing.TYPE_CHECKING:
+    import numpy as np
 
 
 def _emit(args, result: dict, text: str) -> None:
@@ -43,6 +31,12 @@ def _emit(args, result: dict, text: str) -> None:
 
 
 def _write_npy(path: Path, array: np.ndarray) -> None:
+    import io
+
+    import numpy as np
+
+    from thermodiff.run.checkpoint import atomic_write_bytes
+
     buffer = io.BytesIO()
     np.save(buffer, array)
     atomic_write_bytes(path, buffer.getvalue())
@@ -62,6 +56,9 @@ def _overrides(args) -> list[str]:
 
 
 def _train(args) -> dict:
+    from thermodiff.run.config import load_config
+    from thermodiff.run.training import train
+
     overrides = _overrides(args)
     if args.steps is not None and args.minutes is None and not args.resume:
         overrides.append("train.max_minutes=0")  # --steps N trains N steps, whatever the config's time budget
@@ -81,6 +78,11 @@ def cmd_train(args) -> None:
 
 
 def _evaluate(run_dir: str, args, data: str | None = None) -> dict:
+    import numpy as np
+
+    from thermodiff.run.experiment import SplitUnavailable, load_run
+    from thermodiff.tasks.evaluation import evaluate
+
     for flag, value, least in (("--draws", args.draws, 1), ("--max-examples", args.max_examples, 0)):
         if value is not None and value < least:
             raise UserError(f"{flag} must be at least {least}, got {value}")
@@ -91,7 +93,10 @@ def _evaluate(run_dir: str, args, data: str | None = None) -> dict:
         if Path(per_example).suffix != ".npy":
             raise UserError(f"--per-example {per_example}: write the bound per example as .npy")
         _refuse_existing(Path(per_example), getattr(args, "overwrite", False))
-    run = load_run(run_dir, data)
+    try:
+        run = load_run(run_dir, data, split=data is None)
+    except SplitUnavailable as e:
+        raise UserError(f"{e}; or pass --data FILE to evaluate on other data") from None
     respace_to = getattr(args, "respace", None)
     exact = getattr(args, "exact", False)
     result = evaluate(run, args.draws, 0 if exact else args.max_examples, args.eval_seed, progress=not args.quiet,
@@ -108,6 +113,8 @@ def _evaluate(run_dir: str, args, data: str | None = None) -> dict:
 def _save_beside_run(path: Path, result: dict, command: str) -> None:
     """Keep a command's result in the run (``path``). The result is what was asked for: when the
     run cannot be written (read-only, a full disk) it is still printed, with a one-line warning."""
+    from thermodiff.run.checkpoint import atomic_write_text
+
     try:
         atomic_write_text(path, reports.to_json(result) + "\n")
     except OSError as e:
@@ -128,6 +135,16 @@ def _refuse_existing(path: Path, overwrite: bool) -> None:
 
 
 def cmd_sample(args) -> None:
+    import time
+
+    import numpy as np
+    import torch
+
+    from thermodiff.process.respace import respaced_process
+    from thermodiff.process.sampling import sample_in_batches
+    from thermodiff.run.checkpoint import atomic_write_bytes
+    from thermodiff.run.experiment import load_run
+
     out = Path(args.out)
     if out.suffix not in (".npy", ".png"):
         raise UserError(f"--out {out}: samples are written as .npy (original units) or .png (an image grid)")
@@ -155,10 +172,16 @@ def cmd_sample(args) -> None:
           f"wrote {args.n} samples (original units, {diffusion.T} steps, {wall:.1f} s) to {out}")
 
 
-def _plot(run_dir: str, out_dir: str | None, quiet: bool, overwrite: bool) -> list[str]:
+def _plot(run_dir: str, out_dir: str | None, quiet: bool, overwrite: bool) -> tuple[list[str], str | None]:
+    """The figures written, and why those that need the run's data were not (None: all were)."""
+    from thermodiff.run.experiment import SplitUnavailable, load_run
     from thermodiff.tasks import plotting
+    from thermodiff.tasks.evaluation import evaluate
 
-    run = load_run(run_dir)
+    try:
+        run, unavailable = load_run(run_dir, split=True), None
+    except SplitUnavailable as e:  # the figures of the model alone still can be drawn
+        run, unavailable = load_run(run_dir), str(e)
     if run.config.baseline.kind:
         raise UserError(f"{run_dir}: a {run.config.baseline.kind} baseline; plot draws a diffusion's figures "
                         "(compare them with thermodiff compare)")
@@ -167,43 +190,58 @@ def _plot(run_dir: str, out_dir: str | None, quiet: bool, overwrite: bool) -> li
         raise UserError(f"--out {out}: exists and is not a directory")
     figures = [(plotting.samples_panel, "samples.png")]
     if run.dataset.event_shape == (2,) and not run.dataset.binary:
-        figures = [(plotting.figure_1, "figure1.png"), (plotting.conditional_figure, "conditional.png"), *figures]
-    for name in [name for _, name in figures] + ["bound.png"]:
-        _refuse_existing(out / name, overwrite)
+        figures = [(plotting.conditional_figure, "conditional.png"), *figures]
+        if unavailable is None:  # the forward trajectory starts at held-out data
+            figures = [(plotting.figure_1, "figure1.png"), *figures]
     evaluation_path = Path(run_dir) / "evaluation.json"
+    bound = evaluation_path.exists() or unavailable is None
+    for name in [name for _, name in figures] + ["bound.png"] * bound:
+        _refuse_existing(out / name, overwrite)
     evaluation = reports.read_evaluation(evaluation_path) if evaluation_path.exists() else None  # damaged: refused now
     out.mkdir(parents=True, exist_ok=True)
     written = [draw(run, out / name) for draw, name in figures]
-    if evaluation is None:
+    if evaluation is None and bound:
         evaluation = evaluate(run, n_draws=1, max_examples=1000, progress=not quiet)
-    written.append(plotting.bound_terms(evaluation, out / "bound.png"))
-    return [str(p) for p in written]
+    if bound:
+        written.append(plotting.bound_terms(evaluation, out / "bound.png"))
+    skipped = None if unavailable is None else (
+        f"figures of held-out data skipped ({unavailable}; samples are drawn without data"
+        f"{'' if bound else ', and bound.png needs evaluation.json or the data'})")
+    return [str(p) for p in written], skipped
 
 
 def cmd_plot(args) -> None:
-    files = _plot(args.run_dir, args.out, args.quiet, args.overwrite)
-    _emit(args, {"files": files}, "wrote " + ", ".join(files))
+    files, skipped = _plot(args.run_dir, args.out, args.quiet, args.overwrite)
+    _emit(args, {"files": files, "skipped": skipped}, "wrote " + ", ".join(files) + (f"; {skipped}" if skipped else ""))
 
 
 def cmd_parzen(args) -> None:
-    result = parzen_evaluate(load_run(args.run_dir), args.samples, args.valid, args.max_test, seed=args.seed,
+    from thermodiff.run.experiment import load_run
+    from thermodiff.tasks.parzen import parzen_evaluate
+
+    result = parzen_evaluate(load_run(args.run_dir, split=True), args.samples, args.valid, args.max_test, seed=args.seed,
                              progress=not args.quiet)
     _save_beside_run(Path(args.run_dir) / "parzen.json", result, "parzen")
     _emit(args, result, reports.describe_parzen(result))
 
 
 def cmd_reproduce(args) -> None:
+    from thermodiff.run.config import load_config
+    from thermodiff.run.experiment import paper_experiments, paper_row
+
     if paper_row(load_config(args.experiment)) is None:
-        raise UserError(f"reproduce: {args.experiment!r} is not one of the paper's experiments ({', '.join(PAPER_RESULTS)})")
+        raise UserError(f"{args.experiment!r} is not one of the paper's experiments; reproduce one of "
+                        f"{', '.join(paper_experiments())} (or a .toml config of the paper's data)")
     args.config, args.resume = args.experiment, False
     summary = _train(args)
     result = _evaluate(summary["run_dir"], args)
-    files = _plot(summary["run_dir"], None, args.quiet, args.overwrite)
+    files, _ = _plot(summary["run_dir"], None, args.quiet, args.overwrite)  # the data were just trained on
     _emit(args, {"train": summary, "evaluation": result, "figures": files},
           reports.describe_reproduction(summary, result, files))
 
 
 def cmd_compare(args) -> None:
+    from thermodiff.run.config import load_config
     from thermodiff.tasks.compare import compare, format_table
 
     if args.samples < 1:
@@ -219,6 +257,10 @@ def cmd_compare(args) -> None:
 
 def _read_input(path: str, run, flag: str) -> np.ndarray:
     """A numeric .npy array, or for image runs a .png image, in original units, as float64."""
+    import numpy as np
+
+    from thermodiff.data.dataset import load_npy
+
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{flag} {p}: no such file")
@@ -241,6 +283,12 @@ def _read_input(path: str, run, flag: str) -> np.ndarray:
 
 def _write_posterior(out: Path, inputs: np.ndarray, samples: np.ndarray, run, mean: np.ndarray | None = None) -> None:
     """Inputs, samples and the posterior mean (``mean``, else the samples' mean) as .npz or a .png grid."""
+    import io
+
+    import numpy as np
+
+    from thermodiff.run.checkpoint import atomic_write_bytes
+
     samples_mean = samples.astype(np.float64).mean(0)
     mean = samples_mean if mean is None else mean
     if out.suffix == ".png":
@@ -257,8 +305,12 @@ def _write_posterior(out: Path, inputs: np.ndarray, samples: np.ndarray, run, me
         atomic_write_bytes(out, buffer.getvalue())
 
 
-def _posterior_out(args, default_suffix: str) -> Path:
-    out = Path(args.out or Path(args.input).with_suffix("").as_posix() + default_suffix)
+#: where denoise and inpaint write without --out: next to the input, with this ending
+POSTERIOR_OUT = {"denoise": "_denoised.npz", "inpaint": "_inpainted.npz"}
+
+
+def _posterior_out(args) -> Path:
+    out = Path(args.out or Path(args.input).with_suffix("").as_posix() + POSTERIOR_OUT[args.command])
     if out.suffix not in (".npz", ".png"):
         raise UserError(f"--out {out}: posterior samples are written as .npz or .png")
     if args.n < 1:
@@ -268,7 +320,10 @@ def _posterior_out(args, default_suffix: str) -> Path:
 
 
 def cmd_denoise(args) -> None:
-    out = _posterior_out(args, "_denoised.npz")
+    from thermodiff.run.experiment import load_run
+    from thermodiff.tasks.conditioning import as_examples, denoise, denoise_mean
+
+    out = _posterior_out(args)
     run = load_run(args.run_dir)
     noisy = as_examples(_read_input(args.input, run, "--input"), run, args.input)
     samples = denoise(run, noisy, args.sigma, args.n, args.seed, progress=not args.quiet, method=args.method)
@@ -281,11 +336,16 @@ def cmd_denoise(args) -> None:
 
 
 def cmd_inpaint(args) -> None:
-    out = _posterior_out(args, "_inpainted.npz")
+    from thermodiff.run.experiment import load_run
+    from thermodiff.tasks.conditioning import as_examples, inpaint, inpainting_mask
+
+    out = _posterior_out(args)
     run = load_run(args.run_dir)
     values = as_examples(_read_input(args.input, run, "--input"), run, args.input)
-    mask = inpainting_mask(run, values, _read_input(args.mask, run, "--mask"), f"--mask {args.mask}",
-                           f"--input {args.input}")
+    mask = _read_input(args.mask, run, "--mask")
+    if Path(args.mask).suffix.lower() == ".png":  # black = unknown, white = known
+        mask = mask / 255
+    mask = inpainting_mask(run, values, mask, f"--mask {args.mask}", f"--input {args.input}")
     samples = inpaint(run, values, mask, args.n, args.seed, progress=not args.quiet, known=args.known)
     _write_posterior(out, values, samples, run)
     _emit(args, {"out": str(out), "inputs": len(values), "samples_per_input": args.n,
@@ -293,11 +353,19 @@ def cmd_inpaint(args) -> None:
           f"wrote {args.n} completions and their mean for {len(values)} input(s) to {out}")
 
 
+class _UsageError(Exception):
+    """A bad command line: main prints it in one line (and its JSON) and exits with code 2."""
+
+    def __init__(self, prog: str, message: str):
+        super().__init__(f"{prog}: error: {message} (see {prog} --help)")
+        self.command, self.message = prog.partition(" ")[2] or None, message
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors in one line too (argparse prints the whole usage first), exit code 2."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        raise _UsageError(self.prog, message)
 
 
 def _seed(text: str) -> int:
@@ -340,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--minutes", type=_minutes, help="stop after M minutes of training time in all (train.max_minutes; "
                                                      "like --steps, a new total for --resume)")
         p.add_argument("--T", type=int, help="diffusion steps (diffusion.T)")
-        p.add_argument("--seed", type=int, help="seed for data, split, init and noise")
+        p.add_argument("--seed", type=_seed, help="seed for data, split, init and noise")
         p.add_argument("--schedule", help=" | ".join(typing.get_args(ScheduleName)))
         p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
         p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
@@ -395,12 +463,15 @@ def build_parser() -> argparse.ArgumentParser:
                            help="start the reverse chain from y at the step whose noise level matches sigma (exact "
                                 "under the model, default) or multiply every kernel by N(y; x, sigma^2) (the paper's)")
         else:
-            p.add_argument("--mask", required=True, help="same shape as one example; nonzero = known")
+            p.add_argument("--mask", required=True, help="same shape as one example (or as the input): 1 or true = "
+                                                       "known, 0 = unknown; a .png: white = known, black = unknown")
             p.add_argument("--known", choices=KNOWN_VALUES, default="clamp",
                            help="known values held at their values at every step (the paper's, default) or "
                                 "following a forward trajectory to them")
-        p.add_argument("--out", help="FILE.npz (input, samples, mean, samples_mean) or FILE.png (grid: input, mean, "
-                                     "samples); denoise --method start's mean is the model's E[x | y], else the samples' mean")
+        mean = ("with --method start the model's E[x | y], else the samples' mean" if name == "denoise" else
+                "the samples' mean")
+        p.add_argument("--out", help=f"FILE.npz (input, samples, mean, samples_mean) or FILE.png (grid: input, mean, "
+                                     f"samples); mean: {mean} (default INPUT{POSTERIOR_OUT[name]})")
         p.add_argument("-n", type=int, default=4, help="posterior samples per input")
         p.add_argument("--seed", type=_seed, default=0)
         p.add_argument("--overwrite", action="store_true")
@@ -441,8 +512,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fail(line: str, code: int, as_json: bool, command: str | None = None, error: str | None = None) -> int:
+    """Print the one-line message ``line`` on stderr and, with ``--json``, one JSON object on stdout
+    (``error``: the message without the program's prefix); return the exit code."""
+    print(line, file=sys.stderr)
+    if as_json:
+        print(json.dumps({"command": command, "error": error or line, "exit_code": code}, ensure_ascii=False))
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = build_parser().parse_args(argv)
+    except _UsageError as e:
+        return _fail(str(e), 2, "--json" in argv, e.command, e.message)
     try:
         args.func(args)
     except RunStopped as e:  # its checkpoint saved or kept: say how to continue
@@ -450,11 +534,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"thermodiff {args.command}: {kind}{e}; continue with: {_resume_command(args, e)}", file=sys.stderr)
         return e.exit_code
     except UserError as e:
-        print(f"thermodiff {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(f"thermodiff {args.command}: error: {e}", 2, args.json, args.command, str(e))
     except KeyboardInterrupt:
-        print("thermodiff: interrupted", file=sys.stderr)
-        return 130
+        return _fail("thermodiff: interrupted", 130, args.json, args.command, "interrupted")
     except BrokenPipeError:  # the reader went away (`thermodiff evaluate RUN | head`): not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -5,6 +5,7 @@ file and the problem, so the CLI can report bad input in one line.
 """
 
 import math
+import re
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -79,10 +80,13 @@ def _pick_npz_array(path: Path, archive, key: str | None) -> np.ndarray:
         return archive[key]
 
 
-def load_array(path: str | Path, key: str | None = None, images: bool = False) -> np.ndarray:
+def load_array(path: str | Path, key: str | None = None, images: bool = False,
+               vectors_expected: bool = False) -> np.ndarray:
     """Load an N x D numeric array from ``.npy``, ``.npz`` (``key`` picks the array) or ``.csv``
     (with ``images``, also image stacks of 3 or 4 dimensions, as uint8 (N, C, H, W))
-    (comma-separated, an optional non-numeric header line). Never unpickles."""
+    (comma-separated, an optional non-numeric header line). Never unpickles. With
+    ``vectors_expected``, a 3-D or 4-D array that is no image stack either is reported as the
+    wrong shape for vectors."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file")
@@ -105,7 +109,14 @@ def load_array(path: str | Path, key: str | None = None, images: bool = False) -
     except Exception as e:  # untrusted bytes: numpy's parsers fail in many ways (tokenize, ast, zip, ...)
         raise UserError(f"{path}: cannot be read as {suffix[1:]}: {first_line(e)}") from None
     if images and x.ndim in (3, 4):
-        return validate_images(x, str(path))
+        try:
+            return validate_images(x, str(path))
+        except UserError as e:
+            if not vectors_expected:
+                raise
+            raise UserError(f"{path}: vectors need a 2-D (N, D) array, got shape {tuple(x.shape)} (nor is it an image "
+                            f"stack: {str(e).removeprefix(f'{path}: ')}); for images use thermodiff train images"
+                            ) from None
     return validate_array(x, str(path))
 
 
@@ -120,7 +131,25 @@ def _read_csv(path: Path) -> np.ndarray:
     with warnings.catch_warnings():  # an empty body is reported by validate_array, not as a warning
         warnings.simplefilter("ignore", UserWarning)
         x = np.loadtxt(path, delimiter=",", skiprows=skip, ndmin=2, encoding="utf-8-sig")
+    _refuse_inexact_integers(path)
     return x
+
+
+#: an integer field of a CSV line that float64 may not hold exactly (more than 15 digits)
+_LONG_INTEGER = re.compile(r"(?:^|,)\s*([+-]?\d{16,})\s*(?=,|$)", re.MULTILINE)
+
+
+def _refuse_inexact_integers(path: Path) -> None:
+    """Integers that float64 rounds (beyond 2**53, as int64 counts and ids can be) would be
+    trained on as other numbers: refuse them, naming the first."""
+    text = path.read_text(encoding="utf-8-sig")
+    for match in _LONG_INTEGER.finditer(text):
+        value = int(match.group(1))
+        if int(float(value)) != value:
+            line = text.count("\n", 0, match.start(1)) + 1
+            raise UserError(f"{path}: line {line} holds the integer {value}, which float64 cannot hold exactly (it "
+                            f"would become {int(float(value))}); integers must lie within +-2**53: subtract an offset "
+                            "or rescale the column")
 
 
 def validate_array(x: np.ndarray, name: str) -> np.ndarray:
@@ -159,14 +188,15 @@ class Scaling:
 
     @classmethod
     def fit(cls, x: np.ndarray, mode: str) -> "Scaling":
+        check_magnitude(x)
         if mode == "none":
             return cls([0.0], [1.0])
         if mode == "global":
-            return cls([float(x.mean())], [float(x.std())])
+            return cls([float(x.mean())], checked_scale([x.std()]))
         if mode in ("per_dimension", "pca") and x.ndim != 2:
             raise UserError(f"data.scaling = {mode!r} is for N x D arrays; images use 'global'")
         if mode == "per_dimension":
-            return cls(x.mean(0).tolist(), x.std(0).tolist())
+            return cls(x.mean(0).tolist(), checked_scale(x.std(0)))
         if mode == "pca":
             return cls.whitening(x)
         raise UserError(f"data.scaling must be 'global', 'per_dimension', 'pca' or 'none', got {mode!r}")
@@ -183,8 +213,9 @@ class Scaling:
         return cls(mean.tolist(), np.sqrt(variances).tolist(), vectors.tolist())
 
     def __post_init__(self):
-        if any(not (s > 0 and math.isfinite(s)) for s in self.scale):
-            raise UserError("the data have zero variance in some dimension; cannot scale them (use data.scaling = 'none')")
+        # data are checked where they are fitted (checked_scale); this catches a damaged record
+        if not self.scale or any(not (s > 0 and math.isfinite(s)) for s in self.scale):
+            raise UserError(f"scale must hold positive finite numbers, got {self.scale}")
 
     def _arrays(self, like):
         """shift, scale and rotation as arrays of ``like``'s kind (NumPy, or float64 tensors on its device)."""
@@ -243,6 +274,33 @@ class Lattice:
             step.append(gap)
             count.append(int(np.rint(k[-1])) + 1)
         return cls(low, step, count)
+
+
+#: Values beyond this are refused: the variance squares them, and float64 overflows at ~1.8e308.
+MAX_MAGNITUDE = 1e150
+
+
+def check_magnitude(x: np.ndarray) -> None:
+    """Refuse values so large that their variance overflows float64 (it would read as infinite)."""
+    largest = float(np.abs(x).max()) if x.size else 0.0
+    if largest > MAX_MAGNITUDE:
+        raise UserError(f"values up to {largest:.3g} are too large to scale: their variance overflows float64 "
+                        f"(values must stay below {MAX_MAGNITUDE:.0e}); divide the data by a constant, e.g. "
+                        f"{10 ** math.floor(math.log10(largest)):.0e}, before training")
+
+
+def checked_scale(std) -> list[float]:
+    """Standard deviations of the data (one, or one per dimension) as a scaling's ``scale``; a
+    zero one means constant data, which cannot be scaled to unit variance."""
+    std = np.atleast_1d(np.asarray(std, dtype=np.float64))
+    constant = np.flatnonzero(~(std > 0))
+    if constant.size:
+        where = "are constant" if std.size == 1 else (
+            f"are constant in dimension{'s' if constant.size > 1 else ''} {', '.join(map(str, constant[:10]))}"
+            + (" ..." if constant.size > 10 else ""))
+        raise UserError(f"the data {where} (zero variance), so they cannot be scaled to unit variance; drop "
+                        "constant columns, or set data.scaling = 'none'")
+    return std.tolist()
 
 
 def split(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -315,4 +373,5 @@ class Dataset:
         return {"source": self.source, "n_train": len(self.train), "n_test": len(self.test),
                 "n_val": 0 if self.val is None else len(self.val),
                 "shape": list(self.event_shape), "binary": self.binary, "dequantized": self.dequantize,
-                "scaling": asdict(self.scaling), "lattice": self.lattice and asdict(self.lattice)}
+                "scaling": asdict(self.scaling), "lattice": self.lattice and asdict(self.lattice),
+                "train_mean": float(self.train.mean())}  # a binary run's null model and binomial p need it

@@ -235,8 +235,9 @@ def _literal_or_type(annotation) -> tuple:
     return typing.get_args(annotation) if typing.get_origin(annotation) is Literal else (annotation,)
 
 
-def _check_type(value, annotation, where: str):
-    """Return ``value`` if it fits ``annotation`` (ints are accepted as floats)."""
+def _check_type(value, annotation, where: str, key: str = ""):
+    """Return ``value`` if it fits ``annotation`` (ints are accepted as floats); ``key`` (a
+    :data:`RANGES` key) names the range that an integer too large for 64 bits is outside of."""
     union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
     options = [o for a in (typing.get_args(annotation) if union else (annotation,)) for o in _literal_or_type(a)]
     for option in options:
@@ -250,6 +251,10 @@ def _check_type(value, annotation, where: str):
             return value  # TOML integers are 64-bit (tomllib accepts any)
         if option in (str, bool, dict) and type(value) is option:
             return value
+    if int in options and isinstance(value, int) and not isinstance(value, bool):  # too large for 64 bits
+        ok, requirement = RANGES.get(key, (lambda v: True, ""))
+        requirement = "lie in -2**63 .. 2**63 - 1 (a 64-bit integer)" if ok(value) else requirement
+        raise UserError(f"{where}: must {requirement}, got {value}")
     names = " or ".join("none" if o is type(None) else repr(o) if isinstance(o, str) else o.__name__ for o in options)
     raise UserError(f"{where}: expected {names}, got {value!r}")
 
@@ -282,7 +287,7 @@ def _build(cls, raw: dict, origin: str, prefix: str):
         if dataclasses.is_dataclass(hint):
             kwargs[key] = _build(hint, value, origin, prefix=f"{prefix}{key}.")
         else:
-            kwargs[key] = _check_type(value, hint, f"{origin}: {prefix}{key}")
+            kwargs[key] = _check_type(value, hint, f"{origin}: {prefix}{key}", f"{prefix}{key}")
     return cls(**kwargs)
 
 

@@ -2,6 +2,7 @@
 directory. This is the only module that knows how config names map to objects."""
 
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from thermodiff.process.schedules import make_schedule
 from thermodiff.process.vdm import VDM
 from thermodiff.run import autoconfig
 from thermodiff.run.checkpoint import load_checkpoint
-from thermodiff.run.config import AUTO, Config
+from thermodiff.run.config import AUTO, CONFIG_DIR, Config, load_config
 
 #: the run directory's file of the best weights by the validation bound (training.Validator writes it)
 BEST_CHECKPOINT = "best.safetensors"
@@ -50,6 +51,11 @@ def paper_row(cfg: Config) -> dict | None:
     if cfg.name in PAPER_RESULTS and cfg.data.source in BUILTIN_SOURCES:
         return PAPER_RESULTS[cfg.name]
     return PAPER_RESULTS.get(cfg.data.source)
+
+
+def paper_experiments() -> list[str]:
+    """The packaged experiments that :func:`paper_row` has the paper's figures for."""
+    return [path.stem for path in sorted(CONFIG_DIR.glob("*.toml")) if paper_row(load_config(str(path))) is not None]
 
 
 def file_digest(path: Path) -> str:
@@ -97,7 +103,8 @@ def load_splits(cfg: Config) -> tuple[np.ndarray, np.ndarray, str]:
     if not d.source:
         raise UserError(f"experiment {cfg.name!r} has no data: pass --data PATH (an array or a folder of images)")
     path = Path(d.source)
-    x = image_data.load_image_folder(path, d.size or None) if path.is_dir() else datasets.load_array(path, d.key, images=True)
+    x = (image_data.load_image_folder(path, d.size or None) if path.is_dir() else
+         datasets.load_array(path, d.key, images=True, vectors_expected=cfg.model.network not in IMAGE_NETWORKS))
     return *_seeded_split(x, cfg), d.source
 
 
@@ -127,7 +134,7 @@ def image_scaling(images: np.ndarray) -> datasets.Scaling:
         c = chunk.astype(np.float64) / 255
         total, squares = total + c.sum(), squares + (c**2).sum()
     mean = total / count
-    return datasets.Scaling([mean], [float(np.sqrt(max(squares / count - mean**2, 0.0)))])
+    return datasets.Scaling([mean], datasets.checked_scale([np.sqrt(max(squares / count - mean**2, 0.0))]))
 
 
 def carve_validation(train: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -158,10 +165,13 @@ def prepare_dataset(cfg: Config, override: np.ndarray | None = None, scaling: da
     if override is not None:
         test = override
     if scaling is None:
-        if kind == "binomial" or cfg.data.scaling == "none":
-            scaling = datasets.Scaling.fit(train, "none")
-        else:
-            scaling = image_scaling(train) if image else datasets.Scaling.fit(train, cfg.data.scaling)
+        try:
+            if kind == "binomial" or cfg.data.scaling == "none":
+                scaling = datasets.Scaling.fit(train, "none")
+            else:
+                scaling = image_scaling(train) if image else datasets.Scaling.fit(train, cfg.data.scaling)
+        except UserError as e:
+            raise UserError(f"{source}: {e}") from None
     dataset = datasets.Dataset(train, test, scaling, binary, source, dequantize=image and kind != "binomial", val=val,
                                lattice=lattice)
     autoconfig.resolve(cfg, None if image else scaling.apply(train), kind, data_bins(dataset))
@@ -287,9 +297,15 @@ def assemble(cfg: Config, override: np.ndarray | None = None, scaling: datasets.
     (:func:`prepare_dataset`, whose ``override`` and ``scaling`` these are). The network's initial
     weights are drawn from torch's global generator seeded with ``cfg.seed``, so that a run's
     initialisation is its config's."""
-    torch.manual_seed(cfg.seed)
     dataset, kind = prepare_dataset(cfg, override, scaling)
-    diffusion = build_diffusion(cfg, kind, float(dataset.train.mean()), data_bins(dataset))
+    return build_parts(cfg, dataset, kind, float(dataset.train.mean()))
+
+
+def build_parts(cfg: Config, dataset: datasets.Dataset, kind: str, data_mean: float) -> Parts:
+    """The process and the network of ``cfg`` (every "auto" decided) for ``dataset``, whose
+    training examples' mean ``data_mean`` is (see :func:`build_diffusion`)."""
+    torch.manual_seed(cfg.seed)
+    diffusion = build_diffusion(cfg, kind, data_mean, data_bins(dataset))
     return Parts(dataset, kind, diffusion, build_model(cfg, diffusion, dataset.event_shape))
 
 
@@ -307,41 +323,107 @@ class Run:
     checkpoint: str = "last"  # which weights: "last" (of checkpoint.safetensors) or "best" (by the validation bound)
 
 
+def _names(keys: list[str], most: int = 3) -> str:
+    return ", ".join(keys[:most]) + (f" and {len(keys) - most} more" if len(keys) > most else "")
+
+
+def state_mismatch(expected: dict, found: dict) -> str | None:
+    """What keeps ``found`` tensors from loading into a module whose state dict is ``expected``,
+    in one line (counts, and the first names of each kind); None when they fit."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    reshaped = [f"{k} {tuple(found[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+                if k in found and found[k].shape != v.shape]
+    parts = [f"{len(names)} {what} ({_names(names)})" for names, what in
+             ((missing, "missing"), (unexpected, "unexpected"), (reshaped, "of another shape (checkpoint vs model)"))
+             if names]
+    return "; ".join(parts) or None
+
+
 def load_state(module: nn.Module, tensors: dict, prefix: str, origin: str) -> None:
     state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as e:
-        raise UserError(f"{origin}: checkpoint does not match this model ({first_line(e)})") from None
+    mismatch = state_mismatch(module.state_dict(), state)
+    if mismatch:
+        raise UserError(f"{origin}: checkpoint does not match the model its config builds ({prefix.rstrip('.')} "
+                        f"tensors: {mismatch}); it was written by another version or edited")
+    module.load_state_dict(state)
 
 
-def load_run(run_dir: str | Path, data_path: str | None = None) -> Run:
-    """Rebuild a run's data, process and network from ``run_dir`` and load its weights.
-    With ``data_path``, those data (original units) replace the test split."""
+class SplitUnavailable(UserError):
+    """A run's training data (where its test split comes from) are missing or changed."""
+
+
+def check_training_data(cfg: Config, record: dict, run_dir: Path, why: str) -> None:
+    """Refuse, saying what is needed and how to proceed, when the file or folder that the run's
+    data come from is gone or (for a file with a recorded digest) no longer holds the same bytes."""
+    if cfg.data.source in BUILTIN_SOURCES and cfg.data.source != "texture":
+        return  # generated from the seed, or an official data set (its own loader says what is missing)
+    path = Path(cfg.data.path if cfg.data.source == "texture" else cfg.data.source)
+    digest = record.get("sha256")
+    recorded = f" (sha256 {digest[:16]}...)" if digest else ""
+    if not path.exists():
+        raise SplitUnavailable(f"{why}: {path} is missing; restore it{recorded}")
+    if digest and path.is_file() and file_digest(path) != digest:
+        raise SplitUnavailable(f"{why}: {path} changed since run {run_dir} was trained on it; restore the "
+                               f"original{recorded}")
+
+
+#: what a run's data record holds to rebuild its data set without the training data (a record
+#: written before some of them were kept is rebuilt from the training data, as it was then)
+RECORD_KEYS = ("shape", "binary", "dequantized", "lattice", "kind")
+
+
+def recorded_dataset(record: dict, cfg: Config, scaling: datasets.Scaling,
+                     test: np.ndarray | None) -> tuple[datasets.Dataset, float] | None:
+    """The run's data set from its checkpoint's record alone (no training examples; ``test`` as
+    its test split, else none), and the training data's mean; None if the record lacks something."""
+    mean = record.get("train_mean", record.get("stationary_p"))  # a binomial p is the training mean
+    if any(key not in record for key in RECORD_KEYS) or (mean is None and record["binary"]):
+        return None
+    shape = tuple(record["shape"])
+    empty = np.zeros((0, *shape), dtype=np.uint8 if len(shape) == 3 else np.float64)
+    lattice = datasets.Lattice(**record["lattice"]) if record["lattice"] else None
+    dataset = datasets.Dataset(empty, empty if test is None else test, scaling, record["binary"], cfg.data.source,
+                               dequantize=record["dequantized"], lattice=lattice)
+    return dataset, math.nan if mean is None else mean  # only binary data's mean is used
+
+
+def _other_data(path: Path, cfg: Config, expected: tuple[int, ...], run_dir: Path) -> np.ndarray:
+    """Examples of ``path`` (an array, or a folder of images) in original units, of the run's shape."""
+    data = image_data.load_image_folder(path, cfg.data.size or None) if path.is_dir() else datasets.load_array(path, images=True)
+    got = tuple(data.shape[1:])
+    if got != expected:
+        what = (f"has {got[0]} columns but run {run_dir} models {expected[0]}-dimensional data" if len(got) == len(expected) == 1
+                else f"holds examples of shape {got}, but run {run_dir} models shape {expected}")
+        raise UserError(f"{path}: {what}")
+    return data
+
+
+def load_run(run_dir: str | Path, data_path: str | None = None, split: bool = False) -> Run:
+    """Rebuild a run's data, process and network from ``run_dir`` and load its weights. With
+    ``data_path``, those data (original units) are the test split; with ``split``, the run's own
+    splits are rebuilt from its training data (:class:`SplitUnavailable` if they are missing or
+    changed); otherwise the data set holds no examples, only what the checkpoint records of them."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run directory")
     best = run_dir / BEST_CHECKPOINT
     checkpoint = best if best.exists() else run_dir / "checkpoint.safetensors"
     tensors, meta = load_checkpoint(checkpoint, {"config": dict, "data": dict, "step": int})
-    cfg = Config.from_dict(meta["config"], origin=str(checkpoint))
-    digest = meta["data"].get("sha256")
-    if digest and Path(cfg.data.source).is_file() and file_digest(Path(cfg.data.source)) != digest:
-        raise UserError(f"{cfg.data.source}: the file changed since run {run_dir} was trained on it")
+    cfg, record = Config.from_dict(meta["config"], origin=str(checkpoint)), meta["data"]
     try:
-        scaling = datasets.Scaling(**meta["data"]["scaling"])
-    except (KeyError, TypeError):
-        raise UserError(f"{checkpoint}: checkpoint has no valid data scaling (written by another program or version?)") from None
-    override = None
-    if data_path is not None:
-        path = Path(data_path)
-        override = image_data.load_image_folder(path, cfg.data.size or None) if path.is_dir() else datasets.load_array(path, images=True)
-        expected, got = tuple(meta["data"]["shape"]), tuple(override.shape[1:])
-        if got != expected:
-            what = (f"has {got[0]} columns but run {run_dir} models {expected[0]}-dimensional data" if len(got) == len(expected) == 1
-                    else f"holds examples of shape {got}, but run {run_dir} models shape {expected}")
-            raise UserError(f"{data_path}: {what}")
-    parts = assemble(cfg, override, scaling)
+        scaling = datasets.Scaling(**record["scaling"])
+    except (KeyError, TypeError, UserError) as e:
+        raise UserError(f"{checkpoint}: the checkpoint's data scaling is not valid ({first_line(e)}): the file is damaged "
+                        "or was written by another program; restore it or train the run again") from None
+    override = None if data_path is None else _other_data(Path(data_path), cfg, tuple(record["shape"]), run_dir)
+    recorded = None if split else recorded_dataset(record, cfg, scaling, override)
+    if recorded is None:
+        check_training_data(cfg, record, run_dir, f"run {run_dir}'s test split comes from its training data" if split
+                            else f"run {run_dir} (written by an older version) is rebuilt from its training data")
+        parts = assemble(cfg, override, scaling)
+    else:
+        parts = build_parts(cfg, recorded[0], record["kind"], recorded[1])
     if parts.kind == "binomial" and override is not None and not datasets.is_binary(override):
         raise UserError(f"{data_path}: data are not binary, but run {run_dir} is a binomial diffusion")
     weights = "ema." if any(k.startswith("ema.") for k in tensors) else ""  # evaluate the averaged weights
@@ -350,4 +432,3 @@ def load_run(run_dir: str | Path, data_path: str | None = None) -> Run:
     parts.model.eval()
     return Run(run_dir, cfg, parts.dataset, parts.diffusion, parts.model, int(meta["step"]), meta,
                "best" if checkpoint == best else "last")
-

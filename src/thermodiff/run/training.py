@@ -533,7 +533,8 @@ def _train_locked(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, pro
     run_loop(state, session, progress, None if resume else validate(state, session), stop)
     ctx.barrier()
     wall = time.perf_counter() - session.start_time
-    return {"run_dir": str(run_dir), "steps": state.step, "K_bits_running": state.K_bits_running,
+    return {"run_dir": str(run_dir), "steps": state.step, "new_steps": state.step - start_step,
+            "K_bits_running": state.K_bits_running,
             "wall_s": round(wall, 3), "steps_per_s": round((state.step - start_step) / wall, 2) if wall > 0 else None,
             "nonfinite_skipped": state.nonfinite_skipped, "world_size": ctx.world_size, "device": str(ctx.device),
             "best": state.best if session.validator else None, "auto_choices": cfg.auto, "data": session.data}
@@ -544,6 +545,9 @@ def run_config(cfg: Config, meta: dict, origin: str, max_minutes: float | None) 
     train.steps as the new total; ``max_minutes``, when given, replaces train.max_minutes."""
     if meta:
         steps = cfg.train.steps
+        if 0 < steps < meta["step"]:  # it would train nothing and say it trained
+            raise UserError(f"{origin}: the run is already at step {meta['step']}, past train.steps = {steps} (--steps); "
+                            f"pass --steps above {meta['step']} to train it further")
         cfg = Config.from_dict(meta["config"], origin=origin)
         cfg.train.steps = steps
     if max_minutes is not None:

@@ -55,10 +55,17 @@ def compare(configs: list[Config], origins: list[str], out: Path, overwrite: boo
     """Train every config into ``out/NAME``, evaluate it and time its sampling; write
     ``out/compare.json`` and ``out/bound_vs_time.png``. Returns the record."""
     check_comparable(configs, origins)
+    existing = [str(out / cfg.name) for cfg in configs
+                if (out / cfg.name).exists() and not ((out / cfg.name).is_dir() and not any((out / cfg.name).iterdir()))]
+    if existing and not overwrite:  # before any training; compare has no --resume (each run trains from the start)
+        one = len(existing) == 1
+        raise UserError(f"--out {out}: {', '.join(existing)} already {'exists' if one else 'exist'}; pass --overwrite "
+                        f"to replace {'it' if one else 'them'}, or a new --out (to continue one run, use thermodiff "
+                        "train CONFIG --out RUN --resume)")
     rows = []
     for cfg, origin in zip(configs, origins):
         summary = train(cfg, out / cfg.name, overwrite=overwrite, progress=progress, device=device)
-        run = load_run(out / cfg.name)
+        run = load_run(out / cfg.name, split=True)  # the record describes the data that every run is scored on
         result = evaluate(run, n_draws, max_examples, eval_seed, progress=progress)
         metrics = read_metrics(out / cfg.name)
         rows.append({"name": cfg.name, "config": origin, "model": model_label(run), "steps": summary["steps"],

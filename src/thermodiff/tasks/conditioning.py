@@ -1,6 +1,7 @@
 """Denoising and inpainting with a trained run: the posterior samplers of
 :mod:`thermodiff.process.posterior` applied in the run's own units (paper section 4, Figs. 3 and 5)."""
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -12,6 +13,7 @@ from thermodiff.nets.vector import check_image_shape
 from thermodiff.process.posterior import Clamp, GaussianObservation
 from thermodiff.process.sampling import ancestral_sample
 from thermodiff.run.experiment import Run
+from thermodiff.tasks.options import DENOISE_METHODS, KNOWN_VALUES
 
 
 def as_examples(x: np.ndarray, run: Run, name: str) -> np.ndarray:
@@ -53,16 +55,10 @@ def sample_with_factor(run: Run, inputs_shape: tuple[int, ...], n_samples: int, 
     return np.stack(draws)
 
 
-#: How ``denoise`` conditions on y: "start" begins the reverse chain at the step whose noise level
-#: matches sigma, from y itself (exact under the model, see GaussianDiffusion.diffuse_observation);
-#: "product" multiplies every reverse kernel by N(y; x, sigma^2), the paper's section 4 recipe.
-DENOISE_METHODS = ("start", "product")
-
-
 def _observation(run: Run, noisy: np.ndarray, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
     """y and the noise variance in the model's space, for a Gaussian run."""
-    if not sigma > 0:
-        raise UserError(f"--sigma must be positive, got {sigma}")
+    if not 0 < sigma < math.inf:
+        raise UserError(f"--sigma must be positive and finite (a noise std in original units), got {sigma}")
     if run.diffusion.binary:
         raise UserError(f"run {run.path} is a binomial diffusion; Gaussian denoising needs a Gaussian one (use inpaint)")
     return run.dataset.to_model(noisy, dequantize=False), (sigma * run.dataset.model_scale()) ** 2
@@ -111,25 +107,23 @@ def denoise_mean(run: Run, noisy: np.ndarray, sigma: float, draws: int = 4, seed
     return run.dataset.from_model(total / draws)
 
 
-#: How ``inpaint`` treats the known values: "clamp" holds them at their values at every step
-#: (paper Fig. 5); "forward" lets them follow a forward trajectory to their values (see
-#: :class:`~thermodiff.process.posterior.Clamp`).
-KNOWN_VALUES = ("clamp", "forward")
-
-
 def inpainting_mask(run: Run, values: np.ndarray, mask: np.ndarray, mask_name: str = "mask",
                     values_name: str = "values") -> np.ndarray:
-    """``mask`` (nonzero = known; one example's shape or that of all ``values``) as booleans of
+    """``mask`` (1 = known, 0 = unknown; one example's shape or that of all ``values``) as booleans of
     the shape of ``values`` (examples of ``run``, :func:`as_examples`), after checking it and the
     known values: 8-bit pixels for an image run, 0 or 1 for a binomial one. Errors name the
     mask and the values by ``mask_name`` and ``values_name``."""
     if not np.isfinite(mask).all():
         raise UserError(f"{mask_name}: contains NaN or infinite values")
+    other = mask[~np.isin(mask, (0, 1))]
+    if other.size:  # a soft or signed mask has no meaning here: every value is known or not
+        raise UserError(f"{mask_name}: a mask holds 1 (known) and 0 (unknown) only, or booleans; found "
+                        f"{other.size} other value(s), e.g. {other.flat[0]:g}")
     if mask.shape != values.shape[1:] and mask.shape != values.shape:
         raise UserError(f"{mask_name}: shape {mask.shape} does not match the input's {values.shape[1:]}")
     mask = np.broadcast_to(mask, values.shape) != 0
     if not mask.any():
-        raise UserError(f"{mask_name}: marks no known values (nonzero = known)")
+        raise UserError(f"{mask_name}: marks no known values (1 = known)")
     known = values[mask]
     if run.dataset.is_image and ((known < 0) | (known > 255) | (known != np.rint(known))).any():
         raise UserError(f"{values_name}: known pixels must be integers in 0..255")

@@ -123,16 +123,17 @@ def image_grid_png(images: np.ndarray, columns: int | None = None) -> bytes:
 
 @torch.no_grad()
 def samples_panel(run: Run, path: Path, n: int = 40, seed: int = 0) -> Path:
-    """Samples next to training data: image grids for images, rows as images for binary
-    sequences, else a scatter of the first two dimensions."""
+    """Samples next to training data (when the run has them): image grids for images, rows as
+    images for binary sequences, else a scatter of the first two dimensions."""
     generator = torch.Generator().manual_seed(seed)
     dataset = run.dataset
     if dataset.is_image:
         n = 36
     samples = ancestral_sample(run.diffusion, run.model, (n, *dataset.event_shape), generator)
-    data = dataset.train[:n]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5 if not dataset.is_image else 5.2))
-    for ax, x, title in ((axes[0], data, "training data"), (axes[1], samples, "samples")):
+    panels = [(dataset.train[:n], "training data")] * (len(dataset.train) > 0) + [(samples, "samples")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5 if not dataset.is_image else 5.2),
+                             squeeze=False)
+    for ax, (x, title) in zip(axes[0], panels):
         if dataset.is_image:
             images = dataset.from_model(x) if torch.is_tensor(x) else x
             ax.imshow(image_grid(np.asarray(images)), cmap="gray", vmin=0, vmax=255)

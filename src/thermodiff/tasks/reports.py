@@ -44,6 +44,9 @@ def read_evaluation(path: Path) -> dict:
 
 def describe_training(s: dict) -> str:
     """One line on a finished run: steps, time, folder, the running K estimate and the best weights."""
+    if s.get("new_steps") == 0:
+        return (f"nothing trained: {s['run_dir']} is already at step {s['steps']}, its step or time limit; pass a "
+                "larger --steps or --minutes with --resume to train it further")
     best = s["best"]
     kept = (f"; best validation K {best['K_bits']:.3f} +- {best['stderr_bits']:.3f} bits per example at step "
             f"{best['step']} (best.safetensors)" if best else "")

@@ -126,7 +126,8 @@ def load_image_folder(path: str | Path, size: int | tuple[int, int] | None = Non
                             "all images in the folder must have the same number of channels")
         if arrays and a.shape != arrays[0].shape:
             raise UserError(f"{f}: is {a.shape[1]} x {a.shape[2]} but {files[0].name} is {arrays[0].shape[1]} x "
-                            f"{arrays[0].shape[2]}; pass a size to resize them all")
+                            f"{arrays[0].shape[2]}; set data.size (e.g. --set data.size=64) to resize and centre-crop "
+                            "them all to one square size")
         arrays.append(a)
     return np.stack(arrays)
 

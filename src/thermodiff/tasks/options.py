@@ -1,0 +1,12 @@
+"""The choices of the posterior tasks, apart from their code (which needs torch), so that the
+command line can offer them without importing it."""
+
+#: How ``denoise`` conditions on y: "start" begins the reverse chain at the step whose noise level
+#: matches sigma, from y itself (exact under the model, see GaussianDiffusion.diffuse_observation);
+#: "product" multiplies every reverse kernel by N(y; x, sigma^2), the paper's section 4 recipe.
+DENOISE_METHODS = ("start", "product")
+
+#: How ``inpaint`` treats the known values: "clamp" holds them at their values at every step
+#: (paper Fig. 5); "forward" lets them follow a forward trajectory to their values (see
+#: :class:`~thermodiff.process.posterior.Clamp`).
+KNOWN_VALUES = ("clamp", "forward")
