@@ -22,7 +22,7 @@ from thermodiff.process.gaussian import Bins, GaussianDiffusion, GaussianParamet
 from thermodiff.process.schedules import make_schedule
 from thermodiff.process.vdm import VDM
 from thermodiff.run import autoconfig
-from thermodiff.run.checkpoint import load_checkpoint
+from thermodiff.run.checkpoint import CorruptCheckpoint, load_checkpoint
 from thermodiff.run.config import AUTO, Config
 
 #: the run directory's file of the best weights by the validation bound (training.Validator writes it)
@@ -323,7 +323,13 @@ def load_run(run_dir: str | Path, data_path: str | None = None) -> Run:
         raise UserError(f"{run_dir}: no such run directory")
     best = run_dir / BEST_CHECKPOINT
     checkpoint = best if best.exists() else run_dir / "checkpoint.safetensors"
-    tensors, meta = load_checkpoint(checkpoint, {"config": dict, "data": dict, "step": int})
+    try:
+        tensors, meta = load_checkpoint(checkpoint, {"config": dict, "data": dict, "step": int})
+    except CorruptCheckpoint as e:
+        if checkpoint != best:
+            raise
+        raise CorruptCheckpoint(f"{e}, or move it aside to use the run's last weights ({checkpoint.name} is read "
+                                f"when it exists, else checkpoint.safetensors)") from None
     cfg = Config.from_dict(meta["config"], origin=str(checkpoint))
     digest = meta["data"].get("sha256")
     if digest and Path(cfg.data.source).is_file() and file_digest(Path(cfg.data.source)) != digest:

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from thermodiff.data.dataset import Dataset
 from thermodiff.errors import UserError, first_line
-from thermodiff.process.bound import exact_bound
+from thermodiff.process.bound import exact_bound, standard_error
 from thermodiff.process.contract import Trainable
 from thermodiff.process.tensors import LN2
 from thermodiff.run import distributed
@@ -359,13 +359,14 @@ class Validator:
                                   dequantize=objective.diffusion.dequantizes)
         self.batch_size, self.seed = cfg.eval.batch_size, cfg.seed + 4
 
-    def score(self, weights: dict[str, torch.Tensor]) -> tuple[float, float]:
-        """K (bits per example) of ``weights`` (an Objective state dict) and its standard error."""
+    def score(self, weights: dict[str, torch.Tensor]) -> tuple[float, float | None]:
+        """K (bits per example) of ``weights`` (an Objective state dict) and its standard error
+        (None for a single validation example)."""
         self.copy.load_state_dict(weights, strict=False)
         generator = torch.Generator(self.x.device).manual_seed(self.seed)
         estimate = exact_bound(self.copy.diffusion, self.copy.model, torch.split(self.x, self.batch_size), 1,
                                generator, t_samples=self.T_SAMPLES)
-        return estimate.mean / LN2, estimate.stderr / LN2
+        return estimate.mean / LN2, standard_error(estimate.per_example, LN2)
 
 
 @dataclass

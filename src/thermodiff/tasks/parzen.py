@@ -22,6 +22,7 @@ from thermodiff.process.sampling import ancestral_sample
 from thermodiff.process.tensors import LN2
 from thermodiff.run.experiment import Run, paper_row
 from thermodiff.tasks.evaluation import hardware
+from thermodiff.tasks.reports import require_finite
 
 # Goodfellow et al.'s grid: numpy.logspace(sigma_start=-1, sigma_end=0, num=cross_val=10)
 DEFAULT_SIGMAS: tuple[float, ...] = tuple(float(s) for s in np.logspace(-1, 0, 10))
@@ -122,7 +123,7 @@ def parzen_evaluate(run: Run, n_samples: int = 10000, n_valid: int = 10000, max_
         "run_dir": str(run.path),
         "train_steps": run.step,
         "parzen_bits": float(log_p.mean()) / LN2,
-        "parzen_stderr_bits": standard_error(log_p) / LN2,
+        "parzen_stderr_bits": standard_error(log_p, LN2),
         "parzen_nats": float(log_p.mean()),
         "parzen_stderr_nats": standard_error(log_p),
         "sigma": sigma,
@@ -142,4 +143,4 @@ def parzen_evaluate(run: Run, n_samples: int = 10000, n_valid: int = 10000, max_
     paper = paper_row(run.config)
     if paper and "parzen_bits" in paper:
         result["paper"] = {"parzen_bits": paper["parzen_bits"]}
-    return result
+    return require_finite(result, str(run.path))

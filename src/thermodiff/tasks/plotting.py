@@ -11,6 +11,7 @@ import torch  # noqa: E402
 
 from thermodiff.process.sampling import ancestral_sample  # noqa: E402
 from thermodiff.run.experiment import Run  # noqa: E402
+from thermodiff.tasks.reports import plus_minus  # noqa: E402
 
 
 def _times(T: int) -> list[int]:
@@ -155,7 +156,7 @@ def bound_terms(evaluation: dict, path: Path) -> Path:
     ax.set_xlabel("t")
     ax.set_ylabel("E KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t))  [bits]")
     ax.set_yscale("log")
-    ax.set_title(f"{evaluation['experiment']}: K = {evaluation['K_bits']:.3f} ± {evaluation['stderr_bits'] or float('nan'):.3f} bits; "
+    ax.set_title(f"{evaluation['experiment']}: K = {evaluation['K_bits']:.3f}{plus_minus(evaluation['stderr_bits'], '.3f')} bits; "
                  f"decoder {-terms[0]:.3f}, prior KL {terms[T]:.4f} bits", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
