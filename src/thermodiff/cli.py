@@ -20,7 +20,8 @@ from thermodiff.process.respace import respaced_process
 from thermodiff.process.sampling import sample_in_batches
 from thermodiff.run.checkpoint import atomic_write_bytes, atomic_write_text
 from thermodiff.run.config import RANGES, ScheduleName, load_config
-from thermodiff.run.experiment import PAPER_RESULTS, load_run, paper_row
+from thermodiff.run.experiment import PAPER_RESULTS, load_run, paper_row, sampling_memory
+from thermodiff.run.memory import OVERRIDE_FLAG, OVERRIDE_HELP, require_fits
 from thermodiff.run.training import train
 from thermodiff.tasks import reports
 from thermodiff.tasks.conditioning import (
@@ -70,7 +71,7 @@ def _train(args) -> dict:
     cfg = load_config(args.config, overrides)
     out = Path(args.out or f"runs/{cfg.name}")
     return train(cfg, out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet, device=args.device,
-                 max_minutes=args.minutes)
+                 max_minutes=args.minutes, memory_check=not args.ignore_memory_check)
 
 
 def cmd_train(args) -> None:
@@ -126,6 +127,8 @@ def cmd_sample(args) -> None:
     run = load_run(args.run_dir)
     if out.suffix == ".png" and not run.dataset.is_image:
         raise UserError(f"--out {out}: a .png grid needs an image model; write .npy for vector data")
+    if not args.ignore_memory_check:
+        require_fits(sampling_memory(run, args.n, args.batch_size))
     diffusion = respaced_process(run.diffusion, args.respace)
     start = time.perf_counter()
     batches = sample_in_batches(diffusion, run.model, args.n, run.dataset.event_shape, args.batch_size,
@@ -176,7 +179,7 @@ def cmd_plot(args) -> None:
 
 def cmd_parzen(args) -> None:
     result = parzen_evaluate(load_run(args.run_dir), args.samples, args.valid, args.max_test, seed=args.seed,
-                             progress=not args.quiet)
+                             progress=not args.quiet, memory_check=not args.ignore_memory_check)
     atomic_write_text(Path(args.run_dir) / "parzen.json", reports.to_json(result) + "\n")
     _emit(args, result, reports.describe_parzen(result))
 
@@ -202,7 +205,7 @@ def cmd_compare(args) -> None:
         sets += [f"train.max_minutes={args.minutes}", f"train.steps={10**9}"]
     configs = [load_config(name, sets) for name in args.configs]
     record = compare(configs, list(args.configs), Path(args.out), args.overwrite, not args.quiet, args.device,
-                     args.draws, args.max_examples, args.eval_seed, args.samples)
+                     args.draws, args.max_examples, args.eval_seed, args.samples, not args.ignore_memory_check)
     _emit(args, record, format_table(record))
 
 
@@ -334,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
         p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.lr=3e-4")
+        p.add_argument(OVERRIDE_FLAG, action="store_true", help=OVERRIDE_HELP)
 
     def eval_flags(p):
         p.add_argument("--draws", type=int, help="noise draws per example and timestep (eval.n_draws)")
@@ -371,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--respace", metavar="N|STEPS", help=RESPACE_HELP)
+    p.add_argument(OVERRIDE_FLAG, action="store_true", help=OVERRIDE_HELP)
     p.set_defaults(func=cmd_sample)
 
     for name, help_text in (("denoise", "posterior samples of clean data given noisy data (paper Fig. 3)"),
@@ -407,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--valid", type=int, default=10000, help="validation images for the bandwidth (the last training images)")
     p.add_argument("--max-test", type=int, help="use the first N test images")
     p.add_argument("--seed", type=_seed, default=0, help="seed of the sampling")
+    p.add_argument(OVERRIDE_FLAG, action="store_true", help=OVERRIDE_HELP)
     p.set_defaults(func=cmd_parzen)
 
     p = sub.add_parser("compare", parents=[common], help="train several configs on one data set: one table, bound vs training time")
@@ -419,6 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace existing runs of these names")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key in every config")
+    p.add_argument(OVERRIDE_FLAG, action="store_true", help=OVERRIDE_HELP)
     eval_flags(p)
     p.set_defaults(func=cmd_compare)
 

@@ -433,27 +433,30 @@ def show(bar: tqdm, state: TrainState, val_bits: float | None) -> None:
 
 
 def train(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: bool = False, progress: bool = True,
-          device: str = "auto", max_minutes: float | None = None) -> dict:
+          device: str = "auto", max_minutes: float | None = None, memory_check: bool = True) -> dict:
     """Train ``cfg`` into ``run_dir``; returns a summary. With ``resume`` the run continues from
     its checkpoint (its own config, with ``cfg.train.steps`` as the new total). ``max_minutes``,
     when given, replaces train.max_minutes, also of a resumed run (the training time counts on
     across resumes, so extending a time-limited run needs a new total). Under ``torchrun``
-    every process trains on its shard of each global batch and process 0 writes the files."""
+    every process trains on its shard of each global batch and process 0 writes the files.
+    ``memory_check``: refuse a run whose estimated memory exceeds the device's available memory
+    before any file is written (:func:`thermodiff.run.experiment.training_memory`)."""
     ctx = distributed.setup(device)
     try:
-        return _train(cfg, Path(run_dir), resume, overwrite, progress and ctx.is_main, ctx, max_minutes)
+        return _train(cfg, Path(run_dir), resume, overwrite, progress and ctx.is_main, ctx, max_minutes, memory_check)
     finally:
         distributed.teardown(ctx)
 
 
 def _train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, progress: bool, ctx: Context,
-           max_minutes: float | None = None) -> dict:
+           max_minutes: float | None = None, memory_check: bool = True) -> dict:
     check_run_dir(run_dir, resume, overwrite)
     ctx.barrier()  # every process has checked before process 0 creates the folder
     tensors, meta = (load_checkpoint(run_dir / CHECKPOINT, TrainState.RESUME_FIELDS, TrainState.RESUME_TENSORS)
                      if resume else ({}, {}))
     cfg = run_config(cfg, meta, str(run_dir), max_minutes)
-    parts = assemble(cfg)  # bad input fails here, before anything on disk changes
+    # bad input, and sizes that cannot fit, fail here, before anything on disk changes
+    parts = assemble(cfg, memory_device=ctx.device if memory_check else None)
     validate_train_config(cfg, ctx.world_size)  # with every "auto" decided
     resolve_source(cfg)
     if resume:

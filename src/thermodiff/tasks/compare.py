@@ -52,13 +52,15 @@ def sample_seconds(run: Run, n: int, seed: int = 0) -> float | None:
 
 def compare(configs: list[Config], origins: list[str], out: Path, overwrite: bool = False, progress: bool = True,
             device: str = "auto", n_draws: int | None = None, max_examples: int | None = None, eval_seed: int = 0,
-            n_samples: int = 200) -> dict:
+            n_samples: int = 200, memory_check: bool = True) -> dict:
     """Train every config into ``out/NAME``, evaluate it and time its sampling; write
-    ``out/compare.json`` and ``out/bound_vs_time.png``. Returns the record."""
+    ``out/compare.json`` and ``out/bound_vs_time.png``. Returns the record. ``memory_check``: as
+    :func:`thermodiff.run.training.train`'s."""
     check_comparable(configs, origins)
     rows = []
     for cfg, origin in zip(configs, origins):
-        summary = train(cfg, out / cfg.name, overwrite=overwrite, progress=progress, device=device)
+        summary = train(cfg, out / cfg.name, overwrite=overwrite, progress=progress, device=device,
+                        memory_check=memory_check)
         run = load_run(out / cfg.name)
         result = evaluate(run, n_draws, max_examples, eval_seed, progress=progress)
         metrics = read_metrics(out / cfg.name)
