@@ -4,6 +4,7 @@ with how it was measured."""
 import torch
 from tqdm import tqdm
 
+from thermodiff.errors import UserError
 from thermodiff.process.bound import exact_bound, standard_error
 from thermodiff.process.gaussian import GaussianParameterization
 from thermodiff.process.respace import respaced_process
