@@ -17,7 +17,7 @@ import typing
 from pathlib import Path
 
 from thermodiff.errors import UserError, os_error_message
-from thermodiff.run.config import RANGES, ScheduleName
+from thermodiff.run.config import MEMORY_OVERRIDE_FLAG, MEMORY_OVERRIDE_HELP, RANGES, ScheduleName
 from thermodiff.run.stopping import RunStopped
 from thermodiff.tasks import reports
 from thermodiff.tasks.options import DENOISE_METHODS, KNOWN_VALUES
@@ -69,7 +69,7 @@ def _train(args) -> dict:
     cfg = load_config(args.config, overrides)
     out = Path(args.out or f"runs/{cfg.name}")
     return train(cfg, out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet, device=args.device,
-                 max_minutes=args.minutes)
+                 max_minutes=args.minutes, memory_check=not args.ignore_memory_check)
 
 
 def cmd_train(args) -> None:
@@ -143,7 +143,8 @@ def cmd_sample(args) -> None:
     from thermodiff.process.respace import respaced_process
     from thermodiff.process.sampling import sample_in_batches
     from thermodiff.run.checkpoint import atomic_write_bytes
-    from thermodiff.run.experiment import load_run
+    from thermodiff.run.experiment import load_run, sampling_memory
+    from thermodiff.run.memory import require_fits
 
     out = Path(args.out)
     if out.suffix not in (".npy", ".png"):
@@ -155,6 +156,8 @@ def cmd_sample(args) -> None:
     run = load_run(args.run_dir)
     if out.suffix == ".png" and not run.dataset.is_image:
         raise UserError(f"--out {out}: a .png grid needs an image model; write .npy for vector data")
+    if not args.ignore_memory_check:
+        require_fits(sampling_memory(run, args.n, args.batch_size))
     diffusion = respaced_process(run.diffusion, args.respace)
     start = time.perf_counter()
     batches = sample_in_batches(diffusion, run.model, args.n, run.dataset.event_shape, args.batch_size,
@@ -220,7 +223,7 @@ def cmd_parzen(args) -> None:
     from thermodiff.tasks.parzen import parzen_evaluate
 
     result = parzen_evaluate(load_run(args.run_dir, split=True), args.samples, args.valid, args.max_test, seed=args.seed,
-                             progress=not args.quiet)
+                             progress=not args.quiet, memory_check=not args.ignore_memory_check)
     _save_beside_run(Path(args.run_dir) / "parzen.json", result, "parzen")
     _emit(args, result, reports.describe_parzen(result))
 
@@ -251,7 +254,7 @@ def cmd_compare(args) -> None:
         sets += [f"train.max_minutes={args.minutes}", f"train.steps={10**9}"]
     configs = [load_config(name, sets) for name in args.configs]
     record = compare(configs, list(args.configs), Path(args.out), args.overwrite, not args.quiet, args.device,
-                     args.draws, args.max_examples, args.eval_seed, args.samples)
+                     args.draws, args.max_examples, args.eval_seed, args.samples, not args.ignore_memory_check)
     _emit(args, record, format_table(record))
 
 
@@ -413,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
         p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.lr=3e-4")
+        p.add_argument(MEMORY_OVERRIDE_FLAG, action="store_true", help=MEMORY_OVERRIDE_HELP)
 
     def eval_flags(p):
         p.add_argument("--draws", type=int, help="noise draws per example and timestep (eval.n_draws)")
@@ -450,6 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--respace", metavar="N|STEPS", help=RESPACE_HELP)
+    p.add_argument(MEMORY_OVERRIDE_FLAG, action="store_true", help=MEMORY_OVERRIDE_HELP)
     p.set_defaults(func=cmd_sample)
 
     for name, help_text in (("denoise", "posterior samples of clean data given noisy data (paper Fig. 3)"),
@@ -489,6 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--valid", type=int, default=10000, help="validation images for the bandwidth (the last training images)")
     p.add_argument("--max-test", type=int, help="use the first N test images")
     p.add_argument("--seed", type=_seed, default=0, help="seed of the sampling")
+    p.add_argument(MEMORY_OVERRIDE_FLAG, action="store_true", help=MEMORY_OVERRIDE_HELP)
     p.set_defaults(func=cmd_parzen)
 
     p = sub.add_parser("compare", parents=[common], help="train several configs on one data set: one table, bound vs training time")
@@ -501,6 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace existing runs of these names")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key in every config")
+    p.add_argument(MEMORY_OVERRIDE_FLAG, action="store_true", help=MEMORY_OVERRIDE_HELP)
     eval_flags(p)
     p.set_defaults(func=cmd_compare)
 

@@ -31,9 +31,10 @@ from thermodiff.process.contract import Decoder, Process
 from thermodiff.process.tensors import LN2
 
 
-def standard_error(x: Tensor) -> float:
-    """Standard error of the mean of ``x`` (NaN for fewer than 2 values)."""
-    return float(x.std(unbiased=True) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
+def standard_error(x: Tensor, unit: float = 1.0) -> float | None:
+    """Standard error of the mean of ``x``, in ``unit``s (LN2: nats to bits); None, undefined,
+    for fewer than 2 values (reports say so rather than print NaN)."""
+    return float(x.std(unbiased=True) / math.sqrt(len(x))) / unit if len(x) > 1 else None
 
 
 @dataclass
@@ -54,7 +55,7 @@ class BoundEstimate:
         return float(self.per_example.mean())
 
     @property
-    def stderr(self) -> float:
+    def stderr(self) -> float | None:
         """Standard error of the mean over examples (each example's value is itself an unbiased
         noisy estimate, so this covers both data and noise-draw variability)."""
         return standard_error(self.per_example)

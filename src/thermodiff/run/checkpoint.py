@@ -1,9 +1,14 @@
 """Checkpoints: one safetensors file holding tensors plus a JSON metadata record.
 
 Loading never executes code (safetensors has no pickle); writes are atomic (temporary file,
-fsync, rename), so an interrupted save leaves the previous checkpoint intact.
+fsync, rename), so an interrupted save leaves the previous checkpoint intact. Since format
+version 2 the record holds a sha256 of every tensor (its dtype, shape and bytes) and the header
+a sha256 of the record, so that a flipped bit anywhere is refused on load instead of evaluated;
+version 1 checkpoints (no checksums) still load. Non-finite floating-point tensors are refused
+whatever the version: a diverged run's weights would only give NaN figures.
 """
 
+import hashlib
 import json
 import os
 import stat
@@ -18,7 +23,10 @@ from safetensors.torch import save as save_safetensors
 from thermodiff.errors import UserError
 
 FORMAT = "thermodiff-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: checksums (TENSOR_DIGESTS, RECORD_DIGEST); 1: none
+READABLE_VERSIONS = (1, 2)
+TENSOR_DIGESTS = "tensor_sha256"  # the record's key: tensor name -> tensor_digest
+RECORD_DIGEST = "thermodiff.sha256"  # the header's key beside "thermodiff": the sha256 of the record's JSON
 _PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # a raw pickle, or torch.save's zip container
 
 
@@ -100,10 +108,50 @@ def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> d
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+class CorruptCheckpoint(UserError):
+    """A checkpoint whose bytes differ from those written (a checksum does not match)."""
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """The sha256 of a tensor's dtype, shape and bytes (as safetensors stores them, C order)."""
+    digest = hashlib.sha256(f"{tensor.dtype} {list(tensor.shape)} ".encode())
+    digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    record = {"format": FORMAT, "version": FORMAT_VERSION, **meta}
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    atomic_write_bytes(path, save_safetensors(tensors, metadata={"thermodiff": json.dumps(record)}))
+    # the digests last: a record read from another checkpoint must not bring its own
+    record = {"format": FORMAT, "version": FORMAT_VERSION, **meta,
+              TENSOR_DIGESTS: {name: tensor_digest(t) for name, t in tensors.items()}}
+    text = json.dumps(record)
+    metadata = {"thermodiff": text, RECORD_DIGEST: hashlib.sha256(text.encode()).hexdigest()}
+    atomic_write_bytes(path, save_safetensors(tensors, metadata=metadata))
+
+
+def verify_checksums(path: Path, tensors: dict[str, torch.Tensor], header: dict, record: dict) -> None:
+    """Refuse a version-2 checkpoint whose record or a tensor differs from what was written."""
+    corrupt = f"the file is corrupt (changed since it was written); restore {path.name} from a good copy"
+    text = header["__metadata__"]["thermodiff"]
+    if header["__metadata__"].get(RECORD_DIGEST) != hashlib.sha256(text.encode()).hexdigest():
+        raise CorruptCheckpoint(f"{path}: its metadata record does not match its checksum: {corrupt}")
+    digests = record.get(TENSOR_DIGESTS)
+    if not isinstance(digests, dict) or set(digests) != set(tensors):
+        raise CorruptCheckpoint(f"{path}: its tensors do not match the list of checksums: {corrupt}")
+    for name, tensor in tensors.items():
+        if tensor_digest(tensor) != digests[name]:
+            raise CorruptCheckpoint(f"{path}: tensor {name!r} does not match its checksum: {corrupt}")
+
+
+def refuse_nonfinite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse NaN or infinite values in any floating-point tensor (weights, optimiser state)."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise UserError(f"{path}: tensor {name!r} holds {bad} NaN or infinite value(s) of {tensor.numel()} "
+                                "(the run diverged); use an earlier checkpoint, or train again with a lower train.lr "
+                                "or train.grad_clip")
 
 
 def load_checkpoint(path: Path, required: dict[str, type] | None = None,
@@ -129,8 +177,14 @@ def load_checkpoint(path: Path, required: dict[str, type] | None = None,
         raise UserError(f"{path}: not a valid safetensors checkpoint ({e})") from None
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise UserError(f"{path}: not a thermodiff checkpoint")
-    if record.get("version") != FORMAT_VERSION:
-        raise UserError(f"{path}: checkpoint format version {record.get('version')} is not supported (this is {FORMAT_VERSION})")
+    version = record.get("version")
+    if version not in READABLE_VERSIONS or isinstance(version, bool):
+        raise UserError(f"{path}: checkpoint format version {version} is not supported (this version of thermodiff "
+                        f"reads {', '.join(map(str, READABLE_VERSIONS))})")
+    if version >= 2 or RECORD_DIGEST in header["__metadata__"]:  # a version 1 record of a version 2 file too
+        verify_checksums(path, tensors, header, record)
+    record.pop(TENSOR_DIGESTS, None)  # checked; a record saved again gets digests of its own tensors
+    refuse_nonfinite(path, tensors)
     for key, kind in (required or {}).items():
         value = record.get(key)
         if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):  # True is an int too

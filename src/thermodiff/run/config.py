@@ -18,6 +18,11 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+#: the flag of every command that refuses sizes exceeding the available memory (run/memory.py)
+#: to skip that check, here so that the command line's parser needs no torch
+MEMORY_OVERRIDE_FLAG = "--ignore-memory-check"
+MEMORY_OVERRIDE_HELP = ("skip the check that refuses, before allocating anything, sizes whose estimated memory exceeds "
+                        "what this machine has available")
 CONFIG_DIR = Path(__file__).parent.parent / "configs"
 
 #: A value decided from the training data by the rules of :mod:`thermodiff.run.autoconfig`, which write

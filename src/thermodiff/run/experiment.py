@@ -1,6 +1,7 @@
 """From a :class:`Config` to data, a diffusion process and a network; and back from a run
 directory. This is the only module that knows how config names map to objects."""
 
+import copy
 import hashlib
 import math
 from dataclasses import dataclass
@@ -22,8 +23,8 @@ from thermodiff.process.bound import LossAwareSampler
 from thermodiff.process.gaussian import Bins, GaussianDiffusion, GaussianParameterization
 from thermodiff.process.schedules import make_schedule
 from thermodiff.process.vdm import VDM
-from thermodiff.run import autoconfig
-from thermodiff.run.checkpoint import load_checkpoint
+from thermodiff.run import autoconfig, memory
+from thermodiff.run.checkpoint import CorruptCheckpoint, load_checkpoint
 from thermodiff.run.config import AUTO, CONFIG_DIR, Config, load_config
 
 #: the run directory's file of the best weights by the validation bound (training.Validator writes it)
@@ -282,6 +283,52 @@ def build_model(cfg: Config, diffusion: nn.Module, event_shape: tuple[int, ...])
         raise UserError(f"model: {e}") from None
 
 
+#: the chain lengths at which :func:`state_bytes_at_T` counts the process's and network's state
+PROBE_T = (8, 16)
+
+
+def _state_bytes(cfg: Config, dataset: datasets.Dataset, kind: str, T: int) -> tuple[int, int]:
+    """The parameter and buffer bytes of the process and network of ``cfg`` at ``T`` steps: the
+    process built (small at a small T), the network on the meta device (its shapes, without the
+    cost of initialising its weights)."""
+    probe = copy.deepcopy(cfg)
+    probe.diffusion.T = T
+    with torch.random.fork_rng(devices=[]):  # the run's initial weights are drawn after this
+        diffusion = build_diffusion(probe, kind, float(dataset.train.mean()), data_bins(dataset))
+        with torch.device("meta"):
+            model = build_model(probe, diffusion, dataset.event_shape)
+    return memory.state_bytes([diffusion, model])
+
+
+def state_bytes_at_T(cfg: Config, dataset: datasets.Dataset, kind: str) -> tuple[float, float]:
+    """The parameter and buffer bytes of ``cfg``'s process and network at diffusion.T, before
+    they are built: what grows with T (schedule tables, per-step readouts, the sampler's
+    statistics) is counted at two small T and extrapolated linearly."""
+    (t1, t2), T = PROBE_T, cfg.diffusion.T
+    small, large = (_state_bytes(cfg, dataset, kind, t) for t in PROBE_T)
+    return tuple(a + max(0.0, (b - a) / (t2 - t1)) * (T - t1) for a, b in zip(small, large))
+
+
+def batch_activations(dataset: datasets.Dataset, diffusion: nn.Module, model: nn.Module, batch_size: int) -> float:
+    """The activations that a training step on ``batch_size`` examples keeps for its backward
+    pass (an upper bound of a sampling step's working set): measured on a copy of the process
+    and network (their state stays as it is) for one and two examples, and scaled linearly."""
+    diffusion, model = copy.deepcopy(diffusion), copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(0)
+    one, two = (memory.loss_activation_bytes(diffusion, model, dataset.to_model(
+                    dataset.train[np.arange(b) % len(dataset.train)], generator, dequantize=diffusion.dequantizes))
+                for b in (1, 2))
+    return one + max(0, two - one) * (batch_size - 1)
+
+
+def training_memory(cfg: Config, dataset: datasets.Dataset, params: float, buffers: float,
+                    activations: float) -> memory.Estimate:
+    """:func:`thermodiff.run.memory.training_estimate` of ``cfg`` on ``dataset``."""
+    batch_bytes = 3 * cfg.train.batch_size * dataset.dim * 8  # drawn in float64, converted, and in float32
+    has_val = dataset.val is not None and len(dataset.val) > 0
+    return memory.training_estimate(params, buffers, activations, batch_bytes, cfg.train.ema_decay > 0, has_val)
+
+
 @dataclass
 class Parts:
     """The data, process and network that a config describes (:func:`assemble`)."""
@@ -292,13 +339,24 @@ class Parts:
     model: nn.Module
 
 
-def assemble(cfg: Config, override: np.ndarray | None = None, scaling: datasets.Scaling | None = None) -> Parts:
+def assemble(cfg: Config, override: np.ndarray | None = None, scaling: datasets.Scaling | None = None,
+             memory_device: torch.device | None = None) -> Parts:
     """Build the data, the process and the network of ``cfg``, deciding its "auto" settings
     (:func:`prepare_dataset`, whose ``override`` and ``scaling`` these are). The network's initial
     weights are drawn from torch's global generator seeded with ``cfg.seed``, so that a run's
-    initialisation is its config's."""
+    initialisation is its config's. With ``memory_device``, training that cannot fit in that
+    device's memory is refused (:func:`training_memory`): before anything is built at full size
+    (:func:`state_bytes_at_T`), and with the batch's activations measured (:func:`batch_activations`)
+    before a file is written."""
     dataset, kind = prepare_dataset(cfg, override, scaling)
-    return build_parts(cfg, dataset, kind, float(dataset.train.mean()))
+    if memory_device is not None:  # before anything is built at full size
+        memory.require_fits(training_memory(cfg, dataset, *state_bytes_at_T(cfg, dataset, kind), 0), memory_device)
+    parts = build_parts(cfg, dataset, kind, float(dataset.train.mean()))
+    if memory_device is not None:  # the state as built, and the batch's activations
+        activations = batch_activations(dataset, parts.diffusion, parts.model, cfg.train.batch_size)
+        memory.require_fits(training_memory(cfg, dataset, *memory.state_bytes([parts.diffusion, parts.model]),
+                                            activations), memory_device)
+    return parts
 
 
 def build_parts(cfg: Config, dataset: datasets.Dataset, kind: str, data_mean: float) -> Parts:
@@ -409,7 +467,13 @@ def load_run(run_dir: str | Path, data_path: str | None = None, split: bool = Fa
         raise UserError(f"{run_dir}: no such run directory")
     best = run_dir / BEST_CHECKPOINT
     checkpoint = best if best.exists() else run_dir / "checkpoint.safetensors"
-    tensors, meta = load_checkpoint(checkpoint, {"config": dict, "data": dict, "step": int})
+    try:
+        tensors, meta = load_checkpoint(checkpoint, {"config": dict, "data": dict, "step": int})
+    except CorruptCheckpoint as e:
+        if checkpoint != best:
+            raise
+        raise CorruptCheckpoint(f"{e}, or move it aside to use the run's last weights ({checkpoint.name} is read "
+                                f"when it exists, else checkpoint.safetensors)") from None
     cfg, record = Config.from_dict(meta["config"], origin=str(checkpoint)), meta["data"]
     try:
         scaling = datasets.Scaling(**record["scaling"])
@@ -432,3 +496,17 @@ def load_run(run_dir: str | Path, data_path: str | None = None, split: bool = Fa
     parts.model.eval()
     return Run(run_dir, cfg, parts.dataset, parts.diffusion, parts.model, int(meta["step"]), meta,
                "best" if checkpoint == best else "last")
+
+
+def sample_bytes(run: Run) -> int:
+    """The bytes of one sample in original units (8-bit images come back as uint8, the rest as float64)."""
+    return run.dataset.dim * (1 if run.dataset.dequantize else 8)
+
+
+def sampling_memory(run: Run, n: int, batch_size: int) -> memory.Estimate:
+    """The memory of ``thermodiff sample``: ``n`` samples held four times (the batches, their
+    concatenation, the file's buffer and its bytes), drawn ``batch_size`` at a time."""
+    working_set = batch_activations(run.dataset, run.diffusion, run.model, min(n, batch_size))
+    return memory.Estimate(f"sampling {n} examples", {f"{n} samples (4 copies)": 4 * n * sample_bytes(run),
+                                                      "a batch's working set": working_set},
+                           "lower -n (draw several files) or --batch-size")

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from thermodiff.data.dataset import Dataset
 from thermodiff.errors import UserError, first_line, os_error_message
-from thermodiff.process.bound import exact_bound
+from thermodiff.process.bound import exact_bound, standard_error
 from thermodiff.process.contract import Trainable
 from thermodiff.process.tensors import LN2
 from thermodiff.run import distributed, lock
@@ -410,13 +410,14 @@ class Validator:
                                   dequantize=objective.diffusion.dequantizes)
         self.batch_size, self.seed = cfg.eval.batch_size, cfg.seed + 4
 
-    def score(self, weights: dict[str, torch.Tensor]) -> tuple[float, float]:
-        """K (bits per example) of ``weights`` (an Objective state dict) and its standard error."""
+    def score(self, weights: dict[str, torch.Tensor]) -> tuple[float, float | None]:
+        """K (bits per example) of ``weights`` (an Objective state dict) and its standard error
+        (None for a single validation example)."""
         self.copy.load_state_dict(weights, strict=False)
         generator = torch.Generator(self.x.device).manual_seed(self.seed)
         estimate = exact_bound(self.copy.diffusion, self.copy.model, torch.split(self.x, self.batch_size), 1,
                                generator, t_samples=self.T_SAMPLES)
-        return estimate.mean / LN2, estimate.stderr / LN2
+        return estimate.mean / LN2, standard_error(estimate.per_example, LN2)
 
 
 @dataclass
@@ -483,15 +484,18 @@ def show(bar: tqdm, state: TrainState, val_bits: float | None) -> None:
 
 
 def train(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: bool = False, progress: bool = True,
-          device: str = "auto", max_minutes: float | None = None) -> dict:
+          device: str = "auto", max_minutes: float | None = None, memory_check: bool = True) -> dict:
     """Train ``cfg`` into ``run_dir``; returns a summary. With ``resume`` the run continues from
     its checkpoint (its own config, with ``cfg.train.steps`` as the new total). ``max_minutes``,
     when given, replaces train.max_minutes, also of a resumed run (the training time counts on
     across resumes, so extending a time-limited run needs a new total). Under ``torchrun``
-    every process trains on its shard of each global batch and process 0 writes the files."""
+    every process trains on its shard of each global batch and process 0 writes the files.
+    ``memory_check``: refuse a run whose estimated memory exceeds the device's available memory
+    before any file is written (:func:`thermodiff.run.experiment.training_memory`)."""
     ctx = distributed.setup(device)
     try:
-        return _train(cfg, named(Path(run_dir)), resume, overwrite, progress and ctx.is_main, ctx, max_minutes)
+        return _train(cfg, named(Path(run_dir)), resume, overwrite, progress and ctx.is_main, ctx, max_minutes,
+                      memory_check)
     finally:
         distributed.teardown(ctx)
 
@@ -503,21 +507,22 @@ def named(run_dir: Path) -> Path:
 
 
 def _train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, progress: bool, ctx: Context,
-           max_minutes: float | None = None) -> dict:
+           max_minutes: float | None = None, memory_check: bool = True) -> dict:
     """Train while holding the run's lock (one writer per run: taken before the run is looked at)
     and catching SIGINT / SIGTERM (checkpoint the current step, then :class:`RunStopped`)."""
     with lock.hold_in_main(run_dir, ctx), stop_requests() as stop:
-        return _train_locked(cfg, run_dir, resume, overwrite, progress, ctx, max_minutes, stop)
+        return _train_locked(cfg, run_dir, resume, overwrite, progress, ctx, max_minutes, memory_check, stop)
 
 
 def _train_locked(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, progress: bool, ctx: Context,
-                  max_minutes: float | None, stop: StopRequest) -> dict:
+                  max_minutes: float | None, memory_check: bool, stop: StopRequest) -> dict:
     check_run_dir(run_dir, resume, overwrite)
     ctx.barrier()  # every process has checked before process 0 creates the folder
     tensors, meta = (load_checkpoint(run_dir / CHECKPOINT, TrainState.RESUME_FIELDS, TrainState.RESUME_TENSORS)
                      if resume else ({}, {}))
     cfg = run_config(cfg, meta, str(run_dir), max_minutes)
-    parts = assemble(cfg)  # bad input fails here, before anything on disk changes
+    # bad input, and sizes that cannot fit, fail here, before anything on disk changes
+    parts = assemble(cfg, memory_device=ctx.device if memory_check else None)
     validate_train_config(cfg, ctx.world_size)  # with every "auto" decided
     resolve_source(cfg)
     if resume:

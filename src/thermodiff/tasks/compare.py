@@ -16,6 +16,7 @@ from thermodiff.run.config import Config
 from thermodiff.run.experiment import Run, load_run
 from thermodiff.run.training import read_metrics, train
 from thermodiff.tasks.evaluation import evaluate, hardware
+from thermodiff.tasks.reports import plus_minus
 
 
 def check_comparable(configs: list[Config], origins: list[str]) -> None:
@@ -51,9 +52,10 @@ def sample_seconds(run: Run, n: int, seed: int = 0) -> float | None:
 
 def compare(configs: list[Config], origins: list[str], out: Path, overwrite: bool = False, progress: bool = True,
             device: str = "auto", n_draws: int | None = None, max_examples: int | None = None, eval_seed: int = 0,
-            n_samples: int = 200) -> dict:
+            n_samples: int = 200, memory_check: bool = True) -> dict:
     """Train every config into ``out/NAME``, evaluate it and time its sampling; write
-    ``out/compare.json`` and ``out/bound_vs_time.png``. Returns the record."""
+    ``out/compare.json`` and ``out/bound_vs_time.png``. Returns the record. ``memory_check``: as
+    :func:`thermodiff.run.training.train`'s."""
     check_comparable(configs, origins)
     existing = [str(out / cfg.name) for cfg in configs
                 if (out / cfg.name).exists() and not ((out / cfg.name).is_dir() and not any((out / cfg.name).iterdir()))]
@@ -64,7 +66,8 @@ def compare(configs: list[Config], origins: list[str], out: Path, overwrite: boo
                         "train CONFIG --out RUN --resume)")
     rows = []
     for cfg, origin in zip(configs, origins):
-        summary = train(cfg, out / cfg.name, overwrite=overwrite, progress=progress, device=device)
+        summary = train(cfg, out / cfg.name, overwrite=overwrite, progress=progress, device=device,
+                        memory_check=memory_check)
         run = load_run(out / cfg.name, split=True)  # the record describes the data that every run is scored on
         result = evaluate(run, n_draws, max_examples, eval_seed, progress=progress)
         metrics = read_metrics(out / cfg.name)
@@ -114,7 +117,7 @@ def plot_bound_vs_time(rows: list[dict], path: Path) -> None:
         marks += [(f"held out, {label}", k, se, marker) for label, k, se, marker in _other_bounds(row["evaluation"])]
         for label, k, se, marker in marks:
             finals.append(k)
-            ax.errorbar([row["train_s"]], [k], yerr=[se], fmt=marker, mfc=colour if marker == "o" else "none",
+            ax.errorbar([row["train_s"]], [k], yerr=[se or 0.0],  # no bar for one example fmt=marker, mfc=colour if marker == "o" else "none",
                         color=colour, capsize=3, label=f"{row['name']}, {label}")
     if finals:  # the early, far lower estimates would flatten the end of the curves
         ax.set_ylim(min(finals) - max(2.0, max(finals) - min(finals)), max(finals) + 1.0)
@@ -135,14 +138,15 @@ def format_table(record: dict) -> str:
              f"{'8-bit NLL bits/dim':>20}{'sample ms/ex':>14}  other"]
     for row in record["rows"]:
         e, bound = row["evaluation"], _bound(row)
-        other = [f"{label} {k:.3f} +- {se:.3f}" for label, k, se, _ in _other_bounds(e)]
+        other = [f"{label} {k:.3f}{plus_minus(se, '.3f')}" for label, k, se, _ in _other_bounds(e)]
         if "output_mse" in e:
             psnr = (f"PSNR {e['output_psnr_db']:.2f} dB vs noisy {e['noisy_input_psnr_db']:.2f}" if "output_psnr_db" in e
                     else f"MSE {e['output_mse']:.4g} vs noisy {e['noisy_input_mse']:.4g}")
             other.append(f"denoising: {psnr}")
         ms = row["sample_s_per_example"]
+        shown = "-" if bound is None else f"{bound[0]:.3f}{plus_minus(bound[1], '.3f')}"
         lines.append(f"{row['name']:22}{row['model']:24}{row['steps']:>8}{row['train_s']:>9.1f}"
-                     f"{'-' if bound is None else f'{bound[0]:.3f} +- {bound[1]:.3f}':>24}"
+                     f"{shown:>24}"
                      f"{number(e.get('K_bits_per_dim')):>10}{number(e.get('nll_bits_per_dim')):>20}"
                      f"{number(None if ms is None else 1000 * ms, '.3g'):>14}  {'; '.join(other)}")
     d = record["data"]

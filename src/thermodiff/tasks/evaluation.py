@@ -4,6 +4,7 @@ with how it was measured."""
 import torch
 from tqdm import tqdm
 
+from thermodiff.errors import UserError
 from thermodiff.process.bound import exact_bound, standard_error
 from thermodiff.process.gaussian import GaussianParameterization
 from thermodiff.process.respace import respaced_process
@@ -12,6 +13,21 @@ from thermodiff.run.autoconfig import default_t_samples
 from thermodiff.run.config import AUTO
 from thermodiff.run.experiment import Run, paper_row
 from thermodiff.run.machine import hardware
+from thermodiff.tasks.reports import require_finite
+
+
+def _per(value: float | None, count: int) -> float | None:
+    """A figure per dimension or pixel; an undefined standard error (None) stays undefined."""
+    return None if value is None else value / count
+
+
+def require_finite_bound(per_example: torch.Tensor, origin: str, what: str = "the bound") -> None:
+    """Refuse a bound that is NaN or infinite for any example, rather than report NaN."""
+    bad = int((~torch.isfinite(per_example)).sum())
+    if bad:
+        raise UserError(f"{origin}: {what} is not finite for {bad} of {len(per_example)} examples (the model produced "
+                        "NaN or infinite values: the run may have diverged); evaluate an earlier checkpoint or train "
+                        "again with a lower train.lr")
 
 
 def bound_report(dataset, per_example: torch.Tensor, null: torch.Tensor, discrete: bool = False) -> dict:
@@ -25,9 +41,9 @@ def bound_report(dataset, per_example: torch.Tensor, null: torch.Tensor, discret
         "unit": "bits/image" if dataset.is_image else "bits/sample",
         "dim": dim,
         "K_bits": mean / LN2,
-        "stderr_bits": standard_error(per_example) / LN2,
+        "stderr_bits": standard_error(per_example, LN2),
         "K_minus_L_null_bits": float(gain.mean()) / LN2,
-        "K_minus_L_null_stderr_bits": standard_error(gain) / LN2,
+        "K_minus_L_null_stderr_bits": standard_error(gain, LN2),
         "L_null_bits": float(null.mean()) / LN2,
         "K_bits_per_dim": mean / LN2 / dim,
         "K_original_units_bits": mean / LN2 + log_det_bits,
@@ -42,11 +58,11 @@ def bound_report(dataset, per_example: torch.Tensor, null: torch.Tensor, discret
         nll = -result["K_original_units_bits"] / dim if nll_kind else None
         result |= {
             "K_bits_per_pixel": result["K_bits"] / pixels,
-            "stderr_bits_per_pixel": result["stderr_bits"] / pixels,
+            "stderr_bits_per_pixel": _per(result["stderr_bits"], pixels),
             "K_minus_L_null_bits_per_pixel": result["K_minus_L_null_bits"] / pixels,
-            "K_minus_L_null_stderr_bits_per_pixel": result["K_minus_L_null_stderr_bits"] / pixels,
+            "K_minus_L_null_stderr_bits_per_pixel": _per(result["K_minus_L_null_stderr_bits"], pixels),
             "nll_bits_per_dim": nll,
-            "nll_stderr_bits_per_dim": result["stderr_bits"] / dim,
+            "nll_stderr_bits_per_dim": _per(result["stderr_bits"], dim),
             "nll_bound": nll_kind,
         }
     return result
@@ -64,10 +80,11 @@ def evaluate_baseline(run: Run, n_draws: int, max_examples: int, seed: int, spli
         return result | {"noise_std": process.noise_std, **process.denoise_report(run.model, run.dataset, test, seed)}
     x = run.dataset.to_model(test, generator)
     elbo, iw = process.bounds(run.model, torch.split(x, cfg.eval.batch_size), n_draws, generator)
+    require_finite_bound(elbo, str(run.path), "the ELBO")
     return result | {"n_draws": n_draws, "latent": process.latent,
                      **bound_report(run.dataset, elbo, process.null_log_likelihood(x.double())),
                      "n_importance": process.n_importance, "K_iw_bits": float(iw.mean()) / LN2,
-                     "K_iw_stderr_bits": standard_error(iw) / LN2}
+                     "K_iw_stderr_bits": standard_error(iw, LN2)}
 
 
 def estimator_name(estimate) -> str:
@@ -90,7 +107,7 @@ def evaluate(run: Run, n_draws: int | None = None, max_examples: int | None = No
     n_draws = n_draws or cfg.eval.n_draws
     max_examples = max_examples if max_examples is not None else cfg.eval.max_examples
     if cfg.baseline.kind:  # not a diffusion (baselines.py)
-        return evaluate_baseline(run, n_draws, max_examples, seed, split_name)
+        return require_finite(evaluate_baseline(run, n_draws, max_examples, seed, split_name), str(run.path))
     if t_samples is None:
         t_samples = cfg.eval.t_samples if cfg.eval.t_samples != AUTO else default_t_samples(run.dataset.is_image)
     diffusion = respaced_process(run.diffusion, respace_to)
@@ -107,6 +124,7 @@ def evaluate(run: Run, n_draws: int | None = None, max_examples: int | None = No
 
         estimate = exact_bound(diffusion, run.model, batches, n_draws, generator, callback=report,
                                t_samples=t_samples or None)
+    require_finite_bound(estimate.per_example, str(run.path))
     null = diffusion.null_log_likelihood(x.double())
     report = bound_report(run.dataset, estimate.per_example, null, discrete)
     result = {
@@ -145,4 +163,4 @@ def evaluate(run: Run, n_draws: int | None = None, max_examples: int | None = No
         result["per_example_original_units_bits"] = (estimate.per_example / LN2 + report["log_det_scaling_bits"]).tolist()
     if paper_row(cfg) is not None and split_name == "test":
         result["paper"] = paper_row(cfg)
-    return result
+    return require_finite(result, str(run.path))

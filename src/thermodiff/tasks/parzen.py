@@ -20,8 +20,10 @@ from thermodiff.errors import UserError
 from thermodiff.process.bound import standard_error
 from thermodiff.process.sampling import ancestral_sample
 from thermodiff.process.tensors import LN2
-from thermodiff.run.experiment import Run, paper_row
+from thermodiff.run import memory
+from thermodiff.run.experiment import Run, batch_activations, paper_row, sample_bytes
 from thermodiff.tasks.evaluation import hardware
+from thermodiff.tasks.reports import require_finite
 
 # Goodfellow et al.'s grid: numpy.logspace(sigma_start=-1, sigma_end=0, num=cross_val=10)
 DEFAULT_SIGMAS: tuple[float, ...] = tuple(float(s) for s in np.logspace(-1, 0, 10))
@@ -58,14 +60,30 @@ def _log_densities(x: Tensor, samples: Tensor, sigmas: Sequence[float], batch_si
     return torch.cat(rows, 1) - log_norm[:, None]
 
 
-def parzen_log_likelihood(test: Tensor, samples: Tensor, sigma: float, batch_size: int = 500) -> Tensor:
+#: test or validation images whose distances to every sample are computed at once
+ROWS = 500
+
+
+def parzen_memory(run: Run, n_samples: int, n_sigmas: int) -> memory.Estimate:
+    """The memory of :func:`parzen_evaluate` on ``n_samples`` samples: the samples (drawn, joined,
+    as float64 pixels), the distances of a batch of images to all of them (one array per bandwidth,
+    and the squares'), and a sampling batch's working set."""
+    batch = min(n_samples, run.config.eval.batch_size)
+    return memory.Estimate(f"the Parzen estimate on {n_samples} samples", {
+        f"{n_samples} samples": n_samples * (2 * sample_bytes(run) + 8 * run.dataset.dim),
+        f"the distances of {ROWS} images to every sample": ROWS * n_samples * 8 * (n_sigmas + 2),
+        "a sampling batch's working set": batch_activations(run.dataset, run.diffusion, run.model, batch),
+    }, "lower --samples")
+
+
+def parzen_log_likelihood(test: Tensor, samples: Tensor, sigma: float, batch_size: int = ROWS) -> Tensor:
     """log (1/N) sum_j N(x_i; s_j, sigma^2 I) for each row x_i of ``test`` (M, D) under the
     ``samples`` (N, D): per-example nats, float64, computed with logsumexp in batches of rows."""
     return _log_densities(test, samples, [sigma], batch_size)[0]
 
 
 def select_bandwidth(valid: Tensor, samples: Tensor, sigmas: Sequence[float] = DEFAULT_SIGMAS,
-                     batch_size: int = 500) -> tuple[float, Tensor]:
+                     batch_size: int = ROWS) -> tuple[float, Tensor]:
     """The sigma of ``sigmas`` with the highest mean validation log-likelihood, and that mean
     (nats) for every sigma: Goodfellow et al.'s cross-validation of the bandwidth."""
     sigmas = _check_sigmas(sigmas)
@@ -81,14 +99,16 @@ def _unit_pixels(run: Run, images: np.ndarray) -> Tensor:
 
 
 def parzen_evaluate(run: Run, n_samples: int = 10000, n_valid: int = 10000, max_test: int | None = None,
-                    sigmas: Sequence[float] = DEFAULT_SIGMAS, seed: int = 0, progress: bool = True) -> dict:
+                    sigmas: Sequence[float] = DEFAULT_SIGMAS, seed: int = 0, progress: bool = True,
+                    memory_check: bool = True) -> dict:
     """The Parzen-window log-likelihood of the run's test images (all, or the first ``max_test``)
     in bits and nats, with its standard error over test images.
 
     ``n_samples`` images are drawn by ancestral sampling (batches of ``eval.batch_size``, seeded
     by ``seed``) and rounded to the data's pixel values. The bandwidth is validated on the
     *last* ``n_valid`` training images, as Goodfellow et al. took MNIST training images
-    50000-59999; unlike their model, a run trained on all 60000 has seen these.
+    50000-59999; unlike their model, a run trained on all 60000 has seen these. ``memory_check``:
+    refuse ``n_samples`` whose memory (:func:`parzen_memory`) exceeds the available memory.
     """
     if not run.dataset.is_image:
         raise UserError(f"{run.path}: models vectors of shape {run.dataset.event_shape}; "
@@ -102,6 +122,8 @@ def parzen_evaluate(run: Run, n_samples: int = 10000, n_valid: int = 10000, max_
                         f"got {n_valid}")
     if max_test is not None and max_test < 1:
         raise UserError(f"the number of test images must be at least 1, got {max_test}")
+    if memory_check:
+        memory.require_fits(parzen_memory(run, n_samples, len(sigmas)))
     generator = torch.Generator().manual_seed(seed)
     batch = run.config.eval.batch_size
     sizes = [min(batch, n_samples - i) for i in range(0, n_samples, batch)]
@@ -122,7 +144,7 @@ def parzen_evaluate(run: Run, n_samples: int = 10000, n_valid: int = 10000, max_
         "run_dir": str(run.path),
         "train_steps": run.step,
         "parzen_bits": float(log_p.mean()) / LN2,
-        "parzen_stderr_bits": standard_error(log_p) / LN2,
+        "parzen_stderr_bits": standard_error(log_p, LN2),
         "parzen_nats": float(log_p.mean()),
         "parzen_stderr_nats": standard_error(log_p),
         "sigma": sigma,
@@ -142,4 +164,4 @@ def parzen_evaluate(run: Run, n_samples: int = 10000, n_valid: int = 10000, max_
     paper = paper_row(run.config)
     if paper and "parzen_bits" in paper:
         result["paper"] = {"parzen_bits": paper["parzen_bits"]}
-    return result
+    return require_finite(result, str(run.path))

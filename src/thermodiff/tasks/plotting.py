@@ -13,6 +13,7 @@ import torch  # noqa: E402
 from thermodiff.process.sampling import ancestral_sample  # noqa: E402
 from thermodiff.run.checkpoint import atomic_write_bytes  # noqa: E402
 from thermodiff.run.experiment import Run  # noqa: E402
+from thermodiff.tasks.reports import plus_minus  # noqa: E402
 
 
 def save_figure(fig, path: Path, dpi: int = 110) -> Path:
@@ -160,7 +161,7 @@ def bound_terms(evaluation: dict, path: Path) -> Path:
     ax.set_xlabel("t")
     ax.set_ylabel("E KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t))  [bits]")
     ax.set_yscale("log")
-    ax.set_title(f"{evaluation['experiment']}: K = {evaluation['K_bits']:.3f} ± {evaluation['stderr_bits'] or float('nan'):.3f} bits; "
+    ax.set_title(f"{evaluation['experiment']}: K = {evaluation['K_bits']:.3f}{plus_minus(evaluation['stderr_bits'], '.3f')} bits; "
                  f"decoder {-terms[0]:.3f}, prior KL {terms[T]:.4f} bits", fontsize=9)
     fig.tight_layout()
     return save_figure(fig, path)

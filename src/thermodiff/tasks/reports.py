@@ -24,6 +24,34 @@ def finite(obj):
     return obj
 
 
+def nonfinite(obj, where: str = "") -> list[tuple[str, float]]:
+    """(where, value) of every NaN or infinite number in ``obj`` (None, an undefined figure, is not one)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return [(where, obj)]
+    if isinstance(obj, dict):
+        return [bad for k, v in obj.items() for bad in nonfinite(v, f"{where}.{k}" if where else str(k))]
+    if isinstance(obj, list):
+        return [bad for i, v in enumerate(obj) for bad in nonfinite(v, f"{where}[{i}]")]
+    return []
+
+
+def require_finite(record: dict, origin: str) -> dict:
+    """``record`` if all its numbers are finite; else a UserError naming the first that is not,
+    so that no command reports (and exits 0 with) a NaN figure."""
+    bad = nonfinite(record)
+    if bad:
+        where, value = bad[0]
+        raise UserError(f"{origin}: {where} is {value} ({len(bad)} figure(s) not finite: the model produced NaN or "
+                        "infinite values, the run may have diverged); evaluate an earlier checkpoint or train again "
+                        "with a lower train.lr")
+    return record
+
+
+def plus_minus(stderr: float | None, spec: str) -> str:
+    """' +- stderr', or that a single example has no standard error."""
+    return " (1 example: no standard error)" if stderr is None else f" +- {stderr:{spec}}"
+
+
 def to_json(record: dict) -> str:
     """``record`` as indented strict JSON (non-finite numbers as null)."""
     return json.dumps(finite(record), indent=2, allow_nan=False)
@@ -48,7 +76,7 @@ def describe_training(s: dict) -> str:
         return (f"nothing trained: {s['run_dir']} is already at step {s['steps']}, its step or time limit; pass a "
                 "larger --steps or --minutes with --resume to train it further")
     best = s["best"]
-    kept = (f"; best validation K {best['K_bits']:.3f} +- {best['stderr_bits']:.3f} bits per example at step "
+    kept = (f"; best validation K {best['K_bits']:.3f}{plus_minus(best['stderr_bits'], '.3f')} bits per example at step "
             f"{best['step']} (best.safetensors)" if best else "")
     return (f"trained {s['steps']} steps in {s['wall_s']:.1f} s -> {s['run_dir']} "
             f"(running K estimate {s['K_bits_running']:.3f} bits per example{kept})")
@@ -59,13 +87,13 @@ def describe_baseline(r: dict) -> str:
     head = f"{r['experiment']} ({r['model']} baseline, {r['split']} split, {r['n_examples']} examples, step {r['train_steps']})"
     if r["model"] == "dae":
         psnr = (lambda name: f" (PSNR {r[f'{name}_psnr_db']:.2f} dB)" if f"{name}_psnr_db" in r else "")
-        return "\n".join([head, f"  denoised output: MSE {r['output_mse']:.4g} +- {r['output_mse_stderr']:.2g}{psnr('output')}",
-                          f"  noisy input:     MSE {r['noisy_input_mse']:.4g} +- {r['noisy_input_mse_stderr']:.2g}"
+        return "\n".join([head, f"  denoised output: MSE {r['output_mse']:.4g}{plus_minus(r['output_mse_stderr'], '.2g')}{psnr('output')}",
+                          f"  noisy input:     MSE {r['noisy_input_mse']:.4g}{plus_minus(r['noisy_input_mse_stderr'], '.2g')}"
                           f"{psnr('noisy_input')} (noise std {r['noise_std']} of the scaled data)"])
-    lines = [head, f"  ELBO           = {r['K_bits']:.4f} +- {r['stderr_bits']:.4f} {r['unit']} ({r['K_bits_per_dim']:.4f} bits/dim, "
+    lines = [head, f"  ELBO           = {r['K_bits']:.4f}{plus_minus(r['stderr_bits'], '.4f')} {r['unit']} ({r['K_bits_per_dim']:.4f} bits/dim, "
                    f"{r['n_draws']} draws of z)",
-             f"  importance-weighted ({r['n_importance']}) = {r['K_iw_bits']:.4f} +- {r['K_iw_stderr_bits']:.4f} {r['unit']}",
-             f"  ELBO - L_null  = {r['K_minus_L_null_bits']:.4f} +- {r['K_minus_L_null_stderr_bits']:.4f} {r['unit']}"]
+             f"  importance-weighted ({r['n_importance']}) = {r['K_iw_bits']:.4f}{plus_minus(r['K_iw_stderr_bits'], '.4f')} {r['unit']}",
+             f"  ELBO - L_null  = {r['K_minus_L_null_bits']:.4f}{plus_minus(r['K_minus_L_null_stderr_bits'], '.4f')} {r['unit']}"]
     if r.get("nll_bits_per_dim") is not None:
         lines.append(f"  NLL bound of the 8-bit data ({r['nll_bound']}) = {r['nll_bits_per_dim']:.4f} bits/dim")
     return "\n".join(lines)
@@ -81,14 +109,14 @@ def describe_evaluation(r: dict) -> str:
              f"T = {r['T']}{respaced}, {r['parameterization']} parameterisation, {r['schedule']} schedule, "
              f"{r['checkpoint']} weights: step {r['train_steps']})",
              f"  bound: {r['estimator']}",
-             f"  K              = {r['K_bits']:.4f} +- {r['stderr_bits']:.4f} {r['unit']} ({r['K_bits_per_dim']:.4f} bits/dim)",
-             f"  K - L_null     = {r['K_minus_L_null_bits']:.4f} +- {r['K_minus_L_null_stderr_bits']:.4f} {r['unit']}",
+             f"  K              = {r['K_bits']:.4f}{plus_minus(r['stderr_bits'], '.4f')} {r['unit']} ({r['K_bits_per_dim']:.4f} bits/dim)",
+             f"  K - L_null     = {r['K_minus_L_null_bits']:.4f}{plus_minus(r['K_minus_L_null_stderr_bits'], '.4f')} {r['unit']}",
              f"  K (orig units) = {r['K_original_units_bits']:.4f} {r['unit']}"]
     if "continuous_time" in r:
         c = r["continuous_time"]
-        lines.append(f"  K, continuous time = {c['K_bits']:.4f} +- {c['stderr_bits']:.4f} {r['unit']} ({c['n_draws']} draws of t)")
+        lines.append(f"  K, continuous time = {c['K_bits']:.4f}{plus_minus(c['stderr_bits'], '.4f')} {r['unit']} ({c['n_draws']} draws of t)")
     if "K_bits_per_pixel" in r:
-        lines.append(f"  per pixel: K = {r['K_bits_per_pixel']:.4f} +- {r['stderr_bits_per_pixel']:.4f}, "
+        lines.append(f"  per pixel: K = {r['K_bits_per_pixel']:.4f}{plus_minus(r['stderr_bits_per_pixel'], '.4f')}, "
                      f"K - L_null = {r['K_minus_L_null_bits_per_pixel']:.4f} bits/pixel")
     if r.get("nll_bits_per_dim") is not None:
         lines.append(f"  NLL bound of the 8-bit data ({r['nll_bound']}) = {r['nll_bits_per_dim']:.4f} bits/dim")
@@ -106,7 +134,7 @@ def describe_parzen(r: dict) -> str:
     paper = f"; paper {r['paper']['parzen_bits']} bits" if "paper" in r else ""
     edge = " (on the grid's edge)" if r["sigma_on_grid_edge"] else ""
     return (f"{r['experiment']}: Parzen-window log-likelihood of {r['n_test']} test images = "
-            f"{r['parzen_bits']:.2f} +- {r['parzen_stderr_bits']:.2f} bits ({r['parzen_nats']:.2f} nats){paper}\n"
+            f"{r['parzen_bits']:.2f}{plus_minus(r['parzen_stderr_bits'], '.2f')} bits ({r['parzen_nats']:.2f} nats){paper}\n"
             f"  sigma = {r['sigma']:.4g}{edge}, chosen on {r['n_valid']} validation images; "
             f"{r['n_samples']} samples (step {r['train_steps']})")
 
@@ -118,7 +146,7 @@ def describe_reproduction(summary: dict, result: dict, figures: list[str]) -> st
     for label, key, err in COMPARED:
         if key in result.get("paper", {}):
             unit = "bits/pixel" if key.endswith("per_pixel") else result["unit"]
-            rows.append(f"  {f'{label} [{unit}]':28}{result[key]:>10.3f} +- {result[err]:<8.3f}{result['paper'][key]:>10}")
+            rows.append(f"  {f'{label} [{unit}]':28}{result[key]:>10.3f}{plus_minus(result[err], '<8.3f')}{result['paper'][key]:>10}")
     return "\n".join([
         describe_evaluation(result),
         "",
