@@ -315,10 +315,17 @@ def batch_activations(dataset: datasets.Dataset, diffusion: nn.Module, model: nn
     and network (their state stays as it is) for one and two examples, and scaled linearly."""
     diffusion, model = copy.deepcopy(diffusion), copy.deepcopy(model)
     generator = torch.Generator().manual_seed(0)
-    one, two = (memory.loss_activation_bytes(diffusion, model, dataset.to_model(
-                    dataset.train[np.arange(b) % len(dataset.train)], generator, dequantize=diffusion.dequantizes))
+    one, two = (memory.loss_activation_bytes(diffusion, model, probe_batch(dataset, b, generator, diffusion.dequantizes))
                 for b in (1, 2))
     return one + max(0, two - one) * (batch_size - 1)
+
+
+def probe_batch(dataset: datasets.Dataset, size: int, generator: torch.Generator, dequantize: bool) -> torch.Tensor:
+    """``size`` examples in model units for measuring memory: training examples when the data set
+    holds them, else zeros of their shape (a run loaded without its data: only the shape counts)."""
+    if len(dataset.train) == 0:
+        return torch.zeros((size, *dataset.event_shape))
+    return dataset.to_model(dataset.train[np.arange(size) % len(dataset.train)], generator, dequantize=dequantize)
 
 
 def training_memory(cfg: Config, dataset: datasets.Dataset, params: float, buffers: float,
