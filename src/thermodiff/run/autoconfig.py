@@ -155,8 +155,9 @@ def gaussian_choices(cfg: Config, z: np.ndarray, bins: Bins | None) -> list[Choi
             resolution.append(beta_1_choice(z))
     return resolution + [
         Choice("diffusion.schedule", "log_snr", "equal steps of log SNR from the resolution beta_1"),
-        Choice("diffusion.T", GAUSSIAN_T, f"{GAUSSIAN_T} steps of log SNR: on a ring of narrow Gaussians, 2 minutes of "
-               "training came within 0.15 bits of the exact log-likelihood at T = 100, 0.09 at 200, 0.03 at 500"),
+        Choice("diffusion.T", GAUSSIAN_T, f"{GAUSSIAN_T} steps of log SNR: on a ring of narrow Gaussians, 6000 training steps "
+               "(2 minutes) came within 0.19 bits of the exact log-likelihood at T = 100, 0.11 at 200, 0.06 at 500 "
+               "(benchmarks/results/gaussian_T*.json)"),
         Choice("diffusion.parameterization", "eps_residual",
                "noise and variance as residuals from whitened Gaussian data's exact reverse kernel"),
     ]
