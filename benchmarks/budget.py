@@ -22,7 +22,7 @@ from thermodiff.run.training import read_metrics
 
 def training_curve(run_dir: Path, dim: int, smooth: int = 10) -> list[dict]:
     """(step, elapsed_s, running K in bits/pixel averaged over the last ``smooth`` log records)."""
-    records = read_metrics(run_dir)
+    records = [r for r in read_metrics(run_dir) if "K_bits_running" in r]  # not the score before training
     sums = np.concatenate([[0.0], np.cumsum([r["K_bits_running"] / dim for r in records])])
     ends = np.arange(1, len(records) + 1)
     starts = np.maximum(ends - smooth, 0)

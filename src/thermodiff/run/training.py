@@ -462,6 +462,16 @@ def validate(state: TrainState, session: Session) -> float | None:
     return k_bits
 
 
+def validate_untrained(state: TrainState, session: Session) -> float | None:
+    """:func:`validate` before the first step, its score a metrics row of its own (step 0, no
+    training estimate yet): the best checkpoint may be the untrained weights."""
+    val_bits = validate(state, session)
+    if val_bits is not None:
+        append_metrics(session.run_dir, {"step": state.step, "elapsed_s": round(state.elapsed_s, 3),
+                                         "val_K_bits": round(val_bits, 6)})
+    return val_bits
+
+
 def log_metrics(state: TrainState, session: Session, val_bits: float | None) -> None:
     """Append a metrics record (process 0) and start a new window of steps."""
     if session.ctx.is_main:
@@ -535,7 +545,7 @@ def _train_locked(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, pro
     session = open_session(cfg, run_dir, parts, state, ctx, resume)
     start_step = state.step
     # the untrained weights are scored too (for whitened Gaussian data, the exact model)
-    run_loop(state, session, progress, None if resume else validate(state, session), stop)
+    run_loop(state, session, progress, None if resume else validate_untrained(state, session), stop)
     ctx.barrier()
     wall = time.perf_counter() - session.start_time
     return {"run_dir": str(run_dir), "steps": state.step, "new_steps": state.step - start_step,

@@ -74,7 +74,7 @@ def compare(configs: list[Config], origins: list[str], out: Path, overwrite: boo
         rows.append({"name": cfg.name, "config": origin, "model": model_label(run), "steps": summary["steps"],
                      "train_s": metrics[-1]["elapsed_s"] if metrics else summary["wall_s"],
                      "sample_s_per_example": sample_seconds(run, n_samples, eval_seed), "evaluation": result,
-                     "curve": [(m["elapsed_s"], m["K_bits_running"]) for m in metrics]})
+                     "curve": [(m["elapsed_s"], m["K_bits_running"]) for m in metrics if "K_bits_running" in m]})
     # one data set (check_comparable): the last run's describes every run's
     record = {"data": run.dataset.describe(), "n_samples_timed": n_samples,
               "hardware": hardware(), "rows": rows, "plot": str(out / "bound_vs_time.png")}
