@@ -80,7 +80,7 @@ NETWORKS = {"small": (build_conv_net, "small", (1, 28, 28)), "reference_mnist": 
             "unet_cpu": (build_unet, "cpu", (3, 32, 32))}
 # --variants: name -> (group, what it changes in the baseline); ``combined`` takes the fastest of
 # each group (one way of using the cores, one optimiser kernel), and the fastest precision
-FACTORS = {"threads2": ("parallelism", {"threads": 2}), "processes2": ("parallelism", {"processes": 2}),
+FACTORS = {"threads2": ("parallelism", {"threads": 2}), "processes2": ("parallelism", {"processes": 2, "threads": 1}),
            "compile": ("compile", {"compile": True}), "channels_last": ("channels_last", {"channels_last": True}),
            "foreach": ("optimizer_kernel", {"optimizer_kernel": "foreach"}),
            "fused": ("optimizer_kernel", {"optimizer_kernel": "fused"})}

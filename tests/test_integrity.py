@@ -269,7 +269,10 @@ def test_the_state_extrapolated_from_small_T_is_the_state_built(tiny_config):
 def test_the_check_does_not_change_the_run(tiny_config, tmp_path):
     """The probes draw from the global generator under fork_rng: the initial weights are the config's."""
     cfg = load_config(str(tiny_config))
-    checked, unchecked = experiment.assemble(cfg, memory_device=torch.device("cpu")), experiment.assemble(cfg)
+    checked = experiment.assemble(cfg, memory_device=torch.device("cpu"))
+    after_checked = torch.random.get_rng_state()  # what the training's first draws start from
+    unchecked = experiment.assemble(cfg)
+    assert torch.equal(after_checked, torch.random.get_rng_state())
     for a, b in zip(checked.model.state_dict().values(), unchecked.model.state_dict().values()):
         assert torch.equal(a, b)
 

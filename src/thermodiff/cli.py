@@ -538,8 +538,8 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except RunStopped as e:  # its checkpoint saved or kept: say how to continue
         kind = "error: " if e.exit_code == 2 else ""
-        print(f"thermodiff {args.command}: {kind}{e}; continue with: {_resume_command(args, e)}", file=sys.stderr)
-        return e.exit_code
+        message = f"{e}; continue with: {_resume_command(args, e)}"
+        return _fail(f"thermodiff {args.command}: {kind}{message}", e.exit_code, args.json, args.command, message)
     except UserError as e:
         return _fail(f"thermodiff {args.command}: error: {e}", 2, args.json, args.command, str(e))
     except KeyboardInterrupt:
@@ -548,8 +548,8 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except OSError as e:  # read-only, permission denied, a full disk, a file in the path: one line too
-        print(f"thermodiff {args.command}: error: {os_error_message(e)}", file=sys.stderr)
-        return 2
+        message = os_error_message(e)
+        return _fail(f"thermodiff {args.command}: error: {message}", 2, args.json, args.command, message)
     return 0
 
 

@@ -7,6 +7,7 @@ Everything a run needs to continue bit for bit is its :class:`TrainState`; one o
 import contextlib
 import copy
 import csv
+import errno
 import io
 import json
 import math
@@ -154,11 +155,12 @@ def append_metrics(run_dir: Path, record: dict) -> None:
     ends in a partial line."""
     for name, line in (("metrics.jsonl", json.dumps(record) + "\n"),
                        ("metrics.csv", ",".join(str(record.get(f, "")) for f in METRIC_FIELDS) + "\n")):
-        with open(run_dir / name, "ab") as f:
+        with open(run_dir / name, "ab", buffering=0) as f:  # unbuffered: truncate must not flush first
             end = f.tell()
             try:
-                f.write(line.encode("utf-8"))
-                f.flush()
+                data = line.encode("utf-8")
+                if f.write(data) != len(data):  # a short write: the disk filled
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(run_dir / name))
             except OSError:
                 f.truncate(end)  # frees space: possible on a full disk
                 raise
@@ -466,7 +468,8 @@ def validate_untrained(state: TrainState, session: Session) -> float | None:
     """:func:`validate` before the first step, its score a metrics row of its own (step 0, no
     training estimate yet): the best checkpoint may be the untrained weights."""
     val_bits = validate(state, session)
-    if val_bits is not None:
+    if val_bits is not None and not any(r["step"] == 0 and "K_bits_running" not in r  # a run resumed at step 0
+                                        for r in read_metrics(session.run_dir)):     # may have it already
         append_metrics(session.run_dir, {"step": state.step, "elapsed_s": round(state.elapsed_s, 3),
                                          "val_K_bits": round(val_bits, 6)})
     return val_bits
@@ -545,7 +548,7 @@ def _train_locked(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, pro
     session = open_session(cfg, run_dir, parts, state, ctx, resume)
     start_step = state.step
     # the untrained weights are scored too (for whitened Gaussian data, the exact model)
-    run_loop(state, session, progress, None if resume else validate_untrained(state, session), stop)
+    run_loop(state, session, progress, None if state.step else validate_untrained(state, session), stop)
     ctx.barrier()
     wall = time.perf_counter() - session.start_time
     return {"run_dir": str(run_dir), "steps": state.step, "new_steps": state.step - start_step,

@@ -117,8 +117,8 @@ def plot_bound_vs_time(rows: list[dict], path: Path) -> None:
         marks += [(f"held out, {label}", k, se, marker) for label, k, se, marker in _other_bounds(row["evaluation"])]
         for label, k, se, marker in marks:
             finals.append(k)
-            ax.errorbar([row["train_s"]], [k], yerr=[se or 0.0],  # no bar for one example fmt=marker, mfc=colour if marker == "o" else "none",
-                        color=colour, capsize=3, label=f"{row['name']}, {label}")
+            ax.errorbar([row["train_s"]], [k], yerr=[se or 0.0], fmt=marker,  # no bar for one example
+                        mfc=colour if marker == "o" else "none", color=colour, capsize=3, label=f"{row['name']}, {label}")
     if finals:  # the early, far lower estimates would flatten the end of the curves
         ax.set_ylim(min(finals) - max(2.0, max(finals) - min(finals)), max(finals) + 1.0)
     ax.set_xlabel("training time (s)")
