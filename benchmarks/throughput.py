@@ -62,7 +62,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from thermodiff.data.dataset import Dataset, Scaling
+from thermodiff.data.dataset import Dataset
 from thermodiff.nets.convnet import build_conv_net
 from thermodiff.nets.unet import build_unet
 from thermodiff.process.gaussian import GaussianDiffusion
@@ -70,6 +70,7 @@ from thermodiff.process.schedules import make_schedule
 from thermodiff.run import distributed
 from thermodiff.run.checkpoint import atomic_write_text
 from thermodiff.run.config import TrainConfig
+from thermodiff.run.experiment import image_scaling
 from thermodiff.run.machine import machine as this_process_machine
 from thermodiff.run.training import Objective, TrainState, autocast, draw_batch, speed_up, train_step
 
@@ -122,9 +123,9 @@ def build(preset: str, device: torch.device, T: int) -> tuple[torch.nn.Module, G
 
 
 def random_images(n: int, image_shape: tuple[int, ...]) -> Dataset:
-    """Random 8-bit images as a dataset that dequantises them, globally scaled as image_scaling fits."""
+    """Random 8-bit images as a dataset that dequantises them, globally scaled as image runs are."""
     images = np.random.default_rng(0).integers(0, 256, (n, *image_shape), dtype=np.uint8)
-    return Dataset(images, images[:1], Scaling.fit(images / 255, "global"), binary=False, source="random",
+    return Dataset(images, images[:1], image_scaling(images), binary=False, source="random",
                    dequantize=True)
 
 

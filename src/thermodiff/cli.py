@@ -118,7 +118,7 @@ def _save_beside_run(path: Path, result: dict, command: str) -> None:
     try:
         atomic_write_text(path, reports.to_json(result) + "\n")
     except OSError as e:
-        print(f"thermodiff {command}: warning: {path} not saved ({e.strerror}); the result printed is complete",
+        print(f"thermodiff {command}: warning: not saved, {os_error_message(e)}; the result printed is complete",
               file=sys.stderr)
 
 
