@@ -287,25 +287,25 @@ def build_model(cfg: Config, diffusion: nn.Module, event_shape: tuple[int, ...])
 PROBE_T = (8, 16)
 
 
-def _state_bytes(cfg: Config, dataset: datasets.Dataset, kind: str, T: int) -> tuple[int, int]:
+def _state_bytes(cfg: Config, dataset: datasets.Dataset, kind: str, data_mean: float, T: int) -> tuple[int, int]:
     """The parameter and buffer bytes of the process and network of ``cfg`` at ``T`` steps: the
     process built (small at a small T), the network on the meta device (its shapes, without the
     cost of initialising its weights)."""
     probe = copy.deepcopy(cfg)
     probe.diffusion.T = T
     with torch.random.fork_rng(devices=[]):  # the run's initial weights are drawn after this
-        diffusion = build_diffusion(probe, kind, float(dataset.train.mean()), data_bins(dataset))
+        diffusion = build_diffusion(probe, kind, data_mean, data_bins(dataset))
         with torch.device("meta"):
             model = build_model(probe, diffusion, dataset.event_shape)
     return memory.state_bytes([diffusion, model])
 
 
-def state_bytes_at_T(cfg: Config, dataset: datasets.Dataset, kind: str) -> tuple[float, float]:
+def state_bytes_at_T(cfg: Config, dataset: datasets.Dataset, kind: str, data_mean: float) -> tuple[float, float]:
     """The parameter and buffer bytes of ``cfg``'s process and network at diffusion.T, before
     they are built: what grows with T (schedule tables, per-step readouts, the sampler's
     statistics) is counted at two small T and extrapolated linearly."""
     (t1, t2), T = PROBE_T, cfg.diffusion.T
-    small, large = (_state_bytes(cfg, dataset, kind, t) for t in PROBE_T)
+    small, large = (_state_bytes(cfg, dataset, kind, data_mean, t) for t in PROBE_T)
     return tuple(a + max(0.0, (b - a) / (t2 - t1)) * (T - t1) for a, b in zip(small, large))
 
 
@@ -356,9 +356,11 @@ def assemble(cfg: Config, override: np.ndarray | None = None, scaling: datasets.
     (:func:`state_bytes_at_T`), and with the batch's activations measured (:func:`batch_activations`)
     before a file is written."""
     dataset, kind = prepare_dataset(cfg, override, scaling)
+    data_mean = float(dataset.train.mean())  # one pass over the training examples
     if memory_device is not None:  # before anything is built at full size
-        memory.require_fits(training_memory(cfg, dataset, *state_bytes_at_T(cfg, dataset, kind), 0), memory_device)
-    parts = build_parts(cfg, dataset, kind, float(dataset.train.mean()))
+        memory.require_fits(training_memory(cfg, dataset, *state_bytes_at_T(cfg, dataset, kind, data_mean), 0),
+                            memory_device)
+    parts = build_parts(cfg, dataset, kind, data_mean)
     if memory_device is not None:  # the state as built, and the batch's activations
         activations = batch_activations(dataset, parts.diffusion, parts.model, cfg.train.batch_size)
         memory.require_fits(training_memory(cfg, dataset, *memory.state_bytes([parts.diffusion, parts.model]),
