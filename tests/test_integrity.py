@@ -198,8 +198,8 @@ def _thermodiff(*args, cwd) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("flag", [["--T", "1000000000"], ["--set", "train.batch_size=1000000000"]], ids=["T", "batch"])
 def test_huge_training_sizes_are_refused_before_anything_is_written(tiny_config, tmp_path, flag):
     """In a real process: exit 2, one line with the estimate and the available memory, and no
-    run directory (nor its staging folder)."""
-    r = _thermodiff("train", tiny_config, "--out", tmp_path / "run", "--quiet", *flag, cwd=tmp_path)
+    run directory (nor its staging folder, nor the parent folder its lock needed)."""
+    r = _thermodiff("train", tiny_config, "--out", tmp_path / "new" / "run", "--quiet", *flag, cwd=tmp_path)
     assert r.returncode == 2, r.stderr
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
     assert "training needs about" in r.stderr and "is available" in r.stderr and "--ignore-memory-check" in r.stderr

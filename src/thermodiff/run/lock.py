@@ -68,8 +68,10 @@ def _write_holder(fd: int) -> None:
 
 @contextlib.contextmanager
 def hold(run_dir: Path) -> Iterator[None]:
-    """Hold ``run_dir``'s lock for the body (its parent folder is created if need be)."""
+    """Hold ``run_dir``'s lock for the body (its parent folder is created if need be, and removed
+    again if it is still empty: a refused run leaves no folder behind)."""
     path = lock_path(run_dir)
+    created = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]  # innermost first
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = _open_locked(path, run_dir)
@@ -81,6 +83,9 @@ def hold(run_dir: Path) -> Iterator[None]:
     finally:
         path.unlink(missing_ok=True)  # while locked: a process that opened it meanwhile checks and retries
         os.close(fd)
+        for folder in created:
+            with contextlib.suppress(OSError):  # not empty: it holds the run (or another's files)
+                folder.rmdir()
 
 
 @contextlib.contextmanager
