@@ -8,6 +8,7 @@ once: each command imports what it uses when it runs (a few seconds of imports o
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -20,7 +21,7 @@ from thermodiff.errors import UserError, os_error_message
 from thermodiff.run.config import MEMORY_OVERRIDE_FLAG, MEMORY_OVERRIDE_HELP, RANGES, ScheduleName
 from thermodiff.run.stopping import RunStopped
 from thermodiff.tasks import reports
-from thermodiff.tasks.options import DENOISE_METHODS, KNOWN_VALUES
+from thermodiff.tasks.options import DENOISE_METHODS, KNOWN_VALUES, SAMPLERS
 
 if typing.TYPE_CHECKING:
     import numpy as np
@@ -141,6 +142,7 @@ def cmd_sample(args) -> None:
     import torch
 
     from thermodiff.process.respace import respaced_process
+    from thermodiff.process.samplers import CountingModel, sample
     from thermodiff.process.sampling import sample_in_batches
     from thermodiff.run.checkpoint import atomic_write_bytes
     from thermodiff.run.experiment import load_run, sampling_memory
@@ -158,10 +160,23 @@ def cmd_sample(args) -> None:
         raise UserError(f"--out {out}: a .png grid needs an image model; write .npy for vector data")
     if not args.ignore_memory_check:
         require_fits(sampling_memory(run, args.n, args.batch_size))
-    diffusion = respaced_process(run.diffusion, args.respace)
+    if args.respace is not None and args.steps is not None:
+        raise UserError("--steps and --respace name the same chain; pass one of them")
+    flag = "--respace" if args.respace is not None else "--steps"
+    diffusion = respaced_process(run.diffusion, args.respace or args.steps, flag)
+    if args.eta is not None and args.sampler != "ddim":
+        raise UserError(f"--eta is DDIM's noise; pass --sampler ddim with it, not --sampler {args.sampler}")
+    eta = 0.0 if args.eta is None else args.eta
+    draw = functools.partial(sample, sampler=args.sampler, eta=eta)
+    if args.sampler != "ancestral":
+        try:
+            diffusion.log_alphas_cumprod()  # what the other samplers need: Gaussian kernels
+        except ValueError as e:
+            raise UserError(f"--sampler {args.sampler}: {e}") from None
+    model = CountingModel(run.model)
     start = time.perf_counter()
-    batches = sample_in_batches(diffusion, run.model, args.n, run.dataset.event_shape, args.batch_size,
-                                torch.Generator().manual_seed(args.seed), progress=not args.quiet)
+    batches = sample_in_batches(diffusion, model, args.n, run.dataset.event_shape, args.batch_size,
+                                torch.Generator().manual_seed(args.seed), progress=not args.quiet, draw=draw)
     samples = np.concatenate([run.dataset.from_model(x) for x in batches])
     wall = time.perf_counter() - start
     if out.suffix == ".png":
@@ -170,9 +185,13 @@ def cmd_sample(args) -> None:
         atomic_write_bytes(out, image_grid_png(samples))
     else:
         _write_npy(out, samples)
+    sampler = args.sampler + (f", eta {eta:g}" if args.sampler == "ddim" else "")
+    calls = model.calls / math.ceil(args.n / args.batch_size)
     _emit(args, {"out": str(out), "n": args.n, "shape": list(samples.shape), "units": "original", "steps": diffusion.T,
-                 "sample_wall_s": round(wall, 3)},
-          f"wrote {args.n} samples (original units, {diffusion.T} steps, {wall:.1f} s) to {out}")
+                 "sampler": args.sampler, "eta": eta if args.sampler == "ddim" else None,
+                 "network_calls_per_sample": calls, "sample_wall_s": round(wall, 3)},
+          f"wrote {args.n} samples (original units, {sampler}, {diffusion.T} steps, {calls:g} network calls each, "
+          f"{wall:.1f} s) to {out}")
 
 
 def _plot(run_dir: str, out_dir: str | None, quiet: bool, overwrite: bool) -> tuple[list[str], str | None]:
@@ -394,6 +413,17 @@ def _minutes(text: str) -> float:
     return value
 
 
+def _eta(text: str) -> float:
+    """An argparse type: DDIM's eta, a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1] (0: deterministic, 1: the ancestral chain's noise), got {text}")
+    return value
+
+
 RESPACE_HELP = ("a respaced chain: N steps evenly spaced from 1 to T, or a comma-separated list of the trained "
                 "steps to keep, from 1 to T (Gaussian runs)")
 
@@ -454,6 +484,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--respace", metavar="N|STEPS", help=RESPACE_HELP)
+    p.add_argument("--sampler", choices=SAMPLERS, default="ancestral",
+                   help="ancestral: the reverse chain's kernels; ddim: DDIM (Song et al. 2021), deterministic at "
+                        "--eta 0; heun: Heun's method on the probability-flow ODE (Karras et al. 2022), two network "
+                        "calls a step (ddim and heun: Gaussian runs)")
+    p.add_argument("--steps", metavar="N|STEPS", help="the chain's steps, as --respace (default: all T)")
+    p.add_argument("--eta", type=_eta, help="DDIM's noise, from 0 (deterministic, the default) to 1 (the ancestral "
+                                            "chain's, for a kernel variance of beta-tilde)")
     p.add_argument(MEMORY_OVERRIDE_FLAG, action="store_true", help=MEMORY_OVERRIDE_HELP)
     p.set_defaults(func=cmd_sample)
 

@@ -63,6 +63,18 @@ class Trainable(nn.Module, ABC):
         approximates). Only Gaussian processes have one."""
         raise ValueError(f"respacing is for Gaussian diffusion; a {type(self).__name__} keeps its T steps")
 
+    def log_alphas_cumprod(self) -> Tensor:
+        """log abar_t, t = 1..T (float64) of a chain of Gaussian kernels: x_t = sqrt(abar_t) x_0 +
+        sqrt(1 - abar_t) eps. With :meth:`expected_x0`, all that samplers.py's DDIM and ODE samplers
+        need of a process. Only Gaussian processes have one."""
+        raise _not_gaussian(self)
+
+    def expected_x0(self, model, x_t: Tensor, t: int) -> Tensor:
+        """The network's E[x_0 | x_t] at step ``t`` (float64, one network call; at t = 1 the decoder's
+        mean), from which samplers.py reads the noise eps = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t).
+        Only Gaussian processes have one."""
+        raise _not_gaussian(self)
+
     @abstractmethod
     def training_draws(self, x0: Tensor, generator: torch.Generator | None = None):
         """The randomness of one training step for the batch ``x0``, drawn from ``generator``
@@ -74,6 +86,11 @@ class Trainable(nn.Module, ABC):
         """(loss, K_estimate) from :meth:`training_draws`: the scalar minimised, differentiable in
         the network and the process's parameters, and per example a detached float64 estimate of
         the bound in nats that the loop logs (what the loss is, is the process's own setting)."""
+
+
+def _not_gaussian(process: Trainable) -> ValueError:
+    return ValueError(f"DDIM and ODE samplers are for Gaussian diffusion; a {type(process).__name__} samples "
+                      "ancestrally (--sampler ancestral)")
 
 
 class Chain(Protocol):

@@ -119,12 +119,13 @@ def respace(diffusion: Process, spec: int | str | Sequence[int], variance_rule: 
     return diffusion.respaced(respaced_timesteps(diffusion.T, spec), VarianceRule(variance_rule))
 
 
-def respaced_process(diffusion: Process, respace_to: int | str | Sequence[int] | None) -> Process:
-    """The process a user's ``--respace`` asks for: ``diffusion`` itself when None, else its
-    :func:`respace` (a bad spec is a one-line :class:`UserError`)."""
+def respaced_process(diffusion: Process, respace_to: int | str | Sequence[int] | None, flag: str = "--respace"
+                     ) -> Process:
+    """The process a user's ``--respace`` (or ``flag``) asks for: ``diffusion`` itself when None,
+    else its :func:`respace` (a bad spec is a one-line :class:`UserError` naming ``flag``)."""
     if respace_to is None:
         return diffusion
     try:
         return respace(diffusion, respace_to)
     except ValueError as e:
-        raise UserError(f"--respace: {e}") from None
+        raise UserError(f"{flag}: {e}") from None

@@ -39,11 +39,13 @@ def ancestral_sample(
 
 
 def sample_in_batches(diffusion, model, n: int, event_shape: tuple[int, ...], batch_size: int,
-                      generator: torch.Generator | None = None, progress: bool = False) -> Iterator[Tensor]:
-    """``n`` draws of :func:`ancestral_sample` made ``batch_size`` at a time, batch after batch
-    from one ``generator`` (so the draws depend on ``batch_size``), under one progress bar."""
+                      generator: torch.Generator | None = None, progress: bool = False,
+                      draw: Callable = ancestral_sample) -> Iterator[Tensor]:
+    """``n`` draws of ``draw`` (:func:`ancestral_sample`, or a function of its signature such as
+    samplers.sample with its sampler fixed) made ``batch_size`` at a time, batch after batch from one
+    ``generator`` (so the draws depend on ``batch_size``), under one progress bar."""
     sizes = [min(batch_size, n - i) for i in range(0, n, batch_size)]
     with tqdm(total=len(sizes) * diffusion.T, desc="sample", unit="t", disable=not progress, mininterval=1.0) as bar:
         for size in sizes:
-            yield ancestral_sample(diffusion, model, (size, *event_shape), generator,
-                                   callback=lambda t, x: bar.update(1) if t > 0 else None)
+            yield draw(diffusion, model, (size, *event_shape), generator,
+                       callback=lambda t, x: bar.update(1) if t > 0 else None)

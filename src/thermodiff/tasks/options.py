@@ -10,3 +10,7 @@ DENOISE_METHODS = ("start", "product")
 #: (paper Fig. 5); "forward" lets them follow a forward trajectory to their values (see
 #: :class:`~thermodiff.process.posterior.Clamp`).
 KNOWN_VALUES = ("clamp", "forward")
+
+#: How ``sample`` draws (thermodiff.process.samplers.Sampler): the reverse chain's kernels, DDIM
+#: (Song et al. 2021; --eta 0 deterministic), Heun's method on the probability-flow ODE (Karras et al. 2022).
+SAMPLERS = ("ancestral", "ddim", "heun")
