@@ -4,7 +4,7 @@ The package is layered; each layer imports only from itself and the layers liste
 
 - ``process``: the math of diffusion processes and bounds (the contract every process implements,
   closed-form distributions, schedules, the Gaussian, binomial and VDM processes, the bound K,
-  respacing, ancestral sampling, posterior factors).
+  respacing, ancestral sampling, DDIM and ODE samplers, posterior factors).
 - ``data``: loading and scaling examples, image data sets, densities with known likelihoods.
 - ``nets``: reverse-model networks and the baseline models compared against diffusion.
 - ``run``: typed config, settings derived from the data, assembly, training, checkpoints.
@@ -38,6 +38,8 @@ _ENTRY_POINTS = {
     "exact_bound": "thermodiff.process.bound",
     "make_schedule": "thermodiff.process.schedules",
     "respace": "thermodiff.process.respace",
+    "sample_ddim": "thermodiff.process.samplers",
+    "sample_heun": "thermodiff.process.samplers",
     "training_loss": "thermodiff.process.bound",
 }
 

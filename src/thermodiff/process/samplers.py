@@ -95,6 +95,20 @@ def sample_heun(denoiser: Denoiser, x: Tensor, log_abar: Tensor, generator: torc
     return sample_ddim(denoiser, (scale[0] * y).to(x.dtype), log_abar[:1], generator, callback)
 
 
+def karras_timesteps(log_abar: Tensor, count: int, rho: float = 7.0) -> list[int]:
+    """The steps (1-based, from 1 to T) of a chain with levels ``log_abar`` nearest, in log sigma, to
+    Karras et al.'s ``count`` noise levels (2022, Eq. 5) sigma_i = (sigma_T^(1/rho) + i / (count - 1)
+    (sigma_1^(1/rho) - sigma_T^(1/rho)))^rho, sigma = sqrt((1 - abar) / abar): steps fine where the
+    noise is low, which second-order ODE solvers need (a step that coincides with its neighbour's is
+    kept once, so there may be fewer than ``count``)."""
+    log_sigma = 0.5 * torch.log(torch.expm1(-log_abar.double()))
+    ramp = torch.linspace(0, 1, count, dtype=torch.float64)
+    ends = (log_sigma[-1] / rho).exp(), (log_sigma[0] / rho).exp()
+    target = rho * torch.log(ends[0] + ramp * (ends[1] - ends[0]))
+    nearest = (log_sigma[None, :] - target[:, None]).abs().argmin(1) + 1
+    return sorted({1, len(log_abar), *nearest.tolist()})
+
+
 class CountingModel:
     """A network that counts its calls (``calls``), for comparing samplers at equal network calls."""
 
