@@ -10,7 +10,8 @@ Two levels:
 - :class:`Process`: a diffusion process of T steps (gaussian.py, binomial.py, vdm.py, and the
   respaced chains of respace.py): the forward process, the terms of the bound K (paper Eq. 14)
   that bound.exact_bound sums, the reverse kernels that sampling.ancestral_sample runs, and the
-  null model that K is compared with.
+  null model that K is compared with. Gaussian ones also give their noise levels and the network's
+  E[x_0 | x_t] (``log_alphas_cumprod``, ``expected_x0``), all that samplers.py's DDIM and ODE samplers need.
 
 A network is any callable ``model(x_t, t) -> z`` with ``z`` of shape
 ``(N, outputs_per_dim, *x.shape[1:])``; it is passed to the methods, never held by the process.
@@ -70,7 +71,7 @@ class Trainable(nn.Module, ABC):
         raise _not_gaussian(self)
 
     def expected_x0(self, model, x_t: Tensor, t: int) -> Tensor:
-        """The network's E[x_0 | x_t] at step ``t`` (float64, one network call; at t = 1 the decoder's
+        """The network's E[x_0 | x_t] at step ``t`` (float64, at most one network call; at t = 1 the decoder's
         mean), from which samplers.py reads the noise eps = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t).
         Only Gaussian processes have one."""
         raise _not_gaussian(self)
