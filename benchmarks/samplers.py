@@ -2,6 +2,7 @@
 1) and Heun's method, against held-out data, by a kernel two-sample statistic.
 
     OMP_NUM_THREADS=1 python benchmarks/samplers.py RUN --name NAME [--data TEST.npy] [--calls 5,10,20,50,100]
+    python benchmarks/samplers.py --name NAME --table median_over_16     # the Markdown tables of docs/samplers.md
 
 For each sampler and each budget C of network calls per sample, the longest evenly respaced chain
 (respace.evenly_spaced) whose sampler makes at most C calls (counted, not computed: a decoder that
@@ -17,6 +18,7 @@ benchmarks/results/samplers_NAME.json and .png.
 
 import argparse
 import datetime
+import json
 import math
 import sys
 import time
@@ -24,7 +26,7 @@ import time
 import numpy as np
 import torch
 
-from record import RESULTS, thermodiff_json, write_result  # a sibling module: benchmarks/ is on sys.path when run
+from record import RESULTS, cited, thermodiff_json, write_result  # a sibling module: benchmarks/ is on sys.path when run
 from thermodiff.process.respace import evenly_spaced, respace
 from thermodiff.process.samplers import CountingModel, karras_timesteps, sample
 from thermodiff.run.experiment import load_run
@@ -129,21 +131,82 @@ def plot(record: dict, path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def samples_figure(run, record: dict, budget: int, path) -> None:
+    """2-D data: held-out points and 1000 samples of each setting at ``budget`` network calls, on the
+    record's kept steps (the first replicate's seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    held_out = run.dataset.to_model(run.dataset.test).numpy()[:1000]
+    fig, axes = plt.subplots(1, 1 + len(SETTINGS), figsize=(2.6 * (1 + len(SETTINGS)), 2.8), sharex=True, sharey=True)
+    axes[0].scatter(*held_out.T, s=1, c="k")
+    axes[0].set_title("held out", fontsize=9)
+    for ax, name in zip(axes[1:], SETTINGS):
+        [row] = [r for r in record["samplers"][name] if r["budget"] == budget]
+        x, calls = draw(run, row["kept_steps"], name, 1000, seed=1000)
+        ax.scatter(*x.T, s=1)
+        ax.set_title(f"{name}: {row['steps']} steps, {calls} calls", fontsize=9)
+    lim = 1.5 * np.abs(held_out).max()
+    axes[0].set(xlim=(-lim, lim), ylim=(-lim, lim))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def markdown_tables(record: dict, bandwidth: str) -> str:
+    """The record's MMD^2 (x 10^3) per sampler and budget at ``bandwidth``, and the respaced
+    ancestral chains' bounds, as docs/samplers.md shows them (every figure linked to the record)."""
+    name = f"samplers_{record['name']}"
+
+    def mmd(where: str, value: dict) -> str:
+        return cited(f"{1000 * value['mmd2']:.2f} ± {1000 * value['stderr']:.2f}", name,
+                     f"{where}.mmd2.{bandwidth}.mmd2*1000", f"{where}.mmd2.{bandwidth}.stderr*1000")
+
+    budgets = [row["budget"] for row in record["samplers"]["ancestral"]]
+    lines = ["| sampler | " + " | ".join(f"{b} calls" for b in budgets) + " |", "|---" * (len(budgets) + 1) + "|"]
+    for sampler, rows in record["samplers"].items():
+        cells = [mmd(f"samplers.{sampler}.budget={row['budget']}", row["mmd2"][bandwidth]) + f" ({row['network_calls']})"
+                 for row in rows]
+        lines.append(f"| {sampler} | " + " | ".join(cells) + " |")
+    null_sd = cited(f"{1000 * record['null'][bandwidth]['null_sd']:.2f}", name, f"null.{bandwidth}.null_sd*1000")
+    lines.append(f"\nAll {record['full_chain']['steps']} steps, ancestral: "
+                 f"{mmd('full_chain', record['full_chain']['mmd2'][bandwidth])}; the permutation null's standard "
+                 f"deviation: {null_sd}.")
+    bounds = [f"{steps} steps " + cited(f"{b['K_bits']:.3f} ± {b['stderr_bits']:.3f}", name,
+                                        f"respaced_bounds.{steps}.K_bits", f"respaced_bounds.{steps}.stderr_bits")
+              for steps, b in record["respaced_bounds"].items()]
+    return "\n".join(lines) + "\n\nBound K of the respaced ancestral chains, bits: " + "; ".join(bounds) + "."
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run")
+    parser.add_argument("run", nargs="?", help="the run to measure (none with --table)")
     parser.add_argument("--name", required=True, help="results file: samplers_NAME.json")
+    parser.add_argument("--table", choices=BANDWIDTH_FACTORS, help="print the record's tables at this bandwidth "
+                                                                   "(Markdown, for docs/samplers.md) and stop")
     parser.add_argument("--data", help="held-out data (original units, .npy) instead of the run's test split")
     parser.add_argument("--calls", default="5,10,20,50,100")
     parser.add_argument("--n", type=int, default=1000, help="samples and held-out points per replicate")
     parser.add_argument("--replicates", type=int, default=4)
     parser.add_argument("--permutations", type=int, default=100)
     parser.add_argument("--bound-examples", type=int, default=1000)
+    parser.add_argument("--figure-calls", type=int, default=10, help="2-D data: the budget whose samples are drawn "
+                                                                     "in samplers_NAME_samples.png")
+    parser.add_argument("--samples-figure", action="store_true", help="only draw samplers_NAME_samples.png from the "
+                                                                      "record's kept steps")
     args = parser.parse_args()
+    if args.table:
+        print(markdown_tables(json.loads((RESULTS / f"samplers_{args.name}.json").read_text()), args.table))
+        return
     torch.set_grad_enabled(False)
     started, wall = datetime.datetime.now(datetime.timezone.utc), time.perf_counter()
     run = load_run(args.run, data_path=args.data, split=args.data is None)
     run.model.eval()
+    if args.samples_figure:
+        record = json.loads((RESULTS / f"samplers_{args.name}.json").read_text())
+        samples_figure(run, record, args.figure_calls, RESULTS / f"samplers_{args.name}_samples.png")
+        return
     held_out = run.dataset.to_model(run.dataset.test).double().numpy()
     if len(held_out) < args.n * args.replicates:
         raise SystemExit(f"{len(held_out)} held-out points: fewer than --n x --replicates")
@@ -176,9 +239,11 @@ def main() -> None:
             print(f"{name:12} {calls:4d} calls: {len(steps):4d} steps ({row['network_calls']} calls)  MMD^2 "
                   + "  ".join(f"{b} {row['mmd2'][b]['mmd2']:.2e} +- {row['mmd2'][b]['stderr']:.1e}" for b in bandwidths),
                   flush=True)
-    record["wall_s"] = round(time.perf_counter() - wall, 1)
+    record["wall_s"], record["cpu_s"] = round(time.perf_counter() - wall, 1), round(time.process_time(), 1)
     path = write_result(f"samplers_{args.name}", record)
     plot(record, RESULTS / f"samplers_{args.name}.png")
+    if run.dataset.event_shape == (2,):
+        samples_figure(run, record, args.figure_calls, RESULTS / f"samplers_{args.name}_samples.png")
     print(f"wrote {path}")
 
 
