@@ -176,7 +176,7 @@ def markdown_tables(record: dict, bandwidth: str) -> str:
     bounds = [f"{steps} steps " + cited(f"{b['K_bits']:.3f} ± {b['stderr_bits']:.3f}", name,
                                         f"respaced_bounds.{steps}.K_bits", f"respaced_bounds.{steps}.stderr_bits")
               for steps, b in record["respaced_bounds"].items()]
-    return "\n".join(lines) + "\n\nBound K of the respaced ancestral chains, bits: " + "; ".join(bounds) + "."
+    return "\n".join(lines) + "\n\nBound K of the respaced ancestral chains, bits per point in the model's units: " + "; ".join(bounds) + "."
 
 
 def main() -> None:

@@ -92,6 +92,7 @@ def sample_heun(denoiser: Denoiser, x: Tensor, log_abar: Tensor, generator: torc
         h = sigma[k - 2] - sigma[k - 1]
         d = slope(y, k)
         y = y + h * (d + slope(y + h * d, k - 1)) / 2
+    # the last step, Euler's to sigma = 0, is DDIM's last: x_0 = x0_hat(x_1)
     return sample_ddim(denoiser, (scale[0] * y).to(x.dtype), log_abar[:1], generator, callback)
 
 
