@@ -186,12 +186,12 @@ def cmd_sample(args) -> None:
     else:
         _write_npy(out, samples)
     sampler = args.sampler + (f", eta {eta:g}" if args.sampler == "ddim" else "")
-    calls = model.calls / math.ceil(args.n / args.batch_size)
+    calls = model.calls / math.ceil(args.n / args.batch_size) or None  # None: a VAE, whose decoder is not counted
     _emit(args, {"out": str(out), "n": args.n, "shape": list(samples.shape), "units": "original", "steps": diffusion.T,
                  "sampler": args.sampler, "eta": eta if args.sampler == "ddim" else None,
                  "network_calls_per_sample": calls, "sample_wall_s": round(wall, 3)},
-          f"wrote {args.n} samples (original units, {sampler}, {diffusion.T} steps, {calls:g} network calls each, "
-          f"{wall:.1f} s) to {out}")
+          f"wrote {args.n} samples (original units, {sampler}, {diffusion.T} steps, {f'{calls:g}' if calls else 'uncounted'} network calls "
+          f"each, {wall:.1f} s) to {out}")
 
 
 def _plot(run_dir: str, out_dir: str | None, quiet: bool, overwrite: bool) -> tuple[list[str], str | None]:

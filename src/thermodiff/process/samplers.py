@@ -111,7 +111,8 @@ def karras_timesteps(log_abar: Tensor, count: int, rho: float = 7.0) -> list[int
 
 
 class CountingModel:
-    """A network that counts its calls (``calls``), for comparing samplers at equal network calls."""
+    """A network that counts its calls (``calls``), for comparing samplers at equal network calls;
+    its other attributes are the network's (a VAE's ``decode``, not counted)."""
 
     def __init__(self, model):
         self.model, self.calls = model, 0
@@ -119,6 +120,9 @@ class CountingModel:
     def __call__(self, x_t: Tensor, t: Tensor) -> Tensor:
         self.calls += 1
         return self.model(x_t, t)
+
+    def __getattr__(self, name: str):
+        return getattr(self.model, name)
 
 
 def denoiser_of(diffusion: Process, model) -> Denoiser:
