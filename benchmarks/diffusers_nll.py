@@ -55,7 +55,7 @@ def train(data_dir: str, out: Path, minutes: float) -> dict:
         loss.backward()
         optimizer.step()
         warmup.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         step += 1
     info = {"train_steps": step, "train_minutes": (time.monotonic() - start) / 60, "final_loss_mean_last_100":
             float(np.mean(losses[-100:])), "unet": UNET, "train": TRAIN,
