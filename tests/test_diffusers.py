@@ -240,3 +240,8 @@ def test_help_imports_neither_torch_nor_diffusers():
     code = ("import sys; from thermodiff.cli import build_parser; build_parser().format_help(); "
             "print(sorted(m for m in ('torch', 'diffusers') if m in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
+def test_diffusers_flags_are_refused_for_a_run(cli, tmp_path):
+    assert_one_line_error(cli("evaluate", tmp_path, "--data-dir", "somewhere"), "--data-dir", "--diffusers")
+    assert_one_line_error(cli("evaluate"), "--diffusers DIR")

@@ -129,6 +129,8 @@ def cmd_evaluate(args) -> None:
         return
     if args.run_dir is None:
         raise UserError("give a run directory to evaluate, or --diffusers DIR for a saved diffusers pipeline")
+    if args.data_dir is not None or args.device != "auto":
+        raise UserError("--data-dir and --device are for --diffusers; a run evaluates on its own data, on the CPU")
     result = _evaluate(args.run_dir, args, args.data)
     _emit(args, result, reports.describe_evaluation(result))
 

@@ -118,6 +118,8 @@ def measure_bound(diffusion, model, dataset, test, n_draws: int, t_samples: int,
     discrete = not diffusion.dequantizes
     x = dataset.to_model(test, generator, dequantize=not discrete)
     batches = tuple(b.to(device) for b in torch.split(x, batch_size))
+    if batches and batches[0].device.type != "cpu":  # the bound's draws are made where the batches are
+        generator = torch.Generator(batches[0].device).manual_seed(seed)
     with tqdm(desc="bound", unit="call", disable=not progress, leave=False, mininterval=1.0) as bar:
         def report(done: int, total: int) -> None:
             bar.total = total
