@@ -13,6 +13,7 @@ from torch.distributions import Normal, kl_divergence
 
 from conftest import assert_one_line_error
 from thermodiff import eps_model_bound
+from thermodiff.errors import UserError
 from thermodiff.nets.foreign import ForeignNoiseNet
 from thermodiff.tasks.foreign import foreign_process, image_dataset
 
@@ -232,7 +233,7 @@ def test_without_diffusers_the_cli_says_how_to_install_it(cli, saved, monkeypatc
 
 
 def test_images_off_the_8_bit_grid_are_refused():
-    with pytest.raises(Exception, match="8-bit images"):
+    with pytest.raises(UserError, match="8-bit images"):
         eps_model_bound(lambda x, t: x, torch.linspace(1e-3, 0.2, T), torch.rand(2, *SHAPE))
 
 
