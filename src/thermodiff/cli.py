@@ -137,6 +137,7 @@ def cmd_evaluate(args) -> None:
 
 def _evaluate_diffusers(args) -> dict:
     """``evaluate --diffusers DIR --data DATA``: the bound of a diffusers model (tasks/foreign.py)."""
+    from thermodiff.run.autoconfig import IMAGE_T_SAMPLES
     from thermodiff.run.distributed import resolve_device
     from thermodiff.tasks.foreign import evaluate_diffusers
 
@@ -150,10 +151,10 @@ def _evaluate_diffusers(args) -> dict:
                                ("--t-samples", args.t_samples, 0)):
         if value is not None and value < least:
             raise UserError(f"{flag} must be at least {least}, got {value}")
-    t_samples = 0 if args.exact else args.t_samples
-    return evaluate_diffusers(args.diffusers, args.data, args.data_dir, args.max_examples or None,
-                              **({} if t_samples is None else {"t_samples": t_samples}), n_draws=args.draws or 1,
-                              seed=args.eval_seed, device=resolve_device(args.device), progress=not args.quiet)
+    t_samples = 0 if args.exact else IMAGE_T_SAMPLES if args.t_samples is None else args.t_samples
+    return evaluate_diffusers(args.diffusers, args.data, args.data_dir, args.max_examples or None, t_samples,
+                              n_draws=args.draws or 1, seed=args.eval_seed, device=resolve_device(args.device),
+                              progress=not args.quiet)
 
 
 def _refuse_existing(path: Path, overwrite: bool) -> None:
