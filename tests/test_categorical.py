@@ -10,11 +10,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_SEED, TINY_TEST_FRACTION, assert_one_line_error
 
-from thermodiff import BinomialDiffusion, CategoricalDiffusion, exact_bound, make_schedule
-from thermodiff.process.categorical import CategoricalKernel
-from thermodiff.process.contract import Decoder
+from thermodiff import BinomialDiffusion, CategoricalDiffusion, ancestral_sample, exact_bound, make_schedule
+from thermodiff.data.dataset import Lattice, split
+from thermodiff.nets.vector import build_vector_net
 from thermodiff.process.schedules import Schedule
+from thermodiff.run.autoconfig import MAX_CATEGORIES, kind_choice
 
 K, D = 3, 2
 SCHEDULES = {
@@ -283,6 +285,115 @@ def test_two_categories_reduce_to_binomial_diffusion(kernel, decoder):
 def test_samples_have_the_chains_states():
     diffusion = process("erase3", "absorbing")
     model = TableModel(diffusion.T, K + 1)
-    from thermodiff import ancestral_sample
     x = ancestral_sample(diffusion, model, (500, D), torch.Generator().manual_seed(0))
     assert set(x.unique().tolist()) <= {0.0, 1.0, 2.0}  # never the mask: the decoder is a draw of x_0
+
+
+# ----------------------------------------------------------------------------------------------
+# the network, and training
+
+def test_one_hot_network_sees_the_states_and_outputs_K_logits():
+    net = build_vector_net("mlp", 3, K, 4, hidden=8, layers=1, one_hot_states=K + 1)
+    x = torch.tensor([[0.0, 3.0, 1.0], [2.0, 3.0, 1.0]])
+    z = net(x, torch.tensor([1, 4]))
+    assert z.shape == (2, K, 3)
+    first = net.net.features[0]  # Linear over the D (K + 1) one-hot codes
+    assert first.in_features == 3 * (K + 1)
+    codes = torch.nn.functional.one_hot(x.long(), K + 1).flatten(1).float()
+    torch.testing.assert_close(net.net.features(codes), net.net.features[1](first(codes)))
+
+
+def correlated_symbols(n: int, seed: int) -> np.ndarray:
+    """4 columns of 3 symbols: a uniform, b = a + {0, 1}, c skewed, d = 2 b + c (mod 3): 3.88 bits of entropy."""
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 3, n)
+    b = (a + rng.integers(0, 2, n)) % 3
+    c = rng.choice(3, n, p=[0.6, 0.3, 0.1])
+    return np.stack([a, b, c, (2 * b + c) % 3], 1).astype(np.int64)
+
+
+def test_training_raises_the_held_out_bound():
+    """A few hundred Adam steps on the bound raise K on held-out examples by many standard errors."""
+    torch.manual_seed(0)
+    diffusion = CategoricalDiffusion(make_schedule("erase", 20), 3, "uniform")
+    net = build_vector_net("resmlp", 4, 3, 20, hidden=64, layers=2, one_hot_states=3)
+    data = torch.as_tensor(correlated_symbols(2400, 1), dtype=torch.float32)
+    train, test = data[:2000], data[2000:]
+
+    def bound():
+        with torch.no_grad():
+            return exact_bound(diffusion, net, [test], generator=torch.Generator().manual_seed(1))
+
+    before = bound()
+    optimiser = torch.optim.Adam(net.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(300):
+        x0 = train[torch.randint(len(train), (128,), generator=g)]
+        loss, _ = diffusion.training_loss(net, x0, diffusion.training_draws(x0, g))
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    after = bound()
+    assert after.mean - before.mean > 5 * math.hypot(after.stderr, before.stderr)
+
+
+# ----------------------------------------------------------------------------------------------
+# selection, and the command line
+
+def test_selection_rule():
+    symbols = correlated_symbols(100, 0).astype(np.float64)
+    assert kind_choice(False, False, True, Lattice.shared(symbols)).value == "categorical"
+    assert kind_choice(False, False, False, Lattice.shared(symbols)).value == "gaussian"  # integers stored as floats
+    assert kind_choice(True, False, True, Lattice.shared(symbols)).value == "binomial"
+    many = np.arange(2 * (MAX_CATEGORIES + 1)).reshape(-1, 2) % (MAX_CATEGORIES + 1)
+    assert kind_choice(False, False, True, Lattice.shared(many)).value == "gaussian"  # an ordinal lattice
+    assert kind_choice(False, False, True, Lattice.shared(many[:, :1] % MAX_CATEGORIES)).value == "categorical"
+    spaced = np.array([[0.0, 5.0], [10.0, 5.0]])  # symbols 0, 5, 10: three categories of step 5
+    assert Lattice.shared(spaced).count == [3, 3] and Lattice.shared(spaced).step == [5.0, 5.0]
+    assert Lattice.shared(np.array([[0.0, 1.0], [2.5, 1.0]])) is None  # not whole multiples of one gap
+    assert kind_choice(False, True, True, None).value == "gaussian"  # 8-bit images
+
+
+def test_cli_train_evaluate_sample_on_integer_symbols(tiny_config, cli, tmp_path):
+    x = correlated_symbols(400, 2) * 2 + 1  # symbols 1, 3, 5
+    path = tmp_path / "ints.npy"
+    np.save(path, x)
+    run = tmp_path / "run"
+    r = cli("train", tiny_config, "--data", path, "--out", run, "--steps", "4", "--quiet", "--json",
+            "--set", "diffusion.kind=auto", "--set", "diffusion.parameterization=auto", "--set", "diffusion.decoder=auto",
+            "--set", "diffusion.schedule=auto", "--set", "model.network=resmlp")
+    assert r.rc == 0, r
+    summary = r.json()
+    assert summary["data"]["kind"] == "categorical" and summary["auto_choices"]["diffusion.kind"].startswith("categorical")
+    assert summary["data"]["scaling"] == {"shift": [1.0], "scale": [2.0], "rotation": None}  # indices 0..2
+
+    r = cli("evaluate", run, "--json", "--quiet", "--max-examples", "0")
+    assert r.rc == 0, r
+    e = r.json()
+    _, test_idx = split(400, TINY_TEST_FRACTION, TINY_SEED)
+    assert e["diffusion"] == "CategoricalDiffusion" and e["n_examples"] == len(test_idx)
+    assert e["L_null_bits"] == pytest.approx(-4 * math.log2(3), rel=1e-12)  # the uniform null over 3 symbols
+    assert e["log_det_scaling_bits"] == 0.0 and e["K_original_units_bits"] == e["K_bits"]
+    assert len(e["per_timestep_bits"]) == e["T"] + 1
+
+    r = cli("sample", run, "-n", "30", "--out", tmp_path / "s.npy", "--quiet", "--json")
+    assert r.rc == 0, r
+    s = np.load(tmp_path / "s.npy")
+    assert s.shape == (30, 4) and np.isin(s, (1.0, 3.0, 5.0)).all()
+
+    np.save(tmp_path / "other.npy", x[:5] + 2)  # 7 is no symbol of the run
+    assert_one_line_error(cli("evaluate", run, "--data", tmp_path / "other.npy", "--quiet"), "other.npy", "categories")
+
+
+def test_categorical_can_be_asked_for_and_refused(tiny_config, cli, tmp_path):
+    floats = tmp_path / "floats.npy"
+    np.save(floats, correlated_symbols(200, 3).astype(np.float64))  # integers stored as floats: an ordinal lattice
+    r = cli("train", tiny_config, "--data", floats, "--out", tmp_path / "run", "--steps", "2", "--quiet", "--json",
+            "--set", "diffusion.kind=categorical", "--set", "diffusion.parameterization=x0", "--set", "diffusion.decoder=learned",
+            "--set", "diffusion.schedule=erase", "--set", "diffusion.kernel=absorbing", "--set", "model.network=mlp")
+    assert r.rc == 0, r
+    assert r.json()["data"]["kind"] == "categorical"
+    noise = tmp_path / "noise.npy"
+    np.save(noise, np.random.default_rng(0).random((50, 3)))
+    assert_one_line_error(cli("train", tiny_config, "--data", noise, "--out", tmp_path / "r2", "--steps", "2", "--quiet",
+                              "--set", "diffusion.kind=categorical"), "noise.npy", "categorical")
