@@ -3,7 +3,12 @@ training split alone (never the validation or test split), and the value and the
 written into the run's config (``Config.auto``, shown by ``thermodiff evaluate``).
 
 The rules depend on the data's kind, size N and dimension D and on measured properties of the
-training examples, never on a data set's name. They were measured on the known-likelihood
+training examples, never on a data set's name. The kind: binary {0, 1} data get binomial diffusion;
+an integer array (its file's dtype) whose values form one alphabet of at most MAX_CATEGORIES evenly
+spaced symbols gets categorical diffusion, as symbols (bases, residues, grey levels, palette
+indices) have no order for a Gaussian's smooth density to exploit; integers stored as floats
+(counts written by numpy) or on more levels are an ordinal lattice, for Gaussian diffusion with a
+decoder over the lattice, which shares strength between neighbouring values. They were measured on the known-likelihood
 battery (``benchmarks/known_likelihood.py``: data sets whose exact log-likelihood is known).
 
 Continuous vectors are whitened (PCA) so that their mean and covariance are those of N(0, I);
