@@ -203,7 +203,8 @@ def discrete_choices(dim: int, kind: str) -> list[Choice]:
     return [
         Choice("diffusion.schedule", "erase", f"{kind}: erase 1/T of the signal per step (paper App. D.1.2)"),
         Choice("diffusion.T", T, f"{kind}: max({BINOMIAL_MIN_T}, {BINOMIAL_T_PER_DIM} D) steps, at most "
-               f"{BINOMIAL_MAX_T}: the best factorised reverse step's bound falls short of the truth by ~0.2 D / T bits"),
+               f"{BINOMIAL_MAX_T}: the best factorised reverse step's bound falls short of the truth by ~0.2 D / T bits"
+               + ("" if kind == "binomial" else " (measured for binomial diffusion)")),
         Choice("diffusion.beta_1", None, f"{kind}: the erase schedule's own"),
         Choice("diffusion.parameterization", "x0", "the network predicts x_0; the kernel is the forward posterior "
                "averaged over that prediction (the form of the best factorised reverse step)"),

@@ -175,8 +175,9 @@ def prepare_dataset(cfg: Config, override: np.ndarray | None = None, scaling: da
     train, val = carve_validation(train, cfg.data.val_fraction, cfg.seed)
     image = train.ndim == 4
     binary = datasets.is_binary(train)
-    alphabet = None if image or binary else datasets.Lattice.shared(train)
     integers = source not in BUILTIN_SOURCES and Path(source).is_file() and datasets.stored_as_integers(source, cfg.data.key)
+    symbols = not image and (integers or cfg.diffusion.kind == "categorical")
+    alphabet = datasets.Lattice.shared(train) if symbols else None  # (np.unique of every value, only where it decides)
     autoconfig.resolve_kind(cfg, binary, image, integers, alphabet)
     kind = diffusion_kind(cfg, binary, alphabet, image, source)
     lattice = alphabet if kind == "categorical" else None if image or binary else datasets.Lattice.detect(train)
