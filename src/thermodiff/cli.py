@@ -458,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", parents=[common], help="train a model")
     p.add_argument("config", help="experiment name (configs/NAME.toml) or a .toml path")
     p.add_argument("--data", help="a .npy, .npz or .csv array (N x D) instead of the config's data")
-    p.add_argument("--diffusion", choices=["auto", "gaussian", "binomial"])
+    p.add_argument("--diffusion", choices=["auto", "gaussian", "binomial", "categorical"])
     p.add_argument("--data-dir", help="folder holding MNIST / CIFAR-10 files (data.data_dir)")
     p.add_argument("--download", action="store_true", help="download MNIST / CIFAR-10 and verify md5")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")

@@ -34,9 +34,11 @@ Auto = Literal["auto"]
 # The allowed values of every option with a fixed set of them, checked when a config is loaded
 # (and by :meth:`Config.validate` for one built in code); tests/test_config.py holds them equal to
 # the library's enums and tables. The parameterisations: gaussian reference | paper | eps |
-# eps_learned_var | eps_residual; binomial paper | forward_offset | x0; vdm eps.
+# eps_learned_var | eps_residual; binomial paper | forward_offset | x0; categorical x0; vdm eps.
 ScalingMode = Literal["global", "per_dimension", "pca", "none"]  # global: one scalar (the paper's); pca: whitening
-DiffusionKind = Literal["gaussian", "binomial", "vdm"]  # vdm: continuous time (vdm.py)
+DiffusionKind = Literal["gaussian", "binomial", "categorical", "vdm"]  # vdm: continuous time (vdm.py)
+# categorical.CategoricalKernel; its 'marginal' kernel is the library's only (the data's frequencies are not recorded with a run)
+CategoricalKernelName = Literal["uniform", "absorbing"]
 ScheduleName = Literal["reference", "learned", "linear", "cosine", "erase", "log_snr"]  # schedules.ScheduleKind
 ParameterizationName = Literal["reference", "paper", "eps", "eps_learned_var", "eps_residual", "forward_offset", "x0"]
 VarianceName = Literal["beta_tilde", "beta"]  # gaussian.FixedVariance
@@ -74,7 +76,7 @@ class DataConfig:
 
 @dataclass
 class DiffusionConfig:
-    kind: DiffusionKind | Auto = "auto"  # auto: binomial iff the data are {0, 1}
+    kind: DiffusionKind | Auto = "auto"  # auto: binomial for {0, 1} data, categorical for integer-coded symbols (autoconfig)
     T: int | Auto = 40
     schedule: ScheduleName | Auto = "reference"
     beta_1: float | None | Auto = None  # fixed first-step beta (None: the schedule's own)
@@ -82,6 +84,7 @@ class DiffusionConfig:
     eps_variance: VarianceName | None = None  # parameterization 'eps': None is beta_tilde
     decoder: DecoderName | Auto = "forward"  # forward: paper App. B.2; discretized: 8-bit images
     stationary_p: float | None = None  # binomial: None = the training data's mean activity
+    kernel: CategoricalKernelName = "uniform"  # categorical: what each step mixes in (uniform; absorbing: a mask state)
     # vdm: 'variance' lets the learned schedule's shape cut the loss estimate's variance (VDM sec. 5.2)
     schedule_gradient: ScheduleGradientName = "bound"
 
