@@ -595,7 +595,7 @@ def _resume_command(args, stopped: RunStopped) -> str:
     config = getattr(args, "config", None) or getattr(args, "experiment", None) or "CONFIG"
     device = ["--device", args.device] if getattr(args, "device", "auto") != "auto" else []
     return shlex.join(["thermodiff", "train", str(config), "--out", str(stopped.run_dir), "--resume",
-                       "--steps", str(stopped.steps), *device])
+                       *stopped.limits(), *device])
 
 
 if __name__ == "__main__":

@@ -611,14 +611,14 @@ def open_session(cfg: Config, run_dir: Path, parts: Parts, state: TrainState, ct
 def run_loop(state: TrainState, session: Session, progress: bool, val_bits: float | None, stop: StopRequest) -> None:
     """:func:`train_loop`, ended early as :class:`RunStopped` by a signal (its step checkpointed)
     or a failed write (the last checkpoint intact)."""
-    steps = session.cfg.train.steps
+    steps, minutes = session.cfg.train.steps, session.cfg.train.max_minutes
     try:
         stopped = train_loop(state, session, progress, val_bits, stop)
     except OSError as e:
         raise RunStopped(f"{os_error_message(e)}; the checkpoint of step {session.saved_step} in {session.run_dir} "
-                         "is intact", session.run_dir, session.saved_step, steps, 2) from None
+                         "is intact", session.run_dir, session.saved_step, steps, 2, minutes) from None
     if stopped:
-        raise RunStopped.by_signal(stop.signum, session.run_dir, state.step, steps)
+        raise RunStopped.by_signal(stop.signum, session.run_dir, state.step, steps, minutes)
 
 
 def train_loop(state: TrainState, session: Session, progress: bool, val_bits: float | None,
