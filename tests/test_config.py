@@ -10,6 +10,7 @@ from thermodiff.errors import UserError
 from thermodiff.nets.vector import ACTIVATIONS, Readout
 from thermodiff.process import vdm
 from thermodiff.process.binomial import BinomialParameterization
+from thermodiff.process.categorical import CategoricalKernel, CategoricalParameterization
 from thermodiff.process.bound import TrainingLoss
 from thermodiff.process.gaussian import Decoder, FixedVariance, GaussianParameterization
 from thermodiff.process.schedules import ScheduleKind
@@ -128,14 +129,16 @@ def values(enum) -> set[str]:
 @pytest.mark.parametrize("options, library", [
     (config.ScheduleName, values(ScheduleKind)),
     (config.ParameterizationName, values(GaussianParameterization) | values(BinomialParameterization)
-     | values(vdm.Parameterization)),
+     | values(CategoricalParameterization) | values(vdm.Parameterization)),
     (config.VarianceName, values(FixedVariance)),
     (config.DecoderName, values(Decoder)),
     (config.ScheduleGradientName, values(vdm.ScheduleGradient)),
+    (config.CategoricalKernelName, values(CategoricalKernel) - {"marginal"}),  # marginal: the library's only
     (config.ActivationName, set(ACTIVATIONS)),
     (config.ReadoutName, values(Readout)),
     (config.LossName, values(TrainingLoss)),
-], ids=["schedule", "parameterization", "eps_variance", "decoder", "schedule_gradient", "activation", "readout", "loss"])
+], ids=["schedule", "parameterization", "eps_variance", "decoder", "schedule_gradient", "kernel", "activation", "readout",
+        "loss"])
 def test_option_sets_are_the_librarys(options, library):
     """Each config option with a fixed set of values lists exactly what the library builds."""
     assert set(typing.get_args(options)) == library
@@ -147,7 +150,7 @@ def test_image_networks_are_network_names():
 
 @pytest.mark.parametrize("override, message", [
     ("train.precision=fp8", "train.precision: expected 'fp32' or 'bf16' or 'fp16', got 'fp8'"),
-    ("diffusion.kind=vae", "diffusion.kind: expected 'gaussian' or 'binomial' or 'vdm' or 'auto', got 'vae'"),
+    ("diffusion.kind=vae", "diffusion.kind: expected 'gaussian' or 'binomial' or 'categorical' or 'vdm' or 'auto', got 'vae'"),
     ("diffusion.eps_variance=small", "diffusion.eps_variance: expected 'beta_tilde' or 'beta' or none, got 'small'"),
     ("baseline.kind=gan", "baseline.kind: expected '' or 'vae' or 'dae', got 'gan'"),
     ("model.activation=gelu", "model.activation: expected 'sigmoid' or 'tanh' or 'relu'"),

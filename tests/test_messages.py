@@ -5,6 +5,7 @@ each misleading message and each surprise the issue lists, the JSON object of an
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -191,3 +192,13 @@ def test_the_packages_entry_points_still_import_from_it():
     assert all(getattr(thermodiff, name).__name__ == name for name in thermodiff.__all__)
     with pytest.raises(AttributeError):
         thermodiff.no_such_name  # noqa: B018
+
+
+@pytest.mark.parametrize("steps, minutes, flags", [(500, 0.0, ["--steps", "500"]), (0, 30.0, ["--minutes", "30"]),
+                                                   (500, 2.5, ["--steps", "500", "--minutes", "2.5"]),
+                                                   (0, 0.0, ["--steps", "0"])])
+def test_the_resume_command_of_a_stopped_run_keeps_its_limits(steps, minutes, flags):
+    """A time-budgeted run stopped by a signal is continued with its minutes, not with --steps 0."""
+    from thermodiff.run.stopping import RunStopped
+
+    assert RunStopped.by_signal(15, Path("run"), 7, steps, minutes).limits() == flags

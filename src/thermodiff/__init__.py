@@ -3,7 +3,7 @@
 The package is layered; each layer imports only from itself and the layers listed before it (and ``errors``):
 
 - ``process``: the math of diffusion processes and bounds (the contract every process implements,
-  closed-form distributions, schedules, the Gaussian, binomial and VDM processes, the bound K,
+  closed-form distributions, schedules, the Gaussian, binomial, categorical and VDM processes, the bound K,
   respacing, ancestral sampling, DDIM and ODE samplers, posterior factors).
 - ``data``: loading and scaling examples, image data sets, densities with known likelihoods.
 - ``nets``: reverse-model networks and the baseline models compared against diffusion.
@@ -25,6 +25,8 @@ _ENTRY_POINTS = {
     "BinomialDiffusion": "thermodiff.process.binomial",
     "BinomialParameterization": "thermodiff.process.binomial",
     "BoundEstimate": "thermodiff.process.bound",
+    "CategoricalDiffusion": "thermodiff.process.categorical",
+    "CategoricalKernel": "thermodiff.process.categorical",
     "Decoder": "thermodiff.process.contract",
     "FixedVariance": "thermodiff.process.gaussian",
     "GaussianDiffusion": "thermodiff.process.gaussian",
@@ -35,6 +37,7 @@ _ENTRY_POINTS = {
     "TrainingLoss": "thermodiff.process.bound",
     "ancestral_sample": "thermodiff.process.sampling",
     "build_vector_net": "thermodiff.nets.vector",
+    "eps_model_bound": "thermodiff.tasks.foreign",
     "exact_bound": "thermodiff.process.bound",
     "make_schedule": "thermodiff.process.schedules",
     "respace": "thermodiff.process.respace",

@@ -174,6 +174,19 @@ def is_binary(x: np.ndarray) -> bool:
     return bool(np.isin(x, (0.0, 1.0)).all())
 
 
+def stored_as_integers(path: str | Path, key: str | None = None) -> bool:
+    """Whether the .npy or .npz array at ``path`` (already read by :func:`load_array`) has an
+    integer dtype; a CSV has no dtype (False)."""
+    path = Path(path)
+    if path.suffix.lower() == ".npy":
+        dtype = np.load(path, mmap_mode="r", allow_pickle=False).dtype  # the header only
+    elif path.suffix.lower() == ".npz":
+        dtype = _read_npz(path, key).dtype
+    else:
+        return False
+    return bool(np.issubdtype(dtype, np.integer))
+
+
 @dataclass
 class Scaling:
     """An invertible affine map from original units to the model's, x -> ((x - shift) R) / scale:
@@ -274,6 +287,26 @@ class Lattice:
             step.append(gap)
             count.append(int(np.rint(k[-1])) + 1)
         return cls(low, step, count)
+
+    @classmethod
+    def shared(cls, x: np.ndarray) -> "Lattice | None":
+        """One alphabet for every column of N x D ``x``, the values low + k step, k = 0..count - 1, of
+        all its entries (the symbols of categorical data; a column may use a few of them), or None if
+        the entries are not whole multiples of their smallest gap or take more than MAX_LEVELS values."""
+        values = np.unique(np.asarray(x, dtype=np.float64))
+        if not 1 < len(values) <= cls.MAX_LEVELS:
+            return None
+        gap = float(np.diff(values).min())
+        k = (values - values[0]) / gap
+        if np.abs(k - np.rint(k)).max() > 1e-6 or k[-1] >= cls.MAX_LEVELS:
+            return None
+        dim = x.shape[1]
+        return cls([float(values[0])] * dim, [gap] * dim, [int(np.rint(k[-1])) + 1] * dim)
+
+    def outside(self, x: np.ndarray) -> np.ndarray:
+        """Where ``x`` (N x D) holds values that are not on the lattice (booleans of x's shape)."""
+        k = (np.asarray(x, dtype=np.float64) - np.asarray(self.low)) / np.asarray(self.step)
+        return (np.abs(k - np.rint(k)) > 1e-6) | (k < -0.5) | (k > np.asarray(self.count) - 0.5)
 
 
 #: Values beyond this are refused: the variance squares them, and float64 overflows at ~1.8e308.

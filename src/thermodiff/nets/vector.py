@@ -1,7 +1,8 @@
 """Reverse-model networks for vector data, and the temporal readout (paper App. D).
 
 Every network here is a callable ``net(x_t, t) -> z`` of shape ``(N, K, D)`` with K outputs
-per dimension (2 for Gaussian diffusion: z_mu, z_Sigma; 1 for binomial). As in the reference
+per dimension (2 for Gaussian diffusion: z_mu, z_Sigma; 1 for binomial; the K categories' logits
+of x_0 for categorical diffusion, whose states enter one-hot). As in the reference
 code, time enters only through the readout: the hidden layers are shared across t, and the
 last linear layer's weights depend on t, either separately per step or as a combination of
 J bump functions of t. The bumps also take a continuous time s in [0, 1] (a floating-point t,
@@ -163,6 +164,19 @@ class VectorReverseNet(nn.Module):
         return z.reshape(len(x_t), self.outputs_per_dim, self.dim)
 
 
+class OneHotInput(nn.Module):
+    """A vector network fed the one-hot codes of integer states 0..S-1 (categorical diffusion:
+    Hoogeboom et al. 2021 and D3PM feed their networks one-hot x_t): (N, D) states become (N, D S)."""
+
+    def __init__(self, net: nn.Module, states: int):
+        super().__init__()
+        self.net, self.states = net, states
+
+    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
+        codes = nn.functional.one_hot(x_t.round().long(), self.states).flatten(1)
+        return self.net(codes.to(torch.get_default_dtype()), t)
+
+
 class ResidualBlock(nn.Module):
     """h + W2 silu(W1 silu(LayerNorm(h)) + E emb): a pre-norm residual block that sees the time."""
 
@@ -185,11 +199,13 @@ class ResidualMLP(nn.Module):
 
     EMB_DIM = 64
 
-    def __init__(self, dim: int, outputs_per_dim: int, T: int, hidden: int = 256, blocks: int = 3):
+    def __init__(self, dim: int, outputs_per_dim: int, T: int, hidden: int = 256, blocks: int = 3,
+                 in_features: int | None = None):
+        """``in_features``: the input's width when it is not ``dim`` (one-hot states: :class:`OneHotInput`)."""
         super().__init__()
         self.dim, self.outputs_per_dim, self.T = dim, outputs_per_dim, T
         self.time = nn.Sequential(nn.Linear(self.EMB_DIM, self.EMB_DIM), nn.SiLU())
-        self.inp = nn.Linear(dim, hidden)
+        self.inp = nn.Linear(in_features or dim, hidden)
         self.blocks = nn.ModuleList(ResidualBlock(hidden, self.EMB_DIM) for _ in range(blocks))
         self.out = nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, outputs_per_dim * dim))
         nn.init.zeros_(self.out[-1].weight)
@@ -215,15 +231,18 @@ def mlp(dim: int, hidden: int, layers: int, activation: str) -> nn.Sequential:
 
 def build_vector_net(kind: str, dim: int, outputs_per_dim: int, T: int, hidden: int, layers: int = 1,
                      activation: str = "tanh", readout: Readout | str = Readout.BUMPS, n_basis: int = N_BASIS,
-                     width_factor: float = WIDTH_FACTOR) -> nn.Module:
+                     width_factor: float = WIDTH_FACTOR, one_hot_states: int | None = None) -> nn.Module:
     """The named vector network: 'rbf' (Swiss roll), 'mlp' (heartbeat; time in the readout only)
-    or 'resmlp' (:class:`ResidualMLP`, ``layers`` residual blocks; time in every block)."""
+    or 'resmlp' (:class:`ResidualMLP`, ``layers`` residual blocks; time in every block); with
+    ``one_hot_states`` S, fed one-hot integer states (:class:`OneHotInput`)."""
+    width = dim * (one_hot_states or 1)
     if kind == "resmlp":
-        return ResidualMLP(dim, outputs_per_dim, T, hidden, layers)
-    if kind == "rbf":
-        features = NormalizedRBF(dim, hidden)
+        net = ResidualMLP(dim, outputs_per_dim, T, hidden, layers, in_features=width)
+    elif kind == "rbf":
+        net = VectorReverseNet(NormalizedRBF(width, hidden), hidden, dim, outputs_per_dim, T, readout, n_basis, width_factor)
     elif kind == "mlp":
-        features = mlp(dim, hidden, layers, activation)
+        net = VectorReverseNet(mlp(width, hidden, layers, activation), hidden, dim, outputs_per_dim, T, readout, n_basis,
+                               width_factor)
     else:
         raise ValueError(f"unknown network {kind!r}; choose 'rbf', 'mlp' or 'resmlp'")
-    return VectorReverseNet(features, hidden, dim, outputs_per_dim, T, readout, n_basis, width_factor)
+    return net if one_hot_states is None else OneHotInput(net, one_hot_states)

@@ -6,8 +6,9 @@ Two levels:
 - :class:`Trainable`: anything the training loop trains and the commands load: a diffusion
   process or a baseline (baselines.py). It draws the randomness of a training step and turns it
   into a loss, and it says, by attributes rather than by its type, how the data enter it and what
-  it offers besides (``dequantizes``, ``binary``, ``continuous_time``, ``stationary_p``).
-- :class:`Process`: a diffusion process of T steps (gaussian.py, binomial.py, vdm.py, and the
+  it offers besides (``dequantizes``, ``binary``, ``continuous_time``, ``stationary_p``,
+  ``one_hot_states``).
+- :class:`Process`: a diffusion process of T steps (gaussian.py, binomial.py, categorical.py, vdm.py, and the
   respaced chains of respace.py): the forward process, the terms of the bound K (paper Eq. 14)
   that bound.exact_bound sums, the reverse kernels that sampling.ancestral_sample runs, and the
   null model that K is compared with. Gaussian ones also give their noise levels and the network's
@@ -51,12 +52,15 @@ class Trainable(nn.Module, ABC):
       continuous-time bound besides the T-step chain's.
     - ``stationary_p``: the stationary probability of a 1 of a binary process (recorded with the
       run), else None.
+    - ``one_hot_states``: the states are integers 0..S-1 (categorical.py), which networks take
+      one-hot: S, else None.
     """
 
     dequantizes: bool = True
     binary: bool = False
     continuous_time: bool = False
     stationary_p: float | None = None
+    one_hot_states: int | None = None
 
     def respaced(self, timesteps: list[int], variance_rule) -> "Trainable":
         """The chain on the kept steps ``timesteps`` (1-based, from 1 to T) of this one, with the same
@@ -164,7 +168,8 @@ class Process(Trainable):
     @abstractmethod
     def step_distribution(self, model, x_t: Tensor, t: int):
         """The kernel that draws x_{t-1} from x_t at step ``t`` (the decoder at t = 1): its (mean,
-        variance) for Gaussian kernels, its probability of a 1 for Bernoulli ones (float64)."""
+        variance) for Gaussian kernels, its probability of a 1 for Bernoulli ones, its probabilities over
+        the states (a last dimension) for categorical ones (float64)."""
 
     @abstractmethod
     def p_sample(self, model, x_t: Tensor, t: int, generator: torch.Generator | None = None, factor=None) -> Tensor:

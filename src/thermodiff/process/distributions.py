@@ -83,3 +83,8 @@ def bernoulli_entropy(p: Tensor) -> Tensor:
 def bernoulli_log_prob(x: Tensor, p: Tensor) -> Tensor:
     """log B(x; p) for x in {0, 1}, elementwise."""
     return _xlogy(x, p) + _xlogy(1 - x, 1 - p)
+
+
+def categorical_kl(p: Tensor, q: Tensor) -> Tensor:
+    """KL( Cat(p) || Cat(q) ) over the last dimension (the categories); 0 log 0 = 0."""
+    return (_xlogy(p, p) - _xlogy(p, q)).sum(-1)

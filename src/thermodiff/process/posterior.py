@@ -4,13 +4,13 @@ To sample from p~(x_0) proportional to p(x_0) r(x_0), every reverse kernel p(x_{
 is multiplied by a factor r(x_{t-1}) and renormalised. For the Gaussian kernels of continuous
 data each step's product is exact when r is Gaussian (a product of Gaussians) or pins some
 entries to known values (variance 0), and a first-order perturbation for any smooth r: the mean
-moves by Sigma * grad log r (paper section 4.3). For Bernoulli kernels, known bits are clamped.
+moves by Sigma * grad log r (paper section 4.3). For Bernoulli and categorical kernels, known entries are clamped.
 The chain of exact per-step products is still the paper's approximation of the posterior (a
 constant Gaussian r at every step targets p r^2, tested in closed form);
 :func:`thermodiff.tasks.conditioning.denoise` with ``method="start"`` is exact for Gaussian noise.
 
 A factor is an object with ``gaussian(mean, var, t, x_t) -> (mean, var)`` and/or
-``bernoulli(prob, t, x_t) -> prob`` acting on the kernel that draws x_{t-1} from x_t; the
+``bernoulli(prob, t, x_t) -> prob`` and/or ``categorical(probs, t, x_t) -> probs`` acting on the kernel that draws x_{t-1} from x_t; the
 processes' ``p_sample`` applies it at every step. All values are in the model's space (after
 the data's scaling).
 """
@@ -48,6 +48,9 @@ class GaussianObservation:
     def bernoulli(self, prob: Tensor, t: int, x_t: Tensor) -> Tensor:
         raise UserError("a Gaussian observation factor needs Gaussian diffusion; clamp binary data instead")
 
+    def categorical(self, probs: Tensor, t: int, x_t: Tensor) -> Tensor:
+        raise UserError("a Gaussian observation factor needs Gaussian diffusion; clamp categorical data instead")
+
 
 class Clamp:
     """Known entries pinned to their values (inpainting). The paper (Fig. 5) holds them at their
@@ -77,6 +80,14 @@ class Clamp:
             target = self._posterior_step(x_t, t)
         return torch.where(self.mask.expand_as(prob), target, prob)
 
+    def categorical(self, probs: Tensor, t: int, x_t: Tensor) -> Tensor:
+        """The known entries' probabilities (a last dimension over the states) put on their values."""
+        if self.forward is not None and t > 1:
+            target = self._posterior_step(x_t, t)
+        else:
+            target = torch.nn.functional.one_hot(self.values.expand(probs.shape[:-1]).round().long(), probs.shape[-1])
+        return torch.where(self.mask.expand(probs.shape[:-1]).unsqueeze(-1), target.to(probs.dtype), probs)
+
 
 class SmoothFactor:
     """Any smooth log r(x) given as a callable: the kernel's mean is shifted by
@@ -92,6 +103,9 @@ class SmoothFactor:
         return mean + var * grad, var
 
     def bernoulli(self, prob: Tensor, t: int, x_t: Tensor) -> Tensor:
+        raise UserError("a smooth log-factor needs Gaussian diffusion")
+
+    def categorical(self, probs: Tensor, t: int, x_t: Tensor) -> Tensor:
         raise UserError("a smooth log-factor needs Gaussian diffusion")
 
 
@@ -110,3 +124,8 @@ class Product:
         for f in self.factors:
             prob = f.bernoulli(prob, t, x_t)
         return prob
+
+    def categorical(self, probs: Tensor, t: int, x_t: Tensor) -> Tensor:
+        for f in self.factors:
+            probs = f.categorical(probs, t, x_t)
+        return probs

@@ -3,7 +3,12 @@ training split alone (never the validation or test split), and the value and the
 written into the run's config (``Config.auto``, shown by ``thermodiff evaluate``).
 
 The rules depend on the data's kind, size N and dimension D and on measured properties of the
-training examples, never on a data set's name. They were measured on the known-likelihood
+training examples, never on a data set's name. The kind: binary {0, 1} data get binomial diffusion;
+an integer array (its file's dtype) whose values form one alphabet of at most MAX_CATEGORIES evenly
+spaced symbols gets categorical diffusion, as symbols (bases, residues, grey levels, palette
+indices) have no order for a Gaussian's smooth density to exploit; integers stored as floats
+(counts written by numpy) or on more levels are an ordinal lattice, for Gaussian diffusion with a
+decoder over the lattice, which shares strength between neighbouring values. They were measured on the known-likelihood
 battery (``benchmarks/known_likelihood.py``: data sets whose exact log-likelihood is known).
 
 Continuous vectors are whitened (PCA) so that their mean and covariance are those of N(0, I);
@@ -56,6 +61,12 @@ BINOMIAL_MIN_T, BINOMIAL_T_PER_DIM, BINOMIAL_MAX_T = 200, 10, 2000
 LATTICE_RESOLUTION = 1.0
 
 
+#: Integer-coded data with at most this many symbols (one evenly spaced alphabet over every column)
+#: are categorical (DNA has 4, amino acids 20, palettes and grey levels a few); more levels, or
+#: integers stored as floats (counts, as numpy writes Poisson draws converted), are an ordinal lattice.
+MAX_CATEGORIES = 32
+
+
 #: Steps per image of the default bound estimate (``eval.t_samples = "auto"``): summing all
 #: T = 1000 steps of a network on 10000 MNIST images takes ~20 CPU minutes, 50 stratified steps ~1.
 IMAGE_T_SAMPLES = 50
@@ -84,15 +95,38 @@ def _apply(cfg: Config, choices: list[Choice]) -> None:
             cfg.auto[c.key] = f"{c.value}: {c.reason}"
 
 
-def resolve_data(cfg: Config, train: np.ndarray, binary: bool, lattice: Lattice | None) -> None:
+def kind_choice(binary: bool, image: bool, integers: bool, alphabet: Lattice | None) -> Choice:
+    """The process for the data: binomial for {0, 1}; categorical for symbols, integers as the file
+    stores them (an integer dtype) on one alphabet of 2..MAX_CATEGORIES evenly spaced values; else
+    Gaussian (with the discretized decoder for other integer values: an ordinal lattice)."""
+    if binary:
+        return Choice("diffusion.kind", "binomial", "binary {0, 1} data: binomial diffusion (paper App. A)")
+    count = None if alphabet is None else alphabet.count[0]
+    if integers and not image and count is not None and count <= MAX_CATEGORIES:
+        return Choice("diffusion.kind", "categorical", f"symbols: an integer array whose values are one alphabet of "
+                      f"{count} <= {MAX_CATEGORIES} categories (low {alphabet.low[0]:g}, step {alphabet.step[0]:g}); "
+                      "categorical diffusion, whose kernels ignore their order")
+    why = ("8-bit images" if image else f"integers on {count} > {MAX_CATEGORIES} levels: an ordinal lattice"
+           if integers and count is not None else "not integer-coded symbols (floats, or integers off one alphabet)")
+    return Choice("diffusion.kind", "gaussian", f"{why}: Gaussian diffusion")
+
+
+def resolve_kind(cfg: Config, binary: bool, image: bool, integers: bool, alphabet: Lattice | None) -> None:
+    """diffusion.kind, if "auto" (:func:`kind_choice`)."""
+    _apply(cfg, [kind_choice(binary, image, integers, alphabet)])
+
+
+def resolve_data(cfg: Config, train: np.ndarray, kind: str, lattice: Lattice | None) -> None:
     """The choices made before the data are scaled: the network family and the scaling."""
     image = train.ndim == 4
     n, dim = len(train), int(np.prod(train.shape[1:]))
     choices = [Choice("model.network", "unet" if image else "resmlp",
                       "images: a time-conditioned U-Net" if image else
                       "vectors: a residual MLP with the time in every block")]
-    if binary:
+    if kind == "binomial":
         choices.append(Choice("data.scaling", "none", "binary data enter binomial diffusion as they are"))
+    elif kind == "categorical":
+        choices.append(Choice("data.scaling", "none", "categorical data enter as their symbols' indices 0..K-1"))
     elif image:
         choices.append(Choice("data.scaling", "global", "images: one scale for every pixel"))
     elif lattice is not None:
@@ -163,30 +197,33 @@ def gaussian_choices(cfg: Config, z: np.ndarray, bins: Bins | None) -> list[Choi
     ]
 
 
-def binomial_choices(dim: int) -> list[Choice]:
+def discrete_choices(dim: int, kind: str) -> list[Choice]:
+    """Binomial and categorical diffusion (the binomial's rules, measured on binary data)."""
     T = min(max(BINOMIAL_MIN_T, BINOMIAL_T_PER_DIM * dim), BINOMIAL_MAX_T)
     return [
-        Choice("diffusion.schedule", "erase", "binomial: erase 1/T of the signal per step (paper App. D.1.2)"),
-        Choice("diffusion.T", T, f"binomial: max({BINOMIAL_MIN_T}, {BINOMIAL_T_PER_DIM} D) steps, at most "
-               f"{BINOMIAL_MAX_T}: the best factorised reverse step's bound falls short of the truth by ~0.2 D / T bits"),
-        Choice("diffusion.beta_1", None, "binomial: the erase schedule's own"),
+        Choice("diffusion.schedule", "erase", f"{kind}: erase 1/T of the signal per step (paper App. D.1.2)"),
+        Choice("diffusion.T", T, f"{kind}: max({BINOMIAL_MIN_T}, {BINOMIAL_T_PER_DIM} D) steps, at most "
+               f"{BINOMIAL_MAX_T}: the best factorised reverse step's bound falls short of the truth by ~0.2 D / T bits"
+               + ("" if kind == "binomial" else " (measured for binomial diffusion)")),
+        Choice("diffusion.beta_1", None, f"{kind}: the erase schedule's own"),
         Choice("diffusion.parameterization", "x0", "the network predicts x_0; the kernel is the forward posterior "
                "averaged over that prediction (the form of the best factorised reverse step)"),
         Choice("diffusion.decoder", "learned", "the x_0 prediction itself at t = 1"),
     ]
 
 
-def network_choices(dim: int, binary: bool) -> list[Choice]:
-    if binary:
-        return [Choice("model.hidden", 128, "binary data: 128 units (256 overfit a 64-D mixture of 16000 examples)"),
-                Choice("model.layers", 2, "binary data: 2 residual blocks")]
+def network_choices(dim: int, discrete: bool) -> list[Choice]:
+    if discrete:
+        return [Choice("model.hidden", 128, "binary or categorical data: 128 units (256 overfit a 64-D binary mixture "
+                       "of 16000 examples)"),
+                Choice("model.layers", 2, "binary or categorical data: 2 residual blocks")]
     hidden = 256 if dim <= 16 else 512
     return [Choice("model.hidden", hidden, f"D = {dim}: {hidden} units"),
             Choice("model.layers", 3, "3 residual blocks")]
 
 
-def training_choices(cfg: Config, dim: int, binary: bool) -> list[Choice]:
-    batch = 256 if binary else 512
+def training_choices(cfg: Config, dim: int, discrete: bool) -> list[Choice]:
+    batch = 256 if discrete else 512
     minutes = min(max(MIN_MINUTES, MINUTES_PER_DIM * dim), MAX_MINUTES)
     choices = [Choice("train.batch_size", batch, f"batches of {batch}"),
                Choice("train.lr", 2e-3, "Adam at 2e-3 with warm-up and cosine decay over the budget"),
@@ -200,10 +237,11 @@ def training_choices(cfg: Config, dim: int, binary: bool) -> list[Choice]:
 
 def resolve(cfg: Config, train_model_units: np.ndarray | None, kind: str, bins: Bins | None = None) -> None:
     """Every remaining "auto" of a vector run, from its training examples in the model's units
-    (whitened continuous data, or bits), the process kind and the bins of integer-valued data."""
+    (whitened continuous data, bits, or category indices), the process kind and the bins of integer-valued data."""
     if train_model_units is None:
         return
-    dim, binary = train_model_units.shape[1], kind == "binomial"
-    process = {"binomial": lambda: binomial_choices(dim), "gaussian": lambda: gaussian_choices(cfg, train_model_units, bins),
+    dim, discrete = train_model_units.shape[1], kind in ("binomial", "categorical")
+    process = {"binomial": lambda: discrete_choices(dim, kind), "categorical": lambda: discrete_choices(dim, kind),
+               "gaussian": lambda: gaussian_choices(cfg, train_model_units, bins),
                "vdm": lambda: []}[kind]()  # VDM's settings are its own (vdm.py)
-    _apply(cfg, process + network_choices(dim, binary) + training_choices(cfg, dim, binary))
+    _apply(cfg, process + network_choices(dim, discrete) + training_choices(cfg, dim, discrete))

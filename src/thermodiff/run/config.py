@@ -34,9 +34,11 @@ Auto = Literal["auto"]
 # The allowed values of every option with a fixed set of them, checked when a config is loaded
 # (and by :meth:`Config.validate` for one built in code); tests/test_config.py holds them equal to
 # the library's enums and tables. The parameterisations: gaussian reference | paper | eps |
-# eps_learned_var | eps_residual; binomial paper | forward_offset | x0; vdm eps.
+# eps_learned_var | eps_residual; binomial paper | forward_offset | x0; categorical x0; vdm eps.
 ScalingMode = Literal["global", "per_dimension", "pca", "none"]  # global: one scalar (the paper's); pca: whitening
-DiffusionKind = Literal["gaussian", "binomial", "vdm"]  # vdm: continuous time (vdm.py)
+DiffusionKind = Literal["gaussian", "binomial", "categorical", "vdm"]  # vdm: continuous time (vdm.py)
+# categorical.CategoricalKernel; its 'marginal' kernel is the library's only (the data's frequencies are not recorded with a run)
+CategoricalKernelName = Literal["uniform", "absorbing"]
 ScheduleName = Literal["reference", "learned", "linear", "cosine", "erase", "log_snr"]  # schedules.ScheduleKind
 ParameterizationName = Literal["reference", "paper", "eps", "eps_learned_var", "eps_residual", "forward_offset", "x0"]
 VarianceName = Literal["beta_tilde", "beta"]  # gaussian.FixedVariance
@@ -49,6 +51,9 @@ OptimizerName = Literal["adam", "rmsprop"]
 OptimizerKernel = Literal["default", "foreach", "fused"]  # torch.optim's implementations of the step
 LrSchedule = Literal["step", "cosine"]
 Precision = Literal["fp32", "bf16", "fp16"]
+# what train.max_minutes and train.val_minutes count: wall-clock seconds, or this process's CPU seconds
+# (all its threads), which give runs that share a busy machine equal work
+Clock = Literal["wall", "cpu"]
 LossName = Literal["bound", "simple", "hybrid"]  # bound.TrainingLoss
 TSampler = Literal["uniform", "loss_aware"]
 BaselineKind = Literal["", "vae", "dae"]
@@ -71,7 +76,7 @@ class DataConfig:
 
 @dataclass
 class DiffusionConfig:
-    kind: DiffusionKind | Auto = "auto"  # auto: binomial iff the data are {0, 1}
+    kind: DiffusionKind | Auto = "auto"  # auto: binomial for {0, 1} data, categorical for integer-coded symbols (autoconfig)
     T: int | Auto = 40
     schedule: ScheduleName | Auto = "reference"
     beta_1: float | None | Auto = None  # fixed first-step beta (None: the schedule's own)
@@ -79,6 +84,7 @@ class DiffusionConfig:
     eps_variance: VarianceName | None = None  # parameterization 'eps': None is beta_tilde
     decoder: DecoderName | Auto = "forward"  # forward: paper App. B.2; discretized: 8-bit images
     stationary_p: float | None = None  # binomial: None = the training data's mean activity
+    kernel: CategoricalKernelName = "uniform"  # categorical: what each step mixes in (uniform; absorbing: a mask state)
     # vdm: 'variance' lets the learned schedule's shape cut the loss estimate's variance (VDM sec. 5.2)
     schedule_gradient: ScheduleGradientName = "bound"
 
@@ -123,6 +129,7 @@ class TrainConfig:
     hybrid_lambda: float = 0.001  # Nichol & Dhariwal's lambda
     t_sampler: TSampler = "uniform"  # how t is drawn for the one-t estimate; loss_aware: importance sampling
     max_minutes: float | Auto = 0.0  # stop after this much training time (0: no limit)
+    clock: Clock = "wall"  # what training time counts: wall seconds, or cpu (the process's CPU seconds)
     val_minutes: float | Auto = 0.0  # score the validation split every this many minutes of training (0: at the end only)
     val_examples: int = 2000  # validation examples scored (the first of the split)
 

@@ -20,6 +20,7 @@ from thermodiff.nets.unet import build_unet
 from thermodiff.nets.vector import build_vector_net
 from thermodiff.process.binomial import BinomialDiffusion, BinomialParameterization
 from thermodiff.process.bound import LossAwareSampler
+from thermodiff.process.categorical import CategoricalDiffusion, CategoricalParameterization
 from thermodiff.process.gaussian import Bins, GaussianDiffusion, GaussianParameterization
 from thermodiff.process.schedules import make_schedule
 from thermodiff.process.vdm import VDM
@@ -87,9 +88,7 @@ def load_splits(cfg: Config) -> tuple[np.ndarray, np.ndarray, str]:
     if d.source == "heartbeat":
         return *_seeded_split(datasets.heartbeat(d.n, seed=cfg.seed), cfg), "heartbeat"
     if d.source in ("mnist", "cifar10"):
-        folder = image_data.ensure_dataset(d.source, _data_dir(cfg), d.download)
-        load = image_data.load_mnist if d.source == "mnist" else image_data.load_cifar10
-        train, test = load(folder, "train")[0], load(folder, "test")[0]
+        train, test = (official_images(d.source, _data_dir(cfg), d.download, split) for split in ("train", "test"))
         return (train[: d.n] if d.n > 0 else train), test, d.source
     if d.source == "dead_leaves":
         return (image_data.dead_leaves(d.n - n_test, d.size, seed=cfg.seed),
@@ -109,13 +108,43 @@ def load_splits(cfg: Config) -> tuple[np.ndarray, np.ndarray, str]:
     return *_seeded_split(x, cfg), d.source
 
 
-def diffusion_kind(cfg: Config, binary: bool, origin: str) -> str:
+def official_images(name: str, data_dir: Path, download: bool, split: str) -> np.ndarray:
+    """The ``split`` images (uint8, N x C x H x W) of MNIST or CIFAR-10 (``name``) in ``data_dir``."""
+    load = image_data.load_mnist if name == "mnist" else image_data.load_cifar10
+    return load(image_data.ensure_dataset(name, data_dir, download), split)[0]
+
+
+def images_or_array(path: Path, size: int | None = None) -> np.ndarray:
+    """The examples of ``path``: a folder of images (scaled and cropped to ``size``), or an array
+    file whose 3-D or 4-D arrays are image stacks."""
+    return image_data.load_image_folder(path, size) if path.is_dir() else datasets.load_array(path, images=True)
+
+
+#: the most categories that ``diffusion.kind = 'categorical'`` takes when asked for (the network
+#: outputs K logits per dimension); the rule that picks it unasked stops at autoconfig.MAX_CATEGORIES
+MAX_CATEGORIES_ASKED = 256
+
+
+def diffusion_kind(cfg: Config, binary: bool, alphabet: datasets.Lattice | None, image: bool, origin: str) -> str:
+    """diffusion.kind, "auto" already decided (autoconfig.resolve_kind), if it can model the data."""
     kind = cfg.diffusion.kind
-    if kind == "auto":
-        return "binomial" if binary else "gaussian"
     if kind == "binomial" and not binary:
         raise UserError(f"{origin}: data are not binary (values other than 0 and 1), so binomial diffusion cannot model them")
+    if kind == "categorical" and (image or alphabet is None or alphabet.count[0] > MAX_CATEGORIES_ASKED):
+        why = ("images: categorical diffusion takes N x D vectors (flatten them)" if image else
+               f"their values are not one alphabet of evenly spaced symbols (at most {MAX_CATEGORIES_ASKED})")
+        raise UserError(f"{origin}: categorical diffusion cannot model these data: {why}")
     return kind
+
+
+def check_alphabet(x: np.ndarray, alphabet: datasets.Lattice, origin: str) -> None:
+    """Refuse values outside a categorical run's alphabet (the model gives them probability 0)."""
+    outside = alphabet.outside(x)
+    if outside.any():
+        raise UserError(f"{origin}: {int(outside.sum())} values (e.g. {x[outside][0]:g}) are not among the training "
+                        f"data's {alphabet.count[0]} categories ({alphabet.low[0]:g} + k {alphabet.step[0]:g}); "
+                        "a categorical model gives them probability 0; map them to known symbols or train on data "
+                        "that hold them")
 
 
 def resolve_source(cfg: Config) -> None:
@@ -156,18 +185,27 @@ def prepare_dataset(cfg: Config, override: np.ndarray | None = None, scaling: da
     train, val = carve_validation(train, cfg.data.val_fraction, cfg.seed)
     image = train.ndim == 4
     binary = datasets.is_binary(train)
-    lattice = None if image or binary else datasets.Lattice.detect(train)
-    autoconfig.resolve_data(cfg, train, binary, lattice)
+    integers = source not in BUILTIN_SOURCES and Path(source).is_file() and datasets.stored_as_integers(source, cfg.data.key)
+    symbols = not image and (integers or cfg.diffusion.kind == "categorical")
+    alphabet = datasets.Lattice.shared(train) if symbols else None  # (np.unique of every value, only where it decides)
+    autoconfig.resolve_kind(cfg, binary, image, integers, alphabet)
+    kind = diffusion_kind(cfg, binary, alphabet, image, source)
+    lattice = alphabet if kind == "categorical" else None if image or binary else datasets.Lattice.detect(train)
+    autoconfig.resolve_data(cfg, train, kind, lattice)
     if not cfg.baseline.kind and image != (cfg.model.network in IMAGE_NETWORKS):  # baselines take both
         what = f"images of shape {train.shape[1:]}" if image else f"vectors of shape {train.shape[1:]}"
         raise UserError(f"{source}: holds {what}, but model.network = {cfg.model.network!r} is for "
                         f"{'vectors' if image else 'images'}")
-    kind = diffusion_kind(cfg, binary, source)
     if override is not None:
         test = override
+    if kind == "categorical":
+        for split_name, x in (("test split", test), ("validation split", val)):
+            check_alphabet(x, lattice, f"{source} ({split_name})")
     if scaling is None:
         try:
-            if kind == "binomial" or cfg.data.scaling == "none":
+            if kind == "categorical":  # the symbols' indices (value - low) / step
+                scaling = datasets.Scaling([lattice.low[0]], [lattice.step[0]])
+            elif kind == "binomial" or cfg.data.scaling == "none":
                 scaling = datasets.Scaling.fit(train, "none")
             else:
                 scaling = image_scaling(train) if image else datasets.Scaling.fit(train, cfg.data.scaling)
@@ -185,10 +223,12 @@ def resolve_auto(cfg: Config, kind: str) -> None:
     d = cfg.diffusion
     d.kind = kind
     if d.schedule == AUTO:
-        d.schedule = "erase" if kind == "binomial" else "learned"
+        d.schedule = "erase" if kind in ("binomial", "categorical") else "learned"
     if d.parameterization == AUTO:
-        d.parameterization = (BinomialParameterization.FORWARD_OFFSET if kind == "binomial" else VDM.parameterization
-                              if kind == "vdm" else GaussianParameterization.REFERENCE).value
+        d.parameterization = {"binomial": BinomialParameterization.FORWARD_OFFSET, "vdm": VDM.parameterization,
+                              "categorical": CategoricalParameterization.X0}.get(kind, GaussianParameterization.REFERENCE).value
+    if d.decoder == AUTO and kind == "categorical":  # the forward decoder is not the absorbing kernel's
+        d.decoder = "learned"
 
 
 def data_bins(dataset: datasets.Dataset) -> Bins | None:
@@ -215,6 +255,8 @@ def build_diffusion(cfg: Config, kind: str, data_mean: float, bins: Bins | None 
     resolve_auto(cfg, kind)
     d = cfg.diffusion
     try:
+        if kind != "categorical" and d.kernel != "uniform":
+            raise ValueError(f"kernel = {d.kernel!r} is for kind = 'categorical'; leave it at 'uniform'")
         if kind != "vdm" and d.schedule_gradient != "bound":
             raise ValueError(f"schedule_gradient = {d.schedule_gradient!r} is for kind = 'vdm' (its continuous-time "
                              "loss); leave it at 'bound'")
@@ -236,6 +278,11 @@ def build_diffusion(cfg: Config, kind: str, data_mean: float, bins: Bins | None 
                 raise ValueError("eps_variance is for Gaussian diffusion")
             p = d.stationary_p if d.stationary_p is not None else data_mean
             return BinomialDiffusion(schedule, p, d.parameterization, d.decoder, **training)
+        if kind == "categorical":
+            if d.eps_variance is not None or d.stationary_p is not None:
+                raise ValueError("eps_variance and stationary_p are for Gaussian and binomial diffusion")
+            return CategoricalDiffusion(schedule, max(bins.count), d.kernel, None, d.parameterization, d.decoder,
+                                        **training)
         return GaussianDiffusion(schedule, d.parameterization, d.decoder, d.eps_variance, bins,
                                  hybrid_lambda=cfg.train.hybrid_lambda, **training)
     except ValueError as e:
@@ -278,7 +325,7 @@ def build_model(cfg: Config, diffusion: nn.Module, event_shape: tuple[int, ...])
                 return build_unet(m.preset, channels, height, diffusion.outputs_per_dim, diffusion.T, **m.unet)
             return build_conv_net(m.preset, channels, height, diffusion.outputs_per_dim, diffusion.T, **m.conv)
         return build_vector_net(m.network, event_shape[0], diffusion.outputs_per_dim, diffusion.T, m.hidden, m.layers,
-                                m.activation, m.readout, m.n_basis, m.bump_width)
+                                m.activation, m.readout, m.n_basis, m.bump_width, diffusion.one_hot_states)
     except (ValueError, TypeError) as e:
         raise UserError(f"model: {e}") from None
 
@@ -341,7 +388,7 @@ class Parts:
     """The data, process and network that a config describes (:func:`assemble`)."""
 
     dataset: datasets.Dataset
-    kind: str  # the process kind: gaussian, binomial or vdm
+    kind: str  # the process kind: gaussian, binomial, categorical or vdm
     diffusion: nn.Module
     model: nn.Module
 
@@ -457,7 +504,7 @@ def recorded_dataset(record: dict, cfg: Config, scaling: datasets.Scaling,
 
 def _other_data(path: Path, cfg: Config, expected: tuple[int, ...], run_dir: Path) -> np.ndarray:
     """Examples of ``path`` (an array, or a folder of images) in original units, of the run's shape."""
-    data = image_data.load_image_folder(path, cfg.data.size or None) if path.is_dir() else datasets.load_array(path, images=True)
+    data = images_or_array(path, cfg.data.size or None)
     got = tuple(data.shape[1:])
     if got != expected:
         what = (f"has {got[0]} columns but run {run_dir} models {expected[0]}-dimensional data" if len(got) == len(expected) == 1
@@ -499,6 +546,8 @@ def load_run(run_dir: str | Path, data_path: str | None = None, split: bool = Fa
         parts = build_parts(cfg, recorded[0], record["kind"], recorded[1])
     if parts.kind == "binomial" and override is not None and not datasets.is_binary(override):
         raise UserError(f"{data_path}: data are not binary, but run {run_dir} is a binomial diffusion")
+    if parts.kind == "categorical" and override is not None:
+        check_alphabet(override, parts.dataset.lattice, str(data_path))
     weights = "ema." if any(k.startswith("ema.") for k in tensors) else ""  # evaluate the averaged weights
     load_state(parts.model, tensors, f"{weights}model.", str(run_dir))
     load_state(parts.diffusion, tensors, f"{weights}diffusion.", str(run_dir))

@@ -52,17 +52,22 @@ def stop_requests() -> Iterator[StopRequest]:
 
 class RunStopped(UserError):
     """Training stopped before its end with its state checkpointed at ``step`` in ``run_dir``:
-    ``--resume`` (with ``--steps steps``, the run's total) continues it; the process should
-    exit with ``exit_code`` (128 + the signal's number, as a shell reports a signal; 2 for a
-    failed write)."""
+    ``--resume`` (with the run's limits: ``--steps steps`` and ``--minutes minutes``, 0 for none)
+    continues it; the process should exit with ``exit_code`` (128 + the signal's number, as a
+    shell reports a signal; 2 for a failed write)."""
 
-    def __init__(self, reason: str, run_dir: Path, step: int | None, steps: int, exit_code: int):
+    def __init__(self, reason: str, run_dir: Path, step: int | None, steps: int, exit_code: int, minutes: float = 0.0):
         super().__init__(reason)
-        self.run_dir, self.step, self.steps, self.exit_code = run_dir, step, steps, exit_code
+        self.run_dir, self.step, self.steps, self.exit_code, self.minutes = run_dir, step, steps, exit_code, minutes
 
     @classmethod
-    def by_signal(cls, signum: int | None, run_dir: Path, step: int, steps: int) -> "RunStopped":
+    def by_signal(cls, signum: int | None, run_dir: Path, step: int, steps: int, minutes: float = 0.0) -> "RunStopped":
         """Stopped after ``step`` because of ``signum`` (None: a signal to another process of a ``torchrun``)."""
         name = signal.Signals(signum).name if signum is not None else "a signal to another process"
         return cls(f"interrupted by {name} at step {step}; checkpoint saved in {run_dir}", run_dir, step, steps,
-                   128 + (signum or signal.SIGTERM))
+                   128 + (signum or signal.SIGTERM), minutes)
+
+    def limits(self) -> list[str]:
+        """The flags that give a resumed run this run's limits: its steps, its minutes, or both."""
+        return (["--steps", str(self.steps)] if self.steps or not self.minutes else []) + (
+            ["--minutes", f"{self.minutes:g}"] if self.minutes else [])

@@ -111,8 +111,8 @@ def inpainting_mask(run: Run, values: np.ndarray, mask: np.ndarray, mask_name: s
                     values_name: str = "values") -> np.ndarray:
     """``mask`` (1 = known, 0 = unknown; one example's shape or that of all ``values``) as booleans of
     the shape of ``values`` (examples of ``run``, :func:`as_examples`), after checking it and the
-    known values: 8-bit pixels for an image run, 0 or 1 for a binomial one. Errors name the
-    mask and the values by ``mask_name`` and ``values_name``."""
+    known values: 8-bit pixels for an image run, 0 or 1 for a binomial one, its categories for a
+    categorical one. Errors name the mask and the values by ``mask_name`` and ``values_name``."""
     if not np.isfinite(mask).all():
         raise UserError(f"{mask_name}: contains NaN or infinite values")
     other = mask[~np.isin(mask, (0, 1))]
@@ -129,6 +129,8 @@ def inpainting_mask(run: Run, values: np.ndarray, mask: np.ndarray, mask_name: s
         raise UserError(f"{values_name}: known pixels must be integers in 0..255")
     if run.diffusion.binary and not np.isin(known, (0, 1)).all():
         raise UserError(f"{values_name}: known values must be 0 or 1 for a binomial run")
+    if run.diffusion.one_hot_states is not None and run.dataset.lattice.outside(values)[mask].any():
+        raise UserError(f"{values_name}: known values must be among the categories of the run's training data")
     return mask
 
 
