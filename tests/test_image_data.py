@@ -14,7 +14,6 @@ import pickle
 import shutil
 import struct
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -608,13 +607,6 @@ def test_dead_leaves_radii_follow_the_documented_power_law():
     c2 = info2["center"]
     slope2, se2 = power_law_slope(info2["radius"][(c2 >= 0).all(1) & (c2 <= size).all(1)], 1, size / 2)
     assert abs(slope2 + 2) < 5 * se2 + 0.02 and abs(slope2 + 3) > 0.5
-
-
-def test_dead_leaves_is_fast():
-    start = time.perf_counter()
-    images = dead_leaves(1000, size=64, seed=0)
-    assert images.shape == (1000, 1, 64, 64)
-    assert time.perf_counter() - start < 15
 
 
 # --------------------------------------------------------------------------- textures and image files
