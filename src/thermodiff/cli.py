@@ -101,13 +101,28 @@ def _evaluate(run_dir: str, args, data: str | None = None) -> dict:
     exact = getattr(args, "exact", False)
     result = evaluate(run, args.draws, 0 if exact else args.max_examples, args.eval_seed, progress=not args.quiet,
                       split_name="test" if data is None else str(data), respace_to=respace_to,
-                      t_samples=0 if exact else args.t_samples, per_example=per_example is not None)
+                      t_samples=0 if exact else args.t_samples, per_example=per_example is not None,
+                      ode=_ode_options(args))
     if per_example is not None:
         _write_npy(Path(per_example), np.asarray(result.pop("per_example_original_units_bits")))
         result["per_example_file"] = str(per_example)
     if data is None and respace_to is None:  # evaluation.json is the full chain's
         _save_beside_run(Path(run_dir) / "evaluation.json", result, "evaluate")
     return result
+
+
+def _ode_options(args):
+    """The --ode flags as OdeOptions, or None without --ode (tolerances must be positive)."""
+    if not getattr(args, "ode", False):
+        return None
+    from thermodiff.tasks.evaluation import OdeOptions, Trace
+
+    tolerances = {"rtol": args.ode_rtol, "atol": args.ode_atol}
+    for name, value in tolerances.items():
+        if value is not None and not value > 0:
+            raise UserError(f"--ode-{name} must be a positive tolerance, got {value}")
+    trace = Trace.EXACT if args.ode_exact_trace else Trace.HUTCHINSON
+    return OdeOptions(**{k: v for k, v in tolerances.items() if v is not None}, trace=trace)
 
 
 def _save_beside_run(path: Path, result: dict, command: str) -> None:
@@ -480,6 +495,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "(the default may sample steps or examples; the report says)")
     p.add_argument("--per-example", metavar="FILE.npy", help="also write K per example (bits, original units)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --per-example file")
+    p.add_argument("--ode", action="store_true", help="also the exact log-likelihood through the probability-flow "
+                                                      "ODE (Song et al. 2021) on the same examples")
+    p.add_argument("--ode-rtol", type=float, help="the ODE solver's relative tolerance (default 1e-5)")
+    p.add_argument("--ode-atol", type=float, help="the ODE solver's absolute tolerance (default 1e-5)")
+    p.add_argument("--ode-exact-trace", action="store_true", help="the divergence's exact trace (one backward pass "
+                                                                   "per dimension) instead of Hutchinson's estimate")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("sample", parents=[common], help="draw samples (original units) to a .npy file")
