@@ -179,4 +179,4 @@ def test_evaluate_ode_of_an_image_run_is_an_nll_in_bits_per_dim(cli, tiny_images
 
 def test_a_network_of_integer_steps_only_has_no_ode(cli, trained_run):
     # the tiny run's rbf network at T = 6 has a readout per step (autoconfig), defined at integer steps only
-    assert_one_line_error(cli("evaluate", trained_run["run_dir"], "--ode", "--max-examples", 3), "--ode", "bumps")
+    assert_one_line_error(cli("evaluate", trained_run["run_dir"], "--ode", "--max-examples", 3, "--quiet"), "--ode", "bumps")
