@@ -11,6 +11,7 @@ it through the command line.
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch.distributions import MultivariateNormal
@@ -157,6 +158,10 @@ def test_evaluate_ode_through_the_cli(cli, tmp_path):
     exact = cli("evaluate", run, "--ode", "--ode-exact-trace", "--ode-rtol", 1e-4, "--ode-atol", 1e-4,
                 "--max-examples", 12, "--json", "--quiet").json()
     assert exact["ode_trace"] == "exact"
+    written = cli("evaluate", run, "--ode", "--ode-rtol", 1e-4, "--ode-atol", 1e-4, "--max-examples", 12,
+                  "--per-example", tmp_path / "K.npy", "--json", "--quiet").json()
+    ode = np.load(written["ode_per_example_file"])  # the same seed: the same examples, dequantisation and probes
+    assert ode.shape == (12,) and float(ode.mean()) == pytest.approx(r["ode_log_likelihood_original_units_bits"])
     assert_one_line_error(cli("evaluate", run, "--ode", "--ode-rtol", 0), "--ode-rtol", "positive")
 
 

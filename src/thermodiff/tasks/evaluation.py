@@ -104,7 +104,8 @@ def ode_report(run: Run, test, options: OdeOptions, batch_size: int, seed: int) 
     """The exact log-likelihood of the run's probability-flow ODE on ``test`` (original units): per
     example log p in bits of the model's input, in original units, and for images as an NLL of the
     8-bit data per dimension, with the standard error over examples (which holds the dequantisation
-    and Hutchinson noise: one draw of each per example), the solver's evaluations and tolerances."""
+    and Hutchinson noise: one draw of each per example), the solver's evaluations and tolerances,
+    and log p per example in original units (``ode_per_example_original_units_bits``)."""
     generator = torch.Generator().manual_seed(seed)
     x, log_volume = run.dataset.to_model_density(test, generator)
     start, per_example, nfe = time.perf_counter(), [], []
@@ -132,6 +133,7 @@ def ode_report(run: Run, test, options: OdeOptions, batch_size: int, seed: int) 
         "ode_nfe_per_batch": nfe,
         "ode_gammas": list(run.diffusion.flow_gammas()),
         "ode_wall_s": time.perf_counter() - start,
+        "ode_per_example_original_units_bits": original.tolist(),
     }
     if dataset.is_image:
         report |= {"ode_nll_bits_per_dim": -float(original.mean()) / dim,
@@ -190,7 +192,7 @@ def evaluate(run: Run, n_draws: int | None = None, max_examples: int | None = No
     ``respace_to`` (see :func:`thermodiff.process.respace.respaced_timesteps`), of the respaced chain.
     ``t_samples`` (default ``eval.t_samples``): steps per example of an unbiased stratified
     estimate, 0 for the exact sum over every step. ``per_example``: also K of every example, in bits
-    in the data's original units (``per_example_original_units_bits``). ``ode``: also the exact
+    in the data's original units (``per_example_original_units_bits``), and with ``ode`` its log p. ``ode``: also the exact
     log-likelihood through the probability-flow ODE on the same examples (:func:`ode_report`)."""
     cfg = run.config
     n_draws = n_draws or cfg.eval.n_draws
@@ -243,6 +245,8 @@ def evaluate(run: Run, n_draws: int | None = None, max_examples: int | None = No
     if ode is not None:
         try:
             result |= ode_report(run, test, ode, cfg.eval.batch_size, seed)
+            if not per_example:
+                del result["ode_per_example_original_units_bits"]
         except ValueError as e:  # a process without the ODE, a network that takes integer steps only
             raise UserError(f"{run.path}: --ode: {e}") from None
     if paper_row(cfg) is not None and split_name == "test":
