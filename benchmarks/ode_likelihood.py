@@ -5,11 +5,12 @@ to the bound K, on the same test examples:
     python benchmarks/ode_likelihood.py battery --cases ring_2d gauss_10d --minutes 3
     python benchmarks/ode_likelihood.py cifar10 --run RUN --examples 8   # a trained CIFAR-10 run (copied, read only)
 
-Each writes benchmarks/results/ode_NAME.json. Swiss roll and battery: the exact trace (D <= 10);
-CIFAR-10: Hutchinson's. Run with OMP_NUM_THREADS=1 on a shared machine.
+Each writes benchmarks/results/ode_NAME.json. Swiss roll and battery cases of D <= 3: the exact
+trace; larger battery cases and CIFAR-10: Hutchinson's. Run with OMP_NUM_THREADS=1 on a shared machine.
 """
 
 import argparse
+import json
 import math
 import os
 import shutil
@@ -18,9 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from record import thermodiff_json, write_result
+from record import RESULTS, thermodiff_json, write_result
 from thermodiff.data.known_densities import by_name, make_split
 from thermodiff.process.tensors import LN2
+
+#: Battery cases of at most this many dimensions get the exact trace by default, larger ones Hutchinson's.
+EXACT_TRACE_DIM = 3
 
 #: What each record keeps of an evaluation: K and the ODE figures, how they were measured.
 KEPT = ("experiment", "split", "n_examples", "n_test", "estimator", "T", "diffusion", "parameterization", "decoder",
@@ -39,19 +43,19 @@ def timed(argv: list[str]) -> tuple[dict, float]:
     return result, time.perf_counter() - start
 
 
-def ode_flags(args) -> list[str]:
+def ode_flags(args, exact_trace: bool) -> list[str]:
     return ["--ode", "--ode-rtol", str(args.rtol), "--ode-atol", str(args.atol),
-            *(["--ode-exact-trace"] if args.exact_trace else [])]
+            *(["--ode-exact-trace"] if exact_trace else [])]
 
 
 def swissroll(args) -> dict:
     run = Path(args.out) / "swissroll"
     train, train_wall = timed(["train", "swissroll", "--out", str(run), "--steps", str(args.steps), "--overwrite"])
-    evaluation, eval_wall = timed(["evaluate", str(run), *ode_flags(args)])
+    evaluation, eval_wall = timed(["evaluate", str(run), *ode_flags(args, args.exact_trace)])
     return {"train": {"steps": train["steps"], "wall_s": train_wall}, "evaluation": kept(evaluation),
             "eval_wall_s": eval_wall,
             "command": f"thermodiff train swissroll --out RUN --steps {args.steps}; thermodiff evaluate RUN "
-                       + " ".join(ode_flags(args))}
+                       + " ".join(ode_flags(args, args.exact_trace))}
 
 
 def battery_case(name: str, args) -> dict:
@@ -62,10 +66,13 @@ def battery_case(name: str, args) -> dict:
     train, test = make_split(case, args.n_train, args.n_test, args.seed)
     np.save(folder / "train.npy", train)
     np.save(folder / "test.npy", test)
-    trained, train_wall = timed(["train", "vectors", "--data", str(folder / "train.npy"), "--out", str(folder / "run"),
-                                 "--overwrite", "--minutes", str(args.minutes)])
+    train_wall = None  # --reuse: the run trained before, with the same command
+    if not (args.reuse and (folder / "run" / "checkpoint.safetensors").exists()):
+        _, train_wall = timed(["train", "vectors", "--data", str(folder / "train.npy"), "--out", str(folder / "run"),
+                               "--overwrite", "--minutes", str(args.minutes)])
+    exact_trace = case.dim <= EXACT_TRACE_DIM if args.exact_trace is None else args.exact_trace
     evaluation, eval_wall = timed(["evaluate", str(folder / "run"), "--data", str(folder / "test.npy"), "--exact",
-                                   "--per-example", str(folder / "K.npy"), "--overwrite", *ode_flags(args)])
+                                   "--per-example", str(folder / "K.npy"), "--overwrite", *ode_flags(args, exact_trace)])
     exact = case.log_prob(test) / LN2
     gaps = {"K": exact - np.load(folder / "K.npy"), "ode": exact - np.load(evaluation["ode_per_example_file"])}
     return {"case": name, "kind": case.kind, "dim": case.dim, "description": case.description,
@@ -73,22 +80,29 @@ def battery_case(name: str, args) -> dict:
             "exact_bits": float(exact.mean()), "exact_stderr_bits": float(exact.std(ddof=1) / math.sqrt(len(exact))),
             **{f"{what}_gap_bits": float(g.mean()) for what, g in gaps.items()},
             **{f"{what}_gap_stderr_bits": float(g.std(ddof=1) / math.sqrt(len(g))) for what, g in gaps.items()},
-            "train_steps": trained["steps"], "train_wall_s": train_wall, "eval_wall_s": eval_wall,
+            "train_minutes": args.minutes, "train_wall_s": train_wall, "eval_wall_s": eval_wall,
             "evaluation": kept(evaluation),
             "command": f"thermodiff train vectors --data train.npy --minutes {args.minutes}; thermodiff evaluate RUN "
-                       f"--data test.npy --exact {' '.join(ode_flags(args))}"}
+                       f"--data test.npy --exact {' '.join(ode_flags(args, exact_trace))}"}
 
 
 def battery(args) -> dict:
-    return {"cases": {name: battery_case(name, args) for name in args.cases}}
+    """The cases, each written to the record as soon as it is done (a stopped battery keeps them)."""
+    path = RESULTS / "ode_battery.json"
+    record = json.loads(path.read_text()) if path.exists() else {"cases": {}}
+    for name in args.cases:
+        record["cases"][name] = battery_case(name, args)
+        write_result("ode_battery", record)
+    return record
 
 
 def cifar10(args) -> dict:
     run = Path(args.out) / "cifar10"
     shutil.copytree(args.run, run, dirs_exist_ok=True, ignore=shutil.ignore_patterns("evaluation.json"))
-    evaluation, eval_wall = timed(["evaluate", str(run), "--max-examples", str(args.examples), *ode_flags(args)])
+    evaluation, eval_wall = timed(["evaluate", str(run), "--max-examples", str(args.examples),
+                                   *ode_flags(args, args.exact_trace)])
     return {"source_run": str(args.run), "evaluation": kept(evaluation), "eval_wall_s": eval_wall,
-            "command": f"thermodiff evaluate RUN --max-examples {args.examples} {' '.join(ode_flags(args))}"}
+            "command": f"thermodiff evaluate RUN --max-examples {args.examples} {' '.join(ode_flags(args, args.exact_trace))}"}
 
 
 def main() -> None:
@@ -105,17 +119,18 @@ def main() -> None:
     parser.add_argument("--rtol", type=float, default=1e-5)
     parser.add_argument("--atol", type=float, default=1e-5)
     parser.add_argument("--exact-trace", action=argparse.BooleanOptionalAction, default=None,
-                        help="the exact trace (default: for swissroll and the battery)")
+                        help=f"the exact trace (default: for swissroll, and battery cases of D <= {EXACT_TRACE_DIM})")
+    parser.add_argument("--reuse", action="store_true", help="battery: evaluate a case's run trained before (no training)")
     parser.add_argument("--out", default="runs/ode")
     args = parser.parse_args()
-    if args.exact_trace is None:
-        args.exact_trace = args.experiment != "cifar10"
+    if args.exact_trace is None and args.experiment != "battery":
+        args.exact_trace = args.experiment == "swissroll"
     start = time.perf_counter()
     record = {"swissroll": swissroll, "battery": battery, "cifar10": cifar10}[args.experiment](args)
     record |= {"about": __doc__.split("\n\n")[0], "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
                "solver": {"rtol": args.rtol, "atol": args.atol, "exact_trace": args.exact_trace},
                "wall_s": time.perf_counter() - start}
-    print(write_result(f"ode_{args.experiment}", record))
+    print(write_result(f"ode_{args.experiment}", record))  # the battery's: once more, with the totals
 
 
 if __name__ == "__main__":
