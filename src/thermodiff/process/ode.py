@@ -66,7 +66,7 @@ def flow_log_likelihood(process, model, x0: Tensor, rtol: float = RTOL, atol: fl
                         method: str = METHOD) -> FlowLikelihood:
     """log p(x_0) per example under the probability-flow ODE of ``process`` with the network
     ``model`` (see the module docstring), the network called in ``x0``'s dtype. The tolerances
-    bound the solver's local error in the batch's RMS norm over (x_u, int div f)."""
+    bound the solver's local error in the batch's RMS norm over (x_gamma, int div f)."""
     trace = Trace(trace)
     times = torch.tensor(process.flow_gammas(), dtype=torch.float64, device=x0.device)
     log_scale = 0.5 * torch.nn.functional.logsigmoid(-times[0])  # log alpha at gamma_0
