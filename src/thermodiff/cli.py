@@ -94,6 +94,8 @@ def _evaluate(run_dir: str, args, data: str | None = None) -> dict:
         if Path(per_example).suffix != ".npy":
             raise UserError(f"--per-example {per_example}: write the bound per example as .npy")
         _refuse_existing(Path(per_example), getattr(args, "overwrite", False))
+        if getattr(args, "ode", False):
+            _refuse_existing(_ode_per_example_path(per_example), args.overwrite)
     try:
         run = load_run(run_dir, data, split=data is None)
     except SplitUnavailable as e:
@@ -102,13 +104,37 @@ def _evaluate(run_dir: str, args, data: str | None = None) -> dict:
     exact = getattr(args, "exact", False)
     result = evaluate(run, args.draws, 0 if exact else args.max_examples, args.eval_seed, progress=not args.quiet,
                       split_name="test" if data is None else str(data), respace_to=respace_to,
-                      t_samples=0 if exact else args.t_samples, per_example=per_example is not None)
+                      t_samples=0 if exact else args.t_samples, per_example=per_example is not None,
+                      ode=_ode_options(args))
     if per_example is not None:
         _write_npy(Path(per_example), np.asarray(result.pop("per_example_original_units_bits")))
         result["per_example_file"] = str(per_example)
+        if "ode_per_example_original_units_bits" in result:  # with --ode: FILE_ode.npy beside it
+            ode_file = _ode_per_example_path(per_example)
+            _write_npy(ode_file, np.asarray(result.pop("ode_per_example_original_units_bits")))
+            result["ode_per_example_file"] = str(ode_file)
     if data is None and respace_to is None:  # evaluation.json is the full chain's
         _save_beside_run(Path(run_dir) / "evaluation.json", result, "evaluate")
     return result
+
+
+def _ode_per_example_path(per_example: str) -> Path:
+    """Where --per-example FILE.npy with --ode writes log p per example: FILE_ode.npy."""
+    return Path(per_example).with_name(Path(per_example).stem + "_ode.npy")
+
+
+def _ode_options(args):
+    """The --ode flags as OdeOptions, or None without --ode (tolerances must be positive)."""
+    if not getattr(args, "ode", False):
+        return None
+    from thermodiff.tasks.evaluation import OdeOptions, Trace
+
+    tolerances = {"rtol": args.ode_rtol, "atol": args.ode_atol}
+    for name, value in tolerances.items():
+        if value is not None and not value > 0:
+            raise UserError(f"--ode-{name} must be a positive tolerance, got {value}")
+    trace = Trace.EXACT if args.ode_exact_trace else Trace.HUTCHINSON
+    return OdeOptions(**{k: v for k, v in tolerances.items() if v is not None}, trace=trace)
 
 
 def _save_beside_run(path: Path, result: dict, command: str) -> None:
@@ -509,8 +535,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--respace", metavar="N|STEPS", help=RESPACE_HELP)
     p.add_argument("--exact", action="store_true", help="the exact bound: every step of every test example "
                                                         "(the default may sample steps or examples; the report says)")
-    p.add_argument("--per-example", metavar="FILE.npy", help="also write K per example (bits, original units)")
+    p.add_argument("--per-example", metavar="FILE.npy", help="also write K per example (bits, original units); "
+                                                                      "with --ode its log p to FILE_ode.npy")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --per-example file")
+    p.add_argument("--ode", action="store_true", help="also the exact log-likelihood through the probability-flow "
+                                                      "ODE (Song et al. 2021) on the same examples")
+    p.add_argument("--ode-rtol", type=float, help="the ODE solver's relative tolerance (default 1e-5)")
+    p.add_argument("--ode-atol", type=float, help="the ODE solver's absolute tolerance (default 1e-5)")
+    p.add_argument("--ode-exact-trace", action="store_true", help="the divergence's exact trace (one backward pass "
+                                                                   "per dimension) instead of Hutchinson's estimate")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("sample", parents=[common], help="draw samples (original units) to a .npy file")

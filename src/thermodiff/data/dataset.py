@@ -385,6 +385,20 @@ class Dataset:
             y = torch.as_tensor(np.asarray(x, dtype=np.float64)) / (255 if self.dequantize else 1)
         return self.scaling.apply(y).float().to(device)
 
+    def to_model_density(self, x: np.ndarray, generator: torch.Generator | None = None) -> tuple[torch.Tensor, float]:
+        """Original units -> the model's input for a density model, and the log-volume of the cell
+        each value stands for (original units). Discrete data are dequantised uniformly within their
+        cell (Theis et al. 2016; Song et al. 2021, App. D.2), so E_u log p(v + u) + log-volume <=
+        log P(v) (Jensen): 8-bit images as :meth:`to_model` does (cells of one grey level, volume 1
+        in the pixel units of :meth:`log_det`), integer-valued vectors within their lattice's cells
+        (volume prod step_j). Continuous data as they are (log-volume 0)."""
+        if self.lattice is None:
+            return self.to_model(x, generator), 0.0
+        step = np.asarray(self.lattice.step, dtype=np.float64)
+        u = torch.rand(np.shape(x), generator=generator, dtype=torch.float64).numpy()
+        y = self.scaling.apply(np.asarray(x, dtype=np.float64) + (u - 0.5) * step)
+        return torch.as_tensor(y).float(), float(np.log(step).sum())
+
     def from_model(self, x: torch.Tensor) -> np.ndarray:
         """The model's space -> original units (8-bit images are rounded back to uint8)."""
         y = self.scaling.invert(x.detach().cpu().double().numpy())

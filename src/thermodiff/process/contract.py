@@ -119,6 +119,10 @@ class Process(Trainable):
     ``parameterization`` (how network outputs become kernels, an Enum of the process's module) and
     ``decoder`` (:class:`Decoder`). ``dequantizes`` follows from the decoder.
 
+    The probability-flow ODE (ode.py; Song et al. 2021, Eq. 13) of a process with a continuous-time
+    limit runs from the noise level :meth:`flow_gammas` ``[0]``, where the data enter scaled by
+    sqrt(abar), to ``[1]``, where :meth:`flow_prior_log_prob` scores it, along :meth:`flow_drift`.
+
     The bound (bound.exact_bound) is K = -:meth:`prior_kl` - sum_{t=2..T} :meth:`reverse_kl` +
     :meth:`decoder_log_likelihood`, compared with :meth:`null_log_likelihood`. Sampling
     (sampling.ancestral_sample) is :meth:`sample_prior` then :meth:`p_sample` for t = T..1.
@@ -175,3 +179,18 @@ class Process(Trainable):
     def p_sample(self, model, x_t: Tensor, t: int, generator: torch.Generator | None = None, factor=None) -> Tensor:
         """A draw of x_{t-1} from :meth:`step_distribution`, in x_t's dtype, the kernel multiplied
         by ``factor`` (see posterior.py) when one is given."""
+
+    def flow_gammas(self) -> tuple[float, float]:
+        """(gamma_0, gamma_1): the noise levels gamma = log((1 - abar) / abar) = -log SNR, q(x | x_0) =
+        N(x_0 sqrt(abar), (1 - abar) I), where the probability-flow ODE starts (the data's end) and
+        ends (the prior's); gamma is the ODE's time. Only Gaussian processes have one (a ValueError here)."""
+        raise ValueError(f"the probability-flow ODE is for Gaussian diffusion; a {type(self).__name__} has none")
+
+    def flow_drift(self, model, x: Tensor, gamma: Tensor) -> Tensor:
+        """dx/dgamma of the probability-flow ODE at the state ``x`` (float64) and noise level ``gamma``
+        (0-d), differentiable in x, with the network ``model``."""
+        raise NotImplementedError
+
+    def flow_prior_log_prob(self, x: Tensor) -> Tensor:
+        """log p(x_{gamma_1}) per example: the prior density where the flow ends."""
+        raise NotImplementedError

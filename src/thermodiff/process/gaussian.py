@@ -21,8 +21,9 @@ from thermodiff.process.distributions import (
     gaussian_entropy,
     gaussian_kl,
     gaussian_log_prob,
+    standard_normal_log_prob,
 )
-from thermodiff.process.schedules import Schedule
+from thermodiff.process.schedules import Schedule, invert_increasing, monotone_cubic
 from thermodiff.process.tensors import gather, sum_except_batch
 
 
@@ -110,6 +111,21 @@ class GaussianChain(Process):
         if t == 1 and self.decoder is Decoder.DISCRETIZED:
             x = self.bins.snap(x)  # a Gaussian draw snapped to its bin is a draw of the discretised decoder
         return x.to(x_t.dtype)
+
+    def flow_drift(self, model, x: Tensor, gamma: Tensor) -> Tensor:
+        """dx/dgamma of the probability-flow ODE of the VP-SDE (Song et al. 2021, Eq. 13 with the
+        VP-SDE of its Eq. 11), float64, in the noise level gamma = log(sigma^2 / alpha^2) = -log SNR
+        as the time: with alpha^2 = sigmoid(-gamma) the drift in any time u, -beta(u) (x + score) / 2
+        with beta(u) = -d log alpha^2 / du, is dx/dgamma = -(sigma^2 x + sigma^2 score) / 2 =
+        -(sigma^2 x - sigma eps_hat) / 2, score = -eps_hat / sigma. Smooth in gamma whatever the
+        schedule (its time enters only through the network's time input), so an adaptive solver
+        sees no kinks of an interpolated table. A subclass gives :meth:`flow_eps`."""
+        sigma2 = torch.sigmoid(gamma)
+        return -0.5 * (sigma2 * x - sigma2.sqrt() * self.flow_eps(model, x, gamma))
+
+    def flow_prior_log_prob(self, x: Tensor) -> Tensor:
+        """log p(x_T) = log N(x_T; 0, I) per example, where the flow ends."""
+        return sum_except_batch(standard_normal_log_prob(x.double()))
 
     def diffuse_observation(self, y: Tensor, noise_var: float, generator: torch.Generator | None = None) -> tuple[int, Tensor]:
         """An observation y = x_0 + N(0, s^2 I) as a forward-process state: x_t / sqrt(abar_t) =
@@ -236,11 +252,10 @@ class GaussianDiffusion(GaussianChain, DiscreteTimeProcess):
         log_small, log_large = (gather(table, t, var) for table in self.log_variance_range())
         return (torch.log(var) - log_small) / (log_large - log_small)
 
-    def mean_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+    @staticmethod
+    def mean_from_eps(x_t: Tensor, beta: Tensor, one_minus_abar: Tensor, eps: Tensor) -> Tensor:
         """mu = (x_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(1 - beta_t) (Ho et al. 2020, Eq. 11):
         the posterior mean at the x_0 that the noise prediction implies."""
-        beta = gather(self.schedule.betas(), t, x_t)
-        one_minus_abar = gather(-torch.expm1(self.log_alphas_cumprod()), t, x_t)
         return (x_t - beta / one_minus_abar.sqrt() * eps) / (1 - beta).sqrt()
 
     def eps_from_prediction(self, x_t: Tensor, t: Tensor, out: Tensor, prediction: Prediction,
@@ -262,36 +277,82 @@ class GaussianDiffusion(GaussianChain, DiscreteTimeProcess):
         x0 = ((x_t - s * eps) / a).clamp(-clip_x0, clip_x0)
         return (x_t - a * x0) / s
 
+    @staticmethod
+    def eps_from_mean(x_t: Tensor, beta: Tensor, one_minus_abar: Tensor, mean: Tensor) -> Tensor:
+        """The noise whose :meth:`mean_from_eps` is ``mean``: any reverse kernel's mean read as a
+        prediction of the noise of x_t, so of the score -eps / sqrt(1 - abar_t)."""
+        return (x_t - (1 - beta).sqrt() * mean) * one_minus_abar.sqrt() / beta
+
+    def kernel_mean(self, z: Tensor, x_t: Tensor, beta: Tensor, one_minus_abar: Tensor) -> Tensor:
+        """The reverse kernel's mean from the network output ``z`` (float64) at a step of ``beta``
+        from x_t at the noise level ``1 - abar`` (per example, broadcastable against x_t)."""
+        P = self.parameterization
+        if P is GaussianParameterization.REFERENCE:
+            return x_t * (1 - beta).sqrt() + z[:, 0] * beta.sqrt()  # z = 0: the forward kernel's mean
+        if P is GaussianParameterization.PAPER:
+            var = self.paper_variance(z, beta)
+            return (x_t - z[:, 0]) * (1 - var) + z[:, 0]  # paper Eq. 64
+        if P is GaussianParameterization.EPS_RESIDUAL:
+            # N(0, I) data have E[eps | x_t] = sqrt(1 - abar_t) x_t, so z = 0 gives their exact reverse
+            return self.mean_from_eps(x_t, beta, one_minus_abar, one_minus_abar.sqrt() * x_t + z[:, 0])
+        return self.mean_from_eps(x_t, beta, one_minus_abar, z[:, 0])
+
+    @staticmethod
+    def paper_variance(z: Tensor, beta: Tensor) -> Tensor:
+        """Sigma = sigmoid(z_Sigma + logit beta_t) (paper Eq. 65)."""
+        return torch.sigmoid(z[:, 1] + torch.logit(beta))
+
     def p_mean_var(self, model, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """Mean and variance of the reverse kernel p(x_{t-1} | x_t) from the network output."""
         z = model(x_t, t).double()
         beta = gather(self.schedule.betas(), t, x_t)
-        x_t = x_t.double()
+        one_minus_abar = gather(-torch.expm1(self.log_alphas_cumprod()), t, x_t)
+        mean = self.kernel_mean(z, x_t.double(), beta, one_minus_abar)
         P = self.parameterization
         if P is GaussianParameterization.REFERENCE:
-            # z = 0 gives the forward kernel's mean and variance; z_Sigma is scaled by sqrt(T)
-            # so that its effect is commensurate with z_mu's.
+            # z_Sigma is scaled by sqrt(T) so that its effect is commensurate with z_mu's
             var = torch.sigmoid(z[:, 1] / self.T**0.5 + torch.logit(beta))
-            mean = x_t * (1 - beta).sqrt() + z[:, 0] * beta.sqrt()
         elif P is GaussianParameterization.PAPER:
-            var = torch.sigmoid(z[:, 1] + torch.logit(beta))  # paper Eq. 65
-            mean = (x_t - z[:, 0]) * (1 - var) + z[:, 0]  # paper Eq. 64
+            var = self.paper_variance(z, beta)
         elif P is GaussianParameterization.EPS_RESIDUAL:
-            # N(0, I) data have E[eps | x_t] = sqrt(1 - abar_t) x_t and reverse variance beta_t, so
-            # z = 0 gives the forward kernel, their exact reverse; z[:, 0] corrects the noise
-            # prediction, z[:, 1] moves log Sigma towards log beta-tilde (at -1) and beyond
-            one_minus_abar = gather(-torch.expm1(self.log_alphas_cumprod()), t, x_t)
-            mean = self.mean_from_eps(x_t, t, one_minus_abar.sqrt() * x_t + z[:, 0])
-            var = self.interpolated_variance(1 + z[:, 1], t)
+            var = self.interpolated_variance(1 + z[:, 1], t)  # z[:, 1] moves log Sigma towards log beta-tilde (at -1)
+        elif P is GaussianParameterization.EPS_LEARNED_VAR:
+            var = self.interpolated_variance((z[:, 1] + 1) / 2, t)  # v in [-1, 1] maps to [0, 1]
         else:
-            mean = self.mean_from_eps(x_t, t, z[:, 0])
-            if P is GaussianParameterization.EPS_LEARNED_VAR:
-                var = self.interpolated_variance((z[:, 1] + 1) / 2, t)  # v in [-1, 1] maps to [0, 1]
-            else:
-                log_small, log_large = self.log_variance_range()
-                log_var = log_large if self.eps_variance is FixedVariance.BETA else log_small
-                var = gather(log_var, t, x_t).exp().expand_as(mean)
+            log_small, log_large = self.log_variance_range()
+            log_var = log_large if self.eps_variance is FixedVariance.BETA else log_small
+            var = gather(log_var, t, x_t).exp().expand_as(mean)
         return mean, var
+
+    def flow_gammas(self) -> tuple[float, float]:
+        """gamma = log((1 - abar) / abar) at the first step (the bound's resolution beta_1) and the last."""
+        log_abar = self.log_alphas_cumprod().detach()[[0, -1]]
+        gamma = torch.log(-torch.expm1(log_abar)) - log_abar
+        return float(gamma[0]), float(gamma[1])
+
+    def continuous_log_alpha_bar(self, u: Tensor) -> Tensor:
+        """log abar(u) at continuous steps u in [0, T]: the chain's VP-SDE limit, whose beta(u) =
+        -d log abar / du is continuous, with abar(t) = abar_t at every step t (the
+        :func:`monotone_cubic` through log abar_0 = 0, log abar_1, ..., log abar_T)."""
+        log_abar = self.log_alphas_cumprod().detach()
+        return monotone_cubic(torch.cat([log_abar.new_zeros(1), log_abar]), u)
+
+    def flow_eps(self, model, x: Tensor, gamma: Tensor) -> Tensor:
+        """The noise prediction at the noise level ``gamma`` (0-d): at the continuous step u where
+        :meth:`continuous_log_alpha_bar` has it, the network called at the continuous time
+        (u - 1) / (T - 1) that step u stands for, and its kernel's mean read as noise
+        (:meth:`eps_from_mean`) for the step from u to u - 1 (beta = 1 - abar(u) / abar(u - 1)),
+        so every parameterisation gives its score; at an integer u, the kernel of step u."""
+        def gamma_at(u: Tensor) -> Tensor:
+            log_abar = self.continuous_log_alpha_bar(u)
+            return torch.log(-torch.expm1(log_abar)) - log_abar
+
+        u = invert_increasing(gamma_at, gamma, 1.0, float(self.T))
+        log_abar = self.continuous_log_alpha_bar(u)
+        beta = -torch.expm1(log_abar - self.continuous_log_alpha_bar(u - 1))
+        one_minus_abar = -torch.expm1(log_abar)
+        z = model(x, ((u - 1) / (self.T - 1)).expand(len(x)).to(x.device)).double()
+        return self.eps_from_mean(x, beta, one_minus_abar, self.kernel_mean(z, x, beta, one_minus_abar))
 
     def prior_kl(self, x0: Tensor) -> Tensor:
         """KL(q(x_T | x_0) || p(x_T)) per example. Equals -H_q(X_T|X_0) - E_q log p(x_T); the

@@ -93,6 +93,10 @@ class RespacedDiffusion(GaussianDiffusion):
         self.register_buffer("skips", torch.diff(steps, prepend=steps.new_zeros(1)) > 1)
         self.to(base.schedule.betas().device)
 
+    def flow_gammas(self) -> tuple[float, float]:
+        """None: the network's ODE is the full chain's (see GaussianDiffusion.flow_eps)."""
+        raise ValueError("the probability-flow ODE is the trained chain's continuous-time limit; respacing does not apply")
+
     def p_mean_var(self, model, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """The kernel that draws x_{s_{k-1}} from x_{s_k}, k = ``t`` (see the module's docstring)."""
         original = self.timesteps[t - 1]

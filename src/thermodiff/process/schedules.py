@@ -118,3 +118,33 @@ def make_schedule(kind: str | ScheduleKind, T: int, beta_1: float | None = None)
         if beta_1 is not None:
             betas[0] = beta_1
     return Schedule(betas, learn=kind is ScheduleKind.LEARNED)
+
+
+def monotone_cubic(knots: Tensor, u: Tensor) -> Tensor:
+    """The monotone piecewise-cubic Hermite interpolant of ``knots`` (values at u = 0, 1, ..., n - 1)
+    at ``u`` (float64): Fritsch and Butland's slopes, the harmonic mean of the neighbouring secants
+    where they agree in sign and 0 where they do not (Fritsch and Carlson 1980, SIAM J. Numer. Anal.
+    17), so the curve passes through every knot, has a continuous derivative, and never turns back
+    between monotone knots. It gives a discrete table a continuous time (see
+    GaussianDiffusion.continuous_log_alpha_bar)."""
+    secants = torch.diff(knots)
+    left, right = secants[:-1], secants[1:]
+    agree = left * right > 0
+    inner = torch.where(agree, 2 * left * right / torch.where(agree, left + right, torch.ones_like(left)), 0.0)
+    slopes = torch.cat([secants[:1], inner, secants[-1:]])
+    k = u.double().floor().clamp(0, len(knots) - 2).long()
+    h = u.double() - k
+    return ((2 * h**3 - 3 * h**2 + 1) * knots[k] + (h**3 - 2 * h**2 + h) * slopes[k]
+            + (3 * h**2 - 2 * h**3) * knots[k + 1] + (h**3 - h**2) * slopes[k + 1])
+
+
+def invert_increasing(f, y: Tensor, low: float, high: float, rounds: int = 5, points: int = 256) -> Tensor:
+    """The u in [low, high] at which the increasing function ``f`` (vectorised over float64 u)
+    equals ``y`` (0-d): ``rounds`` times, the bracket split into ``points`` intervals and the one
+    holding y kept (to 256^-5 ~ 1e-12 of the interval by default, in 5 calls of f): a continuous
+    time for a noise level."""
+    for _ in range(rounds):
+        grid = torch.linspace(low, high, points + 1, dtype=torch.float64, device=y.device)
+        k = int(torch.searchsorted(f(grid), y.reshape(1)).clamp(1, points))
+        low, high = float(grid[k - 1]), float(grid[k])
+    return torch.tensor((low + high) / 2, dtype=torch.float64, device=y.device)

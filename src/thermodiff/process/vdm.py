@@ -34,7 +34,7 @@ from thermodiff.process.bound import BoundEstimate
 from thermodiff.process.contract import Decoder
 from thermodiff.process.distributions import gaussian_entropy, gaussian_kl, standard_normal_log_prob
 from thermodiff.process.gaussian import GaussianChain
-from thermodiff.process.schedules import Schedule
+from thermodiff.process.schedules import Schedule, invert_increasing
 from thermodiff.process.tensors import per_example, sum_except_batch
 
 GAMMA_0 = -13.3  # VDM's initial gamma(0) and gamma(1) (its released code's gamma_min, gamma_max)
@@ -250,6 +250,17 @@ class VDM(GaussianChain):
         if t == 1:
             return x_hat, self.decoder_variance().expand_as(x_hat)
         return self.q_posterior(x_hat, x_t, torch.full((len(x_t),), t, device=x_t.device))
+
+    def flow_gammas(self) -> tuple[float, float]:
+        """gamma(0) (the resolution gamma_0) and gamma(1)."""
+        gamma = self.gamma(torch.tensor([0.0, 1.0], dtype=torch.float64, device=self.gamma.gamma_0.device)).detach()
+        return float(gamma[0]), float(gamma[1])
+
+    def flow_eps(self, model, x: Tensor, gamma: Tensor) -> Tensor:
+        """The network's noise prediction at z_s = ``x``, at the time s where gamma(s) = ``gamma`` (0-d)."""
+        with torch.no_grad():
+            s = invert_increasing(self.gamma, gamma, 0.0, 1.0)
+        return self.eps_hat(model, x, s.expand(len(x)).to(x.device), x.dtype)
 
     def prior_kl(self, x0: Tensor) -> Tensor:
         """KL(q(z_1 | x) || N(0, I)) per example."""

@@ -1,6 +1,7 @@
 """Evaluate a trained run: the exact bound K on held-out data, in the units the paper reports,
 with how it was measured."""
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -9,6 +10,7 @@ from tqdm import tqdm
 from thermodiff.errors import UserError
 from thermodiff.process.bound import BoundEstimate, exact_bound, standard_error
 from thermodiff.process.gaussian import GaussianParameterization
+from thermodiff.process.ode import ATOL, METHOD, RTOL, Trace, flow_log_likelihood
 from thermodiff.process.respace import respaced_process
 from thermodiff.process.tensors import LN2
 from thermodiff.run.autoconfig import default_t_samples
@@ -89,6 +91,56 @@ def evaluate_baseline(run: Run, n_draws: int, max_examples: int, seed: int, spli
                      "K_iw_stderr_bits": standard_error(iw, LN2)}
 
 
+@dataclass(frozen=True)
+class OdeOptions:
+    """How ``evaluate --ode`` integrates the probability-flow ODE (thermodiff.process.ode)."""
+
+    rtol: float = RTOL
+    atol: float = ATOL
+    trace: Trace = Trace.HUTCHINSON
+
+
+def ode_report(run: Run, test, options: OdeOptions, batch_size: int, seed: int) -> dict:
+    """The exact log-likelihood of the run's probability-flow ODE on ``test`` (original units): per
+    example log p in bits of the model's input, in original units, and for images as an NLL of the
+    8-bit data per dimension, with the standard error over examples (which holds the dequantisation
+    and Hutchinson noise: one draw of each per example), the solver's evaluations and tolerances,
+    and log p per example in original units (``ode_per_example_original_units_bits``)."""
+    generator = torch.Generator().manual_seed(seed)
+    x, log_volume = run.dataset.to_model_density(test, generator)
+    start, per_example, nfe = time.perf_counter(), [], []
+    for batch in torch.split(x, batch_size):
+        result = flow_log_likelihood(run.diffusion, run.model, batch, options.rtol, options.atol,
+                                     options.trace, generator)
+        per_example.append(result.per_example.cpu())
+        nfe.append(result.nfe)
+    per_example = torch.cat(per_example)
+    require_finite_bound(per_example, str(run.path), "the ODE log-likelihood")
+    dataset, dim = run.dataset, run.dataset.dim
+    original = per_example / LN2 + (dataset.log_det() + log_volume) / LN2
+    discrete = dataset.dequantize or dataset.lattice is not None
+    report = {
+        "ode_log_likelihood_bits": float(per_example.mean()) / LN2,
+        "ode_stderr_bits": standard_error(per_example, LN2),
+        "ode_log_likelihood_original_units_bits": float(original.mean()),
+        "ode_bound": "discrete: uniform dequantisation, a lower bound on log P of the values" if discrete else None,
+        "ode_n_examples": len(per_example),
+        "ode_trace": options.trace.value,
+        "ode_solver": f"torchdiffeq {METHOD}",
+        "ode_rtol": options.rtol,
+        "ode_atol": options.atol,
+        "ode_nfe": sum(nfe),
+        "ode_nfe_per_batch": nfe,
+        "ode_gammas": list(run.diffusion.flow_gammas()),
+        "ode_wall_s": time.perf_counter() - start,
+        "ode_per_example_original_units_bits": original.tolist(),
+    }
+    if dataset.is_image:
+        report |= {"ode_nll_bits_per_dim": -float(original.mean()) / dim,
+                   "ode_nll_stderr_bits_per_dim": _per(report["ode_stderr_bits"], dim)}
+    return report
+
+
 def estimator_name(estimate) -> str:
     """How a bound was computed, for reports."""
     if estimate.t_samples is None:
@@ -134,17 +186,20 @@ def measure_bound(diffusion, model, dataset, test, n_draws: int, t_samples: int,
 
 def evaluate(run: Run, n_draws: int | None = None, max_examples: int | None = None, seed: int = 0,
              progress: bool = True, split_name: str = "test", respace_to: int | str | None = None,
-             t_samples: int | None = None, per_example: bool = False) -> dict:
+             t_samples: int | None = None, per_example: bool = False, ode: OdeOptions | None = None) -> dict:
     """K, K - L_null (bits per sample and per dimension), K in the data's original units, and
     the per-timestep terms, on the run's test split (or the data that replaced it). With
     ``respace_to`` (see :func:`thermodiff.process.respace.respaced_timesteps`), of the respaced chain.
     ``t_samples`` (default ``eval.t_samples``): steps per example of an unbiased stratified
     estimate, 0 for the exact sum over every step. ``per_example``: also K of every example, in bits
-    in the data's original units (``per_example_original_units_bits``)."""
+    in the data's original units (``per_example_original_units_bits``), and with ``ode`` its log p. ``ode``: also the exact
+    log-likelihood through the probability-flow ODE on the same examples (:func:`ode_report`)."""
     cfg = run.config
     n_draws = n_draws or cfg.eval.n_draws
     max_examples = max_examples if max_examples is not None else cfg.eval.max_examples
     if cfg.baseline.kind:  # not a diffusion (baselines.py)
+        if ode is not None:
+            raise UserError(f"{run.path}: --ode is for diffusion runs; a {cfg.baseline.kind} has no probability-flow ODE")
         return require_finite(evaluate_baseline(run, n_draws, max_examples, seed, split_name), str(run.path))
     if t_samples is None:
         t_samples = cfg.eval.t_samples if cfg.eval.t_samples != AUTO else default_t_samples(run.dataset.is_image)
@@ -187,6 +242,13 @@ def evaluate(run: Run, n_draws: int | None = None, max_examples: int | None = No
         result |= {"T_trained": run.diffusion.T, "respaced_timesteps": diffusion.timesteps.tolist()}
     if per_example:
         result["per_example_original_units_bits"] = (estimate.per_example / LN2 + report["log_det_scaling_bits"]).tolist()
+    if ode is not None:
+        try:
+            result |= ode_report(run, test, ode, cfg.eval.batch_size, seed)
+            if not per_example:
+                del result["ode_per_example_original_units_bits"]
+        except ValueError as e:  # a process without the ODE, a network that takes integer steps only
+            raise UserError(f"{run.path}: --ode: {e}") from None
     if paper_row(cfg) is not None and split_name == "test":
         result["paper"] = paper_row(cfg)
     return require_finite(result, str(run.path))

@@ -120,6 +120,12 @@ def describe_evaluation(r: dict) -> str:
                      f"K - L_null = {r['K_minus_L_null_bits_per_pixel']:.4f} bits/pixel")
     if r.get("nll_bits_per_dim") is not None:
         lines.append(f"  NLL bound of the 8-bit data ({r['nll_bound']}) = {r['nll_bits_per_dim']:.4f} bits/dim")
+    if "ode_log_likelihood_bits" in r:
+        nll = f", NLL {r['ode_nll_bits_per_dim']:.4f} bits/dim" if "ode_nll_bits_per_dim" in r else ""
+        lines.append(f"  ODE log-likelihood = {r['ode_log_likelihood_bits']:.4f}{plus_minus(r['ode_stderr_bits'], '.4f')} "
+                     f"{r['unit']} ({r['ode_log_likelihood_original_units_bits']:.4f} in original units{nll}; "
+                     f"{r['ode_n_examples']} examples, {r['ode_trace']} trace, {r['ode_nfe']} evaluations, "
+                     f"rtol {r['ode_rtol']:g}, atol {r['ode_atol']:g})")
     for label, key, _ in COMPARED:
         if key in r.get("paper", {}):
             lines.append(f"  paper: {label} = {r['paper'][key]} ({key})")
