@@ -203,7 +203,7 @@ def _plot(run_dir: str, out_dir: str | None, quiet: bool, overwrite: bool) -> tu
     evaluation = reports.read_evaluation(evaluation_path) if evaluation_path.exists() else None  # damaged: refused now
     out.mkdir(parents=True, exist_ok=True)
     written = [draw(run, out / name) for draw, name in figures]
-    if evaluation is None and bound:
+    if (evaluation is None or "entropy" not in evaluation) and unavailable is None:  # none, or one from before the entropies
         evaluation = evaluate(run, n_draws=1, max_examples=1000, progress=not quiet)
     if bound:
         written.append(plotting.bound_terms(evaluation, out / "bound.png"))

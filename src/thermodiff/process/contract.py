@@ -9,8 +9,8 @@ Two levels:
   it offers besides (``dequantizes``, ``binary``, ``continuous_time``, ``stationary_p``).
 - :class:`Process`: a diffusion process of T steps (gaussian.py, binomial.py, vdm.py, and the
   respaced chains of respace.py): the forward process, the terms of the bound K (paper Eq. 14)
-  that bound.exact_bound sums, the reverse kernels that sampling.ancestral_sample runs, and the
-  null model that K is compared with.
+  that bound.exact_bound sums, the reverse kernels that sampling.ancestral_sample runs, the
+  null model that K is compared with, and the paper's bounds on each reverse step's entropy.
 
 A network is any callable ``model(x_t, t) -> z`` with ``z`` of shape
 ``(N, outputs_per_dim, *x.shape[1:])``; it is passed to the methods, never held by the process.
@@ -152,3 +152,14 @@ class Process(Trainable):
     def p_sample(self, model, x_t: Tensor, t: int, generator: torch.Generator | None = None, factor=None) -> Tensor:
         """A draw of x_{t-1} from :meth:`step_distribution`, in x_t's dtype, the kernel multiplied
         by ``factor`` (see posterior.py) when one is given."""
+
+    @abstractmethod
+    def reverse_entropy_bounds(self, x0: Tensor) -> tuple[Tensor, Tensor]:
+        """(lower, upper) bounds on H_q(X_{t-1} | X_t), t = 2..T (each (T - 1,), nats per example,
+        float64), in closed form from the forward process (paper section 2.6; entropy.py) for data
+        like ``x0`` (N, ...): their shape, and for binary data their frequency of a 1 per dimension."""
+
+    @abstractmethod
+    def kernel_entropy(self, model, x_t: Tensor, t: int) -> Tensor:
+        """The entropy of the learned reverse kernel p(x_{t-1} | x_t) (:meth:`step_distribution`)
+        at each x_t, nats per example (N,), float64."""

@@ -22,6 +22,7 @@ from thermodiff.process.distributions import (
     gaussian_kl,
     gaussian_log_prob,
 )
+from thermodiff.process.entropy import reverse_entropy_bounds
 from thermodiff.process.schedules import Schedule
 from thermodiff.process.tensors import gather, sum_except_batch
 
@@ -101,6 +102,22 @@ class GaussianChain(Process):
         if t == 1 and self.decoder is Decoder.DISCRETIZED:
             x = self.bins.snap(x)  # a Gaussian draw snapped to its bin is a draw of the discretised decoder
         return x.to(x_t.dtype)
+
+    def reverse_entropy_bounds(self, x0: Tensor) -> tuple[Tensor, Tensor]:
+        """The paper's bounds on H_q(X_{t-1} | X_t), t = 2..T (entropy.reverse_entropy_bounds), per
+        example: per dimension H_q(X_t|X_{t-1}) = h(beta_t) and H_q(X_t|X_0) = h(1 - abar_t), h(v) the
+        entropy of N(., v) (PAPER.md section 3), the same for any data. The lower bound is h of
+        q(x_{t-1}|x_t,x_0)'s variance beta-tilde_t, the upper h(beta_t)."""
+        log_abar = self.log_alphas_cumprod().detach()
+        lower, upper = reverse_entropy_bounds(gaussian_entropy(self.schedule.betas().detach()),
+                                              gaussian_entropy(-torch.expm1(log_abar)))
+        dim = x0[0].numel()
+        return dim * lower, dim * upper
+
+    def kernel_entropy(self, model, x_t: Tensor, t: int) -> Tensor:
+        """The entropy of p(x_{t-1} | x_t) per example: h of its variance Sigma(x_t, t), summed."""
+        _, var = self.step_distribution(model, x_t, t)
+        return sum_except_batch(gaussian_entropy(var))
 
     def diffuse_observation(self, y: Tensor, noise_var: float, generator: torch.Generator | None = None) -> tuple[int, Tensor]:
         """An observation y = x_0 + N(0, s^2 I) as a forward-process state: x_t / sqrt(abar_t) =
