@@ -205,6 +205,7 @@ def test_a_fixed_variance_kernel_lies_on_a_bound_and_is_not_flagged(variance, si
                                D * normal_entropy(var).expand(50), rtol=1e-12, atol=1e-12)
     report = entropy_report(process, constant_net([0.3, 0.0]), x0, list(range(2, 11)), 16)
     assert report["n_outside"] == 0 and report["n_steps"] == 9 and report["n_bounds_crossed"] == 0
+    assert report["largest_excursion_bits"] == 0.0 and report["largest_excursion_t"] is None
     for step in report["per_step"]:
         assert step["kernel_bits"] == pytest.approx([step["lower_bits"], step["upper_bits"]][side], rel=1e-9, abs=1e-9)
         assert step["kernel_stderr_bits"] < 1e-12  # the same variance at every x_t
@@ -221,7 +222,7 @@ def test_a_kernel_outside_the_bounds_is_flagged(z_sigma, where):
     # sigmoid(z / sqrt(T) + logit(beta)): the variance the parameterisation gives, from torch.distributions
     var = torch.sigmoid(torch.tensor(z_sigma / 8**0.5, dtype=torch.float64) + torch.logit(process.schedule.betas()[4]))
     torch.testing.assert_close(kernel, D * normal_entropy(var).expand(40), rtol=1e-12, atol=1e-12)
-    largest = max(report["per_step"], key=lambda s: abs(s["excursion_bits"]))
+    largest = max((s for s in report["per_step"] if s["outside"]), key=lambda s: abs(s["excursion_bits"]))
     assert report["largest_excursion_bits"] == largest["excursion_bits"] and (largest["excursion_bits"] > 0) == (where == "above")
 
 

@@ -45,8 +45,8 @@ def entropy_report(diffusion: Process, model, x0: Tensor, steps: list[int], batc
     """Per step t in ``steps``: the paper's lower and upper bounds on H_q(X_{t-1} | X_t) for data like
     ``x0`` (model units), and the entropy of the learned kernel p(x_{t-1} | x_t) averaged over x_t ~
     q(x_t | x_0) from the first :data:`ENTROPY_EXAMPLES` of ``x0`` (one draw each), with its standard
-    error; then how many steps lie outside the bounds (flagged), the largest excursion over all steps,
-    and at how many steps the bounds cross (lower > upper: the upper bound's premise, a marginal
+    error; then how many steps lie outside the bounds (flagged), the largest excursion among them (0
+    when none is), and at how many steps the bounds cross (lower > upper: the upper bound's premise, a marginal
     entropy that never falls, fails there). Bits per example."""
     lower, upper = (b.cpu() for b in diffusion.reverse_entropy_bounds(x0))
     x0, dim = x0[:ENTROPY_EXAMPLES], x0[0].numel()
@@ -56,7 +56,7 @@ def entropy_report(diffusion: Process, model, x0: Tensor, steps: list[int], batc
             (len(batch),), t, device=batch.device), generator), t).cpu() for batch in torch.split(x0, batch_size)])
         per_step.append(step_record(t, float(lower[t - 2]), float(upper[t - 2]), kernel, dim))
     outside = [s for s in per_step if s["outside"]]
-    largest = max(per_step, key=lambda s: abs(s["excursion_bits"]))
+    largest = max(outside, key=lambda s: abs(s["excursion_bits"]), default={"excursion_bits": 0.0, "t": None})
     return {"unit": "bits/example (model units)", "n_examples": len(x0), "n_steps": len(per_step),
             "n_outside": len(outside), "n_above": sum(s["excursion_bits"] > 0 for s in outside),
             "n_below": sum(s["excursion_bits"] < 0 for s in outside),

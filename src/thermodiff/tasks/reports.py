@@ -135,7 +135,7 @@ def describe_entropy(e: dict) -> str:
     """The reverse kernels' entropies against the paper's bounds (tasks/entropy.py), in one or two lines."""
     largest = (f"; largest excursion {e['largest_excursion_bits']:+.4g} bits at t = {e['largest_excursion_t']}"
                f" ({'above the upper' if e['largest_excursion_bits'] > 0 else 'below the lower'} bound)"
-               if e["largest_excursion_bits"] else "")
+               if e["n_outside"] else "")
     line = (f"  reverse-kernel entropy: {e['n_outside']} of {e['n_steps']} steps outside the paper's bounds on "
             f"H_q(X_t-1|X_t) ({e['n_above']} above, {e['n_below']} below; {e['n_examples']} examples){largest}")
     if e["n_bounds_crossed"]:
