@@ -1,6 +1,8 @@
 """The entropy of each learned reverse kernel set against the paper's bounds on H_q(X_{t-1} | X_t)
 (section 2.6; process/entropy.py), step by step, for ``thermodiff evaluate``."""
 
+from collections.abc import Iterable
+
 import torch
 from torch import Tensor
 
@@ -40,7 +42,7 @@ def step_record(t: int, lower: float, upper: float, kernel: Tensor, dim: int) ->
 
 
 @torch.no_grad()
-def entropy_report(diffusion: Process, model, x0: Tensor, steps: list[int], batch_size: int,
+def entropy_report(diffusion: Process, model, x0: Tensor, steps: Iterable[int], batch_size: int,
                    generator: torch.Generator | None = None) -> dict:
     """Per step t in ``steps``: the paper's lower and upper bounds on H_q(X_{t-1} | X_t) for data like
     ``x0`` (model units), and the entropy of the learned kernel p(x_{t-1} | x_t) averaged over x_t ~

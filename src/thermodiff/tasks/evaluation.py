@@ -158,8 +158,9 @@ def evaluate(run: Run, n_draws: int | None = None, max_examples: int | None = No
         result["continuous_time"] = bound_report(run.dataset, continuous.per_example, null) | {
             "n_draws": n_draws, "terms_bits": (continuous.terms / LN2).tolist()}
     # after the bounds, so that their draws (and figures) are those of an evaluation without it
-    result["entropy"] = entropy_report(diffusion, run.model, x, entropy_steps(diffusion.T, estimate.t_samples),
-                                       cfg.eval.batch_size, generator)
+    steps = tqdm(entropy_steps(diffusion.T, estimate.t_samples), desc="entropy", unit="step", disable=not progress,
+                 leave=False, mininterval=1.0)
+    result["entropy"] = entropy_report(diffusion, run.model, x, steps, cfg.eval.batch_size, generator)
     if run.diffusion.parameterization is GaussianParameterization.EPS:
         result["eps_variance"] = run.diffusion.eps_variance.value
     if respace_to is not None:
