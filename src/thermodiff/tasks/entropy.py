@@ -43,15 +43,15 @@ def step_record(t: int, lower: float, upper: float, kernel: Tensor, dim: int) ->
 
 @torch.no_grad()
 def entropy_report(diffusion: Process, model, x0: Tensor, steps: Iterable[int], batch_size: int,
-                   generator: torch.Generator | None = None) -> dict:
+                   generator: torch.Generator | None = None, examples: int = ENTROPY_EXAMPLES) -> dict:
     """Per step t in ``steps``: the paper's lower and upper bounds on H_q(X_{t-1} | X_t) for data like
     ``x0`` (model units), and the entropy of the learned kernel p(x_{t-1} | x_t) averaged over x_t ~
-    q(x_t | x_0) from the first :data:`ENTROPY_EXAMPLES` of ``x0`` (one draw each), with its standard
+    q(x_t | x_0) from the first ``examples`` of ``x0`` (one draw each), with its standard
     error; then how many steps lie outside the bounds (flagged), the largest excursion among them (0
     when none is), and at how many steps the bounds cross (lower > upper: the upper bound's premise, a marginal
     entropy that never falls, fails there). Bits per example."""
     lower, upper = (b.cpu() for b in diffusion.reverse_entropy_bounds(x0))
-    x0, dim = x0[:ENTROPY_EXAMPLES], x0[0].numel()
+    x0, dim = x0[:examples], x0[0].numel()
     per_step = []
     for t in steps:
         kernel = torch.cat([diffusion.kernel_entropy(model, diffusion.q_sample(batch, torch.full(
