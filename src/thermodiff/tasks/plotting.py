@@ -191,8 +191,7 @@ def entropy_panel(entropy: dict, ax) -> None:
         ax.scatter(t[out], column["kernel_bits"][out] - upper[out], color="red", s=14, zorder=3, label="outside the bounds")
     ax.set_xlabel("t")
     ax.set_ylabel(f"entropy - upper bound H_q(X_t|X_{{t-1}})  [{entropy['unit']}]", fontsize=8)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="lower left")
     largest = (f" (largest excursion {entropy['largest_excursion_bits']:+.3g} bits at t = {entropy['largest_excursion_t']})"
                if entropy["n_outside"] else "")
-    ax.set_title(f"reverse-kernel entropy: {entropy['n_outside']} of {entropy['n_steps']} steps outside the bounds{largest}",
-                 fontsize=9)
+    ax.set_title(f"kernel entropy: {entropy['n_outside']} of {entropy['n_steps']} steps outside the bounds{largest}", fontsize=9)
