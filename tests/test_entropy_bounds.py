@@ -211,6 +211,25 @@ def test_a_fixed_variance_kernel_lies_on_a_bound_and_is_not_flagged(variance, si
         assert step["kernel_stderr_bits"] < 1e-12  # the same variance at every x_t
 
 
+def test_vdm_and_respaced_kernels_against_the_bounds_of_their_own_chains():
+    """VDM's kernel q(z_s|z_u, x = x_hat) has the forward posterior's variance: on the lower bound of its
+    chain, unflagged. A respaced eps kernel with variance beta (MOMENTS rule, no x_0 uncertainty added
+    beyond the base's) has entropies within the respaced chain's bounds."""
+    x0 = torch.randn(30, D, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    vdm = VDM(10, schedule="linear")
+    report = entropy_report(vdm, constant_net([0.0]), x0, list(range(2, 11)), 30)
+    assert report["n_outside"] == 0
+    for step in report["per_step"]:
+        assert step["kernel_bits"] == pytest.approx(step["lower_bits"], rel=1e-9, abs=1e-9)
+    base = GaussianDiffusion(make_schedule("linear", 40), GaussianParameterization.EPS, eps_variance=FixedVariance.BETA)
+    respaced = base.respaced([1, 5, 10, 20, 30, 40], "moments")
+    betas, abar = tables(respaced)
+    lower, upper = respaced.reverse_entropy_bounds(x0)
+    torch.testing.assert_close(lower, D * normal_entropy(betas[1:] * (1 - abar[:-1]) / (1 - abar[1:])), rtol=1e-9, atol=1e-9)
+    report = entropy_report(respaced, constant_net([0.0, 0.0]), x0, list(range(2, 7)), 30)
+    assert report["n_steps"] == 5 and report["n_outside"] == 0
+
+
 @pytest.mark.parametrize("z_sigma, where", [(30.0, "above"), (-30.0, "below")])
 def test_a_kernel_outside_the_bounds_is_flagged(z_sigma, where):
     """The reference kernel with a variance far above beta_t (or far below beta-tilde_t) at every step."""

@@ -435,7 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     training_flags(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", parents=[common], help="the bound K on held-out data")
+    p = sub.add_parser("evaluate", parents=[common], help="the bound K on held-out data, and each reverse step's entropy "
+                                                          "against the paper's bounds")
     p.add_argument("run_dir")
     p.add_argument("--data", help="evaluate on this array (original units) instead of the test split")
     eval_flags(p)
