@@ -596,3 +596,22 @@ def test_the_bound_is_accumulated_in_float64():
     assert bound.per_example.dtype == bound.terms.dtype == torch.float64
     assert bound.per_example.tolist() == [-(1e8 + 1000)] * 3
     assert float(bound.terms.sum()) == 1e8 + 1000
+
+
+def test_cpu_clock_budget_counts_the_process_cpu_seconds_across_a_resume(tmp_path, monkeypatch):
+    """train.clock = cpu: the budget and elapsed_s count that clock's seconds (here a fake CPU clock
+    that advances one second per training step, so wall time plays no part), and a resume counts on."""
+    seconds, real = [0.0], training.Objective.forward
+
+    def step_costs_a_second(*args, **kwargs):
+        seconds[0] += 1.0
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training.Objective, "forward", step_costs_a_second)
+    monkeypatch.setitem(training.CLOCKS, "cpu", lambda: seconds[0])
+    cfg = _tiny(tmp_path, steps=10**9, max_minutes=0.25, clock="cpu")
+    assert training.train(cfg, tmp_path / "run", progress=False, device="cpu")["steps"] == 15
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.safetensors")[1]["elapsed_s"] == 15.0
+    more = training.train(cfg, tmp_path / "run", resume=True, progress=False, device="cpu", max_minutes=0.5)
+    assert more["steps"] == 30
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.safetensors")[1]["elapsed_s"] == 30.0

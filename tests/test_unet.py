@@ -11,7 +11,7 @@ import torch
 from conftest import write_tiny_images
 
 from thermodiff.cli import main
-from thermodiff.nets.unet import UNET_PRESETS, UNet, UNetOptions, build_unet
+from thermodiff.nets.unet import UNET_PRESETS, AttentionBlock, UNet, UNetOptions, build_unet
 from thermodiff.nets.vector import timestep_embedding
 
 
@@ -72,6 +72,7 @@ def test_timestep_embedding():
     (dict(preset="small", depth=3), "unknown U-Net option"),
     (dict(preset="small", channel_mults=(1, 2, 2, 2), size=12), "divisible by 2^(levels - 1)"),
     (dict(preset="small", base_channels=12), "divisible by groups"),
+    (dict(preset="small", attention_resolutions=(8,), heads=3), "heads 3 must divide the width 32"),
 ])
 def test_bad_options(kwargs, message):
     size = kwargs.pop("size", 16)
@@ -96,10 +97,44 @@ def test_presets_build():
 def test_config_holds_every_option_and_rebuilds_the_network():
     net = build_unet("small", 1, 8, 2, 10, dropout=0.1)
     assert net.config == dict(channels=1, size=8, outputs_per_dim=2, T=10, base_channels=16, channel_mults=[1, 2],
-                              blocks_per_level=1, dropout=0.1, groups=8)
+                              blocks_per_level=1, dropout=0.1, groups=8, attention_resolutions=[], heads=1)
     assert UNET_PRESETS["cpu"] == UNetOptions()
     again = UNet(**net.config)
     again.load_state_dict(net.state_dict())
+
+
+def test_attention_is_softmax_attention_per_head_and_starts_as_the_identity():
+    """AttentionBlock against the attention written out: per head, softmax(q^T k / sqrt(d)) over the
+    pixels, from the normalised input's 1x1 projections; with its zero-initialised output projection
+    the block is the identity."""
+    torch.manual_seed(0)
+    block = AttentionBlock(8, groups=4, heads=2)
+    x = torch.randn(3, 8, 4, 5)
+    assert torch.equal(block(x), x)
+    torch.nn.init.normal_(block.proj.weight)
+    q, k, v = block.qkv(block.norm(x).flatten(2)).chunk(3, dim=1)  # (N, C, pixels) each
+    heads = []
+    for h in range(2):
+        part = slice(4 * h, 4 * h + 4)
+        weights = torch.softmax(q[:, part].transpose(1, 2) @ k[:, part] / 2.0, dim=-1)  # (N, pixels, pixels)
+        heads.append(v[:, part] @ weights.transpose(1, 2))
+    expected = x + block.proj(torch.cat(heads, dim=1)).view_as(x)
+    torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_goes_where_it_is_asked_and_leaves_the_other_names_alone():
+    """improved_cpu: attention after every block at 16 and 8 pixels of a 32-pixel image and in the
+    middle; its other parameters are named as in the same U-Net without attention."""
+    net = build_unet("improved_cpu", 3, 32, 2, 1000)
+    assert sorted(net.attention) == sorted(["down_1_0", "down_1_1", "down_2_0", "down_2_1", "middle",
+                                            "up_0_0", "up_0_1", "up_0_2", "up_1_0", "up_1_1", "up_1_2"])
+    plain = build_unet("improved_cpu", 3, 32, 2, 1000, attention_resolutions=())
+    assert {k for k in net.state_dict() if not k.startswith("attention.")} == set(plain.state_dict())
+    assert 1.6e6 < sum(p.numel() for p in net.parameters()) < 1.7e6
+    randomise_readout(net)
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([1, 900])
+    plain.load_state_dict(net.state_dict(), strict=False)  # attention blocks start as the identity
+    torch.testing.assert_close(net(x, t), plain(x, t))
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,7 @@ _ENTRY_POINTS = {
     "TrainingLoss": "thermodiff.process.bound",
     "ancestral_sample": "thermodiff.process.sampling",
     "build_vector_net": "thermodiff.nets.vector",
+    "eps_model_bound": "thermodiff.tasks.foreign",
     "exact_bound": "thermodiff.process.bound",
     "make_schedule": "thermodiff.process.schedules",
     "respace": "thermodiff.process.respace",

@@ -123,8 +123,38 @@ def _save_beside_run(path: Path, result: dict, command: str) -> None:
 
 
 def cmd_evaluate(args) -> None:
+    if args.diffusers is not None:
+        result = _evaluate_diffusers(args)
+        _emit(args, result, reports.describe_foreign(result))
+        return
+    if args.run_dir is None:
+        raise UserError("give a run directory to evaluate, or --diffusers DIR for a saved diffusers pipeline")
+    if args.data_dir is not None or args.device != "auto":
+        raise UserError("--data-dir and --device are for --diffusers; a run evaluates on its own data, on the CPU")
     result = _evaluate(args.run_dir, args, args.data)
     _emit(args, result, reports.describe_evaluation(result))
+
+
+def _evaluate_diffusers(args) -> dict:
+    """``evaluate --diffusers DIR --data DATA``: the bound of a diffusers model (tasks/foreign.py)."""
+    from thermodiff.run.autoconfig import IMAGE_T_SAMPLES
+    from thermodiff.run.distributed import resolve_device
+    from thermodiff.tasks.foreign import evaluate_diffusers
+
+    given = [flag for flag, value in (("RUN_DIR", args.run_dir), ("--respace", args.respace),
+                                      ("--per-example", args.per_example)) if value is not None]
+    if given:
+        raise UserError(f"--diffusers evaluates a saved diffusers pipeline; drop {', '.join(given)}")
+    if not args.data:
+        raise UserError("--diffusers needs --data: cifar10 or mnist (with --data-dir), a folder of images or an .npz/.npy")
+    for flag, value, least in (("--draws", args.draws, 1), ("--max-examples", args.max_examples, 0),
+                               ("--t-samples", args.t_samples, 0)):
+        if value is not None and value < least:
+            raise UserError(f"{flag} must be at least {least}, got {value}")
+    t_samples = 0 if args.exact else IMAGE_T_SAMPLES if args.t_samples is None else args.t_samples
+    return evaluate_diffusers(args.diffusers, args.data, args.data_dir, args.max_examples or None, t_samples,
+                              n_draws=args.draws or 1, seed=args.eval_seed, device=resolve_device(args.device),
+                              progress=not args.quiet)
 
 
 def _refuse_existing(path: Path, overwrite: bool) -> None:
@@ -437,8 +467,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", parents=[common], help="the bound K on held-out data, and each reverse step's entropy "
                                                           "against the paper's bounds")
-    p.add_argument("run_dir")
-    p.add_argument("--data", help="evaluate on this array (original units) instead of the test split")
+    p.add_argument("run_dir", nargs="?", help="a run directory (or --diffusers DIR)")
+    p.add_argument("--data", help="evaluate on this array (original units) instead of the test split; with "
+                                  "--diffusers: cifar10, mnist, a folder of images or an .npz/.npy of images")
+    p.add_argument("--diffusers", metavar="DIR", help="a diffusers pipeline saved with save_pretrained (unet/ and "
+                                                      "scheduler/, safetensors): its bound in bits/dim on --data "
+                                                      "(needs pip install thermodiff[diffusers])")
+    p.add_argument("--data-dir", help="with --diffusers: the folder holding the MNIST / CIFAR-10 files")
+    p.add_argument("--device", default="auto", help="with --diffusers: auto (CUDA if available), cpu, cuda or cuda:N")
     eval_flags(p)
     p.add_argument("--respace", metavar="N|STEPS", help=RESPACE_HELP)
     p.add_argument("--exact", action="store_true", help="the exact bound: every step of every test example "

@@ -16,8 +16,11 @@ convolution), 2x mean-pool down between levels (the stem, every block and every 
 their output as a skip); a middle pair of blocks; the mirror image up
 (nearest-neighbour upsampling, a 3x3 convolution), each block taking the matching skip by
 concatenation. The last convolution starts at zero, so z starts at 0 and the reverse kernel at
-the forward one, as ``readout_init_scale`` does for the paper's network. No attention: at
-these sizes it costs more CPU time than it gains.
+the forward one, as ``readout_init_scale`` does for the paper's network. Self-attention
+(improved-diffusion's AttentionBlock) follows every block at the pixel sizes listed in
+``attention_resolutions``, and sits between the middle pair when the coarsest size is listed; the
+presets have none: at these sizes it costs more CPU time than it gains (``improved_cpu``, the
+yardstick with attention at 16 and 8 pixels, measures that).
 
 Options: :class:`UNetOptions`; presets: :data:`UNET_PRESETS`, built with :func:`build_unet`.
 """
@@ -51,6 +54,28 @@ class ResBlock(nn.Module):
         return self.skip(x) + self.out_layers(h)
 
 
+class AttentionBlock(nn.Module):
+    """Multi-head self-attention over the pixels, added to its input (improved-diffusion's
+    AttentionBlock); the output projection starts at zero, so the block starts as the identity."""
+
+    def __init__(self, channels: int, groups: int, heads: int):
+        super().__init__()
+        if channels % heads:
+            raise ValueError(f"attention heads {heads} must divide the width {channels}")
+        self.heads = heads
+        self.norm = nn.GroupNorm(groups, channels)
+        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
+        self.proj = nn.Conv1d(channels, channels, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x).flatten(2)).reshape(n, 3, self.heads, c // self.heads, h * w).unbind(1)
+        a = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        return x + self.proj(a.transpose(-1, -2).reshape(n, c, h * w)).view(n, c, h, w)
+
+
 @dataclass(frozen=True)
 class UNetOptions:
     """The options of :class:`UNet`: ``len(channel_mults)`` resolutions of ``base_channels * mult``
@@ -62,6 +87,8 @@ class UNetOptions:
     blocks_per_level: int = 1
     dropout: float = 0.0
     groups: int = 8
+    attention_resolutions: tuple[int, ...] = ()  # pixel sizes with self-attention after every block
+    heads: int = 1  # attention heads
 
 
 class UNet(nn.Module):
@@ -81,8 +108,8 @@ class UNet(nn.Module):
         if T < 2:
             raise ValueError("the U-Net needs T >= 2 (times are scaled by T - 1)")
         self.channels, self.size, self.outputs_per_dim, self.T = channels, size, outputs_per_dim, T
-        self.config = dict(channels=channels, size=size, outputs_per_dim=outputs_per_dim, T=T,
-                           **asdict(o)) | {"channel_mults": list(o.channel_mults)}
+        self.config = dict(channels=channels, size=size, outputs_per_dim=outputs_per_dim, T=T, **asdict(o)) | {
+            "channel_mults": list(o.channel_mults), "attention_resolutions": list(o.attention_resolutions)}
         emb_dim = 4 * base_channels
         self.sinusoid_dim = base_channels
         self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -91,25 +118,36 @@ class UNet(nn.Module):
         def block(c_in: int, c_out: int) -> ResBlock:
             return ResBlock(c_in, c_out, emb_dim, groups, dropout)
 
+        # keyed by the block they follow ("down_LEVEL_BLOCK", "middle", "up_LEVEL_BLOCK"): the blocks'
+        # own parameter names stay those of a U-Net without attention
+        self.attention = nn.ModuleDict()
+
+        def attend_after(key: str, level: int, width: int) -> None:
+            if size // 2 ** level in o.attention_resolutions:
+                self.attention[key] = AttentionBlock(width, groups, o.heads)
+
         self.down = nn.ModuleList()
         skip_widths, width = [base_channels], base_channels
         for i, w in enumerate(widths):
             if i > 0:
                 skip_widths.append(width)  # the pooled input of this level is a skip too
             level = nn.ModuleList()
-            for _ in range(o.blocks_per_level):
+            for j in range(o.blocks_per_level):
                 level.append(block(width, w))
                 width = w
                 skip_widths.append(width)
+                attend_after(f"down_{i}_{j}", i, width)
             self.down.append(level)
         self.middle = nn.ModuleList([block(width, width), block(width, width)])
+        attend_after("middle", levels - 1, width)
         self.up = nn.ModuleList()
         self.up_convs = nn.ModuleList()  # after every level but the finest: upsample, then this convolution
         for i, w in reversed(list(enumerate(widths))):
             level = nn.ModuleList()
-            for _ in range(o.blocks_per_level + 1):
+            for j in range(o.blocks_per_level + 1):
                 level.append(block(width + skip_widths.pop(), w))
                 width = w
+                attend_after(f"up_{len(self.up)}_{j}", i, width)
             self.up.append(level)
             if i > 0:
                 self.up_convs.append(nn.Conv2d(width, width, 3, padding=1))
@@ -134,17 +172,20 @@ class UNet(nn.Module):
             if i > 0:
                 h = F.avg_pool2d(h, 2)
                 skips.append(h)
-            for blk in level:
-                h = blk(h, emb)
+            for j, blk in enumerate(level):
+                h = self.attend(f"down_{i}_{j}", blk(h, emb))
                 skips.append(h)
-        for blk in self.middle:
-            h = blk(h, emb)
+        h = self.middle[1](self.attend("middle", self.middle[0](h, emb)), emb)
         for i, level in enumerate(self.up):
-            for blk in level:
-                h = blk(torch.cat([h, skips.pop()], dim=1), emb)
+            for j, blk in enumerate(level):
+                h = self.attend(f"up_{i}_{j}", blk(torch.cat([h, skips.pop()], dim=1), emb))
             if i < len(self.up_convs):
                 h = self.up_convs[i](F.interpolate(h, scale_factor=2, mode="nearest"))
         return self.out(h).unflatten(1, (self.outputs_per_dim, self.channels))
+
+    def attend(self, key: str, h: Tensor) -> Tensor:
+        """``h`` through the attention block that follows block ``key``, if it has one."""
+        return self.attention[key](h) if key in self.attention else h
 
     def extra_repr(self) -> str:
         c = self.config
@@ -157,6 +198,9 @@ UNET_PRESETS: dict[str, UNetOptions] = {
     "small": UNetOptions(base_channels=16, channel_mults=(1, 2)),
     # a CPU budget for 32 x 32 images: 32 / 64 / 64 channels at 32 / 16 / 8 pixels, ~1M parameters
     "cpu": UNetOptions(),
+    # the yardstick of improved-diffusion's recipe on a CPU budget: the cpu preset's widths, two blocks per
+    # level and attention at 16 and 8 pixels, 64 channels a head as in its CIFAR-10 model (~1.7M parameters)
+    "improved_cpu": UNetOptions(blocks_per_level=2, attention_resolutions=(16, 8), heads=1),
     # DDPM's CIFAR-10 widths (128 x (1, 2, 2, 2), 2 blocks per level, dropout 0.1), without attention
     "ddpm_cifar10": UNetOptions(base_channels=128, channel_mults=(1, 2, 2, 2), blocks_per_level=2, dropout=0.1,
                                 groups=32),

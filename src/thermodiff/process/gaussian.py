@@ -46,6 +46,15 @@ class FixedVariance(str, Enum):
     BETA = "beta"  # the forward step's: exact for x_0 ~ N(0, I) (FIXED_LARGE)
 
 
+class Prediction(str, Enum):
+    """What a noise-predicting network of another codebase outputs (diffusers' ``prediction_type``),
+    turned into the noise by :meth:`GaussianDiffusion.eps_from_prediction`."""
+
+    EPSILON = "epsilon"  # the noise eps (Ho et al. 2020)
+    SAMPLE = "sample"  # x_0 itself
+    V_PREDICTION = "v_prediction"  # v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (Salimans & Ho 2022)
+
+
 @dataclass(frozen=True)
 class Bins:
     """Where discrete data lie in the model's units: low + k width, k = 0..count - 1, the same for
@@ -250,6 +259,25 @@ class GaussianDiffusion(GaussianChain, DiscreteTimeProcess):
         beta = gather(self.schedule.betas(), t, x_t)
         one_minus_abar = gather(-torch.expm1(self.log_alphas_cumprod()), t, x_t)
         return (x_t - beta / one_minus_abar.sqrt() * eps) / (1 - beta).sqrt()
+
+    def eps_from_prediction(self, x_t: Tensor, t: Tensor, out: Tensor, prediction: Prediction,
+                            clip_x0: float | None = None) -> Tensor:
+        """The noise eps that a network's output ``out`` (a :class:`Prediction`) implies through
+        x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (Ho et al. 2020, Eq. 4; for v, Salimans & Ho
+        2022, section 4). With ``clip_x0``, the x_0 it implies is first clipped to [-clip_x0, clip_x0],
+        as diffusers' DDPMScheduler (clip_sample) and improved-diffusion (clip_denoised) sample."""
+        log_abar = gather(self.log_alphas_cumprod(), t, x_t)
+        a, s = (0.5 * log_abar).exp(), (-torch.expm1(log_abar)).sqrt()
+        if prediction is Prediction.EPSILON:
+            eps = out
+        elif prediction is Prediction.SAMPLE:
+            eps = (x_t - a * out) / s
+        else:  # x_0 = a x_t - s v and eps = s x_t + a v, as a^2 + s^2 = 1
+            eps = s * x_t + a * out
+        if clip_x0 is None:
+            return eps
+        x0 = ((x_t - s * eps) / a).clamp(-clip_x0, clip_x0)
+        return (x_t - a * x0) / s
 
     def p_mean_var(self, model, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """Mean and variance of the reverse kernel p(x_{t-1} | x_t) from the network output."""

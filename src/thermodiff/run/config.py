@@ -49,6 +49,9 @@ OptimizerName = Literal["adam", "rmsprop"]
 OptimizerKernel = Literal["default", "foreach", "fused"]  # torch.optim's implementations of the step
 LrSchedule = Literal["step", "cosine"]
 Precision = Literal["fp32", "bf16", "fp16"]
+# what train.max_minutes and train.val_minutes count: wall-clock seconds, or this process's CPU seconds
+# (all its threads), which give runs that share a busy machine equal work
+Clock = Literal["wall", "cpu"]
 LossName = Literal["bound", "simple", "hybrid"]  # bound.TrainingLoss
 TSampler = Literal["uniform", "loss_aware"]
 BaselineKind = Literal["", "vae", "dae"]
@@ -123,6 +126,7 @@ class TrainConfig:
     hybrid_lambda: float = 0.001  # Nichol & Dhariwal's lambda
     t_sampler: TSampler = "uniform"  # how t is drawn for the one-t estimate; loss_aware: importance sampling
     max_minutes: float | Auto = 0.0  # stop after this much training time (0: no limit)
+    clock: Clock = "wall"  # what training time counts: wall seconds, or cpu (the process's CPU seconds)
     val_minutes: float | Auto = 0.0  # score the validation split every this many minutes of training (0: at the end only)
     val_examples: int = 2000  # validation examples scored (the first of the split)
 

@@ -87,9 +87,7 @@ def load_splits(cfg: Config) -> tuple[np.ndarray, np.ndarray, str]:
     if d.source == "heartbeat":
         return *_seeded_split(datasets.heartbeat(d.n, seed=cfg.seed), cfg), "heartbeat"
     if d.source in ("mnist", "cifar10"):
-        folder = image_data.ensure_dataset(d.source, _data_dir(cfg), d.download)
-        load = image_data.load_mnist if d.source == "mnist" else image_data.load_cifar10
-        train, test = load(folder, "train")[0], load(folder, "test")[0]
+        train, test = (official_images(d.source, _data_dir(cfg), d.download, split) for split in ("train", "test"))
         return (train[: d.n] if d.n > 0 else train), test, d.source
     if d.source == "dead_leaves":
         return (image_data.dead_leaves(d.n - n_test, d.size, seed=cfg.seed),
@@ -107,6 +105,18 @@ def load_splits(cfg: Config) -> tuple[np.ndarray, np.ndarray, str]:
     x = (image_data.load_image_folder(path, d.size or None) if path.is_dir() else
          datasets.load_array(path, d.key, images=True, vectors_expected=cfg.model.network not in IMAGE_NETWORKS))
     return *_seeded_split(x, cfg), d.source
+
+
+def official_images(name: str, data_dir: Path, download: bool, split: str) -> np.ndarray:
+    """The ``split`` images (uint8, N x C x H x W) of MNIST or CIFAR-10 (``name``) in ``data_dir``."""
+    load = image_data.load_mnist if name == "mnist" else image_data.load_cifar10
+    return load(image_data.ensure_dataset(name, data_dir, download), split)[0]
+
+
+def images_or_array(path: Path, size: int | None = None) -> np.ndarray:
+    """The examples of ``path``: a folder of images (scaled and cropped to ``size``), or an array
+    file whose 3-D or 4-D arrays are image stacks."""
+    return image_data.load_image_folder(path, size) if path.is_dir() else datasets.load_array(path, images=True)
 
 
 def diffusion_kind(cfg: Config, binary: bool, origin: str) -> str:
@@ -457,7 +467,7 @@ def recorded_dataset(record: dict, cfg: Config, scaling: datasets.Scaling,
 
 def _other_data(path: Path, cfg: Config, expected: tuple[int, ...], run_dir: Path) -> np.ndarray:
     """Examples of ``path`` (an array, or a folder of images) in original units, of the run's shape."""
-    data = image_data.load_image_folder(path, cfg.data.size or None) if path.is_dir() else datasets.load_array(path, images=True)
+    data = images_or_array(path, cfg.data.size or None)
     got = tuple(data.shape[1:])
     if got != expected:
         what = (f"has {got[0]} columns but run {run_dir} models {expected[0]}-dimensional data" if len(got) == len(expected) == 1

@@ -16,6 +16,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +45,8 @@ from thermodiff.run.experiment import BEST_CHECKPOINT, Parts, assemble, file_dig
 from thermodiff.run.stopping import RunStopped, StopRequest, stop_requests
 
 CHECKPOINT = "checkpoint.safetensors"
+#: the clocks that train.clock names: wall seconds, or the process's CPU seconds (all threads)
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 #: the columns of metrics.csv; K_bits_window is the mean K of the steps since the previous record
 #: (before it was named, as the loss_bits column, by its negative; :func:`read_metrics` converts)
 METRIC_FIELDS = ["step", "K_bits_running", "K_bits_window", "lr", "elapsed_s", "nonfinite_skipped", "val_K_bits"]
@@ -270,7 +273,8 @@ class TrainState:
     nonfinite_in_a_row: int = 0
     K_bits_running: float | None = None
     window: list[float] = field(default_factory=list)  # the steps' K since the last metrics record
-    start_time: float = field(default_factory=time.perf_counter)  # when training time was 0
+    clock: Callable[[], float] = time.perf_counter  # train.clock's: what training time counts
+    start_time: float = field(default_factory=time.perf_counter)  # when training time was 0, on ``clock``
     best: dict | None = None  # {"K_bits", "stderr_bits", "step", "n_examples"} of the best validation score
     next_val_s: float = math.inf  # the training time at which to score the validation split next
 
@@ -289,7 +293,7 @@ class TrainState:
                    torch.amp.GradScaler("cuda", enabled=t.precision == "fp16" and ctx.device.type == "cuda"),
                    torch.Generator(ctx.device).manual_seed(seed + 1), torch.Generator().manual_seed(seed + 2),
                    DistributedDataParallel(objective) if ctx.distributed else objective,
-                   next_val_s=60 * t.val_minutes or math.inf)
+                   clock=CLOCKS[t.clock], start_time=CLOCKS[t.clock](), next_val_s=60 * t.val_minutes or math.inf)
 
     @classmethod
     def from_checkpoint(cls, model: nn.Module, diffusion: nn.Module, t: TrainConfig, seed: int,
@@ -315,7 +319,7 @@ class TrainState:
         state.step, state.nonfinite_skipped = meta["step"], meta["nonfinite_skipped"]
         state.nonfinite_in_a_row, state.K_bits_running = meta.get("nonfinite_in_a_row", 0), meta.get("K_bits_running")
         state.window, state.best = meta.get("window", []), meta.get("best")
-        state.start_time = time.perf_counter() - meta.get("elapsed_s", 0.0)  # training time counts on across resumes
+        state.start_time = state.clock() - meta.get("elapsed_s", 0.0)  # training time counts on across resumes
         state.next_val_s = meta.get("next_val_s", state.next_val_s)
         return state
 
@@ -333,8 +337,8 @@ class TrainState:
 
     @property
     def elapsed_s(self) -> float:
-        """Training time so far, in seconds, across resumes."""
-        return time.perf_counter() - self.start_time
+        """Training time so far, in seconds of train.clock, across resumes."""
+        return self.clock() - self.start_time
 
     def evaluated_weights(self) -> dict[str, torch.Tensor]:
         """The weights that evaluation uses: the average's, if any (an Objective state dict)."""

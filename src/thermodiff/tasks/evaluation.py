@@ -1,11 +1,13 @@
 """Evaluate a trained run: the exact bound K on held-out data, in the units the paper reports,
 with how it was measured."""
 
+from dataclasses import dataclass
+
 import torch
 from tqdm import tqdm
 
 from thermodiff.errors import UserError
-from thermodiff.process.bound import exact_bound, standard_error
+from thermodiff.process.bound import BoundEstimate, exact_bound, standard_error
 from thermodiff.process.gaussian import GaussianParameterization
 from thermodiff.process.respace import respaced_process
 from thermodiff.process.tensors import LN2
@@ -95,6 +97,42 @@ def estimator_name(estimate) -> str:
     return f"unbiased: {estimate.t_samples} stratified steps per example"
 
 
+@dataclass
+class MeasuredBound:
+    """What :func:`measure_bound` computed: the estimate, its report (:func:`bound_report`), the
+    model-space batches, the generator after the draws, and the null model's log-likelihood."""
+
+    estimate: BoundEstimate
+    report: dict
+    batches: tuple[torch.Tensor, ...]
+    generator: torch.Generator
+    null: torch.Tensor
+
+
+def measure_bound(diffusion, model, dataset, test, n_draws: int, t_samples: int, seed: int, batch_size: int,
+                  progress: bool, origin: str, device=None) -> MeasuredBound:
+    """The bound K of ``model`` under ``diffusion`` on the examples ``test`` (original units) of
+    ``dataset``: 8-bit images with fresh dequantisation noise, or at their bins' centres for the
+    discretized decoder; ``t_samples`` stratified steps per example (0: every step summed).
+    ``origin`` names the model in the message that refuses a non-finite bound."""
+    generator = torch.Generator().manual_seed(seed)
+    discrete = not diffusion.dequantizes
+    x = dataset.to_model(test, generator, dequantize=not discrete)
+    batches = tuple(b.to(device) for b in torch.split(x, batch_size))
+    if batches and batches[0].device.type != "cpu":  # the bound's draws are made where the batches are
+        generator = torch.Generator(batches[0].device).manual_seed(seed)
+    with tqdm(desc="bound", unit="call", disable=not progress, leave=False, mininterval=1.0) as bar:
+        def report(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        estimate = exact_bound(diffusion, model, batches, n_draws, generator, callback=report,
+                               t_samples=t_samples or None)
+    require_finite_bound(estimate.per_example, origin)
+    null = diffusion.null_log_likelihood(x.double())
+    return MeasuredBound(estimate, bound_report(dataset, estimate.per_example, null, discrete), batches, generator, null)
+
+
 def evaluate(run: Run, n_draws: int | None = None, max_examples: int | None = None, seed: int = 0,
              progress: bool = True, split_name: str = "test", respace_to: int | str | None = None,
              t_samples: int | None = None, per_example: bool = False) -> dict:
@@ -113,29 +151,17 @@ def evaluate(run: Run, n_draws: int | None = None, max_examples: int | None = No
     if t_samples is None:
         t_samples = cfg.eval.t_samples if cfg.eval.t_samples != AUTO else default_t_samples(run.dataset.is_image)
     diffusion = respaced_process(run.diffusion, respace_to)
-    generator = torch.Generator().manual_seed(seed)
     test = run.dataset.test[:max_examples] if max_examples else run.dataset.test
-    # fresh dequantisation noise for images; the bins' centres for the discretized decoder
-    discrete = not diffusion.dequantizes
-    x = run.dataset.to_model(test, generator, dequantize=not discrete)
-    batches = torch.split(x, cfg.eval.batch_size)
-    with tqdm(desc="bound", unit="call", disable=not progress, leave=False, mininterval=1.0) as bar:
-        def report(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
-
-        estimate = exact_bound(diffusion, run.model, batches, n_draws, generator, callback=report,
-                               t_samples=t_samples or None)
-    require_finite_bound(estimate.per_example, str(run.path))
-    null = diffusion.null_log_likelihood(x.double())
-    report = bound_report(run.dataset, estimate.per_example, null, discrete)
+    m = measure_bound(diffusion, run.model, run.dataset, test, n_draws, t_samples, seed, cfg.eval.batch_size,
+                      progress, str(run.path))
+    estimate, report, batches, generator, null = m.estimate, m.report, m.batches, m.generator, m.null
     result = {
         "experiment": cfg.name,
         "run_dir": str(run.path),
         "checkpoint": run.checkpoint,
         "train_steps": run.step,
         "split": split_name,
-        "n_examples": len(x),
+        "n_examples": len(test),
         "n_test": len(run.dataset.test),
         "estimator": estimator_name(estimate),
         "t_samples": estimate.t_samples,
@@ -160,7 +186,7 @@ def evaluate(run: Run, n_draws: int | None = None, max_examples: int | None = No
     # after the bounds, so that their draws (and figures) are those of an evaluation without it
     steps = tqdm(entropy_steps(diffusion.T, estimate.t_samples), desc="entropy", unit="step", disable=not progress,
                  leave=False, mininterval=1.0)
-    result["entropy"] = entropy_report(diffusion, run.model, x, steps, cfg.eval.batch_size, generator)
+    result["entropy"] = entropy_report(diffusion, run.model, torch.cat(batches), steps, cfg.eval.batch_size, generator)
     if run.diffusion.parameterization is GaussianParameterization.EPS:
         result["eps_variance"] = run.diffusion.eps_variance.value
     if respace_to is not None:

@@ -144,6 +144,16 @@ def describe_entropy(e: dict) -> str:
     return line
 
 
+def describe_foreign(r: dict) -> str:
+    """A bound of a model trained elsewhere (:func:`thermodiff.tasks.foreign.evaluate_diffusers`)."""
+    clip = "" if r["clip_x0"] is None else f", x_0 clipped to +-{r['clip_x0']:g}"
+    return "\n".join([
+        f"{r['model_dir']} on {r['data']} ({r['n_examples']} test images, T = {r['T']}, {r['prediction_type']} prediction, "
+        f"{r['variance_type']} variance{clip}, discretized decoder)",
+        f"  bound: {r['estimator']}",
+        f"  NLL bound = {r['nll_bits_per_dim']:.4f}{plus_minus(r['nll_stderr_bits_per_dim'], '.4f')} bits/dim"])
+
+
 def describe_parzen(r: dict) -> str:
     """A Parzen-window record (:func:`thermodiff.tasks.parzen.parzen_evaluate`) beside the paper's figure."""
     paper = f"; paper {r['paper']['parzen_bits']} bits" if "paper" in r else ""

@@ -1,0 +1,124 @@
+"""CIFAR-10 recipes at equal CPU time, side by side: every config of configs/recipes_cifar10 (or those
+named) trains in its own process on one thread, all at once, each for the same number of CPU minutes
+(train.clock = "cpu", so the runs do equal work however busy the machine is), then each is scored
+with `thermodiff evaluate` on the same first test images; the record pairs every run with the
+yardstick (improved-diffusion's recipe) image by image.
+
+    python benchmarks/recipes.py --data-dir DIR [--cpu-minutes 60] [--examples 200] [--out runs/recipes]
+
+Rerunning the same command continues the runs (`train --resume`) that a stop cut short; a run that
+has its budget is not trained again. Writes benchmarks/results/recipes_cifar10_<M>cpumin.json.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from budget import training_curve  # sibling modules: benchmarks/ is on sys.path when run
+from record import write_result
+from thermodiff.process.bound import standard_error
+from thermodiff.run.training import read_metrics
+
+CONFIGS = Path(__file__).resolve().parent.parent / "src" / "thermodiff" / "configs" / "recipes_cifar10"
+YARDSTICK = "improved_diffusion"
+ONE_THREAD = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def thermodiff(*args: str) -> list[str]:
+    return [sys.executable, "-m", "thermodiff", *args]
+
+
+def train_all(configs: list[Path], out: Path, data_dir: str, minutes: float) -> dict[str, str]:
+    """Train (or continue) every config at once, one thread each; returns each run's command."""
+    commands, processes = {}, []
+    for config in configs:
+        run = out / config.stem
+        args = ["train", str(config), "--out", str(run), "--minutes", str(minutes), "--quiet"]
+        commands[config.stem] = "OMP_NUM_THREADS=1 thermodiff " + " ".join([*args, "--data-dir", data_dir])
+        if not (run / "checkpoint.safetensors").exists():
+            args += ["--data-dir", data_dir, "--overwrite"]
+        elif read_metrics(run)[-1]["elapsed_s"] < 60 * minutes:
+            args.append("--resume")  # the run continues from its own config
+        else:
+            continue  # it has its budget
+        processes.append(subprocess.Popen(thermodiff(*args), env=ONE_THREAD))
+    if any(p.wait() for p in processes):
+        raise SystemExit("a training run failed; rerun this command to continue the others")
+    return commands
+
+
+def evaluate_all(names: list[str], out: Path, examples: int) -> dict[str, dict]:
+    """`thermodiff evaluate` of every run at once, one thread each, on the first ``examples`` test
+    images, with the bound of each image kept for the pairing."""
+    processes = {}
+    for name in names:
+        per_example = out / name / "K_per_example.npy"
+        per_example.unlink(missing_ok=True)
+        processes[name] = subprocess.Popen(
+            thermodiff("evaluate", str(out / name), "--max-examples", str(examples), "--per-example", str(per_example),
+                       "--json", "--quiet"), env=ONE_THREAD, stdout=subprocess.PIPE, text=True)
+    results = {name: json.loads(p.communicate()[0]) for name, p in processes.items()}
+    if any(p.returncode for p in processes.values()):
+        raise SystemExit(f"an evaluation failed: {[n for n, p in processes.items() if p.returncode]}")
+    return results
+
+
+def nll_per_image(out: Path, name: str, dim: int) -> torch.Tensor:
+    """The 8-bit NLL bound of each image in bits/dim: -K in original units over the dimensions."""
+    return torch.from_numpy(-np.load(out / name / "K_per_example.npy") / dim)
+
+
+def row(name: str, out: Path, evaluation: dict, yardstick_nll: torch.Tensor | None, command: str) -> dict:
+    metrics = read_metrics(out / name)
+    nll = nll_per_image(out, name, evaluation["dim"])
+    r = {"name": name, "config": f"configs/recipes_cifar10/{name}.toml", "train_command": command,
+         "steps": metrics[-1]["step"], "train_cpu_s": metrics[-1]["elapsed_s"],
+         "images_seen": metrics[-1]["step"] * 64, "evaluation": evaluation,
+         "nll_bits_per_dim": float(nll.mean()), "nll_stderr_bits_per_dim": standard_error(nll),
+         "curve": training_curve(out / name, evaluation["dim"] // 3)}
+    if yardstick_nll is not None and name != YARDSTICK:
+        diff = nll - yardstick_nll  # below 0: this recipe's bound is tighter on the same images
+        r["paired_vs_yardstick"] = {"nll_difference_bits_per_dim": float(diff.mean()),
+                                    "stderr_bits_per_dim": standard_error(diff), "images": diff.numel()}
+    return r
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--cpu-minutes", type=float, default=60.0)
+    parser.add_argument("--examples", type=int, default=200)
+    parser.add_argument("--configs", default=",".join(sorted(p.stem for p in CONFIGS.glob("*.toml"))))
+    parser.add_argument("--out", default="runs/recipes")
+    args = parser.parse_args()
+    configs = [CONFIGS / f"{name}.toml" for name in args.configs.split(",")]
+    out = Path(args.out)
+    start, load_before = time.perf_counter(), os.getloadavg()
+    commands = train_all(configs, out, args.data_dir, args.cpu_minutes)
+    wall_train = time.perf_counter() - start
+    names = [c.stem for c in configs]
+    evaluations = evaluate_all(names, out, args.examples)
+    yardstick = nll_per_image(out, YARDSTICK, evaluations[YARDSTICK]["dim"]) if YARDSTICK in names else None
+    record = {
+        "command": " ".join(["python benchmarks/recipes.py", *sys.argv[1:]]),
+        "protocol": (f"{len(names)} runs trained at once, one thread each, for {args.cpu_minutes:g} CPU minutes each "
+                     "(train.clock = cpu); each scored by thermodiff evaluate (its exact bound, t stratified, seed 0) "
+                     f"on the first {args.examples} CIFAR-10 test images; nll_bits_per_dim is the 8-bit NLL bound "
+                     "(discrete for the discretized decoder, of the uniformly dequantised density otherwise); "
+                     "paired_vs_yardstick: the mean over the same images of this run's NLL minus the yardstick's"),
+        "cpu_minutes": args.cpu_minutes, "wall_s_training": wall_train, "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "rows": [row(n, out, evaluations[n], yardstick, commands[n]) for n in names],
+    }
+    print(write_result(f"recipes_cifar10_{args.cpu_minutes:g}cpumin", record))
+
+
+if __name__ == "__main__":
+    main()
