@@ -279,7 +279,7 @@ def _plot(run_dir: str, out_dir: str | None, quiet: bool, overwrite: bool) -> tu
     evaluation = reports.read_evaluation(evaluation_path) if evaluation_path.exists() else None  # damaged: refused now
     out.mkdir(parents=True, exist_ok=True)
     written = [draw(run, out / name) for draw, name in figures]
-    if evaluation is None and bound:
+    if (evaluation is None or "entropy" not in evaluation) and unavailable is None:  # none, or one from before the entropies
         evaluation = evaluate(run, n_draws=1, max_examples=1000, progress=not quiet)
     if bound:
         written.append(plotting.bound_terms(evaluation, out / "bound.png"))
@@ -522,7 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
     training_flags(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", parents=[common], help="the bound K on held-out data")
+    p = sub.add_parser("evaluate", parents=[common], help="the bound K on held-out data, and each reverse step's entropy "
+                                                          "against the paper's bounds")
     p.add_argument("run_dir", nargs="?", help="a run directory (or --diffusers DIR)")
     p.add_argument("--data", help="evaluate on this array (original units) instead of the test split; with "
                                   "--diffusers: cifar10, mnist, a folder of images or an .npz/.npy of images")

@@ -14,6 +14,7 @@ from torch import Tensor
 from thermodiff.process.bound import DiscreteTimeProcess, LossAwareSampler, TrainingLoss
 from thermodiff.process.contract import Decoder
 from thermodiff.process.distributions import bernoulli_entropy, bernoulli_kl, bernoulli_log_prob
+from thermodiff.process.entropy import reverse_entropy_bounds
 from thermodiff.process.schedules import Schedule
 from thermodiff.process.tensors import gather, sum_except_batch
 
@@ -174,6 +175,26 @@ class BinomialDiffusion(DiscreteTimeProcess):
         if factor is not None:
             prob = factor.bernoulli(prob, t, x_t)
         return torch.bernoulli(prob, generator=generator).to(x_t.dtype)
+
+    def reverse_entropy_bounds(self, x0: Tensor) -> tuple[Tensor, Tensor]:
+        """The paper's bounds on H_q(X_{t-1} | X_t), t = 2..T (entropy.reverse_entropy_bounds), per
+        example, from Bernoulli entropies H: per bit, H_q(X_t|X_0) = E_data H(q(x_t = 1 | x_0)) and
+        H_q(X_t|X_{t-1}) = E_{q(x_{t-1})} H(q(x_t = 1 | x_{t-1})). Both depend on the data only
+        through each bit's frequency of a 1 in ``x0`` (the bits are binary, the marginals linear in x_0)."""
+        T, freq = self.T, x0.double().mean(0).flatten()
+        t = torch.arange(T + 1, device=freq.device)
+        ones = torch.ones(T + 1, 1, dtype=torch.float64, device=freq.device)
+        from_1, from_0 = self.marginal_mean(ones, t), self.marginal_mean(ones * 0, t)  # q(x_t = 1 | x_0), t = 0..T
+        given_x0 = freq * bernoulli_entropy(from_1) + (1 - freq) * bernoulli_entropy(from_0)
+        prev_1 = freq * from_1[:-1] + (1 - freq) * from_0[:-1]  # q(x_{t-1} = 1), t = 1..T
+        betas = self.schedule.betas().unsqueeze(1)
+        step = (prev_1 * bernoulli_entropy(self.kernel_mean(ones[1:], betas))
+                + (1 - prev_1) * bernoulli_entropy(self.kernel_mean(ones[1:] * 0, betas)))
+        return reverse_entropy_bounds(step.sum(1), given_x0[1:].sum(1))
+
+    def kernel_entropy(self, model, x_t: Tensor, t: int) -> Tensor:
+        """The entropy of p(x_{t-1} | x_t) per example: H of its probability f_b(x_t, t), summed over bits."""
+        return sum_except_batch(bernoulli_entropy(self.step_distribution(model, x_t, t)))
 
     def null_log_likelihood(self, x0: Tensor) -> Tensor:
         """log prod_i B(x_i; p) per example: the independent-Bernoulli null model L_null."""

@@ -19,7 +19,8 @@ from torch import Tensor
 
 from thermodiff.process.bound import DiscreteTimeProcess, LossAwareSampler, TrainingLoss
 from thermodiff.process.contract import Decoder
-from thermodiff.process.distributions import categorical_kl
+from thermodiff.process.distributions import categorical_entropy, categorical_kl
+from thermodiff.process.entropy import reverse_entropy_bounds
 from thermodiff.process.schedules import Schedule
 from thermodiff.process.tensors import sum_except_batch
 
@@ -194,6 +195,24 @@ class CategoricalDiffusion(DiscreteTimeProcess):
         x_1 = self.q_sample(x0, t1, generator, noise)
         probs = self.p_probs(model, x_1, t1)
         return sum_except_batch(probs.gather(-1, x0.round().long().unsqueeze(-1)).squeeze(-1).log())
+
+    def reverse_entropy_bounds(self, x0: Tensor) -> tuple[Tensor, Tensor]:
+        """The paper's bounds on H_q(X_{t-1} | X_t), t = 2..T (entropy.reverse_entropy_bounds), per
+        example, from categorical entropies H of the rows of q's matrices: with c_i the expected number
+        of dimensions of ``x0`` in state i, H_q(X_t|X_0) = sum_i c_i H(abar_t e_i + (1 - abar_t) m) and
+        H_q(X_t|X_{t-1}) = sum_j q_{t-1}(j) H((1 - beta_t) e_j + beta_t m), q_{t-1} = sum_i c_i's rows
+        of q(x_{t-1} | x_0). The dimensions diffuse independently, so these sums are exact."""
+        counts = self.one_hot(x0).flatten(1, -2).sum(1).mean(0)  # c over the S states
+        eye = torch.eye(len(self.m), dtype=torch.float64, device=self.m.device)
+        abar, betas = self.alphas_cumprod().reshape(-1, 1, 1), self.schedule.betas().reshape(-1, 1, 1)
+        from_x0 = abar * eye + (1 - abar) * self.m  # q(x_t | x_0 = i), rows i, t = 0..T
+        step_rows = categorical_entropy((1 - betas) * eye + betas * self.m)  # (T, S)
+        step = ((counts @ from_x0[:-1]) * step_rows).sum(-1)
+        return reverse_entropy_bounds(step, categorical_entropy(from_x0[1:]) @ counts)
+
+    def kernel_entropy(self, model, x_t: Tensor, t: int) -> Tensor:
+        """The entropy of p(x_{t-1} | x_t) per example: H of its distribution over the states, summed."""
+        return sum_except_batch(categorical_entropy(self.step_distribution(model, x_t, t)))
 
     def null_log_likelihood(self, x0: Tensor) -> Tensor:
         """log prod_i pi(x_i) per example: the independent categorical null model L_null (see :meth:`null_probs`)."""

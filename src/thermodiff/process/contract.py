@@ -10,9 +10,10 @@ Two levels:
   ``one_hot_states``).
 - :class:`Process`: a diffusion process of T steps (gaussian.py, binomial.py, categorical.py, vdm.py, and the
   respaced chains of respace.py): the forward process, the terms of the bound K (paper Eq. 14)
-  that bound.exact_bound sums, the reverse kernels that sampling.ancestral_sample runs, and the
-  null model that K is compared with. Gaussian ones also give their noise levels and the network's
-  E[x_0 | x_t] (``log_alphas_cumprod``, ``expected_x0``), all that samplers.py's DDIM and ODE samplers need.
+  that bound.exact_bound sums, the reverse kernels that sampling.ancestral_sample runs, the
+  null model that K is compared with, and the paper's bounds on each reverse step's entropy. Gaussian
+  ones also give their noise levels and the network's E[x_0 | x_t] (``log_alphas_cumprod``,
+  ``expected_x0``), all that samplers.py's DDIM and ODE samplers need.
 
 A network is any callable ``model(x_t, t) -> z`` with ``z`` of shape
 ``(N, outputs_per_dim, *x.shape[1:])``; it is passed to the methods, never held by the process.
@@ -194,3 +195,14 @@ class Process(Trainable):
     def flow_prior_log_prob(self, x: Tensor) -> Tensor:
         """log p(x_{gamma_1}) per example: the prior density where the flow ends."""
         raise NotImplementedError
+
+    @abstractmethod
+    def reverse_entropy_bounds(self, x0: Tensor) -> tuple[Tensor, Tensor]:
+        """(lower, upper) bounds on H_q(X_{t-1} | X_t), t = 2..T (each (T - 1,), nats per example,
+        float64), in closed form from the forward process (paper section 2.6; entropy.py) for data
+        like ``x0`` (N, ...): their shape, and for binary data their frequency of a 1 per dimension."""
+
+    @abstractmethod
+    def kernel_entropy(self, model, x_t: Tensor, t: int) -> Tensor:
+        """The entropy of the learned reverse kernel p(x_{t-1} | x_t) (:meth:`step_distribution`)
+        at each x_t, nats per example (N,), float64."""

@@ -88,3 +88,8 @@ def bernoulli_log_prob(x: Tensor, p: Tensor) -> Tensor:
 def categorical_kl(p: Tensor, q: Tensor) -> Tensor:
     """KL( Cat(p) || Cat(q) ) over the last dimension (the categories); 0 log 0 = 0."""
     return (_xlogy(p, p) - _xlogy(p, q)).sum(-1)
+
+
+def categorical_entropy(p: Tensor) -> Tensor:
+    """Entropy of Cat(p) over the last dimension (the categories); 0 log 0 = 0."""
+    return -_xlogy(p, p).sum(-1)

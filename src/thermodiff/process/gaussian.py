@@ -23,6 +23,7 @@ from thermodiff.process.distributions import (
     gaussian_log_prob,
     standard_normal_log_prob,
 )
+from thermodiff.process.entropy import reverse_entropy_bounds
 from thermodiff.process.schedules import Schedule, invert_increasing, monotone_cubic
 from thermodiff.process.tensors import gather, sum_except_batch
 
@@ -126,6 +127,22 @@ class GaussianChain(Process):
     def flow_prior_log_prob(self, x: Tensor) -> Tensor:
         """log p(x_T) = log N(x_T; 0, I) per example, where the flow ends."""
         return sum_except_batch(standard_normal_log_prob(x.double()))
+
+    def reverse_entropy_bounds(self, x0: Tensor) -> tuple[Tensor, Tensor]:
+        """The paper's bounds on H_q(X_{t-1} | X_t), t = 2..T (entropy.reverse_entropy_bounds), per
+        example: per dimension H_q(X_t|X_{t-1}) = h(beta_t) and H_q(X_t|X_0) = h(1 - abar_t), h(v) the
+        entropy of N(., v) (PAPER.md section 3), the same for any data. The lower bound is h of
+        q(x_{t-1}|x_t,x_0)'s variance beta-tilde_t, the upper h(beta_t)."""
+        log_abar = self.log_alphas_cumprod().detach()
+        lower, upper = reverse_entropy_bounds(gaussian_entropy(self.schedule.betas().detach()),
+                                              gaussian_entropy(-torch.expm1(log_abar)))
+        dim = x0[0].numel()
+        return dim * lower, dim * upper
+
+    def kernel_entropy(self, model, x_t: Tensor, t: int) -> Tensor:
+        """The entropy of p(x_{t-1} | x_t) per example: h of its variance Sigma(x_t, t), summed."""
+        _, var = self.step_distribution(model, x_t, t)
+        return sum_except_batch(gaussian_entropy(var))
 
     def diffuse_observation(self, y: Tensor, noise_var: float, generator: torch.Generator | None = None) -> tuple[int, Tensor]:
         """An observation y = x_0 + N(0, s^2 I) as a forward-process state: x_t / sqrt(abar_t) =

@@ -17,6 +17,7 @@ from thermodiff.run.autoconfig import default_t_samples
 from thermodiff.run.config import AUTO
 from thermodiff.run.experiment import Run, paper_row
 from thermodiff.run.machine import hardware
+from thermodiff.tasks.entropy import entropy_examples, entropy_report, entropy_steps
 from thermodiff.tasks.reports import require_finite
 
 
@@ -193,7 +194,8 @@ def evaluate(run: Run, n_draws: int | None = None, max_examples: int | None = No
     ``t_samples`` (default ``eval.t_samples``): steps per example of an unbiased stratified
     estimate, 0 for the exact sum over every step. ``per_example``: also K of every example, in bits
     in the data's original units (``per_example_original_units_bits``), and with ``ode`` its log p. ``ode``: also the exact
-    log-likelihood through the probability-flow ODE on the same examples (:func:`ode_report`)."""
+    log-likelihood through the probability-flow ODE on the same examples (:func:`ode_report`). The report
+    always has each reverse kernel's entropy next to the paper's bounds (``entropy``; tasks/entropy.py)."""
     cfg = run.config
     n_draws = n_draws or cfg.eval.n_draws
     max_examples = max_examples if max_examples is not None else cfg.eval.max_examples
@@ -236,6 +238,11 @@ def evaluate(run: Run, n_draws: int | None = None, max_examples: int | None = No
         continuous = run.diffusion.continuous_bound(run.model, batches, n_draws, generator)
         result["continuous_time"] = bound_report(run.dataset, continuous.per_example, null) | {
             "n_draws": n_draws, "terms_bits": (continuous.terms / LN2).tolist()}
+    # after the bounds, so that their draws (and figures) are those of an evaluation without it
+    steps = tqdm(entropy_steps(diffusion.T, estimate.t_samples), desc="entropy", unit="step", disable=not progress,
+                 leave=False, mininterval=1.0)
+    result["entropy"] = entropy_report(diffusion, run.model, torch.cat(batches), steps, cfg.eval.batch_size, generator,
+                                       entropy_examples(run.dataset.is_image))
     if run.diffusion.parameterization is GaussianParameterization.EPS:
         result["eps_variance"] = run.diffusion.eps_variance.value
     if respace_to is not None:

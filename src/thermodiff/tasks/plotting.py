@@ -153,15 +153,45 @@ def samples_panel(run: Run, path: Path, n: int = 40, seed: int = 0) -> Path:
 
 
 def bound_terms(evaluation: dict, path: Path) -> Path:
-    """Per-timestep loss terms of the bound (bits): KL at t = 2..T, with the decoder and prior terms."""
+    """Per-timestep loss terms of the bound (bits): KL at t = 2..T, with the decoder and prior terms;
+    beside them, when the evaluation has them, each reverse kernel's entropy between the paper's
+    bounds on H_q(X_{t-1}|X_t) (:func:`entropy_panel`)."""
     terms = np.asarray(evaluation["per_timestep_bits"])
     T = len(terms) - 1
-    fig, ax = plt.subplots(figsize=(7, 4))
+    entropy = evaluation.get("entropy")
+    fig, axes = plt.subplots(1, 2 if entropy else 1, figsize=(14 if entropy else 7, 4), squeeze=False)
+    ax = axes[0, 0]
     ax.plot(np.arange(2, T + 1), terms[1:T], marker="." if T <= 100 else None)
     ax.set_xlabel("t")
     ax.set_ylabel("E KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t))  [bits]")
     ax.set_yscale("log")
     ax.set_title(f"{evaluation['experiment']}: K = {evaluation['K_bits']:.3f}{plus_minus(evaluation['stderr_bits'], '.3f')} bits; "
                  f"decoder {-terms[0]:.3f}, prior KL {terms[T]:.4f} bits", fontsize=9)
+    if entropy:
+        entropy_panel(entropy, axes[0, 1])
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def entropy_panel(entropy: dict, ax) -> None:
+    """The learned kernel's entropy per step (with 3 standard errors) between the paper's lower and
+    upper bounds on H_q(X_{t-1}|X_t), all drawn relative to the upper bound (bits per example: the
+    band is narrow next to the entropies themselves), the steps outside the bounds in red."""
+    steps = entropy["per_step"]
+    t = np.array([s["t"] for s in steps])
+    column = {key: np.array([s[key] for s in steps]) for key in ("lower_bits", "upper_bits", "kernel_bits", "kernel_stderr_bits")}
+    upper = column["upper_bits"]
+    ax.fill_between(t, column["lower_bits"] - upper, 0 * upper, color="C0", alpha=0.25,
+                    label="paper's bounds on H_q(X_{t-1}|X_t)")
+    ax.axhline(0, color="C0", lw=0.8)
+    ax.errorbar(t, column["kernel_bits"] - upper, yerr=3 * column["kernel_stderr_bits"], color="k", lw=0.8, ms=2,
+                marker="." if len(t) <= 100 else None, label="learned kernel H_p(X_{t-1}|x_t), E over q(x_t) (3 s.e.)")
+    out = np.array([s["outside"] for s in steps])
+    if out.any():
+        ax.scatter(t[out], column["kernel_bits"][out] - upper[out], color="red", s=14, zorder=3, label="outside the bounds")
+    ax.set_xlabel("t")
+    ax.set_ylabel(f"entropy - upper bound H_q(X_t|X_{{t-1}})  [{entropy['unit']}]", fontsize=8)
+    ax.legend(fontsize=7, loc="lower left")
+    largest = (f" (largest excursion {entropy['largest_excursion_bits']:+.3g} bits at t = {entropy['largest_excursion_t']})"
+               if entropy["n_outside"] else "")
+    ax.set_title(f"kernel entropy: {entropy['n_outside']} of {entropy['n_steps']} steps outside the bounds{largest}", fontsize=9)

@@ -129,10 +129,25 @@ def describe_evaluation(r: dict) -> str:
     for label, key, _ in COMPARED:
         if key in r.get("paper", {}):
             lines.append(f"  paper: {label} = {r['paper'][key]} ({key})")
+    if "entropy" in r:
+        lines.append(describe_entropy(r["entropy"]))
     if r.get("auto_choices"):
         lines.append("  chosen from the training data:")
         lines += [f"    {key} = {why}" for key, why in r["auto_choices"].items()]
     return "\n".join(lines)
+
+
+def describe_entropy(e: dict) -> str:
+    """The reverse kernels' entropies against the paper's bounds (tasks/entropy.py), in one or two lines."""
+    largest = (f"; largest excursion {e['largest_excursion_bits']:+.4g} bits at t = {e['largest_excursion_t']}"
+               f" ({'above the upper' if e['largest_excursion_bits'] > 0 else 'below the lower'} bound)"
+               if e["n_outside"] else "")
+    line = (f"  reverse-kernel entropy: {e['n_outside']} of {e['n_steps']} steps outside the paper's bounds on "
+            f"H_q(X_t-1|X_t) ({e['n_above']} above, {e['n_below']} below; {e['n_examples']} examples){largest}")
+    if e["n_bounds_crossed"]:
+        line += (f"\n    at {e['n_bounds_crossed']} steps the bounds cross (lower > upper): the marginal entropy falls "
+                 "there (data carrying more entropy than the stationary distribution), so the upper bound does not hold")
+    return line
 
 
 def describe_foreign(r: dict) -> str:
