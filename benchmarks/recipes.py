@@ -12,6 +12,7 @@ has its budget is not trained again. Writes benchmarks/results/recipes_cifar10_<
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 from budget import training_curve  # sibling modules: benchmarks/ is on sys.path when run
-from record import write_result
+from record import RESULTS, write_result
 from thermodiff.process.bound import standard_error
 from thermodiff.run.training import read_metrics
 
@@ -76,7 +77,36 @@ def nll_per_image(out: Path, name: str, dim: int) -> torch.Tensor:
     return torch.from_numpy(-np.load(out / name / "K_per_example.npy") / dim)
 
 
-def row(name: str, out: Path, evaluation: dict, references: dict[str, torch.Tensor], command: str) -> dict:
+#: DDPM's 8-bit NLL on CIFAR-10 (Ho et al. 2020, Table 2), the figure the runs are extrapolated to
+DDPM_NLL = 3.70
+
+
+def rungs(name: str, cpu_minutes: float, nll: float, stderr: float) -> dict:
+    """The run's test NLL at every budget recorded (this one and the recipes_cifar10_<M>cpumin.json
+    records of the others: the same runs continued, the same images), and, from the last two, the
+    NLL's fall per doubling of CPU time and the CPU minutes at which it would reach DDPM's 3.70 if
+    it kept falling at that rate: an extrapolation, labelled as one (a log-linear curve; training
+    curves bend over, so it is optimistic)."""
+    measured = {cpu_minutes: (nll, stderr)}
+    for path in RESULTS.glob("recipes_cifar10_*cpumin.json"):
+        record = json.loads(path.read_text())
+        measured.setdefault(record["cpu_minutes"], next(((r["nll_bits_per_dim"], r["nll_stderr_bits_per_dim"])
+                                                         for r in record["rows"] if r["name"] == name), None))
+    points = sorted((c, v) for c, v in measured.items() if v is not None)
+    out = {"nll_bits_per_dim_by_cpu_minutes": [{"cpu_minutes": c, "nll_bits_per_dim": v[0], "stderr_bits_per_dim": v[1]}
+                                               for c, v in points]}
+    if len(points) >= 2:
+        (c1, (n1, _)), (c2, (n2, _)) = points[-2:]
+        fall = (n1 - n2) / math.log2(c2 / c1)
+        out["extrapolation"] = {
+            "label": "extrapolation, not a measurement", "fall_per_doubling_bits_per_dim": fall,
+            "target_nll_bits_per_dim": DDPM_NLL,
+            "cpu_minutes_to_target": c2 * 2 ** ((n2 - DDPM_NLL) / fall) if fall > 0 and n2 > DDPM_NLL else None}
+    return out
+
+
+def row(name: str, out: Path, evaluation: dict, references: dict[str, torch.Tensor], command: str,
+        cpu_minutes: float) -> dict:
     metrics = read_metrics(out / name)
     nll = nll_per_image(out, name, evaluation["dim"])
     r = {"name": name, "config": f"configs/recipes_cifar10/{name}.toml", "train_command": command,
@@ -84,6 +114,7 @@ def row(name: str, out: Path, evaluation: dict, references: dict[str, torch.Tens
          "images_seen": metrics[-1]["step"] * 64, "evaluation": evaluation,
          "nll_bits_per_dim": float(nll.mean()), "nll_stderr_bits_per_dim": standard_error(nll),
          "curve": training_curve(out / name, evaluation["dim"] // 3)}  # per pixel: 3 colour channels
+    r |= rungs(name, cpu_minutes, r["nll_bits_per_dim"], r["nll_stderr_bits_per_dim"])
     for key, reference in references.items():
         if REFERENCES[key] != name:
             diff = nll - reference  # below 0: this recipe's bound is tighter on the same images
@@ -119,7 +150,7 @@ def main() -> None:
                      "minus improved-diffusion's recipe's / the image default's"),
         "cpu_minutes": args.cpu_minutes, "wall_s_training": wall_train, "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
-        "rows": [row(n, out, evaluations[n], references, commands[n]) for n in names],
+        "rows": [row(n, out, evaluations[n], references, commands[n], args.cpu_minutes) for n in names],
     }
     print(write_result(f"recipes_cifar10_{args.cpu_minutes:g}cpumin", record))
 
