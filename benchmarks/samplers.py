@@ -1,5 +1,5 @@
 """Sample quality at equal network calls: the ancestral sampler on respaced chains, DDIM (eta 0 and
-1) and Heun's method, against held-out data, by a kernel two-sample statistic.
+1), Heun's method and DPM-Solver++(2M), against held-out data, by a kernel two-sample statistic.
 
     OMP_NUM_THREADS=1 python benchmarks/samplers.py RUN --name NAME [--data TEST.npy] [--calls 5,10,20,50,100]
     python benchmarks/samplers.py --name NAME --table median_over_16     # the Markdown tables of docs/samplers.md
@@ -33,7 +33,8 @@ from thermodiff.run.experiment import load_run
 
 # name -> (sampler, eta, the kept steps: evenly spaced or nearest Karras et al.'s levels)
 SETTINGS = {"ancestral": ("ancestral", 0.0, "even"), "ddim_eta0": ("ddim", 0.0, "even"),
-            "ddim_eta1": ("ddim", 1.0, "even"), "heun": ("heun", 0.0, "even"), "heun_karras": ("heun", 0.0, "karras")}
+            "ddim_eta1": ("ddim", 1.0, "even"), "heun": ("heun", 0.0, "even"), "heun_karras": ("heun", 0.0, "karras"),
+            "dpm2m": ("dpm2m", 0.0, "even"), "dpm2m_karras": ("dpm2m", 0.0, "karras")}
 BANDWIDTH_FACTORS = {"median": 1.0, "median_over_4": 0.25, "median_over_16": 0.0625}
 
 

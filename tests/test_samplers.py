@@ -1,6 +1,7 @@
-"""DDIM and Heun samplers (process/samplers.py): on Gaussian data with the exact denoiser (closed
-form) DDIM with eta = 0 maps the prior to the data's distribution and is deterministic, Heun's
-error falls as the square of the step and Euler's (DDIM, eta = 0) as the step; DDIM with eta = 1
+"""DDIM, Heun and DPM-Solver++(2M) samplers (process/samplers.py): on Gaussian data with the exact
+denoiser (closed form) DDIM with eta = 0 maps the prior to the data's distribution and is
+deterministic, Heun's and DPM-Solver++(2M)'s errors fall as the square of the step and Euler's
+(DDIM, eta = 0) as the step; DDIM with eta = 1
 is the ancestral sampler of the respaced chain; and ``thermodiff sample --sampler``."""
 
 import math
@@ -12,7 +13,7 @@ from conftest import assert_one_line_error
 
 from linear_gaussian import analytic_model, true_reverse, wavy_model
 from thermodiff import BinomialDiffusion, GaussianDiffusion, ancestral_sample, make_schedule, respace
-from thermodiff.process.samplers import CountingModel, Sampler, sample, sample_ddim, sample_heun
+from thermodiff.process.samplers import CountingModel, Sampler, sample, sample_ddim, sample_dpm_solver_2m, sample_heun
 from thermodiff.process.schedules import log_snr_betas
 from thermodiff.process.vdm import VDM
 from thermodiff.tasks.options import SAMPLERS
@@ -104,19 +105,31 @@ def euler(denoiser, x: torch.Tensor, log_abar: torch.Tensor, callback) -> None:
     callback(1, y * (0.5 * log_abar[0]).exp())
 
 
-def test_heun_converges_as_the_square_of_the_step_and_euler_as_the_step():
+def test_heun_and_dpm_solver_converge_as_the_square_of_the_step_and_euler_as_the_step():
     y_K = MEAN + 80.0 * torch.randn(500, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     ddim = lambda *a, callback: sample_ddim(*a, callback=callback)  # noqa: E731 (eta = 0)
     counts = [32, 64, 128]
     errors = {name: [error_at_sigma_min(f, K, y_K) for K in counts]
-              for name, f in (("euler", euler), ("ddim", ddim), ("heun", sample_heun))}
+              for name, f in (("euler", euler), ("ddim", ddim), ("heun", sample_heun), ("dpm2m", sample_dpm_solver_2m))}
     np.testing.assert_allclose(errors["ddim"], errors["euler"], rtol=1e-8)  # DDIM at eta 0 is Euler's method
-    for name, order in (("euler", 1), ("heun", 2)):
+    for name, order in (("euler", 1), ("heun", 2), ("dpm2m", 2)):
         observed = np.log2(np.array(errors[name][:-1]) / errors[name][1:])  # halving the step
         assert np.all(np.abs(observed - order) < 0.2), (name, observed)
-    # at equal network calls (Heun: 2 K - 1) Heun is the more accurate
-    for K, heun_error in zip(counts[:-1], errors["heun"]):
+    # at equal network calls (Heun: 2 K - 1; DPM-Solver++(2M) and Euler: K) both second-order methods
+    # are the more accurate, and DPM-Solver++(2M) the most
+    for K, heun_error, dpm_error in zip(counts[:-1], errors["heun"], errors["dpm2m"]):
         assert heun_error < error_at_sigma_min(euler, 2 * K - 1, y_K)
+        assert dpm_error < error_at_sigma_min(sample_heun, K // 2, y_K)
+    assert np.all(np.array(errors["dpm2m"]) < errors["euler"])
+
+
+def test_dpm_solver_2m_first_step_is_ddims():
+    """With no earlier x0_hat the update is DDIM's: a chain of two steps (one update, then x0_hat(x_1))
+    gives DDIM's sample to rounding."""
+    log_abar = karras_log_abar(2)
+    x_K = torch.randn(50, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    np.testing.assert_allclose(sample_dpm_solver_2m(exact_denoiser(log_abar), x_K, log_abar),
+                               sample_ddim(exact_denoiser(log_abar), x_K, log_abar), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("process", ["eps", "vdm"])
@@ -142,7 +155,7 @@ def test_ddim_eta_1_is_the_ancestral_sampler_of_the_respaced_chain(process):
 
 def test_network_calls_and_refusals():
     chain = respace(GaussianDiffusion(make_schedule("cosine", 40), "eps", "learned"), 5)
-    for sampler, calls in (("ancestral", 5), ("ddim", 5), ("heun", 9)):
+    for sampler, calls in (("ancestral", 5), ("ddim", 5), ("heun", 9), ("dpm2m", 5)):
         model = CountingModel(wavy_model)
         sample(chain, model, (3, 2), torch.Generator().manual_seed(0), sampler=sampler)
         assert model.calls == calls, sampler
@@ -157,7 +170,7 @@ def test_network_calls_and_refusals():
 def test_cli_sample_with_each_sampler(cli, copy_run, tmp_path):
     run = copy_run()
     for i, (sampler, extra) in enumerate((("ancestral", []), ("ddim", ["--eta", "0"]), ("ddim", ["--eta", "0.5"]),
-                                          ("heun", []))):
+                                          ("heun", []), ("dpm2m", []))):
         path = tmp_path / f"{i}.npy"
         r = cli("sample", run, "-n", "7", "--out", path, "--quiet", "--json", "--sampler", sampler, "--steps", "4", *extra)
         assert r.rc == 0, r

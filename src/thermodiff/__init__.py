@@ -42,6 +42,7 @@ _ENTRY_POINTS = {
     "make_schedule": "thermodiff.process.schedules",
     "respace": "thermodiff.process.respace",
     "sample_ddim": "thermodiff.process.samplers",
+    "sample_dpm_solver_2m": "thermodiff.process.samplers",
     "sample_heun": "thermodiff.process.samplers",
     "training_loss": "thermodiff.process.bound",
 }

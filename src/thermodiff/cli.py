@@ -558,7 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=SAMPLERS, default="ancestral",
                    help="ancestral: the reverse chain's kernels; ddim: DDIM (Song et al. 2021), deterministic at "
                         "--eta 0; heun: Heun's method on the probability-flow ODE (Karras et al. 2022), two network "
-                        "calls a step (ddim and heun: Gaussian runs)")
+                        "calls a step; dpm2m: DPM-Solver++(2M) (Lu et al. 2022), second order at one call a step, "
+                        "the best of these at 10 to 20 steps (ddim, heun, dpm2m: Gaussian runs)")
     p.add_argument("--steps", metavar="N|STEPS", help="the chain's steps, as --respace (default: all T)")
     p.add_argument("--eta", type=_eta, help="DDIM's noise, from 0 (deterministic, the default) to 1 (the ancestral "
                                             "chain's, for a kernel variance of beta-tilde)")

@@ -12,5 +12,6 @@ DENOISE_METHODS = ("start", "product")
 KNOWN_VALUES = ("clamp", "forward")
 
 #: How ``sample`` draws (thermodiff.process.samplers.Sampler): the reverse chain's kernels, DDIM
-#: (Song et al. 2021; --eta 0 deterministic), Heun's method on the probability-flow ODE (Karras et al. 2022).
-SAMPLERS = ("ancestral", "ddim", "heun")
+#: (Song et al. 2021; --eta 0 deterministic), Heun's method on the probability-flow ODE (Karras et al. 2022),
+#: DPM-Solver++(2M) (Lu et al. 2022).
+SAMPLERS = ("ancestral", "ddim", "heun", "dpm2m")
