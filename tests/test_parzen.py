@@ -109,6 +109,12 @@ def test_parzen_cli(cli, tmp_path):
     assert result["sigma"] in DEFAULT_SIGMAS and len(result["sigmas_scores"]) == len(DEFAULT_SIGMAS)
     assert json.loads((run / "parzen.json").read_text()) == result
     assert_one_line_error(cli("parzen", run, "--samples", 5, "--valid", 31, "--quiet"), "1..30")
+    assert result["sampling_steps"] == result["T"]
+
+    respaced = cli("parzen", run, "--samples", 20, "--valid", 10, "--steps", 3, "--json", "--quiet")
+    assert respaced.rc == 0, respaced
+    assert respaced.json()["sampling_steps"] == 3 and "3 steps of the run's" in respaced.json()["protocol"]
+    assert_one_line_error(cli("parzen", run, "--samples", 5, "--valid", 10, "--steps", 0, "--quiet"), "--steps")
 
     vectors = tmp_path / "vectors"
     assert cli("train", "swissroll", "--steps", 2, "--set", "data.n=200", "--out", vectors, "--quiet").rc == 0

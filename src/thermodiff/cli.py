@@ -299,7 +299,7 @@ def cmd_parzen(args) -> None:
     from thermodiff.tasks.parzen import parzen_evaluate
 
     result = parzen_evaluate(load_run(args.run_dir, split=True), args.samples, args.valid, args.max_test, seed=args.seed,
-                             progress=not args.quiet, memory_check=not args.ignore_memory_check)
+                             progress=not args.quiet, memory_check=not args.ignore_memory_check, steps=args.steps)
     _save_beside_run(Path(args.run_dir) / "parzen.json", result, "parzen")
     _emit(args, result, reports.describe_parzen(result))
 
@@ -603,6 +603,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--valid", type=int, default=10000, help="validation images for the bandwidth (the last training images)")
     p.add_argument("--max-test", type=int, help="use the first N test images")
     p.add_argument("--seed", type=_seed, default=0, help="seed of the sampling")
+    p.add_argument("--steps", metavar="N|STEPS", help="sample ancestrally on this respaced chain, as thermodiff sample "
+                   "--steps (default: all T; `evaluate --respace` gives its bound)")
     p.add_argument(MEMORY_OVERRIDE_FLAG, action="store_true", help=MEMORY_OVERRIDE_HELP)
     p.set_defaults(func=cmd_parzen)
 

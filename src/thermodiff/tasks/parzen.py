@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from thermodiff.errors import UserError
 from thermodiff.process.bound import standard_error
+from thermodiff.process.respace import respaced_process
 from thermodiff.process.sampling import ancestral_sample
 from thermodiff.process.tensors import LN2
 from thermodiff.run import memory
@@ -100,12 +101,14 @@ def _unit_pixels(run: Run, images: np.ndarray) -> Tensor:
 
 def parzen_evaluate(run: Run, n_samples: int = 10000, n_valid: int = 10000, max_test: int | None = None,
                     sigmas: Sequence[float] = DEFAULT_SIGMAS, seed: int = 0, progress: bool = True,
-                    memory_check: bool = True) -> dict:
+                    memory_check: bool = True, steps: int | str | None = None) -> dict:
     """The Parzen-window log-likelihood of the run's test images (all, or the first ``max_test``)
     in bits and nats, with its standard error over test images.
 
     ``n_samples`` images are drawn by ancestral sampling (batches of ``eval.batch_size``, seeded
-    by ``seed``) and rounded to the data's pixel values. The bandwidth is validated on the
+    by ``seed``) and rounded to the data's pixel values, on the run's chain or, with ``steps``, on
+    that respaced chain (``thermodiff sample --steps``; the protocol's 10000 samples cost T network
+    calls each otherwise, and ``thermodiff evaluate --respace`` gives that chain's bound). The bandwidth is validated on the
     *last* ``n_valid`` training images, as Goodfellow et al. took MNIST training images
     50000-59999; unlike their model, a run trained on all 60000 has seen these. ``memory_check``:
     refuse ``n_samples`` whose memory (:func:`parzen_memory`) exceeds the available memory.
@@ -124,14 +127,15 @@ def parzen_evaluate(run: Run, n_samples: int = 10000, n_valid: int = 10000, max_
         raise UserError(f"the number of test images must be at least 1, got {max_test}")
     if memory_check:
         memory.require_fits(parzen_memory(run, n_samples, len(sigmas)))
+    diffusion = respaced_process(run.diffusion, steps, "--steps")
     generator = torch.Generator().manual_seed(seed)
     batch = run.config.eval.batch_size
     sizes = [min(batch, n_samples - i) for i in range(0, n_samples, batch)]
     parts = []
-    with tqdm(total=len(sizes) * run.diffusion.T, desc="parzen: sample", unit="t", disable=not progress, leave=False,
+    with tqdm(total=len(sizes) * diffusion.T, desc="parzen: sample", unit="t", disable=not progress, leave=False,
               mininterval=1.0) as bar:
         for size in sizes:
-            x = ancestral_sample(run.diffusion, run.model, (size, *run.dataset.event_shape), generator,
+            x = ancestral_sample(diffusion, run.model, (size, *run.dataset.event_shape), generator,
                                  callback=lambda t, x: bar.update(1) if t > 0 else None)
             parts.append(run.dataset.from_model(x))
     samples = _unit_pixels(run, np.concatenate(parts))
@@ -155,8 +159,9 @@ def parzen_evaluate(run: Run, n_samples: int = 10000, n_valid: int = 10000, max_
         "n_test": len(test),
         "seed": seed,
         "T": run.diffusion.T,
+        "sampling_steps": diffusion.T,
         "protocol": (f"Gaussian Parzen window (Breuleux et al. 2011, Goodfellow et al. 2014) on {n_samples} ancestral "
-                     f"samples rounded to pixel values, pixels scaled to [0, 1]; bandwidth chosen from {len(sigmas)} "
+                     f"samples ({diffusion.T} steps of the run's {run.diffusion.T}) rounded to pixel values, pixels scaled to [0, 1]; bandwidth chosen from {len(sigmas)} "
                      f"values in [{min(sigmas):.3g}, {max(sigmas):.3g}] by the mean log-likelihood of the last {n_valid} "
                      f"training images; mean log-likelihood of {len(test)} test images, standard error over images"),
         "hardware": hardware(),
