@@ -335,7 +335,7 @@ def test_train_images_defaults_to_the_unet_on_a_time_budget(cli, tmp_path):
             "--set", "train.batch_size=4", "--json", "--quiet")
     assert r.rc == 0, r
     config = json.loads((run / "config.json").read_text())
-    assert (config["model"]["network"], config["diffusion"]["parameterization"], config["train"]["loss"]) == (
-        "unet", "eps", "simple")
+    assert (config["model"]["network"], config["diffusion"]["kind"], config["diffusion"]["schedule"]) == (
+        "unet", "vdm", "learned")
     assert r.json()["data"]["n_val"] > 0 and (run / "best.safetensors").exists()
     assert load_config("images").train.max_minutes == 30.0 and load_config("images").train.steps == 0
