@@ -5,9 +5,11 @@ with `thermodiff evaluate` on the same first test images; the record pairs every
 yardstick (improved-diffusion's recipe) and with the image default, image by image.
 
     python benchmarks/recipes.py --data-dir DIR [--cpu-minutes 60] [--examples 200] [--out runs/recipes]
+                                 [--t-sampling uniform|importance]
 
 Rerunning the same command continues the runs (`train --resume`) that a stop cut short; a run that
-has its budget is not trained again. Writes benchmarks/results/recipes_cifar10_<M>cpumin.json.
+has its budget is not trained again. Writes benchmarks/results/recipes_cifar10_<M>cpumin.json
+(recipes_cifar10_<M>cpumin_importance.json for the bound's importance-sampled estimate).
 """
 
 import argparse
@@ -56,16 +58,16 @@ def train_all(configs: list[Path], out: Path, data_dir: str, minutes: float) -> 
     return commands
 
 
-def evaluate_all(names: list[str], out: Path, examples: int) -> dict[str, dict]:
+def evaluate_all(names: list[str], out: Path, examples: int, t_sampling: str) -> dict[str, dict]:
     """`thermodiff evaluate` of every run at once, one thread each, on the first ``examples`` test
-    images, with the bound of each image kept for the pairing."""
+    images (its steps drawn as ``t_sampling`` says), with the bound of each image kept for the pairing."""
     processes = {}
     for name in names:
         per_example = out / name / "K_per_example.npy"
         per_example.unlink(missing_ok=True)
         processes[name] = subprocess.Popen(
             thermodiff("evaluate", str(out / name), "--max-examples", str(examples), "--per-example", str(per_example),
-                       "--json", "--quiet"), env=ONE_THREAD, stdout=subprocess.PIPE, text=True)
+                       "--t-sampling", t_sampling, "--json", "--quiet"), env=ONE_THREAD, stdout=subprocess.PIPE, text=True)
     results = {name: json.loads(p.communicate()[0]) for name, p in processes.items()}
     if any(p.returncode for p in processes.values()):
         raise SystemExit(f"an evaluation failed: {[n for n, p in processes.items() if p.returncode]}")
@@ -130,6 +132,8 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=200)
     parser.add_argument("--configs", default=",".join(sorted(p.stem for p in CONFIGS.glob("*.toml"))))
     parser.add_argument("--out", default="runs/recipes")
+    parser.add_argument("--t-sampling", choices=["uniform", "importance"], default="uniform",
+                        help="how each image's bound estimate draws its 50 steps (thermodiff evaluate --t-sampling)")
     args = parser.parse_args()
     configs = [CONFIGS / f"{name}.toml" for name in args.configs.split(",")]
     out = Path(args.out)
@@ -137,13 +141,14 @@ def main() -> None:
     commands = train_all(configs, out, args.data_dir, args.cpu_minutes)
     wall_train = time.perf_counter() - start
     names = [c.stem for c in configs]
-    evaluations = evaluate_all(names, out, args.examples)
+    evaluations = evaluate_all(names, out, args.examples, args.t_sampling)
     references = {key: nll_per_image(out, name, evaluations[name]["dim"]) for key, name in REFERENCES.items()
                   if name in names}
     record = {
         "command": " ".join(["python benchmarks/recipes.py", *sys.argv[1:]]),
         "protocol": (f"{len(names)} runs trained at once, one thread each, for {args.cpu_minutes:g} CPU minutes each "
-                     "(train.clock = cpu); each scored by thermodiff evaluate (its exact bound, t stratified, seed 0) "
+                     f"(train.clock = cpu); each scored by thermodiff evaluate (its exact bound, t stratified, "
+                     f"--t-sampling {args.t_sampling}, seed 0) "
                      f"on the first {args.examples} CIFAR-10 test images; nll_bits_per_dim is the 8-bit NLL bound "
                      "(discrete for the discretized decoder, of the uniformly dequantised density otherwise); "
                      "paired_vs_yardstick / paired_vs_eps_simple: the mean over the same images of this run's NLL "
@@ -152,7 +157,8 @@ def main() -> None:
         "load_average_after": os.getloadavg(),
         "rows": [row(n, out, evaluations[n], references, commands[n], args.cpu_minutes) for n in names],
     }
-    print(write_result(f"recipes_cifar10_{args.cpu_minutes:g}cpumin", record))
+    suffix = "_importance" if args.t_sampling == "importance" else ""
+    print(write_result(f"recipes_cifar10_{args.cpu_minutes:g}cpumin{suffix}", record))
 
 
 if __name__ == "__main__":

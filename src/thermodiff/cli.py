@@ -78,17 +78,20 @@ def cmd_train(args) -> None:
     _emit(args, summary, reports.describe_training(summary))
 
 
+def _check_eval_flags(args) -> None:
+    for flag, value, least in (("--draws", args.draws, 1), ("--max-examples", args.max_examples, 0),
+                               ("--t-samples", args.t_samples, 0)):
+        if value is not None and value < least:
+            raise UserError(f"{flag} must be at least {least}, got {value}")
+
+
 def _evaluate(run_dir: str, args, data: str | None = None) -> dict:
     import numpy as np
 
     from thermodiff.run.experiment import SplitUnavailable, load_run
     from thermodiff.tasks.evaluation import evaluate
 
-    for flag, value, least in (("--draws", args.draws, 1), ("--max-examples", args.max_examples, 0)):
-        if value is not None and value < least:
-            raise UserError(f"{flag} must be at least {least}, got {value}")
-    if args.t_samples is not None and args.t_samples < 0:
-        raise UserError(f"--t-samples must be at least 0, got {args.t_samples}")
+    _check_eval_flags(args)
     per_example = getattr(args, "per_example", None)
     if per_example is not None:
         if Path(per_example).suffix != ".npy":
@@ -105,7 +108,7 @@ def _evaluate(run_dir: str, args, data: str | None = None) -> dict:
     result = evaluate(run, args.draws, 0 if exact else args.max_examples, args.eval_seed, progress=not args.quiet,
                       split_name="test" if data is None else str(data), respace_to=respace_to,
                       t_samples=0 if exact else args.t_samples, per_example=per_example is not None,
-                      ode=_ode_options(args))
+                      ode=_ode_options(args), t_sampling=args.t_sampling)
     if per_example is not None:
         _write_npy(Path(per_example), np.asarray(result.pop("per_example_original_units_bits")))
         result["per_example_file"] = str(per_example)
@@ -174,14 +177,11 @@ def _evaluate_diffusers(args) -> dict:
         raise UserError(f"--diffusers evaluates a saved diffusers pipeline; drop {', '.join(given)}")
     if not args.data:
         raise UserError("--diffusers needs --data: cifar10 or mnist (with --data-dir), a folder of images or an .npz/.npy")
-    for flag, value, least in (("--draws", args.draws, 1), ("--max-examples", args.max_examples, 0),
-                               ("--t-samples", args.t_samples, 0)):
-        if value is not None and value < least:
-            raise UserError(f"{flag} must be at least {least}, got {value}")
+    _check_eval_flags(args)
     t_samples = 0 if args.exact else IMAGE_T_SAMPLES if args.t_samples is None else args.t_samples
     return evaluate_diffusers(args.diffusers, args.data, args.data_dir, args.max_examples or None, t_samples,
                               n_draws=args.draws or 1, seed=args.eval_seed, device=resolve_device(args.device),
-                              progress=not args.quiet)
+                              progress=not args.quiet, t_sampling=args.t_sampling or "uniform")
 
 
 def _refuse_existing(path: Path, overwrite: bool) -> None:
@@ -325,12 +325,14 @@ def cmd_compare(args) -> None:
 
     if args.samples < 1:
         raise UserError(f"--samples must be at least 1, got {args.samples}")
+    _check_eval_flags(args)
     sets = _overrides(args)
     if args.minutes is not None:  # time decides, not steps
         sets += [f"train.max_minutes={args.minutes}", f"train.steps={10**9}"]
     configs = [load_config(name, sets) for name in args.configs]
     record = compare(configs, list(args.configs), Path(args.out), args.overwrite, not args.quiet, args.device,
-                     args.draws, args.max_examples, args.eval_seed, args.samples, not args.ignore_memory_check)
+                     args.draws, args.max_examples, args.eval_seed, args.samples, not args.ignore_memory_check,
+                     args.t_samples, args.t_sampling)
     _emit(args, record, format_table(record))
 
 
@@ -510,6 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-examples", type=int, help="evaluate on the first N test examples")
         p.add_argument("--t-samples", type=int, help="steps per example of an unbiased stratified estimate of the "
                                                      "bound (eval.t_samples); 0: the exact sum over every step")
+        p.add_argument("--t-sampling", choices=["uniform", "importance"],
+                       help="how --t-samples draws each step (eval.t_sampling): uniform in equal strata, or importance: "
+                            "strata of equal mass of a pilot's terms, lower variance where a few steps dominate")
         p.add_argument("--eval-seed", type=_seed, default=0)
 
     p = sub.add_parser("train", parents=[common], help="train a model")

@@ -37,6 +37,13 @@ def standard_error(x: Tensor, unit: float = 1.0) -> float | None:
     return float(x.std(unbiased=True) / math.sqrt(len(x))) / unit if len(x) > 1 else None
 
 
+class TSampling(str, Enum):
+    """How a sampled estimate of the bound (``eval.t_sampling``) draws each stratum's step."""
+
+    UNIFORM = "uniform"  # equal strata of 2..T, t uniform in each
+    IMPORTANCE = "importance"  # strata of equal pilot mass, t in proportion to the pilot (:func:`importance_strata`)
+
+
 @dataclass
 class BoundEstimate:
     """K per example (nats) and the mean loss of each term over examples.
@@ -49,6 +56,7 @@ class BoundEstimate:
     terms: Tensor
     n_draws: int
     t_samples: int | None = None  # steps sampled per example (stratified), or None: every step summed
+    t_sampling: TSampling = TSampling.UNIFORM  # how the sampled steps were drawn
 
     @property
     def mean(self) -> float:
@@ -228,12 +236,78 @@ class DiscreteTimeProcess(Process):
         return training_loss(self, model, x0, draws=draws, loss=self.loss, hybrid_lambda=self.hybrid_lambda)
 
 
-def strata(T: int, t_samples: int | None) -> list[Tensor]:
+@dataclass(frozen=True)
+class Stratum:
+    """Contiguous diffusion steps, one of which an example draws: uniformly (``probs`` None), or
+    with ``probs``; the drawn step's term is weighted by 1 / its probability."""
+
+    steps: Tensor
+    probs: Tensor | None = None
+
+    def draw(self, n: int, generator: torch.Generator | None, device) -> tuple[Tensor, Tensor]:
+        """``n`` steps and their weights."""
+        if self.probs is None:
+            t = self.steps.to(device)[torch.randint(len(self.steps), (n,), generator=generator, device=device)]
+            return t, torch.full((n,), float(len(self.steps)), dtype=torch.float64)
+        index = torch.multinomial(self.probs, n, replacement=True, generator=generator)
+        return self.steps[index].to(device), 1 / self.probs[index]
+
+
+def strata(T: int, t_samples: int | None) -> list[Stratum]:
     """The diffusion steps 2..T in ``t_samples`` contiguous strata of (nearly) equal size, or one
     stratum per step (None, or at least T - 1 samples: the exact sum)."""
     steps = torch.arange(2, T + 1)
     k = T - 1 if t_samples is None else min(t_samples, T - 1)
-    return list(torch.tensor_split(steps, k))
+    return [Stratum(group) for group in torch.tensor_split(steps, k)]
+
+
+def importance_strata(profile: Tensor, t_samples: int) -> list[Stratum]:
+    """The steps 2..T (``profile``: a positive guess at each one's term, in order) in at most
+    ``t_samples`` contiguous strata, each step drawn within its stratum in proportion to the profile:
+    stratified importance sampling. A step heavier than a stratum's share (at most
+    (t_samples - 1) // 2 of them, the heaviest) is a stratum of its own, summed in every example; the
+    others are cut into strata of equal mass with what is left. The estimate stays unbiased for any
+    positive profile, and is exact for an example whose terms are proportional to it."""
+    if t_samples >= len(profile):
+        return strata(len(profile) + 1, None)
+    profile = profile.double()
+    heavy = torch.zeros(len(profile), dtype=torch.bool)
+    heaviest = profile.argsort(descending=True)[:(t_samples - 1) // 2]
+    heavy[heaviest[profile[heaviest] >= profile.sum() / t_samples]] = True
+    light = torch.where(heavy, 0.0, profile)
+    n_light = t_samples - 2 * int(heavy.sum())  # each heavy step may cut a light stratum in two
+    levels = torch.arange(1, n_light, dtype=torch.float64) / n_light
+    index = heavy.nonzero()[:, 0]
+    ends = torch.cat([torch.searchsorted(light.cumsum(0) / light.sum(), levels) + 1, index, index + 1]).unique()
+    ends = ends[(ends > 0) & (ends < len(profile))]
+    steps = torch.arange(2, len(profile) + 2)
+    return [Stratum(group, weights / weights.sum())
+            for group, weights in zip(torch.tensor_split(steps, ends), torch.tensor_split(profile, ends))]
+
+
+#: the pilot of an importance-sampled bound: examples of the first batch, and steps it scores
+PILOT_EXAMPLES, PILOT_STEPS = 8, 200
+
+
+def term_profile(diffusion, model, x0: Tensor, generator: torch.Generator | None = None,
+                 n_steps: int = PILOT_STEPS) -> Tensor:
+    """A pilot for :func:`importance_strata`: the mean diffusion term over ``x0`` at ``n_steps``
+    steps evenly spaced over 2..T (both ends included), interpolated linearly in its logarithm
+    to every step, and floored at a millionth of its largest value (so that no step is left out)."""
+    T = diffusion.T
+    grid = torch.linspace(2, T, min(n_steps, T - 1)).round().long().unique()
+    terms = torch.stack([diffusion.reverse_kl(model, x0, t.expand(len(x0)).to(x0.device), generator).double().mean()
+                         for t in grid]).cpu()
+    terms = terms.clamp_min(float(terms.max()) * 1e-6 if float(terms.max()) > 0 else 1.0)
+    profile = _interpolate(torch.arange(2, T + 1, dtype=torch.float64), grid.double(), terms.log())
+    return profile.exp()
+
+
+def _interpolate(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
+    """Piecewise-linear interpolation of (xp, fp) at x (xp increasing), as numpy.interp."""
+    index = torch.searchsorted(xp, x).clamp(1, len(xp) - 1)
+    x0, x1, f0, f1 = xp[index - 1], xp[index], fp[index - 1], fp[index]
+    return f0 + (f1 - f0) * ((x - x0) / (x1 - x0)).clamp(0, 1)
 
 
 @torch.no_grad()
@@ -245,6 +319,7 @@ def exact_bound(
     generator: torch.Generator | None = None,
     callback: Callable[[int, int], None] | None = None,
     t_samples: int | None = None,
+    t_sampling: TSampling | str = TSampling.UNIFORM,
 ) -> BoundEstimate:
     """K on every example of ``batches``: the prior and decoder terms, and the T - 1 diffusion
     terms summed over every t (each averaged over ``n_draws`` draws of x_t) rather than sampled.
@@ -253,12 +328,17 @@ def exact_bound(
     steps per example, one drawn uniformly in each of k equal strata of 2..T (:func:`strata`) and
     weighted by its stratum's size: k / (T - 1) of the cost, with the sampling of t adding to each
     example's variance (and so to the standard error over examples). ``terms`` then holds each
-    step's mean over the examples that drew it. ``callback(done, total)`` reports progress in
-    network calls per example over all batches."""
+    step's mean over the examples that drew it. ``t_sampling`` "importance" draws them instead
+    from :func:`importance_strata` of a pilot (:func:`term_profile` of the first batch's first
+    :data:`PILOT_EXAMPLES` examples; its cost is not in the callback's count). ``callback(done,
+    total)`` reports progress in network calls per example over all batches."""
     if n_draws < 1:
         raise ValueError("n_draws must be at least 1")
     T = diffusion.T
     batches, groups = list(batches), strata(T, t_samples)
+    importance = TSampling(t_sampling) is TSampling.IMPORTANCE and len(groups) < T - 1
+    if importance and batches:
+        groups = importance_strata(term_profile(diffusion, model, batches[0][:PILOT_EXAMPLES], generator), len(groups))
     total = len(batches) * (len(groups) + 1)
     per_example, term_sums, term_counts = [], torch.zeros(T + 1, dtype=torch.float64), torch.zeros(T + 1, dtype=torch.float64)
     for b, x0 in enumerate(batches):
@@ -270,12 +350,12 @@ def exact_bound(
         term_sums[T] += prior.sum()
         term_counts[[0, T]] += n
         for j, group in enumerate(groups):
-            if len(group) == 1:  # the exact sum: every example at this step
-                t = group.expand(n).to(x0.device)
+            if len(group.steps) == 1:  # every example at this step
+                t, weight = group.steps.expand(n).to(x0.device), torch.ones(n, dtype=torch.float64)
             else:
-                t = group.to(x0.device)[torch.randint(len(group), (n,), generator=generator, device=x0.device)]
+                t, weight = group.draw(n, generator, x0.device)
             kl = sum(diffusion.reverse_kl(model, x0, t, generator) for _ in range(n_draws)).cpu().double() / n_draws
-            loss += len(group) * kl
+            loss += weight * kl
             term_sums.index_add_(0, t.cpu() - 1, kl)
             term_counts.index_add_(0, t.cpu() - 1, torch.ones(n, dtype=torch.float64))
             if callback is not None:
@@ -284,4 +364,5 @@ def exact_bound(
         if callback is not None:
             callback((b + 1) * (len(groups) + 1), total)
     return BoundEstimate(per_example=torch.cat(per_example), terms=term_sums / term_counts.clamp_min(1),
-                         n_draws=n_draws, t_samples=None if len(groups) == T - 1 else len(groups))
+                         n_draws=n_draws, t_samples=None if len(groups) == T - 1 else len(groups),
+                         t_sampling=TSampling.IMPORTANCE if importance else TSampling.UNIFORM)

@@ -44,6 +44,7 @@ ParameterizationName = Literal["reference", "paper", "eps", "eps_learned_var", "
 VarianceName = Literal["beta_tilde", "beta"]  # gaussian.FixedVariance
 DecoderName = Literal["forward", "learned", "discretized"]  # gaussian.Decoder
 ScheduleGradientName = Literal["bound", "variance"]  # vdm.ScheduleGradient
+TSamplingName = Literal["uniform", "importance"]  # bound.TSampling
 NetworkName = Literal["rbf", "mlp", "resmlp", "conv", "unet"]  # rbf, mlp, resmlp: vectors; conv, unet: images
 ActivationName = Literal["sigmoid", "tanh", "relu", "leaky_relu", "softplus", "silu"]  # networks.ACTIVATIONS
 ReadoutName = Literal["per_step", "bumps"]  # networks.Readout
@@ -140,6 +141,7 @@ class EvalConfig:
     batch_size: int = 2000
     max_examples: int = 0  # 0: the whole test split
     t_samples: int | Auto = "auto"  # steps per example, stratified (an unbiased estimate); 0: every step (exact)
+    t_sampling: TSamplingName = "uniform"  # importance: strata of equal mass of a pilot's terms (bound.importance_strata)
 
 
 @dataclass

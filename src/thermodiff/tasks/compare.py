@@ -52,10 +52,11 @@ def sample_seconds(run: Run, n: int, seed: int = 0) -> float | None:
 
 def compare(configs: list[Config], origins: list[str], out: Path, overwrite: bool = False, progress: bool = True,
             device: str = "auto", n_draws: int | None = None, max_examples: int | None = None, eval_seed: int = 0,
-            n_samples: int = 200, memory_check: bool = True) -> dict:
+            n_samples: int = 200, memory_check: bool = True, t_samples: int | None = None,
+            t_sampling: str | None = None) -> dict:
     """Train every config into ``out/NAME``, evaluate it and time its sampling; write
     ``out/compare.json`` and ``out/bound_vs_time.png``. Returns the record. ``memory_check``: as
-    :func:`thermodiff.run.training.train`'s."""
+    :func:`thermodiff.run.training.train`'s; ``t_samples``, ``t_sampling``: as :func:`evaluate`'s."""
     check_comparable(configs, origins)
     existing = [str(out / cfg.name) for cfg in configs
                 if (out / cfg.name).exists() and not ((out / cfg.name).is_dir() and not any((out / cfg.name).iterdir()))]
@@ -69,7 +70,8 @@ def compare(configs: list[Config], origins: list[str], out: Path, overwrite: boo
         summary = train(cfg, out / cfg.name, overwrite=overwrite, progress=progress, device=device,
                         memory_check=memory_check)
         run = load_run(out / cfg.name, split=True)  # the record describes the data that every run is scored on
-        result = evaluate(run, n_draws, max_examples, eval_seed, progress=progress)
+        result = evaluate(run, n_draws, max_examples, eval_seed, progress=progress, t_samples=t_samples,
+                          t_sampling=t_sampling)
         metrics = read_metrics(out / cfg.name)
         rows.append({"name": cfg.name, "config": origin, "model": model_label(run), "steps": summary["steps"],
                      "train_s": metrics[-1]["elapsed_s"] if metrics else summary["wall_s"],

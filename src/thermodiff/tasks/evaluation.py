@@ -8,7 +8,7 @@ import torch
 from tqdm import tqdm
 
 from thermodiff.errors import UserError
-from thermodiff.process.bound import BoundEstimate, exact_bound, standard_error
+from thermodiff.process.bound import PILOT_EXAMPLES, PILOT_STEPS, BoundEstimate, TSampling, exact_bound, standard_error
 from thermodiff.process.gaussian import GaussianParameterization
 from thermodiff.process.ode import ATOL, METHOD, RTOL, Trace, flow_log_likelihood
 from thermodiff.process.respace import respaced_process
@@ -146,6 +146,9 @@ def estimator_name(estimate) -> str:
     """How a bound was computed, for reports."""
     if estimate.t_samples is None:
         return "exact: every step summed"
+    if estimate.t_sampling is TSampling.IMPORTANCE:
+        return (f"unbiased: {estimate.t_samples} importance-sampled steps per example, in strata of equal mass of a "
+                f"pilot ({PILOT_EXAMPLES} examples at {PILOT_STEPS} steps)")
     return f"unbiased: {estimate.t_samples} stratified steps per example"
 
 
@@ -162,10 +165,11 @@ class MeasuredBound:
 
 
 def measure_bound(diffusion, model, dataset, test, n_draws: int, t_samples: int, seed: int, batch_size: int,
-                  progress: bool, origin: str, device=None) -> MeasuredBound:
+                  progress: bool, origin: str, device=None, t_sampling: str = "uniform") -> MeasuredBound:
     """The bound K of ``model`` under ``diffusion`` on the examples ``test`` (original units) of
     ``dataset``: 8-bit images with fresh dequantisation noise, or at their bins' centres for the
-    discretized decoder; ``t_samples`` stratified steps per example (0: every step summed).
+    discretized decoder; ``t_samples`` stratified steps per example (0: every step summed), drawn
+    as ``t_sampling`` says (:class:`thermodiff.process.bound.TSampling`).
     ``origin`` names the model in the message that refuses a non-finite bound."""
     generator = torch.Generator().manual_seed(seed)
     discrete = not diffusion.dequantizes
@@ -179,7 +183,7 @@ def measure_bound(diffusion, model, dataset, test, n_draws: int, t_samples: int,
             bar.update(done - bar.n)
 
         estimate = exact_bound(diffusion, model, batches, n_draws, generator, callback=report,
-                               t_samples=t_samples or None)
+                               t_samples=t_samples or None, t_sampling=t_sampling)
     require_finite_bound(estimate.per_example, origin)
     null = diffusion.null_log_likelihood(x.double())
     return MeasuredBound(estimate, bound_report(dataset, estimate.per_example, null, discrete), batches, generator, null)
@@ -187,12 +191,14 @@ def measure_bound(diffusion, model, dataset, test, n_draws: int, t_samples: int,
 
 def evaluate(run: Run, n_draws: int | None = None, max_examples: int | None = None, seed: int = 0,
              progress: bool = True, split_name: str = "test", respace_to: int | str | None = None,
-             t_samples: int | None = None, per_example: bool = False, ode: OdeOptions | None = None) -> dict:
+             t_samples: int | None = None, per_example: bool = False, ode: OdeOptions | None = None,
+             t_sampling: str | None = None) -> dict:
     """K, K - L_null (bits per sample and per dimension), K in the data's original units, and
     the per-timestep terms, on the run's test split (or the data that replaced it). With
     ``respace_to`` (see :func:`thermodiff.process.respace.respaced_timesteps`), of the respaced chain.
     ``t_samples`` (default ``eval.t_samples``): steps per example of an unbiased stratified
-    estimate, 0 for the exact sum over every step. ``per_example``: also K of every example, in bits
+    estimate, 0 for the exact sum over every step, drawn as ``t_sampling`` says (default
+    ``eval.t_sampling``). ``per_example``: also K of every example, in bits
     in the data's original units (``per_example_original_units_bits``), and with ``ode`` its log p. ``ode``: also the exact
     log-likelihood through the probability-flow ODE on the same examples (:func:`ode_report`). The report
     always has each reverse kernel's entropy next to the paper's bounds (``entropy``; tasks/entropy.py)."""
@@ -208,7 +214,7 @@ def evaluate(run: Run, n_draws: int | None = None, max_examples: int | None = No
     diffusion = respaced_process(run.diffusion, respace_to)
     test = run.dataset.test[:max_examples] if max_examples else run.dataset.test
     m = measure_bound(diffusion, run.model, run.dataset, test, n_draws, t_samples, seed, cfg.eval.batch_size,
-                      progress, str(run.path))
+                      progress, str(run.path), t_sampling=t_sampling or cfg.eval.t_sampling)
     estimate, report, batches, generator, null = m.estimate, m.report, m.batches, m.generator, m.null
     result = {
         "experiment": cfg.name,
@@ -220,6 +226,7 @@ def evaluate(run: Run, n_draws: int | None = None, max_examples: int | None = No
         "n_test": len(run.dataset.test),
         "estimator": estimator_name(estimate),
         "t_samples": estimate.t_samples,
+        "t_sampling": estimate.t_sampling.value,
         "n_draws": n_draws,
         "T": diffusion.T,
         "diffusion": type(run.diffusion).__name__,

@@ -78,7 +78,7 @@ def levels_of(images, max_examples: int | None) -> np.ndarray:
 
 def foreign_bound(net, betas, dataset: datasets.Dataset, prediction_type: str, variance_type: VarianceType,
                   clip_x0: float | None, t_samples: int, n_draws: int, batch_size: int, seed: int, device,
-                  progress: bool, origin: str) -> dict:
+                  progress: bool, origin: str, t_sampling: str = "uniform") -> dict:
     """The bound report of a 0-based ``net`` on ``dataset``'s test images (see :func:`eps_model_bound`)."""
     if prediction_type not in {p.value for p in Prediction}:
         raise UserError(f"prediction type {prediction_type!r} is not one of {', '.join(p.value for p in Prediction)}")
@@ -86,9 +86,10 @@ def foreign_bound(net, betas, dataset: datasets.Dataset, prediction_type: str, v
     model = ForeignNoiseNet(net, diffusion, prediction_type, diffusion.parameterization is GaussianParameterization.EPS_LEARNED_VAR,
                             clip_x0).to(device)
     m = measure_bound(diffusion, model, dataset, dataset.test, n_draws, t_samples, seed, batch_size, progress, origin,
-                      device)
+                      device, t_sampling)
     return {"n_examples": len(dataset.test), "T": diffusion.T, "estimator": estimator_name(m.estimate),
-            "t_samples": m.estimate.t_samples, "n_draws": n_draws, "prediction_type": prediction_type,
+            "t_samples": m.estimate.t_samples, "t_sampling": m.estimate.t_sampling.value, "n_draws": n_draws,
+            "prediction_type": prediction_type,
             "variance_type": variance_type, "parameterization": diffusion.parameterization.value,
             "eps_variance": diffusion.eps_variance.value if variance_type != "learned_range" else None,
             "clip_x0": clip_x0, "decoder": diffusion.decoder.value, "beta_1": float(diffusion.schedule.betas()[0]),
@@ -99,7 +100,8 @@ def foreign_bound(net, betas, dataset: datasets.Dataset, prediction_type: str, v
 def eps_model_bound(model: Callable, betas, images: torch.Tensor | np.ndarray | Iterable, *,
                     prediction_type: str = "epsilon", variance_type: VarianceType = "fixed_small",
                     clip_x0: float | None = None, max_examples: int | None = None, t_samples: int = IMAGE_T_SAMPLES,
-                    n_draws: int = 1, batch_size: int = 50, seed: int = 0, device=None, progress: bool = False) -> dict:
+                    n_draws: int = 1, batch_size: int = 50, seed: int = 0, device=None, progress: bool = False,
+                    t_sampling: str = "uniform") -> dict:
     """The exact variational bound on -log p(x) of 8-bit images, in bits/dim, of a DDPM-style model
     trained elsewhere (denoising-diffusion-pytorch, improved-diffusion, diffusers, your own).
 
@@ -114,7 +116,8 @@ def eps_model_bound(model: Callable, betas, images: torch.Tensor | np.ndarray | 
     fixed_small (beta-tilde_t), fixed_large (beta_t), learned_range. ``clip_x0``: clip the implied
     x_0 to [-clip_x0, clip_x0] as the sampler does (diffusers' clip_sample, improved-diffusion's
     clip_denoised), None not to. ``t_samples``: stratified steps per image of an unbiased estimate
-    (0: every step, exact and T / t_samples times slower).
+    (0: every step, exact and T / t_samples times slower), drawn uniformly in equal strata or, with
+    ``t_sampling`` "importance", in strata of equal mass of a pilot's terms.
 
     Returns a dict: ``nll_bits_per_dim`` (the bound, with the discretized Gaussian decoder of Ho et
     al. 2020, on the 8-bit values) and ``nll_stderr_bits_per_dim``, ``per_timestep_bits`` (index 0:
@@ -122,7 +125,7 @@ def eps_model_bound(model: Callable, betas, images: torch.Tensor | np.ndarray | 
     computed. Wrap a model's call in ``torch.autocast`` yourself if you want one."""
     dataset = image_dataset(levels_of(images, max_examples), "images")
     return foreign_bound(model, betas, dataset, prediction_type, variance_type, clip_x0, t_samples, n_draws,
-                         batch_size, seed, device, progress, "the model")
+                         batch_size, seed, device, progress, "the model", t_sampling)
 
 
 def held_out_images(source: str, data_dir: str | None, max_examples: int | None) -> np.ndarray:
@@ -141,7 +144,7 @@ def held_out_images(source: str, data_dir: str | None, max_examples: int | None)
 
 def evaluate_diffusers(path: str, data: str, data_dir: str | None = None, max_examples: int | None = None,
                        t_samples: int = IMAGE_T_SAMPLES, n_draws: int = 1, batch_size: int = 50, seed: int = 0,
-                       device=None, progress: bool = True) -> dict:
+                       device=None, progress: bool = True, t_sampling: str = "uniform") -> dict:
     """The bound of the diffusers UNet2DModel and DDPMScheduler saved in ``path`` on the first
     ``max_examples`` test images of ``data`` (see :func:`held_out_images`), mapped to [-1, 1]; the
     scheduler's betas, prediction type, variance type and clip_sample (see :func:`eps_model_bound`)."""
@@ -154,5 +157,5 @@ def evaluate_diffusers(path: str, data: str, data_dir: str | None = None, max_ex
                         f"{unet['in_channels']} x {size[0]} x {size[1]}")
     report = foreign_bound(model.net, model.betas, image_dataset(images, data), model.prediction.value,
                            model.variance_type, model.clip_x0, t_samples, n_draws, batch_size, seed, device, progress,
-                           f"--diffusers {path}")
+                           f"--diffusers {path}", t_sampling)
     return {"model_dir": str(path), "data": data, "split": "test", **model.config, **report}
