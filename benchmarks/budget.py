@@ -2,16 +2,19 @@
 Parzen-window log-likelihood), the training curve and the time to a stated bound.
 
     python benchmarks/budget.py RUN_DIR --train-command "..." [--max-examples 200] [--parzen-samples 0]
+                                [--parzen-steps N] [--t-sampling uniform|importance]
 
 Runs `thermodiff evaluate` (and `thermodiff parzen`) in-process on a finished run and writes
 benchmarks/results/<experiment>_budget.json. The training curve is the running training
 estimate of K (per pixel, on training batches, smoothed) from the run's metrics log against wall
-time; "time to bound" reads off it when the estimate had made 50%, 90% and 100% of its rise. The
+time (CPU time for a run trained with train.clock = "cpu"); "time to bound" reads off it when the estimate had made 50%, 90% and 100% of its rise. The
 held-out figure is the evaluation's.
 """
 
 import argparse
+import json
 import shlex
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -46,22 +49,27 @@ if __name__ == "__main__":
     parser.add_argument("--train-command", required=True, help="the command that trained the run, for the record")
     parser.add_argument("--max-examples", type=int, default=200)
     parser.add_argument("--parzen-samples", type=int, default=0, help="0: no Parzen estimate")
+    parser.add_argument("--parzen-steps", help="draw the Parzen samples on this respaced chain (thermodiff parzen --steps)")
+    parser.add_argument("--t-sampling", choices=["uniform", "importance"], default="uniform",
+                        help="how the bound's estimate draws its steps (thermodiff evaluate --t-sampling)")
     parser.add_argument("--notes", default="")
     args = parser.parse_args()
     run_dir = Path(args.run_dir)
-    evaluation = thermodiff_json(["evaluate", str(run_dir), "--max-examples", str(args.max_examples)])
-    commands = [args.train_command, f"thermodiff evaluate {run_dir} --max-examples {args.max_examples}"]
+    evaluate = ["evaluate", str(run_dir), "--max-examples", str(args.max_examples), "--t-sampling", args.t_sampling]
+    evaluation = thermodiff_json(evaluate)
+    commands = [args.train_command, shlex.join(["thermodiff", *evaluate])]
     curve = training_curve(run_dir, evaluation["dim"])
+    clock = json.loads((run_dir / "config.json").read_text())["train"].get("clock", "wall")  # whose seconds the curve counts
     record = {"commands": commands, "notes": args.notes}
     if args.parzen_samples:
-        record["parzen"] = thermodiff_json(["parzen", str(run_dir), "--samples", str(args.parzen_samples)])
-        commands.append(f"thermodiff parzen {run_dir} --samples {args.parzen_samples}")
+        parzen = ["parzen", str(run_dir), "--samples", str(args.parzen_samples)]
+        parzen += ["--steps", args.parzen_steps] if args.parzen_steps else []
+        record["parzen"] = thermodiff_json(parzen)
+        commands.append(shlex.join(["thermodiff", *parzen]))
     final = evaluation["K_bits_per_pixel"]
     record |= {
-        "benchmark_command": "python benchmarks/budget.py " + shlex.join([str(run_dir), "--train-command", args.train_command,
-                                                                          "--max-examples", str(args.max_examples),
-                                                                          "--parzen-samples", str(args.parzen_samples)]),
-        "train": {"steps": curve[-1]["step"], "wall_s": curve[-1]["elapsed_s"], "device": "cpu"},
+        "benchmark_command": "python benchmarks/budget.py " + shlex.join(sys.argv[1:]),
+        "train": {"steps": curve[-1]["step"], f"{clock}_s": curve[-1]["elapsed_s"], "clock": clock, "device": "cpu"},
         "time_to_bound": [time_to(curve, fraction) for fraction in (0.5, 0.9, 1.0)],
         "training_curve": curve[:: max(1, len(curve) // 40)] + curve[-1:],
         "evaluation": evaluation,

@@ -320,7 +320,10 @@ def test_image_runs_default_to_a_stratified_estimate_and_exact_is_one_flag_away(
     run = tmp_path / "run"
     assert cli("train", config, "--out", run, "--T", 60, "--steps", 1, "--quiet").rc == 0
     default = cli("evaluate", run, "--max-examples", 4, "--json", "--quiet").json()
-    assert default["estimator"] == "unbiased: 50 stratified steps per example" and default["t_samples"] == 50
+    assert default["estimator"].startswith("unbiased: ") and default["t_sampling"] == "importance"
+    assert 1 <= default["t_samples"] <= 50  # strata of equal pilot mass: at most 50 steps per image
+    uniform = cli("evaluate", run, "--max-examples", 4, "--t-sampling", "uniform", "--json", "--quiet").json()
+    assert uniform["estimator"] == "unbiased: 50 stratified steps per example" and uniform["t_samples"] == 50
     exact = cli("evaluate", run, "--exact", "--json", "--quiet").json()
     assert exact["estimator"] == "exact: every step summed" and exact["t_samples"] is None
     assert exact["n_examples"] == exact["n_test"] == 12  # --exact: every test example too

@@ -180,16 +180,19 @@ def test_learned_range_at_its_ends_is_fixed_small_and_fixed_large():
 
 
 def test_stratified_estimate_agrees_with_the_sum_over_every_step():
-    """The unbiased estimate from 3 stratified steps per image and the exact sum over all T - 1 steps,
-    on the same images: equal within their standard errors (4 sigma)."""
+    """The unbiased estimates from at most 3 stratified steps per image (uniform in equal strata, and
+    in strata of equal pilot mass) and the exact sum over all T - 1 steps, on the same images: equal
+    within their standard errors (4 sigma)."""
     unet, betas = tiny_unet(), scheduler().betas.double()
     x = minus_one_to_one(images(24))
     with torch.no_grad():
         exact = eps_model_bound(unet_net(unet), betas, x, t_samples=0, seed=1)
-        sampled = eps_model_bound(unet_net(unet), betas, x, t_samples=3, seed=2)
-    assert exact["t_samples"] is None and sampled["t_samples"] == 3
-    sigma = math.hypot(exact["nll_stderr_bits_per_dim"], sampled["nll_stderr_bits_per_dim"])
-    assert abs(exact["nll_bits_per_dim"] - sampled["nll_bits_per_dim"]) < 4 * sigma
+        assert exact["t_samples"] is None
+        for t_sampling in ("uniform", "importance"):
+            sampled = eps_model_bound(unet_net(unet), betas, x, t_samples=3, seed=2, t_sampling=t_sampling)
+            assert sampled["t_sampling"] == t_sampling and 1 <= sampled["t_samples"] <= 3
+            sigma = math.hypot(exact["nll_stderr_bits_per_dim"], sampled["nll_stderr_bits_per_dim"])
+            assert abs(exact["nll_bits_per_dim"] - sampled["nll_bits_per_dim"]) < 4 * sigma
 
 
 def test_cli_evaluates_a_saved_pipeline(cli, saved):

@@ -116,7 +116,7 @@ def test_evaluate_takes_the_importance_estimate_from_the_command_line(cli, tmp_p
     assert result["t_sampling"] == "importance" and result["t_samples"] <= 10
     assert result["estimator"].startswith(f"unbiased: {result['t_samples']} importance-sampled steps per example")
     assert math.isfinite(result["K_bits"])
-    default = cli("evaluate", run, "--max-examples", 4, "--json", "--quiet").json()
-    assert default["t_sampling"] == "uniform"
+    default = cli("evaluate", run, "--max-examples", 4, "--t-samples", 10, "--json", "--quiet").json()
+    assert default["t_sampling"] == "importance"  # the default (eval.t_sampling)
     assert_one_line_error(cli("evaluate", run, "--t-samples", -1, "--quiet"), "--t-samples")
     assert_one_line_error(cli("evaluate", run, "--t-sampling", "sideways", "--quiet"), "--t-sampling", "importance")

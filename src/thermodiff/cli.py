@@ -18,7 +18,7 @@ import typing
 from pathlib import Path
 
 from thermodiff.errors import UserError, os_error_message
-from thermodiff.run.config import MEMORY_OVERRIDE_FLAG, MEMORY_OVERRIDE_HELP, RANGES, ScheduleName
+from thermodiff.run.config import MEMORY_OVERRIDE_FLAG, MEMORY_OVERRIDE_HELP, RANGES, EvalConfig, ScheduleName
 from thermodiff.run.stopping import RunStopped
 from thermodiff.tasks import reports
 from thermodiff.tasks.options import DENOISE_METHODS, KNOWN_VALUES, SAMPLERS
@@ -181,7 +181,7 @@ def _evaluate_diffusers(args) -> dict:
     t_samples = 0 if args.exact else IMAGE_T_SAMPLES if args.t_samples is None else args.t_samples
     return evaluate_diffusers(args.diffusers, args.data, args.data_dir, args.max_examples or None, t_samples,
                               n_draws=args.draws or 1, seed=args.eval_seed, device=resolve_device(args.device),
-                              progress=not args.quiet, t_sampling=args.t_sampling or "uniform")
+                              progress=not args.quiet, t_sampling=args.t_sampling or EvalConfig.t_sampling)
 
 
 def _refuse_existing(path: Path, overwrite: bool) -> None:
@@ -513,8 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--t-samples", type=int, help="steps per example of an unbiased stratified estimate of the "
                                                      "bound (eval.t_samples); 0: the exact sum over every step")
         p.add_argument("--t-sampling", choices=["uniform", "importance"],
-                       help="how --t-samples draws each step (eval.t_sampling): uniform in equal strata, or importance: "
-                            "strata of equal mass of a pilot's terms, lower variance where a few steps dominate")
+                       help="how --t-samples draws each step (eval.t_sampling): importance (the default), strata of "
+                            "equal mass of a pilot's terms, or uniform in equal strata")
         p.add_argument("--eval-seed", type=_seed, default=0)
 
     p = sub.add_parser("train", parents=[common], help="train a model")

@@ -14,7 +14,7 @@ from thermodiff.process.ode import ATOL, METHOD, RTOL, Trace, flow_log_likelihoo
 from thermodiff.process.respace import respaced_process
 from thermodiff.process.tensors import LN2
 from thermodiff.run.autoconfig import default_t_samples
-from thermodiff.run.config import AUTO
+from thermodiff.run.config import AUTO, EvalConfig
 from thermodiff.run.experiment import Run, paper_row
 from thermodiff.run.machine import hardware
 from thermodiff.tasks.entropy import entropy_examples, entropy_report, entropy_steps
@@ -165,7 +165,7 @@ class MeasuredBound:
 
 
 def measure_bound(diffusion, model, dataset, test, n_draws: int, t_samples: int, seed: int, batch_size: int,
-                  progress: bool, origin: str, device=None, t_sampling: str = "uniform") -> MeasuredBound:
+                  progress: bool, origin: str, device=None, t_sampling: str = EvalConfig.t_sampling) -> MeasuredBound:
     """The bound K of ``model`` under ``diffusion`` on the examples ``test`` (original units) of
     ``dataset``: 8-bit images with fresh dequantisation noise, or at their bins' centres for the
     discretized decoder; ``t_samples`` stratified steps per example (0: every step summed), drawn

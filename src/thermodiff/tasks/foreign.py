@@ -23,6 +23,7 @@ from thermodiff.process.gaussian import FixedVariance, GaussianDiffusion, Gaussi
 from thermodiff.process.schedules import Schedule
 from thermodiff.process.tensors import LN2
 from thermodiff.run.autoconfig import IMAGE_T_SAMPLES
+from thermodiff.run.config import EvalConfig
 from thermodiff.run.experiment import data_bins, images_or_array, official_images
 from thermodiff.run.machine import hardware
 from thermodiff.tasks.evaluation import estimator_name, measure_bound
@@ -78,7 +79,7 @@ def levels_of(images, max_examples: int | None) -> np.ndarray:
 
 def foreign_bound(net, betas, dataset: datasets.Dataset, prediction_type: str, variance_type: VarianceType,
                   clip_x0: float | None, t_samples: int, n_draws: int, batch_size: int, seed: int, device,
-                  progress: bool, origin: str, t_sampling: str = "uniform") -> dict:
+                  progress: bool, origin: str, t_sampling: str = EvalConfig.t_sampling) -> dict:
     """The bound report of a 0-based ``net`` on ``dataset``'s test images (see :func:`eps_model_bound`)."""
     if prediction_type not in {p.value for p in Prediction}:
         raise UserError(f"prediction type {prediction_type!r} is not one of {', '.join(p.value for p in Prediction)}")
@@ -101,7 +102,7 @@ def eps_model_bound(model: Callable, betas, images: torch.Tensor | np.ndarray | 
                     prediction_type: str = "epsilon", variance_type: VarianceType = "fixed_small",
                     clip_x0: float | None = None, max_examples: int | None = None, t_samples: int = IMAGE_T_SAMPLES,
                     n_draws: int = 1, batch_size: int = 50, seed: int = 0, device=None, progress: bool = False,
-                    t_sampling: str = "uniform") -> dict:
+                    t_sampling: str = EvalConfig.t_sampling) -> dict:
     """The exact variational bound on -log p(x) of 8-bit images, in bits/dim, of a DDPM-style model
     trained elsewhere (denoising-diffusion-pytorch, improved-diffusion, diffusers, your own).
 
@@ -116,8 +117,8 @@ def eps_model_bound(model: Callable, betas, images: torch.Tensor | np.ndarray | 
     fixed_small (beta-tilde_t), fixed_large (beta_t), learned_range. ``clip_x0``: clip the implied
     x_0 to [-clip_x0, clip_x0] as the sampler does (diffusers' clip_sample, improved-diffusion's
     clip_denoised), None not to. ``t_samples``: stratified steps per image of an unbiased estimate
-    (0: every step, exact and T / t_samples times slower), drawn uniformly in equal strata or, with
-    ``t_sampling`` "importance", in strata of equal mass of a pilot's terms.
+    (0: every step, exact and T / t_samples times slower), drawn in strata of equal mass of a pilot's
+    terms (``t_sampling`` "importance") or uniformly in equal strata ("uniform").
 
     Returns a dict: ``nll_bits_per_dim`` (the bound, with the discretized Gaussian decoder of Ho et
     al. 2020, on the 8-bit values) and ``nll_stderr_bits_per_dim``, ``per_timestep_bits`` (index 0:
@@ -144,7 +145,7 @@ def held_out_images(source: str, data_dir: str | None, max_examples: int | None)
 
 def evaluate_diffusers(path: str, data: str, data_dir: str | None = None, max_examples: int | None = None,
                        t_samples: int = IMAGE_T_SAMPLES, n_draws: int = 1, batch_size: int = 50, seed: int = 0,
-                       device=None, progress: bool = True, t_sampling: str = "uniform") -> dict:
+                       device=None, progress: bool = True, t_sampling: str = EvalConfig.t_sampling) -> dict:
     """The bound of the diffusers UNet2DModel and DDPMScheduler saved in ``path`` on the first
     ``max_examples`` test images of ``data`` (see :func:`held_out_images`), mapped to [-1, 1]; the
     scheduler's betas, prediction type, variance type and clip_sample (see :func:`eps_model_bound`)."""
