@@ -2,13 +2,13 @@
 Parzen-window log-likelihood), the training curve and the time to a stated bound.
 
     python benchmarks/budget.py RUN_DIR --train-command "..." [--max-examples 200] [--parzen-samples 0]
-                                [--parzen-steps N] [--t-sampling uniform|importance]
+                                [--parzen-steps N] [--t-sampling importance|uniform]
 
 Runs `thermodiff evaluate` (and `thermodiff parzen`) in-process on a finished run and writes
 benchmarks/results/<experiment>_budget.json. The training curve is the running training
 estimate of K (per pixel, on training batches, smoothed) from the run's metrics log against wall
-time (CPU time for a run trained with train.clock = "cpu"); "time to bound" reads off it when the estimate had made 50%, 90% and 100% of its rise. The
-held-out figure is the evaluation's.
+time (CPU time for a run trained with train.clock = "cpu"); "time to bound" reads off it when the
+estimate had made 50%, 90% and 100% of its rise. The held-out figure is the evaluation's.
 """
 
 import argparse
@@ -49,8 +49,9 @@ if __name__ == "__main__":
     parser.add_argument("--train-command", required=True, help="the command that trained the run, for the record")
     parser.add_argument("--max-examples", type=int, default=200)
     parser.add_argument("--parzen-samples", type=int, default=0, help="0: no Parzen estimate")
-    parser.add_argument("--parzen-steps", help="draw the Parzen samples on this respaced chain (thermodiff parzen --steps)")
-    parser.add_argument("--t-sampling", choices=["uniform", "importance"], default="uniform",
+    parser.add_argument("--parzen-steps", help="draw the Parzen samples on this respaced chain (thermodiff parzen "
+                                               "--steps) and evaluate that chain's bound too (evaluate --respace)")
+    parser.add_argument("--t-sampling", choices=["uniform", "importance"], default="importance",
                         help="how the bound's estimate draws its steps (thermodiff evaluate --t-sampling)")
     parser.add_argument("--notes", default="")
     args = parser.parse_args()
@@ -66,6 +67,10 @@ if __name__ == "__main__":
         parzen += ["--steps", args.parzen_steps] if args.parzen_steps else []
         record["parzen"] = thermodiff_json(parzen)
         commands.append(shlex.join(["thermodiff", *parzen]))
+        if args.parzen_steps:  # the bound of the chain the samples came from
+            respaced = [*evaluate, "--respace", args.parzen_steps]
+            record["parzen_chain_evaluation"] = thermodiff_json(respaced)
+            commands.append(shlex.join(["thermodiff", *respaced]))
     final = evaluation["K_bits_per_pixel"]
     record |= {
         "benchmark_command": "python benchmarks/budget.py " + shlex.join(sys.argv[1:]),

@@ -56,7 +56,7 @@ class BoundEstimate:
     terms: Tensor
     n_draws: int
     t_samples: int | None = None  # steps sampled per example (stratified), or None: every step summed
-    t_sampling: TSampling = TSampling.UNIFORM  # how the sampled steps were drawn
+    t_sampling: TSampling | None = None  # how the sampled steps were drawn (None: none were)
 
     @property
     def mean(self) -> float:
@@ -339,6 +339,7 @@ def exact_bound(
     importance = TSampling(t_sampling) is TSampling.IMPORTANCE and len(groups) < T - 1
     if importance and batches:
         groups = importance_strata(term_profile(diffusion, model, batches[0][:PILOT_EXAMPLES], generator), len(groups))
+    drawn = None if len(groups) == T - 1 else TSampling.IMPORTANCE if importance else TSampling.UNIFORM
     total = len(batches) * (len(groups) + 1)
     per_example, term_sums, term_counts = [], torch.zeros(T + 1, dtype=torch.float64), torch.zeros(T + 1, dtype=torch.float64)
     for b, x0 in enumerate(batches):
@@ -365,4 +366,4 @@ def exact_bound(
             callback((b + 1) * (len(groups) + 1), total)
     return BoundEstimate(per_example=torch.cat(per_example), terms=term_sums / term_counts.clamp_min(1),
                          n_draws=n_draws, t_samples=None if len(groups) == T - 1 else len(groups),
-                         t_sampling=TSampling.IMPORTANCE if importance else TSampling.UNIFORM)
+                         t_sampling=drawn)

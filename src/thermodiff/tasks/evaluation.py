@@ -226,7 +226,7 @@ def evaluate(run: Run, n_draws: int | None = None, max_examples: int | None = No
         "n_test": len(run.dataset.test),
         "estimator": estimator_name(estimate),
         "t_samples": estimate.t_samples,
-        "t_sampling": estimate.t_sampling.value,
+        "t_sampling": estimate.t_sampling and estimate.t_sampling.value,
         "n_draws": n_draws,
         "T": diffusion.T,
         "diffusion": type(run.diffusion).__name__,

@@ -89,7 +89,7 @@ def foreign_bound(net, betas, dataset: datasets.Dataset, prediction_type: str, v
     m = measure_bound(diffusion, model, dataset, dataset.test, n_draws, t_samples, seed, batch_size, progress, origin,
                       device, t_sampling)
     return {"n_examples": len(dataset.test), "T": diffusion.T, "estimator": estimator_name(m.estimate),
-            "t_samples": m.estimate.t_samples, "t_sampling": m.estimate.t_sampling.value, "n_draws": n_draws,
+            "t_samples": m.estimate.t_samples, "t_sampling": m.estimate.t_sampling and m.estimate.t_sampling.value, "n_draws": n_draws,
             "prediction_type": prediction_type,
             "variance_type": variance_type, "parameterization": diffusion.parameterization.value,
             "eps_variance": diffusion.eps_variance.value if variance_type != "learned_range" else None,
