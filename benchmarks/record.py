@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from thermodiff.cli import main
+from thermodiff.run.checkpoint import atomic_write_text
 from thermodiff.run.machine import machine
 from thermodiff.tasks.plotting import image_grid_png
 
@@ -26,10 +27,11 @@ def thermodiff_json(argv: list[str]) -> dict:
 
 
 def write_result(name: str, record: dict) -> Path:
-    """benchmarks/results/NAME.json, the record plus the machine unless it names its own."""
+    """benchmarks/results/NAME.json, the record plus the machine unless it names its own, written
+    atomically (a kill mid-write leaves the previous record)."""
     out = RESULTS / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**record, "machine": record.get("machine", machine())}, indent=2) + "\n")
+    atomic_write_text(out, json.dumps({**record, "machine": record.get("machine", machine())}, indent=2) + "\n")
     return out
 
 

@@ -337,6 +337,34 @@ def test_training_raises_the_held_out_bound():
     assert after.mean - before.mean > 5 * math.hypot(after.stderr, before.stderr)
 
 
+@pytest.mark.parametrize("kernel", ["uniform", "absorbing"])
+def test_hybrid_loss_adds_the_x0_cross_entropy_at_the_training_steps(kernel):
+    """D3PM's hybrid loss: -K's one-t estimate (unchanged, the same draws) plus lambda times
+    -log p~(x_0 | x_t) at the drawn x_t, computed here with torch.distributions from the network's
+    logits tilted by the null model; lambda = 0 is the bound's loss, and SIMPLE is refused."""
+    lam = 0.25
+    schedule = make_schedule("erase", 6)
+    hybrid = CategoricalDiffusion(schedule, K, kernel, loss="hybrid", hybrid_lambda=lam)
+    bound = CategoricalDiffusion(schedule, K, kernel)
+    net = build_vector_net("mlp", D, K, 6, hidden=16, layers=1, one_hot_states=len(hybrid.m))
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randint(0, K, (64, D), generator=g).float()
+    draws = hybrid.training_draws(x0, g)
+    loss, k = hybrid.training_loss(net, x0, draws)
+    bound_loss, bound_k = bound.training_loss(net, x0, draws)
+    torch.testing.assert_close(k, bound_k)
+    x_t = hybrid.q_sample(x0, draws.t, noise=draws.noise_t)
+    pi = torch.full((K,), 1 / K, dtype=torch.float64) if kernel == "absorbing" else hybrid.m
+    logits = net(x_t, draws.t).double().movedim(1, -1) + pi.log()
+    cross_entropy = -torch.distributions.Categorical(logits=logits).log_prob(x0.long()).sum(1)
+    torch.testing.assert_close(loss, bound_loss + lam * cross_entropy.mean())
+    loss.backward()  # differentiable in the network
+    zero = CategoricalDiffusion(schedule, K, kernel, loss="hybrid", hybrid_lambda=0.0)
+    torch.testing.assert_close(zero.training_loss(net, x0, draws)[0], bound_loss)
+    with pytest.raises(ValueError, match="Gaussian noise"):
+        CategoricalDiffusion(schedule, K, kernel, loss="simple")
+
+
 # ----------------------------------------------------------------------------------------------
 # selection, and the command line
 

@@ -69,7 +69,8 @@ class BoundEstimate:
         return standard_error(self.per_example)
 
 
-#: lambda of Nichol & Dhariwal's hybrid loss L_simple + lambda L_vlb (their Eq. 16)
+#: lambda of the hybrid losses: Nichol & Dhariwal's L_simple + lambda L_vlb (their Eq. 16), and D3PM's
+#: L_vb + lambda L_ce (Austin et al. 2021, Eq. 5; 0.001 is their CIFAR-10 value)
 HYBRID_LAMBDA = 1e-3
 
 
@@ -78,7 +79,10 @@ class TrainingLoss(str, Enum):
 
     BOUND = "bound"  # -K (paper Eq. 14), one-t estimate
     SIMPLE = "simple"  # L_simple, noise-prediction error (Ho et al. 2020, Eq. 14); needs an eps parameterisation
-    HYBRID = "hybrid"  # L_simple + lambda L_vlb (Nichol & Dhariwal 2021, Eq. 16); needs eps_learned_var
+    # the hybrid loss of the process's literature: for Gaussian diffusion L_simple + lambda L_vlb
+    # (Nichol & Dhariwal 2021, Eq. 16; needs eps_learned_var), for categorical diffusion -K + lambda
+    # times the cross-entropy of the network's x_0 prediction (Austin et al. 2021, D3PM, Eq. 5)
+    HYBRID = "hybrid"
 
 
 class LossAwareSampler(nn.Module):
@@ -225,7 +229,7 @@ class DiscreteTimeProcess(Process):
 
     def check_noise_loss(self, loss: TrainingLoss) -> None:
         """Refuse ``loss``, SIMPLE or HYBRID, unless the process's network predicts Gaussian noise
-        (ValueError; GaussianDiffusion says when it does)."""
+        (ValueError; GaussianDiffusion says when it does, CategoricalDiffusion has its own hybrid)."""
         raise ValueError(f"the {loss.value!r} loss trains a prediction of Gaussian noise; a {type(self).__name__} "
                          "trains on the 'bound'")
 

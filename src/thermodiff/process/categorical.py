@@ -10,6 +10,7 @@ chooses m: uniform over the K categories (S = K), a point mass on an extra absor
 with p the data's mean). The reverse model is any callable ``model(x_t, t) -> z`` with ``z`` of
 shape ``(N, K, *x.shape[1:])``: logits of x_0 (D3PM's x_0-parameterisation). States are
 category indices 0..S-1, held as floats in the model's units; tables are float64, times 1-based.
+Training minimises -K, or D3PM's hybrid loss -K + lambda L_ce (``loss = "hybrid"``).
 """
 
 from enum import Enum
@@ -17,7 +18,7 @@ from enum import Enum
 import torch
 from torch import Tensor
 
-from thermodiff.process.bound import DiscreteTimeProcess, LossAwareSampler, TrainingLoss
+from thermodiff.process.bound import HYBRID_LAMBDA, DiscreteTimeProcess, LossAwareSampler, TrainingLoss, training_loss
 from thermodiff.process.contract import Decoder
 from thermodiff.process.distributions import categorical_entropy, categorical_kl
 from thermodiff.process.entropy import reverse_entropy_bounds
@@ -60,8 +61,10 @@ class CategoricalDiffusion(DiscreteTimeProcess):
         *,
         t_sampler: LossAwareSampler | None = None,
         loss: TrainingLoss | str = TrainingLoss.BOUND,
+        hybrid_lambda: float = HYBRID_LAMBDA,
     ):
-        """``frequencies``: the K data categories' probabilities, for the MARGINAL kernel only."""
+        """``frequencies``: the K data categories' probabilities, for the MARGINAL kernel only.
+        ``loss``: BOUND (-K) or HYBRID (:meth:`training_loss`)."""
         super().__init__()
         if categories < 2:
             raise ValueError(f"categorical diffusion needs at least 2 categories, got {categories}")
@@ -80,7 +83,29 @@ class CategoricalDiffusion(DiscreteTimeProcess):
         if (frequencies is not None) != (self.kernel is CategoricalKernel.MARGINAL):
             raise ValueError("category frequencies are given for the 'marginal' kernel, and only for it")
         self.register_buffer("m", self._stationary(frequencies))
-        self.init_training(t_sampler, loss)
+        self.init_training(t_sampler, loss, hybrid_lambda)
+
+    def check_noise_loss(self, loss: TrainingLoss) -> None:
+        """HYBRID is D3PM's (:meth:`training_loss`); SIMPLE trains a noise prediction, which this has not."""
+        if loss is not TrainingLoss.HYBRID:
+            super().check_noise_loss(loss)
+
+    def training_loss(self, model, x0: Tensor, draws) -> tuple[Tensor, Tensor]:
+        """-K from one t per example (bound.training_loss), plus for the HYBRID loss lambda times
+        the cross-entropy -log p~(x_0 | x_t) of the network's prediction at the same x_t (Austin et
+        al. 2021, Eq. 5: "encourages good predictions of x_0 at each time step"), read off the
+        bound's own network call, so it costs no extra forward pass."""
+        if self.loss is not TrainingLoss.HYBRID:
+            return super().training_loss(model, x0, draws)
+        at_t = OutputsAt(model, draws.t)
+        objective, k = training_loss(self, at_t, x0, draws=draws, loss=TrainingLoss.BOUND)
+        return objective + self.hybrid_lambda * self.x0_cross_entropy(at_t.output, x0).mean(), k
+
+    def x0_cross_entropy(self, z: Tensor, x0: Tensor) -> Tensor:
+        """-log p~(x_0 | x_t) per example, summed over dimensions, from the network's logits ``z``
+        (:meth:`x0_probs`'s tilt by the null model included)."""
+        logits = z.double() + self.null_probs().log().reshape(-1, *[1] * x0[0].ndim)
+        return -sum_except_batch(torch.log_softmax(logits, 1).gather(1, x0.round().long().unsqueeze(1)).squeeze(1))
 
     def _stationary(self, frequencies: Tensor | None) -> Tensor:
         """m over the S states (float64)."""
@@ -161,8 +186,8 @@ class CategoricalDiffusion(DiscreteTimeProcess):
 
     def x0_probs(self, model, x_t: Tensor, t: Tensor) -> Tensor:
         """p~(x_0 | x_t) = softmax(z + log pi) over the K categories, padded with 0 for the mask state."""
-        z = model(x_t, t).double() + self.null_probs().log().reshape(-1, *[1] * x_t[0].ndim)
-        probs = torch.softmax(z, 1).movedim(1, -1)  # over the categories where they are the network's (faster)
+        logits = model(x_t, t).double() + self.null_probs().log().reshape(-1, *[1] * x_t[0].ndim)
+        probs = torch.softmax(logits, 1).movedim(1, -1)  # over the categories where they are the network's (faster)
         return torch.nn.functional.pad(probs, (0, len(self.m) - self.categories))
 
     def p_probs(self, model, x_t: Tensor, t: Tensor) -> Tensor:
@@ -239,3 +264,17 @@ class CategoricalDiffusion(DiscreteTimeProcess):
             probs = factor.categorical(probs, t, x_t)
         u = torch.rand(x_t.shape, generator=generator, device=x_t.device, dtype=torch.float64)
         return self.draw(probs, u, x_t.dtype)
+
+
+class OutputsAt:
+    """A network that keeps its output for the calls at the steps ``t`` (that very tensor): what
+    the hybrid loss reads of the bound's call at the training steps (not the decoder's, at t = 1)."""
+
+    def __init__(self, model, t: Tensor):
+        self.model, self.t, self.output = model, t, None
+
+    def __call__(self, x_t: Tensor, t: Tensor) -> Tensor:
+        z = self.model(x_t, t)
+        if t is self.t:
+            self.output = z
+        return z

@@ -126,8 +126,10 @@ class TrainConfig:
     precision: Precision = "fp32"  # bf16: autocast, CPU or GPU; fp16: autocast, GPU only
     compile: bool = False  # torch.compile the network (inductor); the first steps pay for the compilation
     channels_last: bool = False  # image networks and their batches in channels_last memory format (NHWC)
-    loss: LossName = "bound"  # bound: -K; simple: Ho et al.'s L_simple; hybrid: L_simple + hybrid_lambda L_vlb
-    hybrid_lambda: float = 0.001  # Nichol & Dhariwal's lambda
+    # bound: -K; simple: Ho et al.'s L_simple; hybrid: L_simple + hybrid_lambda L_vlb (Gaussian),
+    # -K + hybrid_lambda L_ce (categorical, D3PM)
+    loss: LossName = "bound"
+    hybrid_lambda: float = 0.001  # Nichol & Dhariwal's lambda, and D3PM's on CIFAR-10
     t_sampler: TSampler = "uniform"  # how t is drawn for the one-t estimate; loss_aware: importance sampling
     max_minutes: float | Auto = 0.0  # stop after this much training time (0: no limit)
     clock: Clock = "wall"  # what training time counts: wall seconds, or cpu (the process's CPU seconds)

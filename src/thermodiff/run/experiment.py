@@ -282,7 +282,7 @@ def build_diffusion(cfg: Config, kind: str, data_mean: float, bins: Bins | None 
             if d.eps_variance is not None or d.stationary_p is not None:
                 raise ValueError("eps_variance and stationary_p are for Gaussian and binomial diffusion")
             return CategoricalDiffusion(schedule, max(bins.count), d.kernel, None, d.parameterization, d.decoder,
-                                        **training)
+                                        hybrid_lambda=cfg.train.hybrid_lambda, **training)
         return GaussianDiffusion(schedule, d.parameterization, d.decoder, d.eps_variance, bins,
                                  hybrid_lambda=cfg.train.hybrid_lambda, **training)
     except ValueError as e:
