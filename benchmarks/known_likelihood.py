@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from record import RESULTS, cited, machine
+from thermodiff.run.checkpoint import atomic_write_text
 from thermodiff.data.known_densities import BATTERY, by_name, make_split
 from thermodiff.process.tensors import LN2
 
@@ -146,13 +147,13 @@ def main() -> None:
     for name in args.cases:
         if args.diagnose:
             record["cases"][name] = diagnose_case(name, Path(args.out), record["cases"][name])
-            path.write_text(json.dumps(record, indent=2) + "\n")
+            atomic_write_text(path, json.dumps(record, indent=2) + "\n")
             print(name, "gap on training examples", record["cases"][name]["gap_on_training_examples_bits"], flush=True)
             continue
         result = run_case(name, Path(args.out), args.n_train, args.n_test, args.seed, extra)
         record["cases"][name] = result
         record["summary"] = summary(record["cases"])
-        path.write_text(json.dumps(record, indent=2) + "\n")  # after every case: a stop loses nothing
+        atomic_write_text(path, json.dumps(record, indent=2) + "\n")  # after every case: a stop loses nothing
         print(f"{name:22} exact {result['exact_bits']:9.3f}  K {result['K_bits']:9.3f}  gap {result['gap_bits']:7.3f} "
               f"+- {result['gap_stderr_bits']:.3f} bits  ({result['train_minutes']:.1f} min, {result['train_steps']} steps)",
               flush=True)

@@ -3,6 +3,7 @@ to the bound K, on the same test examples:
 
     python benchmarks/ode_likelihood.py swissroll --steps 8000      # trains runs/ode/swissroll (the 3-minute config)
     python benchmarks/ode_likelihood.py battery --cases ring_2d gauss_10d --minutes 3 [--jobs 2]
+    python benchmarks/ode_likelihood.py battery --table                   # the Markdown table of docs/ode.md
     python benchmarks/ode_likelihood.py cifar10 --run RUN --examples 8   # a trained CIFAR-10 run (copied, read only)
 
 Each writes benchmarks/results/ode_NAME.json. Swiss roll and battery cases of D <= 3: the exact
@@ -22,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from record import RESULTS, thermodiff_json, write_result
-from thermodiff.data.known_densities import by_name, make_split
+from record import RESULTS, cited, thermodiff_json, write_result
+from thermodiff.data.known_densities import BATTERY, by_name, make_split
 from thermodiff.process.tensors import LN2
 
 #: Battery cases of at most this many dimensions get the exact trace by default, larger ones Hutchinson's.
@@ -107,6 +108,29 @@ def battery(args) -> dict:
     return record
 
 
+def battery_table(record: dict) -> str:
+    """The battery's record as docs/ode.md's Markdown table, in the battery's order, every figure
+    a link to its place in benchmarks/results/ode_battery.json."""
+    order = [c.name for c in BATTERY]
+    rows = ["| case | D | exact | K | ODE | gap exact - K | gap exact - ODE | trace, evaluations | training steps |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for case in sorted(record["cases"], key=order.index):
+        r = record["cases"][case]
+
+        def figure(fmt: str, *keys: str) -> str:
+            values = [r["evaluation"][k[len("evaluation."):]] if k.startswith("evaluation.") else r[k] for k in keys]
+            return cited(fmt.format(*values), "ode_battery", *(f"cases.{case}.{k}" for k in keys))
+
+        rows.append(f"| `{case}` ({r['kind']}) | {r['dim']} | {figure('{:.3f}', 'exact_bits')} | "
+                    f"{figure('{:.3f}', 'evaluation.K_original_units_bits')} | "
+                    f"{figure('{:.3f}', 'evaluation.ode_log_likelihood_original_units_bits')} | "
+                    f"{figure('{:.3f} ± {:.3f}', 'K_gap_bits', 'K_gap_stderr_bits')} | "
+                    f"{figure('{:.3f} ± {:.3f}', 'ode_gap_bits', 'ode_gap_stderr_bits')} | "
+                    f"{r['evaluation']['ode_trace']}, {figure('{}', 'evaluation.ode_nfe')} | "
+                    f"{figure('{}', 'evaluation.train_steps')} |")
+    return "\n".join(rows)
+
+
 def cifar10(args) -> dict:
     run = Path(args.out) / "cifar10"
     shutil.copytree(args.run, run, dirs_exist_ok=True, ignore=shutil.ignore_patterns("evaluation.json"))
@@ -135,7 +159,11 @@ def main() -> None:
                         help=f"the exact trace (default: for swissroll, and battery cases of D <= {EXACT_TRACE_DIM})")
     parser.add_argument("--reuse", action="store_true", help="battery: evaluate a case's run trained before (no training)")
     parser.add_argument("--out", default="runs/ode")
+    parser.add_argument("--table", action="store_true", help="battery: print the record as a Markdown table and stop")
     args = parser.parse_args()
+    if args.table:
+        print(battery_table(json.loads((RESULTS / "ode_battery.json").read_text())))
+        return
     if args.exact_trace is None and args.experiment != "battery":
         args.exact_trace = args.experiment == "swissroll"
     start = time.perf_counter()
