@@ -2,7 +2,7 @@
 to the bound K, on the same test examples:
 
     python benchmarks/ode_likelihood.py swissroll --steps 8000      # trains runs/ode/swissroll (the 3-minute config)
-    python benchmarks/ode_likelihood.py battery --cases ring_2d gauss_10d --minutes 3 [--jobs 2]
+    python benchmarks/ode_likelihood.py battery [--cases ring_2d gauss_10d] [--minutes 3] [--jobs 2]
     python benchmarks/ode_likelihood.py battery --table                   # the Markdown table of docs/ode.md
     python benchmarks/ode_likelihood.py cifar10 --run RUN --examples 8   # a trained CIFAR-10 run (copied, read only)
 
@@ -71,9 +71,11 @@ def battery_case(name: str, args) -> dict:
     np.save(folder / "train.npy", train)
     np.save(folder / "test.npy", test)
     train_wall = None  # --reuse: the run trained before, with the same command
+    budget = [] if args.minutes is None else ["--minutes", str(args.minutes)]  # none: the defaults' own
+    train_command = ["train", "vectors", "--data", str(folder / "train.npy"), "--out", str(folder / "run"), "--overwrite",
+                     *budget, "--set", "train.clock=cpu"]
     if not (args.reuse and (folder / "run" / "checkpoint.safetensors").exists()):
-        _, train_wall = timed(["train", "vectors", "--data", str(folder / "train.npy"), "--out", str(folder / "run"),
-                               "--overwrite", "--minutes", str(args.minutes), "--set", "train.clock=cpu"])
+        _, train_wall = timed(train_command)
     exact_trace = case.dim <= EXACT_TRACE_DIM if args.exact_trace is None else args.exact_trace
     evaluation, eval_wall = timed(["evaluate", str(folder / "run"), "--data", str(folder / "test.npy"), "--exact",
                                    "--per-example", str(folder / "K.npy"), "--overwrite", *ode_flags(args, exact_trace)])
@@ -84,10 +86,9 @@ def battery_case(name: str, args) -> dict:
             "exact_bits": float(exact.mean()), "exact_stderr_bits": float(exact.std(ddof=1) / math.sqrt(len(exact))),
             **{f"{what}_gap_bits": float(g.mean()) for what, g in gaps.items()},
             **{f"{what}_gap_stderr_bits": float(g.std(ddof=1) / math.sqrt(len(g))) for what, g in gaps.items()},
-            "train_cpu_minutes": args.minutes, "train_wall_s": train_wall, "eval_wall_s": eval_wall,
+            "train_wall_s": train_wall, "eval_wall_s": eval_wall,
             "evaluation": kept(evaluation),
-            "command": f"thermodiff train vectors --data train.npy --minutes {args.minutes} --set train.clock=cpu; "
-                       "thermodiff evaluate RUN "
+            "command": f"thermodiff {' '.join(train_command[:3])} train.npy --out RUN {' '.join(train_command[6:])}; thermodiff evaluate RUN "
                        f"--data test.npy --exact {' '.join(ode_flags(args, exact_trace))}"}
 
 
@@ -144,9 +145,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experiment", choices=["swissroll", "battery", "cifar10"])
     parser.add_argument("--steps", type=int, default=8000, help="swissroll: training steps")
-    parser.add_argument("--cases", nargs="+", default=["ring_2d", "poisson_mix_3d", "gauss_10d"], help="battery cases")
-    parser.add_argument("--minutes", type=float, default=3.0,
-                        help="battery: training minutes per case, of the process's CPU time (train.clock = cpu)")
+    parser.add_argument("--cases", nargs="+", default=[c.name for c in BATTERY],
+                        help="battery cases (default: all; the binary ones are skipped)")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="battery: training minutes per case, of the process's CPU time (train.clock = cpu; "
+                             "default: the budget the defaults choose, as benchmarks/known_likelihood.py trains)")
     parser.add_argument("--jobs", type=int, default=1, help="battery: cases run at once (one per core)")
     parser.add_argument("--n-train", type=int, default=20000)
     parser.add_argument("--n-test", type=int, default=2000)
