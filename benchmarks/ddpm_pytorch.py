@@ -84,7 +84,7 @@ def train(args, images: torch.Tensor, out: Path) -> dict:
         state["step"] += 1
         state["cpu_s"] = time.process_time() - start
         if state["step"] % 50 == 0:
-            state["curve"].append({"step": state["step"], "cpu_s": round(state["cpu_s"], 1), "loss": float(loss)})
+            state["curve"].append({"step": state["step"], "cpu_s": round(state["cpu_s"], 1), "loss": loss.item()})
         if time.monotonic() - last_save > args.checkpoint_minutes * 60:
             save(checkpoint, {"model": diffusion.state_dict(), "optimiser": optimiser.state_dict(),
                               "ema": ema.state_dict(), "state": state})
