@@ -97,6 +97,7 @@ def battery(args) -> dict:
     process as soon as it is done (a stopped battery keeps them; one writer, so no case is lost)."""
     path = RESULTS / "ode_battery.json"
     record = json.loads(path.read_text()) if path.exists() else {"cases": {}}
+    record.pop("machine", None)  # this run's machine, as write_result measures it, not an earlier run's
     binary = [name for name in args.cases if by_name(name).kind == "binary"]
     if binary:
         print(f"skipping {', '.join(binary)}: binary data get binomial diffusion, which has no probability-flow ODE")
