@@ -30,7 +30,6 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
-import numpy as np
 import torch
 from denoising_diffusion_pytorch import GaussianDiffusion, Unet
 from ema_pytorch import EMA
@@ -53,9 +52,11 @@ def build(args) -> tuple[GaussianDiffusion, torch.optim.Optimizer, EMA]:
     return diffusion, optimiser, ema
 
 
-def save(path: Path, state: dict) -> None:
+def save(path: Path, diffusion: GaussianDiffusion, optimiser: torch.optim.Optimizer, ema: EMA, state: dict) -> None:
+    """The training state, written atomically (a kill mid-write leaves the previous checkpoint)."""
     buffer = io.BytesIO()
-    torch.save(state, buffer)
+    torch.save({"model": diffusion.state_dict(), "optimiser": optimiser.state_dict(), "ema": ema.state_dict(),
+                "state": state}, buffer)
     atomic_write_bytes(path, buffer.getvalue())
 
 
@@ -66,7 +67,8 @@ def train(args, images: torch.Tensor, out: Path) -> dict:
     state = {"step": 0, "cpu_s": 0.0, "curve": []}
     if args.resume and checkpoint.exists():
         saved = torch.load(checkpoint, weights_only=True)  # tensors and plain values only: no code runs
-        diffusion.load_state_dict(saved["model"]), optimiser.load_state_dict(saved["optimiser"])
+        diffusion.load_state_dict(saved["model"])
+        optimiser.load_state_dict(saved["optimiser"])
         ema.load_state_dict(saved["ema"])
         state = saved["state"]
     g = torch.Generator().manual_seed(args.seed + state["step"])
@@ -86,11 +88,9 @@ def train(args, images: torch.Tensor, out: Path) -> dict:
         if state["step"] % 50 == 0:
             state["curve"].append({"step": state["step"], "cpu_s": round(state["cpu_s"], 1), "loss": loss.item()})
         if time.monotonic() - last_save > args.checkpoint_minutes * 60:
-            save(checkpoint, {"model": diffusion.state_dict(), "optimiser": optimiser.state_dict(),
-                              "ema": ema.state_dict(), "state": state})
+            save(checkpoint, diffusion, optimiser, ema, state)
             last_save = time.monotonic()
-    save(checkpoint, {"model": diffusion.state_dict(), "optimiser": optimiser.state_dict(), "ema": ema.state_dict(),
-                      "state": state})
+    save(checkpoint, diffusion, optimiser, ema, state)
     return {"diffusion": ema.ema_model, "parameters": sum(p.numel() for p in diffusion.model.parameters()), **state}
 
 

@@ -71,11 +71,10 @@ def battery_case(name: str, args) -> dict:
     np.save(folder / "train.npy", train)
     np.save(folder / "test.npy", test)
     train_wall = None  # --reuse: the run trained before, with the same command
-    budget = [] if args.minutes is None else ["--minutes", str(args.minutes)]  # none: the defaults' own
-    train_command = ["train", "vectors", "--data", str(folder / "train.npy"), "--out", str(folder / "run"), "--overwrite",
-                     *budget, "--set", "train.clock=cpu"]
-    if not (args.reuse and (folder / "run" / "checkpoint.safetensors").exists()):
-        _, train_wall = timed(train_command)
+    budget = ([] if args.minutes is None else ["--minutes", str(args.minutes)]) + ["--set", "train.clock=cpu"]
+    if not (args.reuse and (folder / "run" / "checkpoint.safetensors").exists()):  # none: the defaults' own minutes
+        _, train_wall = timed(["train", "vectors", "--data", str(folder / "train.npy"), "--out", str(folder / "run"),
+                               "--overwrite", *budget])
     exact_trace = case.dim <= EXACT_TRACE_DIM if args.exact_trace is None else args.exact_trace
     evaluation, eval_wall = timed(["evaluate", str(folder / "run"), "--data", str(folder / "test.npy"), "--exact",
                                    "--per-example", str(folder / "K.npy"), "--overwrite", *ode_flags(args, exact_trace)])
@@ -88,7 +87,7 @@ def battery_case(name: str, args) -> dict:
             **{f"{what}_gap_stderr_bits": float(g.std(ddof=1) / math.sqrt(len(g))) for what, g in gaps.items()},
             "train_wall_s": train_wall, "eval_wall_s": eval_wall,
             "evaluation": kept(evaluation),
-            "command": f"thermodiff {' '.join(train_command[:3])} train.npy --out RUN {' '.join(train_command[6:])}; thermodiff evaluate RUN "
+            "command": f"thermodiff train vectors --data train.npy --out RUN {' '.join(budget)}; thermodiff evaluate RUN "
                        f"--data test.npy --exact {' '.join(ode_flags(args, exact_trace))}"}
 
 

@@ -102,10 +102,14 @@ class CategoricalDiffusion(DiscreteTimeProcess):
         return objective + self.hybrid_lambda * self.x0_cross_entropy(at_t.output, x0).mean(), k
 
     def x0_cross_entropy(self, z: Tensor, x0: Tensor) -> Tensor:
-        """-log p~(x_0 | x_t) per example, summed over dimensions, from the network's logits ``z``
-        (:meth:`x0_probs`'s tilt by the null model included)."""
-        logits = z.double() + self.null_probs().log().reshape(-1, *[1] * x0[0].ndim)
-        return -sum_except_batch(torch.log_softmax(logits, 1).gather(1, x0.round().long().unsqueeze(1)).squeeze(1))
+        """-log p~(x_0 | x_t) per example, summed over dimensions, from the network's output ``z``."""
+        log_probs = torch.log_softmax(self.x0_logits(z), 1)
+        return -sum_except_batch(log_probs.gather(1, x0.round().long().unsqueeze(1)).squeeze(1))
+
+    def x0_logits(self, z: Tensor) -> Tensor:
+        """The logits of p~(x_0 | x_t) over the K categories (dimension 1): the network's output
+        ``z`` tilted by the null model, z + log pi (:class:`CategoricalParameterization`)."""
+        return z.double() + self.null_probs().log().reshape(-1, *[1] * (z.ndim - 2))
 
     def _stationary(self, frequencies: Tensor | None) -> Tensor:
         """m over the S states (float64)."""
@@ -186,8 +190,7 @@ class CategoricalDiffusion(DiscreteTimeProcess):
 
     def x0_probs(self, model, x_t: Tensor, t: Tensor) -> Tensor:
         """p~(x_0 | x_t) = softmax(z + log pi) over the K categories, padded with 0 for the mask state."""
-        logits = model(x_t, t).double() + self.null_probs().log().reshape(-1, *[1] * x_t[0].ndim)
-        probs = torch.softmax(logits, 1).movedim(1, -1)  # over the categories where they are the network's (faster)
+        probs = torch.softmax(self.x0_logits(model(x_t, t)), 1).movedim(1, -1)  # over the categories where they are the network's (faster)
         return torch.nn.functional.pad(probs, (0, len(self.m) - self.categories))
 
     def p_probs(self, model, x_t: Tensor, t: Tensor) -> Tensor:
