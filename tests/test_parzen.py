@@ -2,8 +2,11 @@
 form, bandwidth selection where the right bandwidth is known, batching, bad input, and the
 ``parzen`` command on a tiny image run (and its refusal of a vector run)."""
 
+import errno
 import json
 import math
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -102,13 +105,15 @@ def test_parzen_cli(cli, tmp_path):
     assert r.rc == 0, r
     result = r.json()
     assert {"parzen_bits", "parzen_stderr_bits", "parzen_nats", "sigma", "sigmas_scores", "n_samples", "n_valid",
-            "n_test", "protocol"} <= set(result)
+            "n_test", "protocol", "samples_kept"} <= set(result)
     assert math.isfinite(result["parzen_bits"]) and math.isfinite(result["parzen_stderr_bits"])
     assert result["parzen_bits"] == pytest.approx(result["parzen_nats"] / math.log(2))
     assert (result["n_samples"], result["n_valid"], result["n_test"]) == (50, 10, 10)  # 40 images, 25% test
     assert result["sigma"] in DEFAULT_SIGMAS and len(result["sigmas_scores"]) == len(DEFAULT_SIGMAS)
     assert json.loads((run / "parzen.json").read_text()) == result
     assert_one_line_error(cli("parzen", run, "--samples", 5, "--valid", 31, "--quiet"), "1..30")
+    again = cli("parzen", run, "--samples", 50, "--valid", 10, "--json", "--quiet").json()
+    assert "batches reused" in again["samples_kept"] and again["parzen_bits"] == result["parzen_bits"]
     assert result["sampling_steps"] == result["T"]
 
     respaced = cli("parzen", run, "--samples", 20, "--valid", 10, "--steps", 3, "--json", "--quiet")
@@ -119,3 +124,60 @@ def test_parzen_cli(cli, tmp_path):
     vectors = tmp_path / "vectors"
     assert cli("train", "swissroll", "--steps", 2, "--set", "data.n=200", "--out", vectors, "--quiet").rc == 0
     assert_one_line_error(cli("parzen", vectors, "--quiet"), "image runs")
+
+
+@pytest.fixture
+def tiny_image_run(cli, tmp_path):
+    """A 2-step image run whose evaluation batches hold 8 images."""
+    np.savez(tmp_path / "leaves.npz", images=dead_leaves(40, size=8))
+    config = tmp_path / "tiny_parzen.toml"
+    config.write_text(TINY_IMAGE_RUN.format(source=tmp_path / "leaves.npz") + "[eval]\nbatch_size = 8\n")
+    assert cli("train", config, "--out", tmp_path / "run", "--quiet", "--device", "cpu").rc == 0
+    return tmp_path / "run"
+
+
+def test_samples_are_kept_as_they_are_drawn_and_a_stopped_draw_resumes(tiny_image_run, monkeypatch):
+    from thermodiff.run.experiment import load_run
+    from thermodiff.tasks import parzen
+
+    drawn = []
+
+    def counted(*args, **kwargs):
+        drawn.append(args[2][0])
+        if len(drawn) == 3:
+            raise KeyboardInterrupt  # a stop in the third batch
+        return real(*args, **kwargs)
+
+    real = parzen.ancestral_sample
+    monkeypatch.setattr(parzen, "ancestral_sample", counted)
+    run = load_run(tiny_image_run, split=True)
+    with pytest.raises(KeyboardInterrupt):
+        parzen.draw_kept_samples(run, 3, 30, seed=1, progress=False)
+    drawn.clear()
+    monkeypatch.setattr(parzen, "ancestral_sample", lambda *a, **k: (drawn.append(a[2][0]), real(*a, **k))[1])
+    resumed, kept = parzen.draw_kept_samples(run, 3, 30, seed=1, progress=False)
+    assert drawn == [8, 6] and "2 of 4 batches reused" in kept  # batches of 8, 8, 8, 6: the first two were kept
+
+    folder = Path(kept.split(" (")[0])
+    shutil.rmtree(folder)
+    drawn.clear()
+    fresh, _ = parzen.draw_kept_samples(run, 3, 30, seed=1, progress=False)
+    assert drawn == [8, 8, 8, 6]
+    np.testing.assert_array_equal(resumed, fresh)  # each batch its own stream: where it stopped does not matter
+    assert resumed.shape == (30, *run.dataset.event_shape)
+    other_chain, kept_other = parzen.draw_kept_samples(run, 2, 8, seed=1, progress=False)
+    assert "0 of 1 batches reused" in kept_other  # another chain's samples are not taken for this one's
+
+
+def test_samples_are_drawn_all_the_same_where_they_cannot_be_kept(tiny_image_run, monkeypatch, capsys):
+    from thermodiff.run.experiment import load_run
+    from thermodiff.tasks import parzen
+
+    def full_disk(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(parzen, "atomic_write_bytes", full_disk)
+    samples, kept = parzen.draw_kept_samples(load_run(tiny_image_run, split=True), None, 20, progress=False)
+    assert samples.shape[0] == 20 and kept.startswith("not kept") and "No space left" in kept
+    assert capsys.readouterr().err.count("warning: samples not kept") == 1
+    assert not (tiny_image_run / "parzen_samples").exists() or not any((tiny_image_run / "parzen_samples").rglob("*.npy"))

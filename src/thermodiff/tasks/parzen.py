@@ -8,20 +8,26 @@ the figure is the mean log-likelihood of the test images. It is a biased estimat
 dimension, kept to compare with published numbers; the bound K is the model's own figure.
 """
 
+import hashlib
+import io
+import json
 import math
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from thermodiff.errors import UserError
+from thermodiff.errors import UserError, os_error_message
 from thermodiff.process.bound import standard_error
-from thermodiff.process.respace import respaced_process
+from thermodiff.process.respace import respaced_process, respaced_timesteps
 from thermodiff.process.sampling import ancestral_sample
 from thermodiff.process.tensors import LN2
 from thermodiff.run import memory
+from thermodiff.run.checkpoint import atomic_write_bytes
 from thermodiff.run.experiment import Run, batch_activations, paper_row, sample_bytes
 from thermodiff.tasks.evaluation import hardware
 from thermodiff.tasks.reports import require_finite
@@ -99,14 +105,72 @@ def _unit_pixels(run: Run, images: np.ndarray) -> Tensor:
     return x / 255 if run.dataset.dequantize else x
 
 
+def _batch_generator(seed: int, index: int) -> torch.Generator:
+    """Batch ``index``'s own random stream, from (seed, index): a batch drawn again after a stop
+    is the batch that was lost, whichever batches were kept."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence((seed, index)).generate_state(1)[0]))
+
+
+def _kept_batch(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
+    """A batch kept by an earlier call, or None when there is none (or it is not what this call
+    would draw: another shape, an unreadable file)."""
+    try:
+        batch = np.load(path, allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    return batch if batch.shape == shape else None
+
+
+def _keep_batch(path: Path, batch: np.ndarray) -> str | None:
+    """Write ``batch`` to ``path`` atomically; None, or why it could not be kept."""
+    buffer = io.BytesIO()
+    np.save(buffer, batch, allow_pickle=False)
+    try:
+        atomic_write_bytes(path, buffer.getvalue())
+    except OSError as e:
+        return os_error_message(e)
+    return None
+
+
+def draw_kept_samples(run: Run, steps: int | str | None, n_samples: int, seed: int = 0,
+                      progress: bool = True) -> tuple[np.ndarray, str]:
+    """``n_samples`` ancestral samples of the run's chain (respaced to ``steps``, as
+    :func:`respaced_process` reads them) in the data's original units, in batches of
+    ``eval.batch_size``, each kept in the run as it is drawn (``RUN/parzen_samples/KEY/NNNNN.npy``,
+    KEY naming the checkpoint's step, the chain's kept steps, the seed and the batch size): a stop loses one batch at most, and a second call reuses what the
+    first drew. Each batch has its own seeded stream, so the samples do not depend on where a
+    call stopped. Two calls at once draw the same batches and write the same files (each write
+    atomic). A run that cannot be written (read-only, a full disk) is sampled all the same and
+    keeps nothing. Returns the samples and where they are kept (or why they are not)."""
+    diffusion = respaced_process(run.diffusion, steps, "--steps")
+    kept_steps = list(range(1, run.diffusion.T + 1)) if steps is None else respaced_timesteps(run.diffusion.T, steps)
+    chain = hashlib.sha256(json.dumps(kept_steps).encode()).hexdigest()[:12]
+    batch = run.config.eval.batch_size
+    sizes = [min(batch, n_samples - i) for i in range(0, n_samples, batch)]
+    folder = run.path / "parzen_samples" / f"step{run.step}-chain{diffusion.T}-{chain}-seed{seed}-batch{batch}"
+    parts = [_kept_batch(folder / f"{i:05d}.npy", (size, *run.dataset.event_shape)) for i, size in enumerate(sizes)]
+    reused, failure = sum(part is not None for part in parts), None
+    todo = [i for i, part in enumerate(parts) if part is None]
+    with tqdm(total=len(todo) * diffusion.T, desc="parzen: sample", unit="t", disable=not progress, leave=False,
+              mininterval=1.0) as bar:
+        for i in todo:
+            x = ancestral_sample(diffusion, run.model, (sizes[i], *run.dataset.event_shape), _batch_generator(seed, i),
+                                 callback=lambda t, x: bar.update(1) if t > 0 else None)
+            parts[i] = run.dataset.from_model(x)
+            if failure is None and (failure := _keep_batch(folder / f"{i:05d}.npy", parts[i])):
+                print(f"thermodiff parzen: warning: samples not kept as they are drawn, {failure}", file=sys.stderr)
+    kept = f"not kept: {failure}" if failure else f"{folder} ({reused} of {len(sizes)} batches reused)"
+    return np.concatenate(parts), kept
+
+
 def parzen_evaluate(run: Run, n_samples: int = 10000, n_valid: int = 10000, max_test: int | None = None,
                     sigmas: Sequence[float] = DEFAULT_SIGMAS, seed: int = 0, progress: bool = True,
                     memory_check: bool = True, steps: int | str | None = None) -> dict:
     """The Parzen-window log-likelihood of the run's test images (all, or the first ``max_test``)
     in bits and nats, with its standard error over test images.
 
-    ``n_samples`` images are drawn by ancestral sampling (batches of ``eval.batch_size``, seeded
-    by ``seed``) and rounded to the data's pixel values, on the run's chain or, with ``steps``, on
+    ``n_samples`` images are drawn by ancestral sampling (:func:`draw_kept_samples`: kept in the
+    run as they are drawn, so a stopped call resumes) and rounded to the data's pixel values, on the run's chain or, with ``steps``, on
     that respaced chain (``thermodiff sample --steps``; the protocol's 10000 samples cost T network
     calls each otherwise, and ``thermodiff evaluate --respace`` gives that chain's bound). The bandwidth is validated on the
     *last* ``n_valid`` training images, as Goodfellow et al. took MNIST training images
@@ -127,18 +191,9 @@ def parzen_evaluate(run: Run, n_samples: int = 10000, n_valid: int = 10000, max_
         raise UserError(f"the number of test images must be at least 1, got {max_test}")
     if memory_check:
         memory.require_fits(parzen_memory(run, n_samples, len(sigmas)))
-    diffusion = respaced_process(run.diffusion, steps, "--steps")
-    generator = torch.Generator().manual_seed(seed)
-    batch = run.config.eval.batch_size
-    sizes = [min(batch, n_samples - i) for i in range(0, n_samples, batch)]
-    parts = []
-    with tqdm(total=len(sizes) * diffusion.T, desc="parzen: sample", unit="t", disable=not progress, leave=False,
-              mininterval=1.0) as bar:
-        for size in sizes:
-            x = ancestral_sample(diffusion, run.model, (size, *run.dataset.event_shape), generator,
-                                 callback=lambda t, x: bar.update(1) if t > 0 else None)
-            parts.append(run.dataset.from_model(x))
-    samples = _unit_pixels(run, np.concatenate(parts))
+    sampling_steps = respaced_process(run.diffusion, steps, "--steps").T  # a bad --steps fails before sampling
+    drawn, kept = draw_kept_samples(run, steps, n_samples, seed, progress)
+    samples = _unit_pixels(run, drawn)
     valid = _unit_pixels(run, train[-n_valid:])
     test = _unit_pixels(run, test[:max_test])
     sigma, scores = select_bandwidth(valid, samples, sigmas)
@@ -159,9 +214,10 @@ def parzen_evaluate(run: Run, n_samples: int = 10000, n_valid: int = 10000, max_
         "n_test": len(test),
         "seed": seed,
         "T": run.diffusion.T,
-        "sampling_steps": diffusion.T,
+        "sampling_steps": sampling_steps,
+        "samples_kept": kept,
         "protocol": (f"Gaussian Parzen window (Breuleux et al. 2011, Goodfellow et al. 2014) on {n_samples} ancestral "
-                     f"samples ({diffusion.T} steps of the run's {run.diffusion.T}) rounded to pixel values, pixels scaled to [0, 1]; bandwidth chosen from {len(sigmas)} "
+                     f"samples ({sampling_steps} steps of the run's {run.diffusion.T}) rounded to pixel values, pixels scaled to [0, 1]; bandwidth chosen from {len(sigmas)} "
                      f"values in [{min(sigmas):.3g}, {max(sigmas):.3g}] by the mean log-likelihood of the last {n_valid} "
                      f"training images; mean log-likelihood of {len(test)} test images, standard error over images"),
         "hardware": hardware(),
