@@ -39,9 +39,12 @@ from thermodiff.data.images import (
     restricted_unpickle,
     safe_extract_tar,
     texture_crops,
+    texture_regions,
     to_unit_float,
 )
 from thermodiff.errors import UserError
+from thermodiff.run.config import load_config
+from thermodiff.run.experiment import load_splits
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # ../shared/data from the project root
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="shared real data folder absent")
@@ -634,6 +637,35 @@ def test_texture_crops_train_and_test_regions_are_disjoint():
     with pytest.raises(UserError):
         texture_crops(image.astype(float), 5, 8)
 
+
+
+def test_texture_validation_crops_come_from_a_band_of_their_own(tmp_path):
+    """With data.val_fraction the validation crops lie in rows of their own, between the training
+    and test regions (crops of one region overlap, so a random share of the training crops would
+    not show a model that learned the region by heart); without it the training crops are as before."""
+    image = np.random.default_rng(0).integers(0, 256, (120, 80), dtype=np.uint8)
+    assert texture_regions(120, 0.25, 0.2) == {"train": (0, 72), "val": (72, 90), "test": (90, 120)}
+    assert texture_regions(120, 0.25) == {"train": (0, 90), "val": (90, 90), "test": (90, 120)}
+    _, rows = texture_crops(image, 300, 16, seed=1, region="val", test_fraction=0.25, val_fraction=0.2,
+                            return_positions=True)
+    assert rows[:, 0].min() >= 72 and (rows[:, 0] + 16).max() <= 90
+    with pytest.raises(UserError, match="val region .* too small"):
+        texture_crops(image, 5, 20, region="val", test_fraction=0.25, val_fraction=0.2)
+    with pytest.raises(UserError, match="val_fraction"):
+        texture_regions(120, 0.25, 1.0)
+
+    Image.fromarray(image).save(tmp_path / "texture.png")
+    cfg = load_config("bark_unet", [f"data.path={tmp_path / 'texture.png'}", "data.n=400", "data.size=16",
+                                    "data.val_fraction=0.2"])
+    train, test, val, _ = load_splits(cfg)
+    assert (len(train), len(val), len(test)) == (240, 60, 100)
+    band = image[72:90]  # every validation crop is a window of the band
+    windows = {w.tobytes() for w in np.lib.stride_tricks.sliding_window_view(band, (16, 16)).reshape(-1, 16, 16)}
+    assert all(crop[0].tobytes() in windows for crop in val)
+    cfg.data.val_fraction = 0.0
+    train0, _, val0, _ = load_splits(cfg)
+    assert len(val0) == 0
+    np.testing.assert_array_equal(train0, texture_crops(image, 300, 16, seed=cfg.seed, region="train"))
 
 def test_load_grey_image_modes_and_errors(tmp_path):
     grey = np.random.default_rng(0).integers(0, 256, (20, 30), dtype=np.uint8)

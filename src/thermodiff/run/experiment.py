@@ -77,35 +77,42 @@ def _seeded_split(x: np.ndarray, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
     return x[train_idx], x[test_idx]
 
 
-def load_splits(cfg: Config) -> tuple[np.ndarray, np.ndarray, str]:
-    """Train and test data in original units, and where they came from. Official splits for
-    MNIST and CIFAR-10 (``data.n`` > 0 caps the training set), disjoint regions for texture
-    crops, separate seeds for generated images, and a seeded split of everything else."""
+def load_splits(cfg: Config) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, str]:
+    """Train and test data in original units, the validation split where the source has one of
+    its own (else None: :func:`carve_validation` takes it from the training split), and where they
+    came from. Official splits for MNIST and CIFAR-10 (``data.n`` > 0 caps the training set),
+    disjoint regions for texture crops (validation crops from a band of their own: crops of the
+    training region overlap one another), separate seeds for generated images, and a seeded split
+    of everything else."""
     d = cfg.data
     n_test = max(1, round(d.n * d.test_fraction))
     if d.source == "swissroll":
-        return *_seeded_split(datasets.swiss_roll(d.n, d.noise, seed=cfg.seed), cfg), "swissroll"
+        return *_seeded_split(datasets.swiss_roll(d.n, d.noise, seed=cfg.seed), cfg), None, "swissroll"
     if d.source == "heartbeat":
-        return *_seeded_split(datasets.heartbeat(d.n, seed=cfg.seed), cfg), "heartbeat"
+        return *_seeded_split(datasets.heartbeat(d.n, seed=cfg.seed), cfg), None, "heartbeat"
     if d.source in ("mnist", "cifar10"):
         train, test = (official_images(d.source, _data_dir(cfg), d.download, split) for split in ("train", "test"))
-        return (train[: d.n] if d.n > 0 else train), test, d.source
+        return (train[: d.n] if d.n > 0 else train), test, None, d.source
     if d.source == "dead_leaves":
         return (image_data.dead_leaves(d.n - n_test, d.size, seed=cfg.seed),
-                image_data.dead_leaves(n_test, d.size, seed=cfg.seed + 1_000_003), "dead_leaves")
+                image_data.dead_leaves(n_test, d.size, seed=cfg.seed + 1_000_003), None, "dead_leaves")
     if d.source == "texture":
         if not d.path:
             raise UserError("data.source = 'texture' needs data.path, a grey texture image")
         image = image_data.load_grey_image(d.path)
-        crops = [image_data.texture_crops(image, n, d.size, cfg.seed, region, d.test_fraction)
-                 for n, region in ((d.n - n_test, "train"), (n_test, "test"))]
-        return crops[0], crops[1], f"texture:{Path(d.path).resolve()}"
+        n_val = round((d.n - n_test) * d.val_fraction)
+        counts = {"train": d.n - n_test - n_val, "val": n_val, "test": n_test}
+        crops = {region: image_data.texture_crops(image, n, d.size, cfg.seed, region, d.test_fraction,
+                                                  val_fraction=d.val_fraction) if n else None
+                 for region, n in counts.items()}
+        val = crops["val"] if n_val else crops["train"][:0]
+        return crops["train"], crops["test"], val, f"texture:{Path(d.path).resolve()}"
     if not d.source:
         raise UserError(f"experiment {cfg.name!r} has no data: pass --data PATH (an array or a folder of images)")
     path = Path(d.source)
     x = (image_data.load_image_folder(path, d.size or None) if path.is_dir() else
          datasets.load_array(path, d.key, images=True, vectors_expected=cfg.model.network not in IMAGE_NETWORKS))
-    return *_seeded_split(x, cfg), d.source
+    return *_seeded_split(x, cfg), None, d.source
 
 
 def official_images(name: str, data_dir: Path, download: bool, split: str) -> np.ndarray:
@@ -181,8 +188,9 @@ def prepare_dataset(cfg: Config, override: np.ndarray | None = None, scaling: da
     training split (:mod:`thermodiff.run.autoconfig`); returns the data set and the diffusion kind.
     With ``override`` and a fitted ``scaling`` (evaluating a trained run on other data), all of
     ``override`` is the test split."""
-    train, test, source = load_splits(cfg)
-    train, val = carve_validation(train, cfg.data.val_fraction, cfg.seed)
+    train, test, val, source = load_splits(cfg)
+    if val is None:
+        train, val = carve_validation(train, cfg.data.val_fraction, cfg.seed)
     image = train.ndim == 4
     binary = datasets.is_binary(train)
     integers = source not in BUILTIN_SOURCES and Path(source).is_file() and datasets.stored_as_integers(source, cfg.data.key)

@@ -21,6 +21,7 @@ from thermodiff.data.images.files import (
     load_image,
     load_image_folder,
     texture_crops,
+    texture_regions,
     validate_images,
 )
 from thermodiff.data.images.generated import dead_leaves
@@ -63,6 +64,7 @@ __all__ = [
     "restricted_unpickle",
     "safe_extract_tar",
     "texture_crops",
+    "texture_regions",
     "to_unit_float",
     "validate_images",
 ]

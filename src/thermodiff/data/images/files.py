@@ -46,30 +46,42 @@ def load_grey_image(path: str | Path, allow_colour: bool = False) -> np.ndarray:
     raise UserError(f"{path}: is a colour image (R, G and B differ); a grey texture is needed")
 
 
+def texture_regions(height: int, test_fraction: float, val_fraction: float = 0.0) -> dict[str, tuple[int, int]]:
+    """The rows [top, bottom) of a texture's regions, from the top: train, validation, test. The
+    bottom ``round(test_fraction * H)`` rows are the test region; ``val_fraction`` of the rows
+    above it (rounded), just above it, the validation region (empty for 0); the rest is train."""
+    if not 0 < test_fraction < 1:
+        raise UserError(f"test_fraction must lie in (0, 1), got {test_fraction}")
+    if not 0 <= val_fraction < 1:
+        raise UserError(f"val_fraction must lie in [0, 1), got {val_fraction}")
+    test_top = height - int(round(test_fraction * height))
+    val_top = test_top - int(round(val_fraction * test_top))
+    return {"train": (0, val_top), "val": (val_top, test_top), "test": (test_top, height)}
+
+
 def texture_crops(image: np.ndarray, n: int, size: int, seed: int = 0, region: str = "train",
-                  test_fraction: float = 0.25, return_positions: bool = False):
+                  test_fraction: float = 0.25, return_positions: bool = False, val_fraction: float = 0.0):
     """``n`` random ``size`` x ``size`` crops (uint8 (n, 1, size, size)) of a grey texture (H, W).
 
-    The image is split by rows: the bottom ``round(test_fraction * H)`` rows are the test
-    region, the rows above it the train region, and every crop lies wholly inside its region,
-    so no train crop shares a pixel with any test crop. Top-left corners are uniform over the
-    valid positions (with replacement), seeded by ``seed``; ``return_positions`` also returns
-    them as an (n, 2) array of (row, column)."""
+    The image is split by rows into the :func:`texture_regions` (train, validation, test, from the
+    top), and every crop lies wholly inside its region, so no crop shares a pixel with a crop of
+    another region: a model that learns the training region's pixels by heart is caught by the
+    validation crops, as overlapping crops of one region would not catch it. Top-left corners are
+    uniform over the valid positions (with replacement), seeded by ``seed``; ``return_positions``
+    also returns them as an (n, 2) array of (row, column)."""
     image = np.asarray(image)
     if image.ndim != 2 or image.dtype != np.uint8:
         raise UserError(f"texture_crops needs a uint8 (H, W) grey image, got {image.dtype} {image.shape}")
-    if region not in ("train", "test"):
-        raise UserError(f"region must be 'train' or 'test', got {region!r}")
-    if not 0 < test_fraction < 1:
-        raise UserError(f"test_fraction must lie in (0, 1), got {test_fraction}")
+    regions = texture_regions(image.shape[0], test_fraction, val_fraction)
+    if region not in regions:
+        raise UserError(f"region must be one of {', '.join(map(repr, regions))}, got {region!r}")
     if n < 1 or size < 1:
         raise UserError(f"texture_crops needs n >= 1 and size >= 1, got n={n}, size={size}")
-    height, width = image.shape
-    boundary = height - int(round(test_fraction * height))
-    top, bottom = (0, boundary) if region == "train" else (boundary, height)
+    width = image.shape[1]
+    top, bottom = regions[region]
     if bottom - top < size or width < size:
         raise UserError(f"the {region} region of the texture is {bottom - top} x {width} pixels, too small for "
-                        f"{size} x {size} crops (test_fraction={test_fraction})")
+                        f"{size} x {size} crops (test_fraction={test_fraction}, val_fraction={val_fraction})")
     rng = np.random.default_rng(seed)
     rows = rng.integers(top, bottom - size + 1, n)
     cols = rng.integers(0, width - size + 1, n)
