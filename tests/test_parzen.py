@@ -120,6 +120,11 @@ def test_parzen_cli(cli, tmp_path):
     assert respaced.rc == 0, respaced
     assert respaced.json()["sampling_steps"] == 3 and "3 steps of the run's" in respaced.json()["protocol"]
     assert_one_line_error(cli("parzen", run, "--samples", 5, "--valid", 10, "--steps", 0, "--quiet"), "--steps")
+    solver = cli("parzen", run, "--samples", 20, "--valid", 10, "--steps", 3, "--sampler", "dpm2m", "--json", "--quiet")
+    assert solver.rc == 0, solver
+    assert solver.json()["sampler"] == "dpm2m" and "20 dpm2m samples" in solver.json()["protocol"]
+    assert solver.json()["parzen_bits"] != respaced.json()["parzen_bits"]
+    assert_one_line_error(cli("parzen", run, "--samples", 5, "--valid", 10, "--eta", 0.5, "--quiet"), "--eta", "ddim")
 
     vectors = tmp_path / "vectors"
     assert cli("train", "swissroll", "--steps", 2, "--set", "data.n=200", "--out", vectors, "--quiet").rc == 0
@@ -148,13 +153,13 @@ def test_samples_are_kept_as_they_are_drawn_and_a_stopped_draw_resumes(tiny_imag
             raise KeyboardInterrupt  # a stop in the third batch
         return real(*args, **kwargs)
 
-    real = parzen.ancestral_sample
-    monkeypatch.setattr(parzen, "ancestral_sample", counted)
+    real = parzen.sample
+    monkeypatch.setattr(parzen, "sample", counted)
     run = load_run(tiny_image_run, split=True)
     with pytest.raises(KeyboardInterrupt):
         parzen.draw_kept_samples(run, 3, 30, seed=1, progress=False)
     drawn.clear()
-    monkeypatch.setattr(parzen, "ancestral_sample", lambda *a, **k: (drawn.append(a[2][0]), real(*a, **k))[1])
+    monkeypatch.setattr(parzen, "sample", lambda *a, **k: (drawn.append(a[2][0]), real(*a, **k))[1])
     resumed, kept = parzen.draw_kept_samples(run, 3, 30, seed=1, progress=False)
     assert drawn == [8, 6] and "2 of 4 batches reused" in kept  # batches of 8, 8, 8, 6: the first two were kept
 
@@ -167,6 +172,8 @@ def test_samples_are_kept_as_they_are_drawn_and_a_stopped_draw_resumes(tiny_imag
     assert resumed.shape == (30, *run.dataset.event_shape)
     other_chain, kept_other = parzen.draw_kept_samples(run, 2, 8, seed=1, progress=False)
     assert "0 of 1 batches reused" in kept_other  # another chain's samples are not taken for this one's
+    _, kept_ddim = parzen.draw_kept_samples(run, 3, 8, seed=1, progress=False, sampler="ddim", eta=1.0)
+    assert "0 of 1 batches reused" in kept_ddim and "ddim_eta1" in kept_ddim  # nor another sampler's
 
 
 def test_samples_are_drawn_all_the_same_where_they_cannot_be_kept(tiny_image_run, monkeypatch, capsys):

@@ -220,15 +220,8 @@ def cmd_sample(args) -> None:
         raise UserError("--steps and --respace name the same chain; pass one of them")
     flag = "--respace" if args.respace is not None else "--steps"
     diffusion = respaced_process(run.diffusion, args.respace or args.steps, flag)
-    if args.eta is not None and args.sampler != "ddim":
-        raise UserError(f"--eta is DDIM's noise; pass --sampler ddim with it, not --sampler {args.sampler}")
-    eta = 0.0 if args.eta is None else args.eta
+    eta = _checked_sampler(args, diffusion)
     draw = functools.partial(sample, sampler=args.sampler, eta=eta)
-    if args.sampler != "ancestral":
-        try:
-            diffusion.log_alphas_cumprod()  # what the other samplers need: Gaussian kernels
-        except ValueError as e:
-            raise UserError(f"--sampler {args.sampler}: {e}") from None
     model = CountingModel(run.model)
     start = time.perf_counter()
     batches = sample_in_batches(diffusion, model, args.n, run.dataset.event_shape, args.batch_size,
@@ -294,12 +287,27 @@ def cmd_plot(args) -> None:
     _emit(args, {"files": files, "skipped": skipped}, "wrote " + ", ".join(files) + (f"; {skipped}" if skipped else ""))
 
 
+def _checked_sampler(args, diffusion) -> float:
+    """--sampler and --eta checked against the chain they sample: DDIM's eta (0 unless given)."""
+    if args.eta is not None and args.sampler != "ddim":
+        raise UserError(f"--eta is DDIM's noise; pass --sampler ddim with it, not --sampler {args.sampler}")
+    if args.sampler != "ancestral":
+        try:
+            diffusion.log_alphas_cumprod()  # what the other samplers need: Gaussian kernels
+        except ValueError as e:
+            raise UserError(f"--sampler {args.sampler}: {e}") from None
+    return 0.0 if args.eta is None else args.eta
+
+
 def cmd_parzen(args) -> None:
+    from thermodiff.process.respace import respaced_process
     from thermodiff.run.experiment import load_run
     from thermodiff.tasks.parzen import parzen_evaluate
 
-    result = parzen_evaluate(load_run(args.run_dir, split=True), args.samples, args.valid, args.max_test, seed=args.seed,
-                             progress=not args.quiet, memory_check=not args.ignore_memory_check, steps=args.steps)
+    run = load_run(args.run_dir, split=True)
+    eta = _checked_sampler(args, respaced_process(run.diffusion, args.steps, "--steps"))
+    result = parzen_evaluate(run, args.samples, args.valid, args.max_test, seed=args.seed, progress=not args.quiet,
+                             memory_check=not args.ignore_memory_check, steps=args.steps, sampler=args.sampler, eta=eta)
     _save_beside_run(Path(args.run_dir) / "parzen.json", result, "parzen")
     _emit(args, result, reports.describe_parzen(result))
 
@@ -608,8 +616,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--valid", type=int, default=10000, help="validation images for the bandwidth (the last training images)")
     p.add_argument("--max-test", type=int, help="use the first N test images")
     p.add_argument("--seed", type=_seed, default=0, help="seed of the sampling")
-    p.add_argument("--steps", metavar="N|STEPS", help="sample ancestrally on this respaced chain, as thermodiff sample "
-                   "--steps (default: all T; `evaluate --respace` gives its bound)")
+    p.add_argument("--steps", metavar="N|STEPS", help="sample on this respaced chain, as thermodiff sample --steps "
+                   "(default: all T; `evaluate --respace` gives the ancestral chain's bound)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ancestral", help="how the samples are drawn, as thermodiff "
+                   "sample --sampler")
+    p.add_argument("--eta", type=_eta, help="DDIM's noise, as thermodiff sample --eta")
     p.add_argument(MEMORY_OVERRIDE_FLAG, action="store_true", help=MEMORY_OVERRIDE_HELP)
     p.set_defaults(func=cmd_parzen)
 

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from thermodiff.errors import UserError, os_error_message
 from thermodiff.process.bound import standard_error
 from thermodiff.process.respace import respaced_process, respaced_timesteps
-from thermodiff.process.sampling import ancestral_sample
+from thermodiff.process.samplers import Sampler, sample
 from thermodiff.process.tensors import LN2
 from thermodiff.run import memory
 from thermodiff.run.checkpoint import atomic_write_bytes
@@ -132,12 +132,19 @@ def _keep_batch(path: Path, batch: np.ndarray) -> str | None:
     return None
 
 
-def draw_kept_samples(run: Run, steps: int | str | None, n_samples: int, seed: int = 0,
-                      progress: bool = True) -> tuple[np.ndarray, str]:
-    """``n_samples`` ancestral samples of the run's chain (respaced to ``steps``, as
-    :func:`respaced_process` reads them) in the data's original units, in batches of
-    ``eval.batch_size``, each kept in the run as it is drawn (``RUN/parzen_samples/KEY/NNNNN.npy``,
-    KEY naming the checkpoint's step, the chain's kept steps, the seed and the batch size): a stop loses one batch at most, and a second call reuses what the
+def sampler_label(sampler: Sampler | str, eta: float) -> str:
+    """``sampler`` by name, DDIM's with its eta (``ddim_eta0.5``)."""
+    sampler = Sampler(sampler)
+    return sampler.value + (f"_eta{eta:g}" if sampler is Sampler.DDIM else "")
+
+
+def draw_kept_samples(run: Run, steps: int | str | None, n_samples: int, seed: int = 0, progress: bool = True,
+                      sampler: Sampler | str = Sampler.ANCESTRAL, eta: float = 0.0) -> tuple[np.ndarray, str]:
+    """``n_samples`` samples of the run's chain (respaced to ``steps``, as :func:`respaced_process`
+    reads them) drawn by ``sampler`` (samplers.sample; ``eta`` DDIM's) in the data's original units,
+    in batches of ``eval.batch_size``, each kept in the run as it is drawn
+    (``RUN/parzen_samples/KEY/NNNNN.npy``, KEY naming the checkpoint's step, the sampler, the
+    chain's kept steps, the seed and the batch size): a stop loses one batch at most, and a second call reuses what the
     first drew. Each batch has its own seeded stream, so the samples do not depend on where a
     call stopped. Two calls at once draw the same batches and write the same files (each write
     atomic). A run that cannot be written (read-only, a full disk) is sampled all the same and
@@ -147,15 +154,16 @@ def draw_kept_samples(run: Run, steps: int | str | None, n_samples: int, seed: i
     chain = hashlib.sha256(json.dumps(kept_steps).encode()).hexdigest()[:12]
     batch = run.config.eval.batch_size
     sizes = [min(batch, n_samples - i) for i in range(0, n_samples, batch)]
-    folder = run.path / "parzen_samples" / f"step{run.step}-chain{diffusion.T}-{chain}-seed{seed}-batch{batch}"
+    key = f"step{run.step}-{sampler_label(sampler, eta)}-chain{diffusion.T}-{chain}-seed{seed}-batch{batch}"
+    folder = run.path / "parzen_samples" / key
     parts = [_kept_batch(folder / f"{i:05d}.npy", (size, *run.dataset.event_shape)) for i, size in enumerate(sizes)]
     reused, failure = sum(part is not None for part in parts), None
     todo = [i for i, part in enumerate(parts) if part is None]
     with tqdm(total=len(todo) * diffusion.T, desc="parzen: sample", unit="t", disable=not progress, leave=False,
               mininterval=1.0) as bar:
         for i in todo:
-            x = ancestral_sample(diffusion, run.model, (sizes[i], *run.dataset.event_shape), _batch_generator(seed, i),
-                                 callback=lambda t, x: bar.update(1) if t > 0 else None)
+            x = sample(diffusion, run.model, (sizes[i], *run.dataset.event_shape), _batch_generator(seed, i),
+                       callback=lambda t, x: bar.update(1) if t > 0 else None, sampler=sampler, eta=eta)
             parts[i] = run.dataset.from_model(x)
             if failure is None and (failure := _keep_batch(folder / f"{i:05d}.npy", parts[i])):
                 print(f"thermodiff parzen: warning: samples not kept as they are drawn, {failure}", file=sys.stderr)
@@ -165,12 +173,14 @@ def draw_kept_samples(run: Run, steps: int | str | None, n_samples: int, seed: i
 
 def parzen_evaluate(run: Run, n_samples: int = 10000, n_valid: int = 10000, max_test: int | None = None,
                     sigmas: Sequence[float] = DEFAULT_SIGMAS, seed: int = 0, progress: bool = True,
-                    memory_check: bool = True, steps: int | str | None = None) -> dict:
+                    memory_check: bool = True, steps: int | str | None = None,
+                    sampler: Sampler | str = Sampler.ANCESTRAL, eta: float = 0.0) -> dict:
     """The Parzen-window log-likelihood of the run's test images (all, or the first ``max_test``)
     in bits and nats, with its standard error over test images.
 
-    ``n_samples`` images are drawn by ancestral sampling (:func:`draw_kept_samples`: kept in the
-    run as they are drawn, so a stopped call resumes) and rounded to the data's pixel values, on the run's chain or, with ``steps``, on
+    ``n_samples`` images are drawn by ``sampler`` (ancestral sampling unless told; ``eta``
+    DDIM's) with :func:`draw_kept_samples` (kept in the run as they are drawn, so a stopped call
+    resumes) and rounded to the data's pixel values, on the run's chain or, with ``steps``, on
     that respaced chain (``thermodiff sample --steps``; the protocol's 10000 samples cost T network
     calls each otherwise, and ``thermodiff evaluate --respace`` gives that chain's bound). The bandwidth is validated on the
     *last* ``n_valid`` training images, as Goodfellow et al. took MNIST training images
@@ -180,7 +190,7 @@ def parzen_evaluate(run: Run, n_samples: int = 10000, n_valid: int = 10000, max_
     if not run.dataset.is_image:
         raise UserError(f"{run.path}: models vectors of shape {run.dataset.event_shape}; "
                         "the Parzen-window protocol is for image runs")
-    sigmas = _check_sigmas(sigmas)  # before the slow sampling
+    sigmas, sampler = _check_sigmas(sigmas), Sampler(sampler)  # before the slow sampling
     train, test = run.dataset.train, run.dataset.test
     if n_samples < 1:
         raise UserError(f"the number of samples must be at least 1, got {n_samples}")
@@ -192,7 +202,7 @@ def parzen_evaluate(run: Run, n_samples: int = 10000, n_valid: int = 10000, max_
     if memory_check:
         memory.require_fits(parzen_memory(run, n_samples, len(sigmas)))
     sampling_steps = respaced_process(run.diffusion, steps, "--steps").T  # a bad --steps fails before sampling
-    drawn, kept = draw_kept_samples(run, steps, n_samples, seed, progress)
+    drawn, kept = draw_kept_samples(run, steps, n_samples, seed, progress, sampler, eta)
     samples = _unit_pixels(run, drawn)
     valid = _unit_pixels(run, train[-n_valid:])
     test = _unit_pixels(run, test[:max_test])
@@ -215,8 +225,10 @@ def parzen_evaluate(run: Run, n_samples: int = 10000, n_valid: int = 10000, max_
         "seed": seed,
         "T": run.diffusion.T,
         "sampling_steps": sampling_steps,
+        "sampler": sampler.value,
+        "eta": eta if sampler is Sampler.DDIM else None,
         "samples_kept": kept,
-        "protocol": (f"Gaussian Parzen window (Breuleux et al. 2011, Goodfellow et al. 2014) on {n_samples} ancestral "
+        "protocol": (f"Gaussian Parzen window (Breuleux et al. 2011, Goodfellow et al. 2014) on {n_samples} {sampler_label(sampler, eta)} "
                      f"samples ({sampling_steps} steps of the run's {run.diffusion.T}) rounded to pixel values, pixels scaled to [0, 1]; bandwidth chosen from {len(sigmas)} "
                      f"values in [{min(sigmas):.3g}, {max(sigmas):.3g}] by the mean log-likelihood of the last {n_valid} "
                      f"training images; mean log-likelihood of {len(test)} test images, standard error over images"),

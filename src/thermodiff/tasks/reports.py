@@ -167,7 +167,7 @@ def describe_parzen(r: dict) -> str:
     return (f"{r['experiment']}: Parzen-window log-likelihood of {r['n_test']} test images = "
             f"{r['parzen_bits']:.2f}{plus_minus(r['parzen_stderr_bits'], '.2f')} bits ({r['parzen_nats']:.2f} nats){paper}\n"
             f"  sigma = {r['sigma']:.4g}{edge}, chosen on {r['n_valid']} validation images; "
-            f"{r['n_samples']} samples on {r['sampling_steps']} of {r['T']} steps (step {r['train_steps']})\n"
+            f"{r['n_samples']} {r['sampler']} samples on {r['sampling_steps']} of {r['T']} steps (step {r['train_steps']})\n"
             f"  samples: {r['samples_kept']}")
 
 
