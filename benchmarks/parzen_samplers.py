@@ -1,0 +1,43 @@
+"""The Parzen-window log-likelihood of MNIST test images (the paper's Table 2 protocol, `thermodiff
+parzen`) from the samples of each sampler at equal network calls, on one trained run:
+
+    OMP_NUM_THREADS=1 python benchmarks/parzen_samplers.py RUN [--samples 1000] [--steps 20]
+                                                          [--samplers ancestral,ddim,dpm2m]
+
+Each sampler draws --samples images on the run's chain respaced to --steps steps (one network call
+a step for these three), and `thermodiff parzen` scores every test image under a Gaussian window
+on them, its bandwidth validated on the last 10000 training images. The samples are kept in the
+run as they are drawn (RUN/parzen_samples), so a rerun reuses them. Fewer samples than the
+protocol's 10000 give a lower figure (the window fits fewer points), the same for every sampler:
+the comparison is between samplers. Writes benchmarks/results/parzen_samplers_NAME.json (NAME the
+run's experiment).
+"""
+
+import argparse
+import time
+
+from record import thermodiff_json, write_result  # a sibling module: benchmarks/ is on sys.path when run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run")
+    parser.add_argument("--samples", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--samplers", default="ancestral,ddim,dpm2m")
+    args = parser.parse_args()
+    results, start = {}, time.perf_counter()
+    for sampler in args.samplers.split(","):
+        results[sampler] = thermodiff_json(["parzen", args.run, "--samples", str(args.samples), "--steps",
+                                            str(args.steps), "--sampler", sampler])
+    experiment = next(iter(results.values()))["experiment"]
+    record = {"run": args.run, "experiment": experiment, "samples": args.samples, "steps": args.steps,
+              "network_calls_per_sample": args.steps,
+              "command": f"OMP_NUM_THREADS=1 python benchmarks/parzen_samplers.py {args.run} --samples {args.samples} "
+                         f"--steps {args.steps} --samplers {args.samplers}",
+              "wall_s": time.perf_counter() - start, "samplers": results}
+    print(write_result(f"parzen_samplers_{experiment.removesuffix('_unet')}", record))
+
+
+if __name__ == "__main__":
+    main()
