@@ -101,12 +101,10 @@ def load_splits(cfg: Config) -> tuple[np.ndarray, np.ndarray, np.ndarray | None,
             raise UserError("data.source = 'texture' needs data.path, a grey texture image")
         image = image_data.load_grey_image(d.path)
         n_val = round((d.n - n_test) * d.val_fraction)
-        counts = {"train": d.n - n_test - n_val, "val": n_val, "test": n_test}
         crops = {region: image_data.texture_crops(image, n, d.size, cfg.seed, region, d.test_fraction,
-                                                  val_fraction=d.val_fraction) if n else None
-                 for region, n in counts.items()}
-        val = crops["val"] if n_val else crops["train"][:0]
-        return crops["train"], crops["test"], val, f"texture:{Path(d.path).resolve()}"
+                                                  val_fraction=d.val_fraction)
+                 for region, n in (("train", d.n - n_test - n_val), ("val", n_val), ("test", n_test)) if n}
+        return crops["train"], crops["test"], crops.get("val", crops["train"][:0]), f"texture:{Path(d.path).resolve()}"
     if not d.source:
         raise UserError(f"experiment {cfg.name!r} has no data: pass --data PATH (an array or a folder of images)")
     path = Path(d.source)
