@@ -103,7 +103,7 @@ def load_splits(cfg: Config) -> tuple[np.ndarray, np.ndarray, np.ndarray | None,
         n_val = round((d.n - n_test) * d.val_fraction)
         crops = {region: image_data.texture_crops(image, n, d.size, cfg.seed, region, d.test_fraction,
                                                   val_fraction=d.val_fraction)
-                 for region, n in (("train", d.n - n_test - n_val), ("val", n_val), ("test", n_test)) if n}
+                 for region, n in (("train", d.n - n_test - n_val), ("val", n_val), ("test", n_test)) if n or region != "val"}
         return crops["train"], crops["test"], crops.get("val", crops["train"][:0]), f"texture:{Path(d.path).resolve()}"
     if not d.source:
         raise UserError(f"experiment {cfg.name!r} has no data: pass --data PATH (an array or a folder of images)")
