@@ -96,11 +96,14 @@ def test_presets_build():
 
 def test_config_holds_every_option_and_rebuilds_the_network():
     net = build_unet("small", 1, 8, 2, 10, dropout=0.1)
-    assert net.config == dict(channels=1, size=8, outputs_per_dim=2, T=10, base_channels=16, channel_mults=[1, 2],
-                              blocks_per_level=1, dropout=0.1, groups=8, attention_resolutions=[], heads=1)
+    assert net.config == dict(channels=1, size=8, outputs_per_dim=2, T=10, one_hot_states=None, base_channels=16,
+                              channel_mults=[1, 2], blocks_per_level=1, dropout=0.1, groups=8, attention_resolutions=[],
+                              heads=1)
     assert UNET_PRESETS["cpu"] == UNetOptions()
     again = UNet(**net.config)
     again.load_state_dict(net.state_dict())
+    symbols = build_unet("small", 1, 8, 3, 10, one_hot_states=4)  # categorical images: one-hot states in
+    UNet(**symbols.config).load_state_dict(symbols.state_dict())
 
 
 def test_attention_is_softmax_attention_per_head_and_starts_as_the_identity():

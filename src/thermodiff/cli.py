@@ -231,7 +231,7 @@ def cmd_sample(args) -> None:
     if out.suffix == ".png":
         from thermodiff.tasks.plotting import image_grid_png
 
-        atomic_write_bytes(out, image_grid_png(samples))
+        atomic_write_bytes(out, image_grid_png(run.dataset.grey_levels(samples)))
     else:
         _write_npy(out, samples)
     sampler = args.sampler + (f", eta {eta:g}" if args.sampler == "ddim" else "")

@@ -404,6 +404,14 @@ class Dataset:
         y = self.scaling.invert(x.detach().cpu().double().numpy())
         return from_unit_float(y) if self.dequantize else y
 
+    def grey_levels(self, images: np.ndarray) -> np.ndarray:
+        """Images in original units as uint8 grey levels to look at: 8-bit images as they are, the
+        symbols of categorical images (an alphabet of S values) spread evenly over 0..255."""
+        if self.lattice is None:
+            return np.asarray(images)
+        k = (np.asarray(images, dtype=np.float64) - self.lattice.low[0]) / self.lattice.step[0]
+        return np.rint(255 * k / max(self.lattice.count[0] - 1, 1)).astype(np.uint8)
+
     def model_scale(self) -> torch.Tensor:
         """How much one original unit is in the model's space (per dimension, broadcastable). With
         a whitening rotation, per model dimension: isotropic noise of std s in original units is

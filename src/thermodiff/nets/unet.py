@@ -8,7 +8,9 @@ most for denoising, where the network must be a good E[x_0 | x_t] at one particu
 ``net(x_t, t) -> z`` has the same contract as every reverse network here: images (N, C, H, W),
 the paper's 1-based integer steps t (values 1..T) or continuous times in [0, 1] (floating
 point, :mod:`thermodiff.process.vdm`), output (N, K, C, H, W) with K = ``outputs_per_dim``. Step t of T
-sits at s = (t - 1) / (T - 1), as for the bump readout, so one network serves both.
+sits at s = (t - 1) / (T - 1), as for the bump readout, so one network serves both. With
+``one_hot_states`` S (categorical diffusion) the images hold integer states 0..S-1, fed to the stem
+as one-hot codes, C S channels, as Hoogeboom et al. (2021) and D3PM feed theirs.
 
 Layout: a 3x3 stem, then per resolution ``blocks_per_level`` residual blocks (GroupNorm, SiLU,
 3x3 convolution, the time embedding added per channel, again, dropout before the second
@@ -95,7 +97,8 @@ class UNet(nn.Module):
     """U-Net over ``channels`` x ``size`` x ``size`` images (module docstring); the keyword
     ``options`` are the fields of :class:`UNetOptions`."""
 
-    def __init__(self, channels: int, size: int, outputs_per_dim: int, T: int, **options):
+    def __init__(self, channels: int, size: int, outputs_per_dim: int, T: int, one_hot_states: int | None = None,
+                 **options):
         super().__init__()
         o = UNetOptions(**options)
         base_channels, groups, dropout = o.base_channels, o.groups, o.dropout
@@ -108,12 +111,14 @@ class UNet(nn.Module):
         if T < 2:
             raise ValueError("the U-Net needs T >= 2 (times are scaled by T - 1)")
         self.channels, self.size, self.outputs_per_dim, self.T = channels, size, outputs_per_dim, T
-        self.config = dict(channels=channels, size=size, outputs_per_dim=outputs_per_dim, T=T, **asdict(o)) | {
+        self.one_hot_states = one_hot_states
+        self.config = dict(channels=channels, size=size, outputs_per_dim=outputs_per_dim, T=T,
+                           one_hot_states=one_hot_states, **asdict(o)) | {
             "channel_mults": list(o.channel_mults), "attention_resolutions": list(o.attention_resolutions)}
         emb_dim = 4 * base_channels
         self.sinusoid_dim = base_channels
         self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.stem = nn.Conv2d(channels, base_channels, 3, padding=1)
+        self.stem = nn.Conv2d(channels * (one_hot_states or 1), base_channels, 3, padding=1)
 
         def block(c_in: int, c_out: int) -> ResBlock:
             return ResBlock(c_in, c_out, emb_dim, groups, dropout)
@@ -165,6 +170,9 @@ class UNet(nn.Module):
         if x_t.ndim != 4:
             raise ValueError(f"expected a batch of images (N, C, H, W), got shape {tuple(x_t.shape)}")
         check_image_shape(x_t.shape[1:], self.channels, self.size, self.size_multiple)
+        if self.one_hot_states is not None:  # integer states 0..S-1: (N, C, H, W) -> one-hot (N, C S, H, W)
+            x_t = F.one_hot(x_t.round().long(), self.one_hot_states).movedim(-1, 2).flatten(1, 2)
+            x_t = x_t.to(torch.get_default_dtype())
         emb = self.time_mlp(timestep_embedding(continuous_time(t, self.T), self.sinusoid_dim).to(x_t.dtype))
         h = self.stem(x_t)
         skips = [h]
@@ -207,9 +215,11 @@ UNET_PRESETS: dict[str, UNetOptions] = {
 }
 
 
-def build_unet(preset: str, channels: int, size: int, outputs_per_dim: int, T: int, **overrides) -> UNet:
+def build_unet(preset: str, channels: int, size: int, outputs_per_dim: int, T: int, one_hot_states: int | None = None,
+               **overrides) -> UNet:
     """The named U-Net (a key of :data:`UNET_PRESETS`) with ``overrides`` replacing its options.
 
     Raises ValueError for an unknown preset or option, or a size the levels do not divide.
     """
-    return UNet(channels, size, outputs_per_dim, T, **asdict(from_preset("U-Net", UNET_PRESETS, preset, overrides)))
+    return UNet(channels, size, outputs_per_dim, T, one_hot_states,
+                **asdict(from_preset("U-Net", UNET_PRESETS, preset, overrides)))

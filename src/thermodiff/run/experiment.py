@@ -128,6 +128,8 @@ def images_or_array(path: Path, size: int | None = None) -> np.ndarray:
 #: the most categories that ``diffusion.kind = 'categorical'`` takes when asked for (the network
 #: outputs K logits per dimension); the rule that picks it unasked stops at autoconfig.MAX_CATEGORIES
 MAX_CATEGORIES_ASKED = 256
+#: processes of discrete states, whose images are modelled as they are (not dequantised)
+DISCRETE_KINDS = ("binomial", "categorical")
 
 
 def diffusion_kind(cfg: Config, binary: bool, alphabet: datasets.Lattice | None, image: bool, origin: str) -> str:
@@ -135,11 +137,15 @@ def diffusion_kind(cfg: Config, binary: bool, alphabet: datasets.Lattice | None,
     kind = cfg.diffusion.kind
     if kind == "binomial" and not binary:
         raise UserError(f"{origin}: data are not binary (values other than 0 and 1), so binomial diffusion cannot model them")
-    if kind == "categorical" and (image or alphabet is None or alphabet.count[0] > MAX_CATEGORIES_ASKED):
-        why = ("images: categorical diffusion takes N x D vectors (flatten them)" if image else
-               f"their values are not one alphabet of evenly spaced symbols (at most {MAX_CATEGORIES_ASKED})")
-        raise UserError(f"{origin}: categorical diffusion cannot model these data: {why}")
+    if kind == "categorical" and (alphabet is None or alphabet.count[0] > MAX_CATEGORIES_ASKED):
+        raise UserError(f"{origin}: categorical diffusion cannot model these data: their values are not one alphabet "
+                        f"of evenly spaced symbols (at most {MAX_CATEGORIES_ASKED})")
     return kind
+
+
+def flat(x: np.ndarray) -> np.ndarray:
+    """Examples as N x D rows (images flattened), as a :class:`datasets.Lattice` reads them."""
+    return x.reshape(len(x), int(np.prod(x.shape[1:])))  # (an empty split too)
 
 
 def check_alphabet(x: np.ndarray, alphabet: datasets.Lattice, origin: str) -> None:
@@ -192,8 +198,8 @@ def prepare_dataset(cfg: Config, override: np.ndarray | None = None, scaling: da
     image = train.ndim == 4
     binary = datasets.is_binary(train)
     integers = source not in BUILTIN_SOURCES and Path(source).is_file() and datasets.stored_as_integers(source, cfg.data.key)
-    symbols = not image and (integers or cfg.diffusion.kind == "categorical")
-    alphabet = datasets.Lattice.shared(train) if symbols else None  # (np.unique of every value, only where it decides)
+    symbols = (integers and not image) or cfg.diffusion.kind == "categorical"  # images: only when asked for
+    alphabet = datasets.Lattice.shared(flat(train)) if symbols else None  # (np.unique of every value, where it decides)
     autoconfig.resolve_kind(cfg, binary, image, integers, alphabet)
     kind = diffusion_kind(cfg, binary, alphabet, image, source)
     lattice = alphabet if kind == "categorical" else None if image or binary else datasets.Lattice.detect(train)
@@ -206,7 +212,7 @@ def prepare_dataset(cfg: Config, override: np.ndarray | None = None, scaling: da
         test = override
     if kind == "categorical":
         for split_name, x in (("test split", test), ("validation split", val)):
-            check_alphabet(x, lattice, f"{source} ({split_name})")
+            check_alphabet(flat(x), lattice, f"{source} ({split_name})")
     if scaling is None:
         try:
             if kind == "categorical":  # the symbols' indices (value - low) / step
@@ -217,8 +223,8 @@ def prepare_dataset(cfg: Config, override: np.ndarray | None = None, scaling: da
                 scaling = image_scaling(train) if image else datasets.Scaling.fit(train, cfg.data.scaling)
         except UserError as e:
             raise UserError(f"{source}: {e}") from None
-    dataset = datasets.Dataset(train, test, scaling, binary, source, dequantize=image and kind != "binomial", val=val,
-                               lattice=lattice)
+    dataset = datasets.Dataset(train, test, scaling, binary, source, dequantize=image and kind not in DISCRETE_KINDS,
+                               val=val, lattice=lattice)
     autoconfig.resolve(cfg, None if image else scaling.apply(train), kind, data_bins(dataset))
     return dataset, kind
 
@@ -233,8 +239,8 @@ def resolve_auto(cfg: Config, kind: str) -> None:
     if d.parameterization == AUTO:
         d.parameterization = {"binomial": BinomialParameterization.FORWARD_OFFSET, "vdm": VDM.parameterization,
                               "categorical": CategoricalParameterization.X0}.get(kind, GaussianParameterization.REFERENCE).value
-    if d.decoder == AUTO and kind == "categorical":  # the forward decoder is not the absorbing kernel's
-        d.decoder = "learned"
+    if d.decoder == AUTO:  # categorical: the forward decoder is not the absorbing kernel's
+        d.decoder = "learned" if kind == "categorical" else "forward"
 
 
 def data_bins(dataset: datasets.Dataset) -> Bins | None:
@@ -328,7 +334,10 @@ def build_model(cfg: Config, diffusion: nn.Module, event_shape: tuple[int, ...])
             if height != width:
                 raise ValueError(f"images must be square, got {height} x {width}")
             if m.network == "unet":
-                return build_unet(m.preset, channels, height, diffusion.outputs_per_dim, diffusion.T, **m.unet)
+                return build_unet(m.preset, channels, height, diffusion.outputs_per_dim, diffusion.T,
+                                  diffusion.one_hot_states, **m.unet)
+            if diffusion.one_hot_states is not None:
+                raise ValueError("categorical images need model.network = 'unet' (it takes one-hot states)")
             return build_conv_net(m.preset, channels, height, diffusion.outputs_per_dim, diffusion.T, **m.conv)
         return build_vector_net(m.network, event_shape[0], diffusion.outputs_per_dim, diffusion.T, m.hidden, m.layers,
                                 m.activation, m.readout, m.n_basis, m.bump_width, diffusion.one_hot_states)

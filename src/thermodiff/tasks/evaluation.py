@@ -59,7 +59,8 @@ def bound_report(dataset, per_example: torch.Tensor, null: torch.Tensor, discret
         # the bound as a negative log-likelihood of the 8-bit data, K in their original units per
         # dimension: of the discrete values themselves (discretized decoder, no units), or of the
         # dequantised density in pixel units
-        nll_kind = "discrete" if discrete else "dequantized" if dataset.dequantize else None
+        nll_kind = ("symbols" if dataset.lattice is not None else "discrete") if discrete else \
+            "dequantized" if dataset.dequantize else None
         nll = -result["K_original_units_bits"] / dim if nll_kind else None
         result |= {
             "K_bits_per_pixel": result["K_bits"] / pixels,

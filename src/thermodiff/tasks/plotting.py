@@ -137,7 +137,7 @@ def samples_panel(run: Run, path: Path, n: int = 40, seed: int = 0) -> Path:
     for ax, (x, title) in zip(axes[0], panels):
         if dataset.is_image:
             images = dataset.from_model(x) if torch.is_tensor(x) else x
-            ax.imshow(image_grid(np.asarray(images)), cmap="gray", vmin=0, vmax=255)
+            ax.imshow(image_grid(dataset.grey_levels(images)), cmap="gray", vmin=0, vmax=255)
             ax.axis("off")
         else:
             x = dataset.to_model(x).numpy() if not torch.is_tensor(x) else x.numpy()

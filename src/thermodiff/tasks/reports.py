@@ -95,7 +95,7 @@ def describe_baseline(r: dict) -> str:
              f"  importance-weighted ({r['n_importance']}) = {r['K_iw_bits']:.4f}{plus_minus(r['K_iw_stderr_bits'], '.4f')} {r['unit']}",
              f"  ELBO - L_null  = {r['K_minus_L_null_bits']:.4f}{plus_minus(r['K_minus_L_null_stderr_bits'], '.4f')} {r['unit']}"]
     if r.get("nll_bits_per_dim") is not None:
-        lines.append(f"  NLL bound of the 8-bit data ({r['nll_bound']}) = {r['nll_bits_per_dim']:.4f} bits/dim")
+        lines.append(nll_line(r))
     return "\n".join(lines)
 
 
@@ -119,7 +119,7 @@ def describe_evaluation(r: dict) -> str:
         lines.append(f"  per pixel: K = {r['K_bits_per_pixel']:.4f}{plus_minus(r['stderr_bits_per_pixel'], '.4f')}, "
                      f"K - L_null = {r['K_minus_L_null_bits_per_pixel']:.4f} bits/pixel")
     if r.get("nll_bits_per_dim") is not None:
-        lines.append(f"  NLL bound of the 8-bit data ({r['nll_bound']}) = {r['nll_bits_per_dim']:.4f} bits/dim")
+        lines.append(nll_line(r))
     if "ode_log_likelihood_bits" in r:
         nll = f", NLL {r['ode_nll_bits_per_dim']:.4f} bits/dim" if "ode_nll_bits_per_dim" in r else ""
         lines.append(f"  ODE log-likelihood = {r['ode_log_likelihood_bits']:.4f}{plus_minus(r['ode_stderr_bits'], '.4f')} "
@@ -158,6 +158,14 @@ def describe_foreign(r: dict) -> str:
         f"{r['variance_type']} variance{clip}, discretized decoder)",
         f"  bound: {r['estimator']}",
         f"  NLL bound = {r['nll_bits_per_dim']:.4f}{plus_minus(r['nll_stderr_bits_per_dim'], '.4f')} bits/dim"])
+
+
+def nll_line(r: dict) -> str:
+    """The bound as a negative log-likelihood per dimension: of 8-bit images, or of the symbols of
+    categorical ones."""
+    if r["nll_bound"] == "symbols":
+        return f"  NLL bound of the symbols = {r['nll_bits_per_dim']:.4f} bits/symbol"
+    return f"  NLL bound of the 8-bit data ({r['nll_bound']}) = {r['nll_bits_per_dim']:.4f} bits/dim"
 
 
 def describe_parzen(r: dict) -> str:
