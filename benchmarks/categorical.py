@@ -14,7 +14,10 @@ test images next to an independent categorical per pixel fitted on the same trai
 With --hybrid, the cases of more than two symbols are trained twice, for the same CPU minutes, on
 the bound and on D3PM's hybrid loss (`--set train.loss=hybrid`: the bound plus lambda times the
 cross-entropy of the x_0 prediction, Austin et al. 2021, Eq. 5), scored on the same test images,
-into benchmarks/results/categorical_<dataset>_hybrid.json.
+into benchmarks/results/categorical_<dataset>_hybrid.json. With --unet, the cases of more than two
+symbols are trained as images (`thermodiff train images --data train.npy --set
+diffusion.kind=categorical`: the image default's U-Net on one-hot states), next to the vectors'
+MLP, into benchmarks/results/categorical_<dataset>_unet.json.
 
 write benchmarks/results/categorical_<dataset>.json and the sample grids categorical_<dataset>_*.png.
 """
@@ -56,16 +59,21 @@ def summary(nll_bits: np.ndarray, dim: int) -> dict:
             "stderr_bits_per_symbol": float(nll_bits.std(ddof=1) / math.sqrt(len(nll_bits)) / dim)}
 
 
+#: `train images` on images of symbols: categorical diffusion asked for (an integer image array is
+#: read as 8-bit images otherwise), and no validation split, as for the vectors
+IMAGE_FLAGS = ("--set", "diffusion.kind=categorical")
+
+
 def diffusion_bits(folder: Path, train: np.ndarray, test: np.ndarray, minutes: float, t_samples: int,
-                   flags: tuple[str, ...] = ()) -> dict:
-    """Train on ``train`` with the vectors config's automatic choices (and ``flags``), evaluate the
-    bound on ``test``."""
+                   flags: tuple[str, ...] = (), experiment: str = "vectors") -> dict:
+    """Train on ``train`` with the ``experiment`` config's automatic choices (and ``flags``),
+    evaluate the bound on ``test``."""
     np.save(folder / "train.npy", train)
     np.save(folder / "test.npy", test)
     run = folder / "run"
     start = time.perf_counter()
     flags = [*BUDGET_FLAGS, *flags]
-    trained = thermodiff_json(["train", "vectors", "--data", str(folder / "train.npy"), "--out", str(run), "--overwrite",
+    trained = thermodiff_json(["train", experiment, "--data", str(folder / "train.npy"), "--out", str(run), "--overwrite",
                                "--minutes", str(minutes), *flags])
     train_wall = time.perf_counter() - start
     start = time.perf_counter()
@@ -83,7 +91,7 @@ def diffusion_bits(folder: Path, train: np.ndarray, test: np.ndarray, minutes: f
         "train_steps": trained["steps"], "train_minutes": round(train_wall / 60, 2),
         "eval_minutes": round((time.perf_counter() - start) / 60, 2), "checkpoint_evaluated": evaluation["checkpoint"],
         "auto_choices": trained["auto_choices"],
-        "command": f"thermodiff train vectors --data train.npy --minutes {minutes} {' '.join(flags)}; "
+        "command": f"thermodiff train {experiment} --data train.npy --minutes {minutes} {' '.join(flags)}; "
                    f"thermodiff evaluate RUN --data test.npy --t-samples {t_samples}",
     }, np.load(samples)
 
@@ -153,17 +161,21 @@ def main() -> None:
     parser.add_argument("--n-test", type=int, default=1000, help="the first N official test images")
     parser.add_argument("--minutes", type=float, default=5.0, help="training time per model (CPU minutes)")
     parser.add_argument("--t-samples", type=int, default=50, help="stratified steps per image of the bound")
-    parser.add_argument("--hybrid", action="store_true",
-                        help="train the cases of more than two symbols on the bound and on D3PM's hybrid loss, "
-                             "side by side (categorical_<dataset>_hybrid.json)")
+    variants = parser.add_mutually_exclusive_group()
+    variants.add_argument("--hybrid", action="store_true",
+                          help="train the cases of more than two symbols on the bound and on D3PM's hybrid loss, "
+                               "side by side (categorical_<dataset>_hybrid.json)")
+    variants.add_argument("--unet", action="store_true",
+                          help="train the cases of more than two symbols as vectors (MLP) and as images (U-Net), "
+                               "side by side (categorical_<dataset>_unet.json)")
     args = parser.parse_args()
     fields, cases = CASES[args.dataset](args.data_dir or f"../shared/data/{args.dataset}", args.n_train, args.n_test)
     record = fields | {"split": f"train: the first {args.n_train} official training images; test: the first {args.n_test} official test images",
                        "n_train": args.n_train, "n_test": args.n_test, "dim": cases[0][1].shape[1]}
     with tempfile.TemporaryDirectory() as tmp:
         for name, train, test, levels, grid in cases:
-            if args.hybrid and levels == 2:
-                continue  # binomial diffusion: no hybrid loss
+            if (args.hybrid or args.unet) and levels == 2:
+                continue  # the binomial model is not what they compare
             folder = Path(tmp) / name
             folder.mkdir()
             result, samples = diffusion_bits(folder, train, test, args.minutes, args.t_samples)
@@ -173,9 +185,18 @@ def main() -> None:
                 (folder / "hybrid").mkdir()
                 record[name]["diffusion_model_hybrid_loss"], _ = diffusion_bits(
                     folder / "hybrid", train, test, args.minutes, args.t_samples, ("--set", "train.loss=hybrid"))
+            elif args.unet:
+                (folder / "unet").mkdir()
+                side = math.isqrt(train.shape[1])  # one symbol a pixel: a grey level, or a palette colour's index
+                as_images = [x.reshape(len(x), 1, side, side) for x in (train, test)]
+                record[name]["diffusion_model_unet"], samples = diffusion_bits(
+                    folder / "unet", *as_images, args.minutes, args.t_samples, IMAGE_FLAGS, "images")
+                (RESULTS / f"categorical_{args.dataset}_{name}_unet.png").write_bytes(
+                    image_grid_png(grid(samples.reshape(len(samples), -1)), 8))
             else:
                 (RESULTS / f"categorical_{args.dataset}_{name}.png").write_bytes(image_grid_png(grid(samples), 8))
-    print(write_result(f"categorical_{args.dataset}" + ("_hybrid" if args.hybrid else ""), record))
+    variant = "_hybrid" if args.hybrid else "_unet" if args.unet else ""
+    print(write_result(f"categorical_{args.dataset}{variant}", record))
 
 
 if __name__ == "__main__":

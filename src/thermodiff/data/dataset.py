@@ -304,9 +304,11 @@ class Lattice:
         return cls([float(values[0])] * dim, [gap] * dim, [int(np.rint(k[-1])) + 1] * dim)
 
     def outside(self, x: np.ndarray) -> np.ndarray:
-        """Where ``x`` (N x D) holds values that are not on the lattice (booleans of x's shape)."""
-        k = (np.asarray(x, dtype=np.float64) - np.asarray(self.low)) / np.asarray(self.step)
-        return (np.abs(k - np.rint(k)) > 1e-6) | (k < -0.5) | (k > np.asarray(self.count) - 0.5)
+        """Where ``x`` (N x D, or N images of D values) holds values that are not on the lattice
+        (booleans of x's shape)."""
+        x = np.asarray(x, dtype=np.float64)
+        k = (x.reshape(len(x), int(np.prod(x.shape[1:]))) - np.asarray(self.low)) / np.asarray(self.step)
+        return ((np.abs(k - np.rint(k)) > 1e-6) | (k < -0.5) | (k > np.asarray(self.count) - 0.5)).reshape(x.shape)
 
 
 #: Values beyond this are refused: the variance squares them, and float64 overflows at ~1.8e308.

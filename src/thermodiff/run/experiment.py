@@ -143,11 +143,6 @@ def diffusion_kind(cfg: Config, binary: bool, alphabet: datasets.Lattice | None,
     return kind
 
 
-def flat(x: np.ndarray) -> np.ndarray:
-    """Examples as N x D rows (images flattened), as a :class:`datasets.Lattice` reads them."""
-    return x.reshape(len(x), int(np.prod(x.shape[1:])))  # (an empty split too)
-
-
 def check_alphabet(x: np.ndarray, alphabet: datasets.Lattice, origin: str) -> None:
     """Refuse values outside a categorical run's alphabet (the model gives them probability 0)."""
     outside = alphabet.outside(x)
@@ -199,7 +194,7 @@ def prepare_dataset(cfg: Config, override: np.ndarray | None = None, scaling: da
     binary = datasets.is_binary(train)
     integers = source not in BUILTIN_SOURCES and Path(source).is_file() and datasets.stored_as_integers(source, cfg.data.key)
     symbols = (integers and not image) or cfg.diffusion.kind == "categorical"  # images: only when asked for
-    alphabet = datasets.Lattice.shared(flat(train)) if symbols else None  # (np.unique of every value, where it decides)
+    alphabet = datasets.Lattice.shared(train.reshape(len(train), -1)) if symbols else None  # (np.unique: where it decides)
     autoconfig.resolve_kind(cfg, binary, image, integers, alphabet)
     kind = diffusion_kind(cfg, binary, alphabet, image, source)
     lattice = alphabet if kind == "categorical" else None if image or binary else datasets.Lattice.detect(train)
@@ -212,7 +207,7 @@ def prepare_dataset(cfg: Config, override: np.ndarray | None = None, scaling: da
         test = override
     if kind == "categorical":
         for split_name, x in (("test split", test), ("validation split", val)):
-            check_alphabet(flat(x), lattice, f"{source} ({split_name})")
+            check_alphabet(x, lattice, f"{source} ({split_name})")
     if scaling is None:
         try:
             if kind == "categorical":  # the symbols' indices (value - low) / step
