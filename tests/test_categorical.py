@@ -486,6 +486,11 @@ def test_cli_categorical_images_through_the_unet(cli, tmp_path):
     assert result["nll_bound"] == "symbols" and result["nll_bits_per_dim"] == pytest.approx(-result["K_bits"] / 64)
     assert -result["L_null_bits"] / 64 == pytest.approx(math.log2(3))  # the null model: uniform over 3 symbols
     assert "bits/symbol" in cli("evaluate", run, "--quiet").out
+    assert cli("evaluate", run, "--data", tmp_path / "symbols.npy", "--quiet").rc == 0  # other images of the symbols
+    stranger = symbols.copy()
+    stranger[0, 0, 0, 0] = 5
+    np.save(tmp_path / "stranger.npy", stranger)
+    assert_one_line_error(cli("evaluate", run, "--data", tmp_path / "stranger.npy", "--quiet"), "stranger.npy", "categories")
     assert cli("sample", run, "-n", 3, "--out", tmp_path / "s.npy", "--quiet").rc == 0
     assert set(np.unique(np.load(tmp_path / "s.npy"))) <= {0.0, 1.0, 2.0}
     assert cli("sample", run, "-n", 3, "--out", tmp_path / "s.png", "--quiet").rc == 0
