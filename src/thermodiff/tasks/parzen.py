@@ -144,9 +144,9 @@ def draw_kept_samples(run: Run, steps: int | str | None, n_samples: int, seed: i
     reads them) drawn by ``sampler`` (samplers.sample; ``eta`` DDIM's) in the data's original units,
     in batches of ``eval.batch_size``, each kept in the run as it is drawn
     (``RUN/parzen_samples/KEY/NNNNN.npy``, KEY naming the checkpoint's step, the sampler, the
-    chain's kept steps, the seed and the batch size): a stop loses one batch at most, and a second call reuses what the
-    first drew. Each batch has its own seeded stream, so the samples do not depend on where a
-    call stopped. Two calls at once draw the same batches and write the same files (each write
+    chain's kept steps, the seed and the batch size): a stop loses one batch at most, and a second
+    call reuses what the first drew. Each batch has its own seeded stream, so the samples do not
+    depend on where a call stopped. Two calls at once draw the same batches and write the same files (each write
     atomic). A run that cannot be written (read-only, a full disk) is sampled all the same and
     keeps nothing. Returns the samples and where they are kept (or why they are not)."""
     diffusion = respaced_process(run.diffusion, steps, "--steps")
