@@ -160,19 +160,19 @@ def test_samples_are_kept_as_they_are_drawn_and_a_stopped_draw_resumes(tiny_imag
         parzen.draw_kept_samples(run, 3, 30, seed=1, progress=False)
     drawn.clear()
     monkeypatch.setattr(parzen, "sample", lambda *a, **k: (drawn.append(a[2][0]), real(*a, **k))[1])
-    resumed, kept = parzen.draw_kept_samples(run, 3, 30, seed=1, progress=False)
+    resumed, kept = parzen.draw_kept_samples(run, 3, 30, seed=1, progress=False)[:2]
     assert drawn == [8, 6] and "2 of 4 batches reused" in kept  # batches of 8, 8, 8, 6: the first two were kept
 
     folder = Path(kept.split(" (")[0])
     shutil.rmtree(folder)
     drawn.clear()
-    fresh, _ = parzen.draw_kept_samples(run, 3, 30, seed=1, progress=False)
+    fresh = parzen.draw_kept_samples(run, 3, 30, seed=1, progress=False).samples
     assert drawn == [8, 8, 8, 6]
     np.testing.assert_array_equal(resumed, fresh)  # each batch its own stream: where it stopped does not matter
     assert resumed.shape == (30, *run.dataset.event_shape)
-    other_chain, kept_other = parzen.draw_kept_samples(run, 2, 8, seed=1, progress=False)
+    kept_other = parzen.draw_kept_samples(run, 2, 8, seed=1, progress=False).kept
     assert "0 of 1 batches reused" in kept_other  # another chain's samples are not taken for this one's
-    _, kept_ddim = parzen.draw_kept_samples(run, 3, 8, seed=1, progress=False, sampler="ddim", eta=1.0)
+    kept_ddim = parzen.draw_kept_samples(run, 3, 8, seed=1, progress=False, sampler="ddim", eta=1.0).kept
     assert "0 of 1 batches reused" in kept_ddim and "ddim_eta1" in kept_ddim  # nor another sampler's
 
 
@@ -184,7 +184,7 @@ def test_samples_are_drawn_all_the_same_where_they_cannot_be_kept(tiny_image_run
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     monkeypatch.setattr(parzen, "atomic_write_bytes", full_disk)
-    samples, kept = parzen.draw_kept_samples(load_run(tiny_image_run, split=True), None, 20, progress=False)
+    samples, kept = parzen.draw_kept_samples(load_run(tiny_image_run, split=True), None, 20, progress=False)[:2]
     assert samples.shape[0] == 20 and kept.startswith("not kept") and "No space left" in kept
     assert capsys.readouterr().err.count("warning: samples not kept") == 1
     assert not (tiny_image_run / "parzen_samples").exists() or not any((tiny_image_run / "parzen_samples").rglob("*.npy"))

@@ -198,7 +198,7 @@ def cmd_sample(args) -> None:
     import torch
 
     from thermodiff.process.respace import respaced_process
-    from thermodiff.process.samplers import CountingModel, sample
+    from thermodiff.process.samplers import CountingModel, Sampler, checked_sampler, sample
     from thermodiff.process.sampling import sample_in_batches
     from thermodiff.run.checkpoint import atomic_write_bytes
     from thermodiff.run.experiment import load_run, sampling_memory
@@ -220,8 +220,8 @@ def cmd_sample(args) -> None:
         raise UserError("--steps and --respace name the same chain; pass one of them")
     flag = "--respace" if args.respace is not None else "--steps"
     diffusion = respaced_process(run.diffusion, args.respace or args.steps, flag)
-    eta = _checked_sampler(args, diffusion)
-    draw = functools.partial(sample, sampler=args.sampler, eta=eta)
+    sampler, eta = checked_sampler(diffusion, args.sampler, args.eta)
+    draw = functools.partial(sample, sampler=sampler, eta=eta)
     model = CountingModel(run.model)
     start = time.perf_counter()
     batches = sample_in_batches(diffusion, model, args.n, run.dataset.event_shape, args.batch_size,
@@ -234,13 +234,13 @@ def cmd_sample(args) -> None:
         atomic_write_bytes(out, image_grid_png(run.dataset.grey_levels(samples)))
     else:
         _write_npy(out, samples)
-    sampler = args.sampler + (f", eta {eta:g}" if args.sampler == "ddim" else "")
+    label = sampler.value + (f", eta {eta:g}" if sampler is Sampler.DDIM else "")
     calls = model.calls / math.ceil(args.n / args.batch_size) or None  # None: a VAE, whose decoder is not counted
     counted = f"{calls:g}" if calls else "uncounted"
     _emit(args, {"out": str(out), "n": args.n, "shape": list(samples.shape), "units": "original", "steps": diffusion.T,
-                 "sampler": args.sampler, "eta": eta if args.sampler == "ddim" else None,
+                 "sampler": sampler.value, "eta": eta if sampler is Sampler.DDIM else None,
                  "network_calls_per_sample": calls, "sample_wall_s": round(wall, 3)},
-          f"wrote {args.n} samples (original units, {sampler}, {diffusion.T} steps, {counted} network calls each, "
+          f"wrote {args.n} samples (original units, {label}, {diffusion.T} steps, {counted} network calls each, "
           f"{wall:.1f} s) to {out}")
 
 
@@ -287,27 +287,14 @@ def cmd_plot(args) -> None:
     _emit(args, {"files": files, "skipped": skipped}, "wrote " + ", ".join(files) + (f"; {skipped}" if skipped else ""))
 
 
-def _checked_sampler(args, diffusion) -> float:
-    """--sampler and --eta checked against the chain they sample: DDIM's eta (0 unless given)."""
-    if args.eta is not None and args.sampler != "ddim":
-        raise UserError(f"--eta is DDIM's noise; pass --sampler ddim with it, not --sampler {args.sampler}")
-    if args.sampler != "ancestral":
-        try:
-            diffusion.log_alphas_cumprod()  # what the other samplers need: Gaussian kernels
-        except ValueError as e:
-            raise UserError(f"--sampler {args.sampler}: {e}") from None
-    return 0.0 if args.eta is None else args.eta
-
-
 def cmd_parzen(args) -> None:
-    from thermodiff.process.respace import respaced_process
     from thermodiff.run.experiment import load_run
     from thermodiff.tasks.parzen import parzen_evaluate
 
     run = load_run(args.run_dir, split=True)
-    eta = _checked_sampler(args, respaced_process(run.diffusion, args.steps, "--steps"))
     result = parzen_evaluate(run, args.samples, args.valid, args.max_test, seed=args.seed, progress=not args.quiet,
-                             memory_check=not args.ignore_memory_check, steps=args.steps, sampler=args.sampler, eta=eta)
+                             memory_check=not args.ignore_memory_check, steps=args.steps, sampler=args.sampler,
+                             eta=args.eta)
     _save_beside_run(Path(args.run_dir) / "parzen.json", result, "parzen")
     _emit(args, result, reports.describe_parzen(result))
 

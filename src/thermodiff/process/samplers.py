@@ -21,6 +21,7 @@ from enum import Enum
 import torch
 from torch import Tensor
 
+from thermodiff.errors import UserError
 from thermodiff.process.contract import Process
 from thermodiff.process.sampling import ancestral_sample
 
@@ -152,6 +153,20 @@ class CountingModel:
 
     def __getattr__(self, name: str):
         return getattr(self.model, name)
+
+
+def checked_sampler(diffusion: Process, sampler: Sampler | str, eta: float | None) -> tuple[Sampler, float]:
+    """A user's ``--sampler`` and ``--eta`` checked against the chain they sample (a one-line
+    :class:`UserError` otherwise): the sampler and DDIM's eta (0 unless given)."""
+    sampler = Sampler(sampler)
+    if eta is not None and sampler is not Sampler.DDIM:
+        raise UserError(f"--eta is DDIM's noise; pass --sampler ddim with it, not --sampler {sampler.value}")
+    if sampler is not Sampler.ANCESTRAL:
+        try:
+            diffusion.log_alphas_cumprod()  # what the other samplers need: Gaussian kernels
+        except ValueError as e:
+            raise UserError(f"--sampler {sampler.value}: {e}") from None
+    return sampler, 0.0 if eta is None else eta
 
 
 def denoiser_of(diffusion: Process, model) -> Denoiser:

@@ -15,6 +15,7 @@ import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ from tqdm import tqdm
 from thermodiff.errors import UserError, os_error_message
 from thermodiff.process.bound import standard_error
 from thermodiff.process.respace import respaced_process, respaced_timesteps
-from thermodiff.process.samplers import Sampler, sample
+from thermodiff.process.samplers import Sampler, checked_sampler, sample
 from thermodiff.process.tensors import LN2
 from thermodiff.run import memory
 from thermodiff.run.checkpoint import atomic_write_bytes
@@ -138,18 +139,28 @@ def sampler_label(sampler: Sampler | str, eta: float) -> str:
     return sampler.value + (f"_eta{eta:g}" if sampler is Sampler.DDIM else "")
 
 
+class KeptSamples(NamedTuple):
+    samples: np.ndarray  # in the data's original units
+    kept: str  # where they are kept, or why they are not
+    chain_steps: int  # the steps of the chain they were drawn on
+    sampler: Sampler
+    eta: float  # DDIM's (0 for the other samplers)
+
+
 def draw_kept_samples(run: Run, steps: int | str | None, n_samples: int, seed: int = 0, progress: bool = True,
-                      sampler: Sampler | str = Sampler.ANCESTRAL, eta: float = 0.0) -> tuple[np.ndarray, str]:
+                      sampler: Sampler | str = Sampler.ANCESTRAL, eta: float | None = None) -> KeptSamples:
     """``n_samples`` samples of the run's chain (respaced to ``steps``, as :func:`respaced_process`
-    reads them) drawn by ``sampler`` (samplers.sample; ``eta`` DDIM's) in the data's original units,
+    reads them) drawn by ``sampler`` (samplers.sample; ``eta`` DDIM's, checked by
+    :func:`checked_sampler` before any is drawn) in the data's original units,
     in batches of ``eval.batch_size``, each kept in the run as it is drawn
     (``RUN/parzen_samples/KEY/NNNNN.npy``, KEY naming the checkpoint's step, the sampler, the
     chain's kept steps, the seed and the batch size): a stop loses one batch at most, and a second
     call reuses what the first drew. Each batch has its own seeded stream, so the samples do not
     depend on where a call stopped. Two calls at once draw the same batches and write the same files (each write
     atomic). A run that cannot be written (read-only, a full disk) is sampled all the same and
-    keeps nothing. Returns the samples and where they are kept (or why they are not)."""
+    keeps nothing."""
     diffusion = respaced_process(run.diffusion, steps, "--steps")
+    sampler, eta = checked_sampler(diffusion, sampler, eta)
     kept_steps = list(range(1, run.diffusion.T + 1)) if steps is None else respaced_timesteps(run.diffusion.T, steps)
     chain = hashlib.sha256(json.dumps(kept_steps).encode()).hexdigest()[:12]
     batch = run.config.eval.batch_size
@@ -168,13 +179,13 @@ def draw_kept_samples(run: Run, steps: int | str | None, n_samples: int, seed: i
             if failure is None and (failure := _keep_batch(folder / f"{i:05d}.npy", parts[i])):
                 print(f"thermodiff parzen: warning: samples not kept as they are drawn, {failure}", file=sys.stderr)
     kept = f"not kept: {failure}" if failure else f"{folder} ({reused} of {len(sizes)} batches reused)"
-    return np.concatenate(parts), kept
+    return KeptSamples(np.concatenate(parts), kept, diffusion.T, sampler, eta)
 
 
 def parzen_evaluate(run: Run, n_samples: int = 10000, n_valid: int = 10000, max_test: int | None = None,
                     sigmas: Sequence[float] = DEFAULT_SIGMAS, seed: int = 0, progress: bool = True,
                     memory_check: bool = True, steps: int | str | None = None,
-                    sampler: Sampler | str = Sampler.ANCESTRAL, eta: float = 0.0) -> dict:
+                    sampler: Sampler | str = Sampler.ANCESTRAL, eta: float | None = None) -> dict:
     """The Parzen-window log-likelihood of the run's test images (all, or the first ``max_test``)
     in bits and nats, with its standard error over test images.
 
@@ -190,7 +201,7 @@ def parzen_evaluate(run: Run, n_samples: int = 10000, n_valid: int = 10000, max_
     if not run.dataset.is_image:
         raise UserError(f"{run.path}: models vectors of shape {run.dataset.event_shape}; "
                         "the Parzen-window protocol is for image runs")
-    sigmas, sampler = _check_sigmas(sigmas), Sampler(sampler)  # before the slow sampling
+    sigmas = _check_sigmas(sigmas)  # before the slow sampling
     train, test = run.dataset.train, run.dataset.test
     if n_samples < 1:
         raise UserError(f"the number of samples must be at least 1, got {n_samples}")
@@ -201,9 +212,9 @@ def parzen_evaluate(run: Run, n_samples: int = 10000, n_valid: int = 10000, max_
         raise UserError(f"the number of test images must be at least 1, got {max_test}")
     if memory_check:
         memory.require_fits(parzen_memory(run, n_samples, len(sigmas)))
-    sampling_steps = respaced_process(run.diffusion, steps, "--steps").T  # a bad --steps fails before sampling
-    drawn, kept = draw_kept_samples(run, steps, n_samples, seed, progress, sampler, eta)
-    samples = _unit_pixels(run, drawn)
+    drawn = draw_kept_samples(run, steps, n_samples, seed, progress, sampler, eta)
+    sampler, eta, sampling_steps = drawn.sampler, drawn.eta, drawn.chain_steps
+    samples = _unit_pixels(run, drawn.samples)
     valid = _unit_pixels(run, train[-n_valid:])
     test = _unit_pixels(run, test[:max_test])
     sigma, scores = select_bandwidth(valid, samples, sigmas)
@@ -227,7 +238,7 @@ def parzen_evaluate(run: Run, n_samples: int = 10000, n_valid: int = 10000, max_
         "sampling_steps": sampling_steps,
         "sampler": sampler.value,
         "eta": eta if sampler is Sampler.DDIM else None,
-        "samples_kept": kept,
+        "samples_kept": drawn.kept,
         "protocol": (f"Gaussian Parzen window (Breuleux et al. 2011, Goodfellow et al. 2014) on {n_samples} {sampler_label(sampler, eta)} "
                      f"samples ({sampling_steps} steps of the run's {run.diffusion.T}) rounded to pixel values, pixels scaled to [0, 1]; bandwidth chosen from {len(sigmas)} "
                      f"values in [{min(sigmas):.3g}, {max(sigmas):.3g}] by the mean log-likelihood of the last {n_valid} "
