@@ -27,6 +27,7 @@ import torch
 from budget import training_curve  # sibling modules: benchmarks/ is on sys.path when run
 from record import RESULTS, write_result
 from thermodiff.process.bound import standard_error
+from thermodiff.run.checkpoint import atomic_write_text
 from thermodiff.run.training import read_metrics
 
 CONFIGS = Path(__file__).resolve().parent.parent / "src" / "thermodiff" / "configs" / "recipes_cifar10"
@@ -58,25 +59,39 @@ def train_all(configs: list[Path], out: Path, data_dir: str, minutes: float) -> 
     return commands
 
 
+def per_example_path(out: Path, name: str, t_sampling: str) -> Path:
+    return out / name / f"K_per_example_{t_sampling}.npy"
+
+
 def evaluate_all(names: list[str], out: Path, examples: int, t_sampling: str) -> dict[str, dict]:
     """`thermodiff evaluate` of every run at once, one thread each, on the first ``examples`` test
-    images (its steps drawn as ``t_sampling`` says), with the bound of each image kept for the pairing."""
-    processes = {}
+    images (its steps drawn as ``t_sampling`` says), with the bound of each image kept for the pairing.
+    Each evaluation is kept beside its run, so a run whose checkpoint it has scored since the
+    checkpoint was written is not scored again (a stop loses no finished evaluation)."""
+    processes, results = {}, {}
     for name in names:
-        per_example = out / name / "K_per_example.npy"
+        kept = out / name / f"recipes_evaluation_{t_sampling}_{examples}.json"
+        per_example = per_example_path(out, name, t_sampling)
+        if kept.exists() and per_example.exists() and \
+                kept.stat().st_mtime > (out / name / "checkpoint.safetensors").stat().st_mtime:
+            results[name] = json.loads(kept.read_text())
+            continue
         per_example.unlink(missing_ok=True)
-        processes[name] = subprocess.Popen(
+        processes[name] = (kept, subprocess.Popen(
             thermodiff("evaluate", str(out / name), "--max-examples", str(examples), "--per-example", str(per_example),
-                       "--t-sampling", t_sampling, "--json", "--quiet"), env=ONE_THREAD, stdout=subprocess.PIPE, text=True)
-    results = {name: json.loads(p.communicate()[0]) for name, p in processes.items()}
-    if any(p.returncode for p in processes.values()):
-        raise SystemExit(f"an evaluation failed: {[n for n, p in processes.items() if p.returncode]}")
+                       "--t-sampling", t_sampling, "--json", "--quiet"), env=ONE_THREAD, stdout=subprocess.PIPE, text=True))
+    for name, (kept, process) in processes.items():
+        stdout = process.communicate()[0]
+        if process.returncode:
+            raise SystemExit(f"the evaluation of {out / name} failed; rerun this command to score the runs not yet scored")
+        results[name] = json.loads(stdout)
+        atomic_write_text(kept, stdout)
     return results
 
 
-def nll_per_image(out: Path, name: str, dim: int) -> torch.Tensor:
+def nll_per_image(out: Path, name: str, dim: int, t_sampling: str) -> torch.Tensor:
     """The 8-bit NLL bound of each image in bits/dim: -K in original units over the dimensions."""
-    return torch.from_numpy(-np.load(out / name / "K_per_example.npy") / dim)
+    return torch.from_numpy(-np.load(per_example_path(out, name, t_sampling)) / dim)
 
 
 #: DDPM's 8-bit NLL on CIFAR-10 (Ho et al. 2020, Table 2), the figure the runs are extrapolated to
@@ -108,12 +123,12 @@ def rungs(name: str, cpu_minutes: float, nll: float, stderr: float) -> dict:
 
 
 def row(name: str, out: Path, evaluation: dict, references: dict[str, torch.Tensor], command: str,
-        cpu_minutes: float) -> dict:
+        cpu_minutes: float, t_sampling: str) -> dict:
     metrics = read_metrics(out / name)
-    nll = nll_per_image(out, name, evaluation["dim"])
+    nll = nll_per_image(out, name, evaluation["dim"], t_sampling)
     r = {"name": name, "config": f"configs/recipes_cifar10/{name}.toml", "train_command": command,
-         "steps": metrics[-1]["step"], "train_cpu_s": metrics[-1]["elapsed_s"],
-         "images_seen": metrics[-1]["step"] * 64, "evaluation": evaluation,
+         "steps": evaluation["train_steps"], "train_cpu_s": metrics[-1]["elapsed_s"],
+         "images_seen": evaluation["train_steps"] * 64, "evaluation": evaluation,
          "nll_bits_per_dim": float(nll.mean()), "nll_stderr_bits_per_dim": standard_error(nll),
          "curve": training_curve(out / name, evaluation["dim"] // 3)}  # per pixel: 3 colour channels
     r |= rungs(name, cpu_minutes, r["nll_bits_per_dim"], r["nll_stderr_bits_per_dim"])
@@ -142,7 +157,7 @@ def main() -> None:
     wall_train = time.perf_counter() - start
     names = [c.stem for c in configs]
     evaluations = evaluate_all(names, out, args.examples, args.t_sampling)
-    references = {key: nll_per_image(out, name, evaluations[name]["dim"]) for key, name in REFERENCES.items()
+    references = {key: nll_per_image(out, name, evaluations[name]["dim"], args.t_sampling) for key, name in REFERENCES.items()
                   if name in names}
     record = {
         "command": " ".join(["python benchmarks/recipes.py", *sys.argv[1:]]),
@@ -155,7 +170,7 @@ def main() -> None:
                      "minus improved-diffusion's recipe's / the image default's"),
         "cpu_minutes": args.cpu_minutes, "wall_s_training": wall_train, "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
-        "rows": [row(n, out, evaluations[n], references, commands[n], args.cpu_minutes) for n in names],
+        "rows": [row(n, out, evaluations[n], references, commands[n], args.cpu_minutes, args.t_sampling) for n in names],
     }
     suffix = "_importance" if args.t_sampling == "importance" else ""
     print(write_result(f"recipes_cifar10_{args.cpu_minutes:g}cpumin{suffix}", record))
