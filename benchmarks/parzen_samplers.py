@@ -2,15 +2,16 @@
 parzen`) from the samples of each sampler at equal network calls, on one trained run:
 
     OMP_NUM_THREADS=1 python benchmarks/parzen_samplers.py RUN [--samples 1000] [--steps 20]
-                                                          [--samplers ancestral,ddim,dpm2m]
+                                                          [--samplers ancestral,ddim,dpm2m] [--precision P]
 
 Each sampler draws --samples images on the run's chain respaced to --steps steps (one network call
 a step for these three), and `thermodiff parzen` scores every test image under a Gaussian window
 on them, its bandwidth validated on the last 10000 training images. The samples are kept in the
 run as they are drawn (RUN/parzen_samples), so a rerun reuses them. Fewer samples than the
 protocol's 10000 give a lower figure (the window fits fewer points), the same for every sampler:
-the comparison is between samplers. Writes benchmarks/results/parzen_samplers_NAME.json (NAME the
-run's experiment).
+the comparison is between samplers. The network samples in fp32, or in --precision (fp32 or
+bf16, as `thermodiff parzen --precision`). Writes benchmarks/results/parzen_samplers_NAME.json (NAME
+the run's experiment; parzen_samplers_NAME_bf16.json with --precision bf16).
 """
 
 import argparse
@@ -25,18 +26,20 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--samplers", default="ancestral,ddim,dpm2m")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     args = parser.parse_args()
     results, start = {}, time.perf_counter()
     for sampler in args.samplers.split(","):
         results[sampler] = thermodiff_json(["parzen", args.run, "--samples", str(args.samples), "--steps",
-                                            str(args.steps), "--sampler", sampler])
+                                            str(args.steps), "--sampler", sampler, "--precision", args.precision])
     experiment = next(iter(results.values()))["experiment"]
     record = {"run": args.run, "experiment": experiment, "samples": args.samples, "steps": args.steps,
               "network_calls_per_sample": args.steps,
               "command": f"OMP_NUM_THREADS=1 python benchmarks/parzen_samplers.py {args.run} --samples {args.samples} "
-                         f"--steps {args.steps} --samplers {args.samplers}",
+                         f"--steps {args.steps} --samplers {args.samplers} --precision {args.precision}",
               "wall_s": time.perf_counter() - start, "samplers": results}
-    print(write_result(f"parzen_samplers_{experiment.removesuffix('_unet')}", record))
+    suffix = "" if args.precision == "fp32" else f"_{args.precision}"
+    print(write_result(f"parzen_samplers_{experiment.removesuffix('_unet')}{suffix}", record))
 
 
 if __name__ == "__main__":

@@ -163,7 +163,7 @@ def measure(preset: str, mode: str, variant: Variant, device: str, batch_size: i
 
         @torch.no_grad()
         def step() -> None:
-            with autocast(train, dev):  # the training loop's own
+            with autocast(train.precision, dev):  # the training loop's own
                 diffusion.p_sample(net, x_T, T)  # any t >= 2 costs one network evaluation
             ctx.barrier()  # the global batch is done when every process's shard is
 

@@ -174,6 +174,10 @@ def test_samples_are_kept_as_they_are_drawn_and_a_stopped_draw_resumes(tiny_imag
     assert "0 of 1 batches reused" in kept_other  # another chain's samples are not taken for this one's
     kept_ddim = parzen.draw_kept_samples(run, 3, 8, seed=1, progress=False, sampler="ddim", eta=1.0).kept
     assert "0 of 1 batches reused" in kept_ddim and "ddim_eta1" in kept_ddim  # nor another sampler's
+    fp32 = parzen.draw_kept_samples(run, 3, 8, seed=1, progress=False, precision="fp32")
+    assert fp32.precision == "fp32" and "1 of 1 batches reused" in fp32.kept  # the tiny run trained in fp32
+    low = parzen.draw_kept_samples(run, 3, 8, seed=1, progress=False, precision="bf16")
+    assert "0 of 1 batches reused" in low.kept and low.kept.split(" (")[0].endswith("-bf16")  # nor another precision's
 
 
 def test_samples_are_drawn_all_the_same_where_they_cannot_be_kept(tiny_image_run, monkeypatch, capsys):

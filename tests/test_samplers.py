@@ -182,6 +182,9 @@ def test_cli_sample_with_each_sampler(cli, copy_run, tmp_path):
     # step reversed) calls no network: at the end of the last step and after it
     assert cli("sample", run, "-n", "2", "--out", tmp_path / "h.npy", "--quiet", "--json", "--sampler", "heun",
                "--steps", "4").json()["network_calls_per_sample"] == 5
+    precisions = [cli("sample", run, "-n", "2", "--out", tmp_path / f"p{i}.npy", "--quiet", "--json", *flags).json()
+                  ["precision"] for i, flags in enumerate(([], ["--precision", "bf16"], ["--precision", "fp32"]))]
+    assert precisions == ["fp32", "bf16", "fp32"]  # the tiny run trained in fp32
     again = cli("sample", run, "-n", "7", "--out", tmp_path / "again.npy", "--quiet", "--sampler", "ddim", "--steps", "4",
                 "--seed", "5")
     assert again.rc == 0 and "ddim, eta 0" in again.out
@@ -190,7 +193,7 @@ def test_cli_sample_with_each_sampler(cli, copy_run, tmp_path):
            (["--sampler", "ddim", "--eta", "x"], "--eta"), (["--sampler", "heun", "--eta", "0.5"], "--eta"),
            (["--sampler", "ddim", "--steps", "9"], "--steps"), (["--sampler", "heun", "--steps", "0"], "--steps"),
            (["--sampler", "ddim", "--steps", "1,3,5"], "--steps"), (["--sampler", "euler"], "--sampler"),
-           (["--steps", "3", "--respace", "3"], "--steps")]
+           (["--steps", "3", "--respace", "3"], "--steps"), (["--precision", "fp16"], "--precision")]
     for flags, needle in bad:
         result = cli("sample", run, "-n", "2", "--out", tmp_path / "bad.npy", *flags)
         assert_one_line_error(result, needle)

@@ -1,6 +1,7 @@
 """The training loop's weight average, its mixed precision, its time limit, its state's round
 trip through a checkpoint and its metrics files."""
 
+import copy
 import functools
 import json
 
@@ -12,7 +13,8 @@ from torch import nn
 from thermodiff.run.checkpoint import load_checkpoint, save_checkpoint
 from thermodiff.run.config import TrainConfig, load_config
 from thermodiff.run.experiment import assemble
-from thermodiff.run.training import EMA, METRIC_FIELDS, TrainState, autocast, draw_batch, read_metrics, train_step
+from thermodiff.run.training import (EMA, METRIC_FIELDS, AutocastNetwork, TrainState, autocast, draw_batch,
+                                     read_metrics, sampling_precision, train_step)
 
 
 @pytest.mark.parametrize("decay", [0.9, 0.999])
@@ -50,9 +52,44 @@ def test_minutes_limits_training_and_extends_a_resumed_run(cli, tiny_config, tmp
 def test_autocast_lowers_the_network_on_cpu_only_for_bf16(precision, expected):
     """bf16 autocasts on the CPU too; fp16 (which needs CUDA's gradient scaler) leaves the CPU in fp32."""
     a = torch.randn(4, 4)
-    with autocast(TrainConfig(precision=precision), torch.device("cpu")):
+    with autocast(precision, torch.device("cpu")):
         assert (a @ a).dtype == expected
         assert torch.exp(a).dtype == torch.float32  # elementwise math keeps its precision
+
+
+class _RecordingConv(nn.Module):
+    """A convolution that records the dtype it ran in, of a network called as (x_t, t)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.dtypes, self.label = nn.Conv2d(2, 2, 3, padding=1), [], "tiny"
+
+    def forward(self, x, t):
+        out = self.conv(x)
+        self.dtypes.append(out.dtype)
+        return out * t.view(-1, 1, 1, 1)
+
+
+def test_autocast_network_lowers_the_network_alone():
+    """fp32 is the network itself, bit for bit; bf16 runs its convolution in bf16 and hands back
+    float32 close to fp32's; a float64 network's output stays float64; the wrapper copies (as the
+    memory estimate copies networks) and passes other attributes through."""
+    torch.manual_seed(0)
+    net, x, t = _RecordingConv(), torch.randn(3, 2, 5, 5), torch.tensor([1.0, 2.0, 3.0])
+    torch.testing.assert_close(AutocastNetwork(net, "fp32")(x, t), net(x, t), rtol=0, atol=0)
+    low = AutocastNetwork(net, "bf16")(x, t)
+    assert net.dtypes[-1] == torch.bfloat16 and low.dtype == torch.float32
+    assert not torch.equal(low, net(x, t))
+    torch.testing.assert_close(low, net(x, t), rtol=0.05, atol=0.05)
+    assert AutocastNetwork(net.double(), "fp32")(x.double(), t.double()).dtype == torch.float64
+    assert copy.deepcopy(AutocastNetwork(net, "bf16")).label == "tiny"
+
+
+def test_sampling_precision_is_the_training_precision_unless_asked():
+    assert sampling_precision(TrainConfig(precision="bf16")) == "bf16"
+    assert sampling_precision(TrainConfig(precision="fp32")) == "fp32"
+    assert sampling_precision(TrainConfig(precision="fp16")) == "fp32"  # a GPU's; a CPU samples in fp32
+    assert sampling_precision(TrainConfig(precision="bf16"), "fp32") == "fp32"
 
 
 def _steps(state: TrainState, parts, t: TrainConfig, n: int) -> list[float]:

@@ -203,6 +203,7 @@ def cmd_sample(args) -> None:
     from thermodiff.run.checkpoint import atomic_write_bytes
     from thermodiff.run.experiment import load_run, sampling_memory
     from thermodiff.run.memory import require_fits
+    from thermodiff.run.training import AutocastNetwork, sampling_precision
 
     out = Path(args.out)
     if out.suffix not in (".npy", ".png"):
@@ -222,7 +223,8 @@ def cmd_sample(args) -> None:
     diffusion = respaced_process(run.diffusion, args.respace or args.steps, flag)
     sampler, eta = checked_sampler(diffusion, args.sampler, args.eta)
     draw = functools.partial(sample, sampler=sampler, eta=eta)
-    model = CountingModel(run.model)
+    precision = sampling_precision(run.config.train, args.precision)
+    model = CountingModel(AutocastNetwork(run.model, precision))
     start = time.perf_counter()
     batches = sample_in_batches(diffusion, model, args.n, run.dataset.event_shape, args.batch_size,
                                 torch.Generator().manual_seed(args.seed), progress=not args.quiet, draw=draw)
@@ -238,9 +240,10 @@ def cmd_sample(args) -> None:
     calls = model.calls / math.ceil(args.n / args.batch_size) or None  # None: a VAE, whose decoder is not counted
     counted = f"{calls:g}" if calls else "uncounted"
     _emit(args, {"out": str(out), "n": args.n, "shape": list(samples.shape), "units": "original", "steps": diffusion.T,
-                 "sampler": sampler.value, "eta": eta if sampler is Sampler.DDIM else None,
+                 "sampler": sampler.value, "eta": eta if sampler is Sampler.DDIM else None, "precision": precision,
                  "network_calls_per_sample": calls, "sample_wall_s": round(wall, 3)},
-          f"wrote {args.n} samples (original units, {label}, {diffusion.T} steps, {counted} network calls each, "
+          f"wrote {args.n} samples (original units, {label}, {diffusion.T} steps, {counted} network calls each "
+          f"in {precision}, "
           f"{wall:.1f} s) to {out}")
 
 
@@ -294,7 +297,7 @@ def cmd_parzen(args) -> None:
     run = load_run(args.run_dir, split=True)
     result = parzen_evaluate(run, args.samples, args.valid, args.max_test, seed=args.seed, progress=not args.quiet,
                              memory_check=not args.ignore_memory_check, steps=args.steps, sampler=args.sampler,
-                             eta=args.eta)
+                             eta=args.eta, precision=args.precision)
     _save_beside_run(Path(args.run_dir) / "parzen.json", result, "parzen")
     _emit(args, result, reports.describe_parzen(result))
 
@@ -478,6 +481,9 @@ def _eta(text: str) -> float:
     return value
 
 
+SAMPLING_PRECISIONS = ("fp32", "bf16")
+PRECISION_HELP = ("the network's precision while sampling (default: the one it trained in, train.precision; bf16 "
+                  "samples the image default's U-Net 1.7 times as fast as fp32 on this project's CPU)")
 RESPACE_HELP = ("a respaced chain: N steps evenly spaced from 1 to T, or a comma-separated list of the trained "
                 "steps to keep, from 1 to T (Gaussian runs)")
 
@@ -563,6 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", metavar="N|STEPS", help="the chain's steps, as --respace (default: all T)")
     p.add_argument("--eta", type=_eta, help="DDIM's noise, from 0 (deterministic, the default) to 1 (the ancestral "
                                             "chain's, for a kernel variance of beta-tilde)")
+    p.add_argument("--precision", choices=SAMPLING_PRECISIONS, help=PRECISION_HELP)
     p.add_argument(MEMORY_OVERRIDE_FLAG, action="store_true", help=MEMORY_OVERRIDE_HELP)
     p.set_defaults(func=cmd_sample)
 
@@ -608,6 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=SAMPLERS, default="ancestral", help="how the samples are drawn, as thermodiff "
                    "sample --sampler")
     p.add_argument("--eta", type=_eta, help="DDIM's noise, as thermodiff sample --eta")
+    p.add_argument("--precision", choices=SAMPLING_PRECISIONS, help=PRECISION_HELP)
     p.add_argument(MEMORY_OVERRIDE_FLAG, action="store_true", help=MEMORY_OVERRIDE_HELP)
     p.set_defaults(func=cmd_parzen)
 

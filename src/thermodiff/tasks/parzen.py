@@ -29,7 +29,9 @@ from thermodiff.process.samplers import Sampler, checked_sampler, sample
 from thermodiff.process.tensors import LN2
 from thermodiff.run import memory
 from thermodiff.run.checkpoint import atomic_write_bytes
+from thermodiff.run.config import Precision
 from thermodiff.run.experiment import Run, batch_activations, paper_row, sample_bytes
+from thermodiff.run.training import AutocastNetwork, sampling_precision
 from thermodiff.tasks.evaluation import hardware
 from thermodiff.tasks.reports import require_finite
 
@@ -145,27 +147,33 @@ class KeptSamples(NamedTuple):
     chain_steps: int  # the steps of the chain they were drawn on
     sampler: Sampler
     eta: float  # DDIM's (0 for the other samplers)
+    precision: Precision  # the network's
 
 
 def draw_kept_samples(run: Run, steps: int | str | None, n_samples: int, seed: int = 0, progress: bool = True,
-                      sampler: Sampler | str = Sampler.ANCESTRAL, eta: float | None = None) -> KeptSamples:
+                      sampler: Sampler | str = Sampler.ANCESTRAL, eta: float | None = None,
+                      precision: Precision | None = None) -> KeptSamples:
     """``n_samples`` samples of the run's chain (respaced to ``steps``, as :func:`respaced_process`
     reads them) drawn by ``sampler`` (samplers.sample; ``eta`` DDIM's, checked by
-    :func:`checked_sampler` before any is drawn) in the data's original units,
-    in batches of ``eval.batch_size``, each kept in the run as it is drawn
-    (``RUN/parzen_samples/KEY/NNNNN.npy``, KEY naming the checkpoint's step, the sampler, the
-    chain's kept steps, the seed and the batch size): a stop loses one batch at most, and a second
-    call reuses what the first drew. Each batch has its own seeded stream, so the samples do not
-    depend on where a call stopped. Two calls at once draw the same batches and write the same files (each write
-    atomic). A run that cannot be written (read-only, a full disk) is sampled all the same and
-    keeps nothing."""
+    :func:`checked_sampler` before any is drawn), the network in ``precision`` (default
+    :func:`sampling_precision`, the one it trained in), in the data's original units, in batches
+    of ``eval.batch_size``, each kept in the run as it is drawn (``RUN/parzen_samples/KEY/NNNNN.npy``,
+    KEY naming the checkpoint's step, the sampler, the chain's kept steps, the seed, the batch
+    size and a precision other than fp32): a stop loses one batch at most, and a second call
+    reuses what the first drew. Each batch has its own seeded stream, so the samples do not depend
+    on where a call stopped. Two calls at once draw the same batches and write the same files
+    (each write atomic). A run that cannot be written (read-only, a full disk) is sampled all the
+    same and keeps nothing."""
     diffusion = respaced_process(run.diffusion, steps, "--steps")
     sampler, eta = checked_sampler(diffusion, sampler, eta)
+    precision = sampling_precision(run.config.train, precision)
+    network = AutocastNetwork(run.model, precision)
     kept_steps = list(range(1, run.diffusion.T + 1)) if steps is None else respaced_timesteps(run.diffusion.T, steps)
     chain = hashlib.sha256(json.dumps(kept_steps).encode()).hexdigest()[:12]
     batch = run.config.eval.batch_size
     sizes = [min(batch, n_samples - i) for i in range(0, n_samples, batch)]
-    key = f"step{run.step}-{sampler_label(sampler, eta)}-chain{diffusion.T}-{chain}-seed{seed}-batch{batch}"
+    key = (f"step{run.step}-{sampler_label(sampler, eta)}-chain{diffusion.T}-{chain}-seed{seed}-batch{batch}"
+           + ("" if precision == "fp32" else f"-{precision}"))  # fp32's key is the one samples were first kept under
     folder = run.path / "parzen_samples" / key
     parts = [_kept_batch(folder / f"{i:05d}.npy", (size, *run.dataset.event_shape)) for i, size in enumerate(sizes)]
     reused, failure = sum(part is not None for part in parts), None
@@ -173,28 +181,30 @@ def draw_kept_samples(run: Run, steps: int | str | None, n_samples: int, seed: i
     with tqdm(total=len(todo) * diffusion.T, desc="parzen: sample", unit="t", disable=not progress, leave=False,
               mininterval=1.0) as bar:
         for i in todo:
-            x = sample(diffusion, run.model, (sizes[i], *run.dataset.event_shape), _batch_generator(seed, i),
+            x = sample(diffusion, network, (sizes[i], *run.dataset.event_shape), _batch_generator(seed, i),
                        callback=lambda t, x: bar.update(1) if t > 0 else None, sampler=sampler, eta=eta)
             parts[i] = run.dataset.from_model(x)
             if failure is None and (failure := _keep_batch(folder / f"{i:05d}.npy", parts[i])):
                 print(f"thermodiff parzen: warning: samples not kept as they are drawn, {failure}", file=sys.stderr)
     kept = f"not kept: {failure}" if failure else f"{folder} ({reused} of {len(sizes)} batches reused)"
-    return KeptSamples(np.concatenate(parts), kept, diffusion.T, sampler, eta)
+    return KeptSamples(np.concatenate(parts), kept, diffusion.T, sampler, eta, precision)
 
 
 def parzen_evaluate(run: Run, n_samples: int = 10000, n_valid: int = 10000, max_test: int | None = None,
                     sigmas: Sequence[float] = DEFAULT_SIGMAS, seed: int = 0, progress: bool = True,
                     memory_check: bool = True, steps: int | str | None = None,
-                    sampler: Sampler | str = Sampler.ANCESTRAL, eta: float | None = None) -> dict:
+                    sampler: Sampler | str = Sampler.ANCESTRAL, eta: float | None = None,
+                    precision: Precision | None = None) -> dict:
     """The Parzen-window log-likelihood of the run's test images (all, or the first ``max_test``)
     in bits and nats, with its standard error over test images.
 
-    ``n_samples`` images are drawn by ``sampler`` (ancestral sampling unless told; ``eta``
-    DDIM's) with :func:`draw_kept_samples` (kept in the run as they are drawn, so a stopped call
-    resumes) and rounded to the data's pixel values, on the run's chain or, with ``steps``, on
-    that respaced chain (``thermodiff sample --steps``; the protocol's 10000 samples cost T network
-    calls each otherwise, and ``thermodiff evaluate --respace`` gives that chain's bound). The bandwidth is validated on the
-    *last* ``n_valid`` training images, as Goodfellow et al. took MNIST training images
+    ``n_samples`` images are drawn by ``sampler`` (ancestral sampling unless told; ``eta`` DDIM's;
+    the network in ``precision``, by default the one it trained in) with :func:`draw_kept_samples`
+    (kept in the run as they are drawn, so a stopped call resumes) and rounded to the data's pixel
+    values, on the run's chain or, with ``steps``, on that respaced chain (``thermodiff sample
+    --steps``; the protocol's 10000 samples cost T network calls each otherwise, and ``thermodiff
+    evaluate --respace`` gives that chain's bound). The bandwidth is validated on the *last*
+    ``n_valid`` training images, as Goodfellow et al. took MNIST training images
     50000-59999; unlike their model, a run trained on all 60000 has seen these. ``memory_check``:
     refuse ``n_samples`` whose memory (:func:`parzen_memory`) exceeds the available memory.
     """
@@ -212,7 +222,7 @@ def parzen_evaluate(run: Run, n_samples: int = 10000, n_valid: int = 10000, max_
         raise UserError(f"the number of test images must be at least 1, got {max_test}")
     if memory_check:
         memory.require_fits(parzen_memory(run, n_samples, len(sigmas)))
-    drawn = draw_kept_samples(run, steps, n_samples, seed, progress, sampler, eta)
+    drawn = draw_kept_samples(run, steps, n_samples, seed, progress, sampler, eta, precision)
     sampler, eta, sampling_steps = drawn.sampler, drawn.eta, drawn.chain_steps
     samples = _unit_pixels(run, drawn.samples)
     valid = _unit_pixels(run, train[-n_valid:])
@@ -238,10 +248,13 @@ def parzen_evaluate(run: Run, n_samples: int = 10000, n_valid: int = 10000, max_
         "sampling_steps": sampling_steps,
         "sampler": sampler.value,
         "eta": eta if sampler is Sampler.DDIM else None,
+        "precision": drawn.precision,
         "samples_kept": drawn.kept,
-        "protocol": (f"Gaussian Parzen window (Breuleux et al. 2011, Goodfellow et al. 2014) on {n_samples} {sampler_label(sampler, eta)} "
-                     f"samples ({sampling_steps} steps of the run's {run.diffusion.T}) rounded to pixel values, pixels scaled to [0, 1]; bandwidth chosen from {len(sigmas)} "
-                     f"values in [{min(sigmas):.3g}, {max(sigmas):.3g}] by the mean log-likelihood of the last {n_valid} "
+        "protocol": (f"Gaussian Parzen window (Breuleux et al. 2011, Goodfellow et al. 2014) on {n_samples} "
+                     f"{sampler_label(sampler, eta)} samples ({sampling_steps} steps of the run's {run.diffusion.T}, "
+                     f"the network in {drawn.precision}) rounded to pixel values, pixels scaled to [0, 1]; "
+                     f"bandwidth chosen from {len(sigmas)} values in [{min(sigmas):.3g}, {max(sigmas):.3g}] by the "
+                     f"mean log-likelihood of the last {n_valid} "
                      f"training images; mean log-likelihood of {len(test)} test images, standard error over images"),
         "hardware": hardware(),
     }
