@@ -190,6 +190,20 @@ def draw_kept_samples(run: Run, steps: int | str | None, n_samples: int, seed: i
     return KeptSamples(np.concatenate(parts), kept, diffusion.T, sampler, eta, precision)
 
 
+def _check_request(run: Run, n_samples: int, n_valid: int, max_test: int | None) -> None:
+    """A one-line UserError for a Parzen request that cannot be met, before any sampling."""
+    if not run.dataset.is_image:
+        raise UserError(f"{run.path}: models vectors of shape {run.dataset.event_shape}; "
+                        "the Parzen-window protocol is for image runs")
+    if n_samples < 1:
+        raise UserError(f"the number of samples must be at least 1, got {n_samples}")
+    if not 1 <= n_valid <= len(run.dataset.train):
+        raise UserError(f"the number of validation images must lie in 1..{len(run.dataset.train)} (the run's "
+                        f"training images), got {n_valid}")
+    if max_test is not None and max_test < 1:
+        raise UserError(f"the number of test images must be at least 1, got {max_test}")
+
+
 def parzen_evaluate(run: Run, n_samples: int = 10000, n_valid: int = 10000, max_test: int | None = None,
                     sigmas: Sequence[float] = DEFAULT_SIGMAS, seed: int = 0, progress: bool = True,
                     memory_check: bool = True, steps: int | str | None = None,
@@ -208,18 +222,9 @@ def parzen_evaluate(run: Run, n_samples: int = 10000, n_valid: int = 10000, max_
     50000-59999; unlike their model, a run trained on all 60000 has seen these. ``memory_check``:
     refuse ``n_samples`` whose memory (:func:`parzen_memory`) exceeds the available memory.
     """
-    if not run.dataset.is_image:
-        raise UserError(f"{run.path}: models vectors of shape {run.dataset.event_shape}; "
-                        "the Parzen-window protocol is for image runs")
+    _check_request(run, n_samples, n_valid, max_test)
     sigmas = _check_sigmas(sigmas)  # before the slow sampling
     train, test = run.dataset.train, run.dataset.test
-    if n_samples < 1:
-        raise UserError(f"the number of samples must be at least 1, got {n_samples}")
-    if not 1 <= n_valid <= len(train):
-        raise UserError(f"the number of validation images must lie in 1..{len(train)} (the run's training images), "
-                        f"got {n_valid}")
-    if max_test is not None and max_test < 1:
-        raise UserError(f"the number of test images must be at least 1, got {max_test}")
     if memory_check:
         memory.require_fits(parzen_memory(run, n_samples, len(sigmas)))
     drawn = draw_kept_samples(run, steps, n_samples, seed, progress, sampler, eta, precision)
@@ -254,8 +259,8 @@ def parzen_evaluate(run: Run, n_samples: int = 10000, n_valid: int = 10000, max_
                      f"{sampler_label(sampler, eta)} samples ({sampling_steps} steps of the run's {run.diffusion.T}, "
                      f"the network in {drawn.precision}) rounded to pixel values, pixels scaled to [0, 1]; "
                      f"bandwidth chosen from {len(sigmas)} values in [{min(sigmas):.3g}, {max(sigmas):.3g}] by the "
-                     f"mean log-likelihood of the last {n_valid} "
-                     f"training images; mean log-likelihood of {len(test)} test images, standard error over images"),
+                     f"mean log-likelihood of the last {n_valid} training images; mean log-likelihood of "
+                     f"{len(test)} test images, standard error over images"),
         "hardware": hardware(),
     }
     paper = paper_row(run.config)
