@@ -11,7 +11,8 @@ run as they are drawn (RUN/parzen_samples), so a rerun reuses them. Fewer sample
 protocol's 10000 give a lower figure (the window fits fewer points), the same for every sampler:
 the comparison is between samplers. The network samples in fp32, or in --precision (fp32 or
 bf16, as `thermodiff parzen --precision`). Writes benchmarks/results/parzen_samplers_NAME.json (NAME
-the run's experiment; parzen_samplers_NAME_bf16.json with --precision bf16).
+the run's experiment; parzen_samplers_NAME_bf16.json with --precision bf16, ..._stepsN.json with
+--steps N other than 20).
 """
 
 import argparse
@@ -38,7 +39,7 @@ def main() -> None:
               "command": f"OMP_NUM_THREADS=1 python benchmarks/parzen_samplers.py {args.run} --samples {args.samples} "
                          f"--steps {args.steps} --samplers {args.samplers} --precision {args.precision}",
               "wall_s": time.perf_counter() - start, "samplers": results}
-    suffix = "" if args.precision == "fp32" else f"_{args.precision}"
+    suffix = ("" if args.precision == "fp32" else f"_{args.precision}") + ("" if args.steps == 20 else f"_steps{args.steps}")
     print(write_result(f"parzen_samplers_{experiment.removesuffix('_unet')}{suffix}", record))
 
 

@@ -98,14 +98,18 @@ def nll_per_image(out: Path, name: str, dim: int, t_sampling: str) -> torch.Tens
 DDPM_NLL = 3.70
 
 
-def rungs(name: str, cpu_minutes: float, nll: float, stderr: float) -> dict:
-    """The run's test NLL at every budget recorded (this one and the recipes_cifar10_<M>cpumin.json
-    records of the others: the same runs continued, the same images), and, from the last two, the
-    NLL's fall per doubling of CPU time and the CPU minutes at which it would reach DDPM's 3.70 if
-    it kept falling at that rate: an extrapolation, labelled as one (a log-linear curve; training
-    curves bend over, so it is optimistic)."""
+def record_suffix(t_sampling: str) -> str:
+    return "_importance" if t_sampling == "importance" else ""
+
+
+def rungs(name: str, cpu_minutes: float, nll: float, stderr: float, t_sampling: str) -> dict:
+    """The run's test NLL at every budget recorded (this one and the records of the others with the
+    same estimator, recipes_cifar10_<M>cpumin[_importance].json: the same runs continued, the same
+    images), and, from the last two, the NLL's fall per doubling of CPU time and the CPU minutes at
+    which it would reach DDPM's 3.70 if it kept falling at that rate: an extrapolation, labelled as
+    one (a log-linear curve; training curves bend over, so it is optimistic)."""
     measured = {cpu_minutes: (nll, stderr)}
-    for path in RESULTS.glob("recipes_cifar10_*cpumin.json"):
+    for path in RESULTS.glob(f"recipes_cifar10_*cpumin{record_suffix(t_sampling)}.json"):
         record = json.loads(path.read_text())
         measured.setdefault(record["cpu_minutes"], next(((r["nll_bits_per_dim"], r["nll_stderr_bits_per_dim"])
                                                          for r in record["rows"] if r["name"] == name), None))
@@ -131,7 +135,7 @@ def row(name: str, out: Path, evaluation: dict, references: dict[str, torch.Tens
          "images_seen": evaluation["train_steps"] * 64, "evaluation": evaluation,
          "nll_bits_per_dim": float(nll.mean()), "nll_stderr_bits_per_dim": standard_error(nll),
          "curve": training_curve(out / name, evaluation["dim"] // 3)}  # per pixel: 3 colour channels
-    r |= rungs(name, cpu_minutes, r["nll_bits_per_dim"], r["nll_stderr_bits_per_dim"])
+    r |= rungs(name, cpu_minutes, r["nll_bits_per_dim"], r["nll_stderr_bits_per_dim"], t_sampling)
     for key, reference in references.items():
         if REFERENCES[key] != name:
             diff = nll - reference  # below 0: this recipe's bound is tighter on the same images
@@ -172,8 +176,7 @@ def main() -> None:
         "load_average_after": os.getloadavg(),
         "rows": [row(n, out, evaluations[n], references, commands[n], args.cpu_minutes, args.t_sampling) for n in names],
     }
-    suffix = "_importance" if args.t_sampling == "importance" else ""
-    print(write_result(f"recipes_cifar10_{args.cpu_minutes:g}cpumin{suffix}", record))
+    print(write_result(f"recipes_cifar10_{args.cpu_minutes:g}cpumin{record_suffix(args.t_sampling)}", record))
 
 
 if __name__ == "__main__":
