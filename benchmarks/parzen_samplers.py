@@ -39,7 +39,8 @@ def main() -> None:
               "command": f"OMP_NUM_THREADS=1 python benchmarks/parzen_samplers.py {args.run} --samples {args.samples} "
                          f"--steps {args.steps} --samplers {args.samplers} --precision {args.precision}",
               "wall_s": time.perf_counter() - start, "samplers": results}
-    suffix = ("" if args.precision == "fp32" else f"_{args.precision}") + ("" if args.steps == 20 else f"_steps{args.steps}")
+    suffix = "" if args.precision == "fp32" else f"_{args.precision}"
+    suffix += "" if args.steps == 20 else f"_steps{args.steps}"
     print(write_result(f"parzen_samplers_{experiment.removesuffix('_unet')}{suffix}", record))
 
 

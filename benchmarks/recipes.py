@@ -79,11 +79,13 @@ def evaluate_all(names: list[str], out: Path, examples: int, t_sampling: str) ->
         per_example.unlink(missing_ok=True)
         processes[name] = (kept, subprocess.Popen(
             thermodiff("evaluate", str(out / name), "--max-examples", str(examples), "--per-example", str(per_example),
-                       "--t-sampling", t_sampling, "--json", "--quiet"), env=ONE_THREAD, stdout=subprocess.PIPE, text=True))
+                       "--t-sampling", t_sampling, "--json", "--quiet"),
+            env=ONE_THREAD, stdout=subprocess.PIPE, text=True))
     for name, (kept, process) in processes.items():
         stdout = process.communicate()[0]
         if process.returncode:
-            raise SystemExit(f"the evaluation of {out / name} failed; rerun this command to score the runs not yet scored")
+            raise SystemExit(f"the evaluation of {out / name} failed; rerun this command to score the runs "
+                             "not yet scored")
         results[name] = json.loads(stdout)
         atomic_write_text(kept, stdout)
     return results
@@ -161,8 +163,8 @@ def main() -> None:
     wall_train = time.perf_counter() - start
     names = [c.stem for c in configs]
     evaluations = evaluate_all(names, out, args.examples, args.t_sampling)
-    references = {key: nll_per_image(out, name, evaluations[name]["dim"], args.t_sampling) for key, name in REFERENCES.items()
-                  if name in names}
+    references = {key: nll_per_image(out, name, evaluations[name]["dim"], args.t_sampling)
+                  for key, name in REFERENCES.items() if name in names}
     record = {
         "command": " ".join(["python benchmarks/recipes.py", *sys.argv[1:]]),
         "protocol": (f"{len(names)} runs trained at once, one thread each, for {args.cpu_minutes:g} CPU minutes each "
@@ -174,7 +176,8 @@ def main() -> None:
                      "minus improved-diffusion's recipe's / the image default's"),
         "cpu_minutes": args.cpu_minutes, "wall_s_training": wall_train, "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
-        "rows": [row(n, out, evaluations[n], references, commands[n], args.cpu_minutes, args.t_sampling) for n in names],
+        "rows": [row(n, out, evaluations[n], references, commands[n], args.cpu_minutes, args.t_sampling)
+                 for n in names],
     }
     print(write_result(f"recipes_cifar10_{args.cpu_minutes:g}cpumin{record_suffix(args.t_sampling)}", record))
 

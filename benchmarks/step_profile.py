@@ -20,7 +20,8 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from record import write_result  # sibling modules: benchmarks/ is on sys.path when run
-from throughput import TrainState, Variant, build, draw_batch, join_process_group, matmul_rates, random_images, train_step
+from thermodiff.run.training import TrainState, draw_batch, train_step
+from throughput import Variant, build, join_process_group, matmul_rates, random_images
 
 #: profiler operator -> group; an operator's own (self) time, so nested calls are not counted twice
 GROUPS = {"aten::mkldnn_convolution": "convolution_forward", "aten::convolution_backward": "convolution_backward",
@@ -57,6 +58,12 @@ def group_seconds(step, steps: int) -> tuple[dict[str, float], dict[str, float],
     return seconds, top, wall
 
 
+def group_row(seconds: float, gflop: float, total_seconds: float, peak: float) -> dict:
+    rate = gflop / seconds if seconds else None
+    return {"seconds_per_step": seconds, "share_pct": 100 * seconds / total_seconds, "gflop_per_step": gflop,
+            "gflops_per_s": rate, "pct_of_bf16_matmul_rate": 100 * rate / peak if rate is not None else None}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -79,9 +86,7 @@ def main() -> None:
     seconds, top, wall = group_seconds(step, args.steps)
     peak = matmul_rates(1)["bf16"]  # sets one thread, as the step ran
     total = sum(seconds.values())
-    groups = {g: {"seconds_per_step": s, "share_pct": 100 * s / total, "gflop_per_step": flops.get(g, 0.0) / 1e9,
-                  "gflops_per_s": flops.get(g, 0.0) / 1e9 / s if s else None,
-                  "pct_of_bf16_matmul_rate": 100 * flops.get(g, 0.0) / 1e9 / s / peak if s else None}
+    groups = {g: group_row(s, flops.get(g, 0.0) / 1e9, total, peak)
               for g, s in sorted(seconds.items(), key=lambda kv: -kv[1])}
     all_flops = sum(flops.values()) / 1e9
     record = {"command": f"OMP_NUM_THREADS=1 python benchmarks/step_profile.py --batch-size {args.batch_size} "

@@ -14,7 +14,7 @@ from thermodiff.run.checkpoint import load_checkpoint, save_checkpoint
 from thermodiff.run.config import TrainConfig, load_config
 from thermodiff.run.experiment import assemble
 from thermodiff.run.training import (EMA, METRIC_FIELDS, AutocastNetwork, TrainState, autocast, draw_batch,
-                                     read_metrics, sampling_precision, train_step)
+                                     read_metrics, sampling_network, train_step)
 
 
 @pytest.mark.parametrize("decay", [0.9, 0.999])
@@ -85,11 +85,13 @@ def test_autocast_network_lowers_the_network_alone():
     assert copy.deepcopy(AutocastNetwork(net, "bf16")).label == "tiny"
 
 
-def test_sampling_precision_is_the_training_precision_unless_asked():
-    assert sampling_precision(TrainConfig(precision="bf16")) == "bf16"
-    assert sampling_precision(TrainConfig(precision="fp32")) == "fp32"
-    assert sampling_precision(TrainConfig(precision="fp16")) == "fp32"  # a GPU's; a CPU samples in fp32
-    assert sampling_precision(TrainConfig(precision="bf16"), "fp32") == "fp32"
+def test_a_network_samples_in_its_training_precision_unless_asked():
+    def precision(trained, asked=None):
+        return sampling_network(nn.Identity(), TrainConfig(precision=trained), asked).precision
+
+    assert precision("bf16") == "bf16" and precision("fp32") == "fp32"
+    assert precision("fp16") == "fp32"  # a GPU's; a CPU samples in fp32
+    assert precision("bf16", "fp32") == "fp32"
 
 
 def _steps(state: TrainState, parts, t: TrainConfig, n: int) -> list[float]:

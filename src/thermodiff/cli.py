@@ -203,7 +203,7 @@ def cmd_sample(args) -> None:
     from thermodiff.run.checkpoint import atomic_write_bytes
     from thermodiff.run.experiment import load_run, sampling_memory
     from thermodiff.run.memory import require_fits
-    from thermodiff.run.training import AutocastNetwork, sampling_precision
+    from thermodiff.run.training import sampling_network
 
     out = Path(args.out)
     if out.suffix not in (".npy", ".png"):
@@ -223,8 +223,8 @@ def cmd_sample(args) -> None:
     diffusion = respaced_process(run.diffusion, args.respace or args.steps, flag)
     sampler, eta = checked_sampler(diffusion, args.sampler, args.eta)
     draw = functools.partial(sample, sampler=sampler, eta=eta)
-    precision = sampling_precision(run.config.train, args.precision)
-    model = CountingModel(AutocastNetwork(run.model, precision))
+    network = sampling_network(run.model, run.config.train, args.precision)
+    model, precision = CountingModel(network), network.precision
     start = time.perf_counter()
     batches = sample_in_batches(diffusion, model, args.n, run.dataset.event_shape, args.batch_size,
                                 torch.Generator().manual_seed(args.seed), progress=not args.quiet, draw=draw)

@@ -31,7 +31,7 @@ from thermodiff.run import memory
 from thermodiff.run.checkpoint import atomic_write_bytes
 from thermodiff.run.config import Precision
 from thermodiff.run.experiment import Run, batch_activations, paper_row, sample_bytes
-from thermodiff.run.training import AutocastNetwork, sampling_precision
+from thermodiff.run.training import sampling_network
 from thermodiff.tasks.evaluation import hardware
 from thermodiff.tasks.reports import require_finite
 
@@ -155,8 +155,8 @@ def draw_kept_samples(run: Run, steps: int | str | None, n_samples: int, seed: i
                       precision: Precision | None = None) -> KeptSamples:
     """``n_samples`` samples of the run's chain (respaced to ``steps``, as :func:`respaced_process`
     reads them) drawn by ``sampler`` (samplers.sample; ``eta`` DDIM's, checked by
-    :func:`checked_sampler` before any is drawn), the network in ``precision`` (default
-    :func:`sampling_precision`, the one it trained in), in the data's original units, in batches
+    :func:`checked_sampler` before any is drawn), the network in ``precision`` (default the one it
+    trained in, :func:`sampling_network`), in the data's original units, in batches
     of ``eval.batch_size``, each kept in the run as it is drawn (``RUN/parzen_samples/KEY/NNNNN.npy``,
     KEY naming the checkpoint's step, the sampler, the chain's kept steps, the seed, the batch
     size and a precision other than fp32): a stop loses one batch at most, and a second call
@@ -166,8 +166,8 @@ def draw_kept_samples(run: Run, steps: int | str | None, n_samples: int, seed: i
     same and keeps nothing."""
     diffusion = respaced_process(run.diffusion, steps, "--steps")
     sampler, eta = checked_sampler(diffusion, sampler, eta)
-    precision = sampling_precision(run.config.train, precision)
-    network = AutocastNetwork(run.model, precision)
+    network = sampling_network(run.model, run.config.train, precision)
+    precision = network.precision
     kept_steps = list(range(1, run.diffusion.T + 1)) if steps is None else respaced_timesteps(run.diffusion.T, steps)
     chain = hashlib.sha256(json.dumps(kept_steps).encode()).hexdigest()[:12]
     batch = run.config.eval.batch_size
