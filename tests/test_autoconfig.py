@@ -24,7 +24,9 @@ from thermodiff.run.autoconfig import (
     NN_RESOLUTION,
     RESOLUTION_NATS,
     nn_distance_quantile,
+    precision_choice,
 )
+from thermodiff.run.checkpoint import load_checkpoint
 from thermodiff.run.config import load_config
 from thermodiff.run.experiment import data_bins, prepare_dataset
 
@@ -342,3 +344,34 @@ def test_train_images_defaults_to_the_unet_on_a_time_budget(cli, tmp_path):
         "unet", "vdm", "learned")
     assert r.json()["data"]["n_val"] > 0 and (run / "best.safetensors").exists()
     assert load_config("images").train.max_minutes == 30.0 and load_config("images").train.steps == 0
+
+
+@pytest.mark.parametrize("amx, avx512_bf16, expected", [
+    (True, False, "bf16"), (False, True, "bf16"), (False, False, "fp32")])
+def test_precision_is_bf16_only_on_a_cpu_that_computes_it_natively(amx, avx512_bf16, expected, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    choice = precision_choice(torch.device("cpu"))
+    assert choice.key == "train.precision" and choice.value == expected
+    assert ("AMX" if amx else "AVX-512 BF16") in choice.reason if expected == "bf16" else "emulated" in choice.reason
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_new_run_records_its_precision_and_why_a_resumed_one_keeps_it(native, tiny_images, cli, monkeypatch,
+                                                                        tmp_path):
+    """train.precision = "auto" is decided by the training device when the run starts, written into
+    its config with the reason; explicit bf16 on a CPU that emulates it trains, with a warning."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    run = tmp_path / "run"
+    first = cli("train", tiny_images, "--out", run, "--steps", "2", "--quiet", "--set", "train.precision=auto")
+    assert first.rc == 0, first
+    config = json.loads((run / "config.json").read_text())
+    assert config["train"]["precision"] == ("bf16" if native else "fp32")
+    assert config["auto"]["train.precision"].startswith(config["train"]["precision"] + ": ")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: not native)
+    again = cli("train", tiny_images, "--out", run, "--steps", "3", "--resume", "--quiet")
+    assert again.rc == 0, again
+    meta = load_checkpoint(run / "checkpoint.safetensors")[1]
+    assert meta["step"] == 3 and meta["config"]["train"]["precision"] == config["train"]["precision"]
+    assert ("warning: train.precision = 'bf16'" in again.err) == native  # bf16, now on a CPU without its units

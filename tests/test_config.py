@@ -149,7 +149,7 @@ def test_image_networks_are_network_names():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("train.precision=fp8", "train.precision: expected 'fp32' or 'bf16' or 'fp16', got 'fp8'"),
+    ("train.precision=fp8", "train.precision: expected 'fp32' or 'bf16' or 'fp16' or 'auto', got 'fp8'"),
     ("diffusion.kind=vae", "diffusion.kind: expected 'gaussian' or 'binomial' or 'categorical' or 'vdm' or 'auto', got 'vae'"),
     ("diffusion.eps_variance=small", "diffusion.eps_variance: expected 'beta_tilde' or 'beta' or none, got 'small'"),
     ("baseline.kind=gan", "baseline.kind: expected '' or 'vae' or 'dae', got 'gan'"),

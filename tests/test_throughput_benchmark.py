@@ -56,3 +56,6 @@ def test_one_tiny_measurement_with_the_options_on(throughput, mode):
     assert flops["train"] > 2 * flops["sample_step"] > 0  # the backward pass costs about twice the forward
     used = throughput.utilisation(m, flops, {"fp32": 1.0, "bf16": 2.0}, 10)
     assert used["utilisation_pct"] == pytest.approx(2 * used["utilisation_bf16_pct"])
+    assert used["utilisation_peak_pct"] == used["utilisation_bf16_pct"]  # bf16 the faster here
+    emulated = throughput.utilisation(m, flops, {"fp32": 1.0, "bf16": 0.1}, 10)
+    assert emulated["utilisation_peak_pct"] == emulated["utilisation_pct"]  # fp32 the faster: the limit

@@ -85,13 +85,17 @@ def test_autocast_network_lowers_the_network_alone():
     assert copy.deepcopy(AutocastNetwork(net, "bf16")).label == "tiny"
 
 
-def test_a_network_samples_in_its_training_precision_unless_asked():
-    def precision(trained, asked=None):
-        return sampling_network(nn.Identity(), TrainConfig(precision=trained), asked).precision
+@pytest.mark.parametrize("native", [True, False], ids=["cpu_with_bf16_units", "cpu_without"])
+def test_a_network_samples_in_its_training_precision_where_it_is_native_unless_asked(native, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
 
-    assert precision("bf16") == "bf16" and precision("fp32") == "fp32"
+    def precision(trained, asked=None):
+        return sampling_network(nn.Linear(2, 2), TrainConfig(precision=trained), asked).precision
+
+    assert precision("bf16") == ("bf16" if native else "fp32") and precision("fp32") == "fp32"
     assert precision("fp16") == "fp32"  # a GPU's; a CPU samples in fp32
-    assert precision("bf16", "fp32") == "fp32"
+    assert precision("bf16", "fp32") == "fp32" and precision("fp32", "bf16") == "bf16"
 
 
 def _steps(state: TrainState, parts, t: TrainConfig, n: int) -> list[float]:

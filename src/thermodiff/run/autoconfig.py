@@ -1,6 +1,7 @@
 """Settings decided from the data. Every config value left at ``"auto"`` is chosen here from the
 training split alone (never the validation or test split), and the value and the reason are
-written into the run's config (``Config.auto``, shown by ``thermodiff evaluate``).
+written into the run's config (``Config.auto``, shown by ``thermodiff evaluate``); one, the
+network's precision, from the device that trains (:func:`precision_choice`).
 
 The rules depend on the data's kind, size N and dimension D and on measured properties of the
 training examples, never on a data set's name. The kind: binary {0, 1} data get binomial diffusion;
@@ -34,6 +35,7 @@ import torch
 from thermodiff.data.dataset import Lattice
 from thermodiff.process.gaussian import Bins
 from thermodiff.run.config import AUTO, Config
+from thermodiff.run.machine import cpu_bf16_units, native_bf16
 
 #: Whitening needs a covariance estimated from at least this many examples per dimension.
 PCA_EXAMPLES_PER_DIM = 10
@@ -233,6 +235,23 @@ def training_choices(cfg: Config, dim: int, discrete: bool) -> list[Choice]:
     budget = cfg.train.max_minutes
     every = budget / 10 if budget else 1.0
     return [Choice("train.val_minutes", every, "a tenth of the time budget" if budget else "every minute")]
+
+
+def precision_choice(device: torch.device) -> Choice:
+    """train.precision: bf16 autocast where ``device`` computes bf16 natively (a CPU with AMX or
+    AVX-512 BF16, a CUDA device from compute capability 8.0), fp32 elsewhere, where bf16 is
+    emulated and runs slower than fp32."""
+    if native_bf16(device):
+        units = cpu_bf16_units() if device.type == "cpu" else "a CUDA device that supports it"
+        return Choice("train.precision", "bf16", f"bf16 autocast: {units} computes bf16 natively")
+    where = (f"this CPU ({torch.backends.cpu.get_cpu_capability()}) has no AMX or AVX-512 BF16"
+             if device.type == "cpu" else f"{device} does not support bf16")
+    return Choice("train.precision", "fp32", f"fp32: {where}, so bf16 would be emulated and slower")
+
+
+def resolve_precision(cfg: Config, device: torch.device) -> None:
+    """train.precision, if "auto" (:func:`precision_choice`)."""
+    _apply(cfg, [precision_choice(device)])
 
 
 def resolve(cfg: Config, train_model_units: np.ndarray | None, kind: str, bins: Bins | None = None) -> None:

@@ -123,7 +123,9 @@ class TrainConfig:
     log_every: int = 100
     max_nonfinite: int = 20  # stop after this many non-finite losses in a row
     ema_decay: float = 0.0  # exponential moving average of the weights (0: off); evaluation uses it
-    precision: Precision = "fp32"  # bf16: autocast, CPU or GPU; fp16: autocast, GPU only
+    # bf16: autocast, CPU or GPU; fp16: autocast, GPU only; auto: bf16 where the device computes it
+    # natively, else fp32 (decided when training starts: autoconfig.precision_choice)
+    precision: Precision | Auto = "fp32"
     compile: bool = False  # torch.compile the network (inductor); the first steps pay for the compilation
     channels_last: bool = False  # image networks and their batches in channels_last memory format (NHWC)
     # bound: -K; simple: Ho et al.'s L_simple; hybrid: L_simple + hybrid_lambda L_vlb (Gaussian),

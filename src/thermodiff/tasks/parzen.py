@@ -101,6 +101,23 @@ def select_bandwidth(valid: Tensor, samples: Tensor, sigmas: Sequence[float] = D
     return sigmas[int(scores.argmax())], scores
 
 
+def parzen_score(samples: Tensor, valid: Tensor, test: Tensor, sigmas: Sequence[float] = DEFAULT_SIGMAS) -> dict:
+    """The protocol on (N, D) rows of pixels on [0, 1]: the bandwidth of ``sigmas`` that
+    :func:`select_bandwidth` picks on ``valid``, then the mean log-likelihood of ``test`` in bits
+    and nats, with its standard error over test images, and every bandwidth's validation score."""
+    sigma, scores = select_bandwidth(valid, samples, sigmas)
+    log_p = parzen_log_likelihood(test, samples, sigma)
+    return {
+        "parzen_bits": float(log_p.mean()) / LN2,
+        "parzen_stderr_bits": standard_error(log_p, LN2),
+        "parzen_nats": float(log_p.mean()),
+        "parzen_stderr_nats": standard_error(log_p),
+        "sigma": sigma,
+        "sigma_on_grid_edge": sigma in (min(sigmas), max(sigmas)),
+        "sigmas_scores": [{"sigma": s, "valid_nats": float(v)} for s, v in zip(sigmas, scores)],
+    }
+
+
 def _unit_pixels(run: Run, images: np.ndarray) -> Tensor:
     """Images (N, C, H, W) in original units -> (N, D) float64 on [0, 1]: 8-bit values / 255;
     binary images are already 0 / 1."""
@@ -232,19 +249,11 @@ def parzen_evaluate(run: Run, n_samples: int = 10000, n_valid: int = 10000, max_
     samples = _unit_pixels(run, drawn.samples)
     valid = _unit_pixels(run, train[-n_valid:])
     test = _unit_pixels(run, test[:max_test])
-    sigma, scores = select_bandwidth(valid, samples, sigmas)
-    log_p = parzen_log_likelihood(test, samples, sigma)
     result = {
         "experiment": run.config.name,
         "run_dir": str(run.path),
         "train_steps": run.step,
-        "parzen_bits": float(log_p.mean()) / LN2,
-        "parzen_stderr_bits": standard_error(log_p, LN2),
-        "parzen_nats": float(log_p.mean()),
-        "parzen_stderr_nats": standard_error(log_p),
-        "sigma": sigma,
-        "sigma_on_grid_edge": sigma in (min(sigmas), max(sigmas)),
-        "sigmas_scores": [{"sigma": s, "valid_nats": float(v)} for s, v in zip(sigmas, scores)],
+        **parzen_score(samples, valid, test, sigmas),
         "n_samples": n_samples,
         "n_valid": n_valid,
         "n_test": len(test),
