@@ -2,10 +2,10 @@
 Parzen-window log-likelihood), the training curve and the time to a stated bound.
 
     python benchmarks/budget.py RUN_DIR --train-command "..." [--max-examples 200] [--parzen-samples 0]
-                                [--parzen-steps N] [--t-sampling importance|uniform]
+                                [--parzen-steps N] [--t-sampling importance|uniform] [--name NAME]
 
 Runs `thermodiff evaluate` (and `thermodiff parzen`) in-process on a finished run and writes
-benchmarks/results/<experiment>_budget.json. The training curve is the running training
+benchmarks/results/<experiment>_budget.json (or NAME.json). The training curve is the running training
 estimate of K (per pixel, on training batches, smoothed) from the run's metrics log against wall
 time (CPU time for a run trained with train.clock = "cpu"); "time to bound" reads off it when the
 estimate had made 50%, 90% and 100% of its rise. The held-out figure is the evaluation's.
@@ -54,6 +54,7 @@ if __name__ == "__main__":
     parser.add_argument("--t-sampling", choices=["uniform", "importance"], default="importance",
                         help="how the bound's estimate draws its steps (thermodiff evaluate --t-sampling)")
     parser.add_argument("--notes", default="")
+    parser.add_argument("--name", help="the record's name (default <experiment>_budget)")
     args = parser.parse_args()
     run_dir = Path(args.run_dir)
     evaluate = ["evaluate", str(run_dir), "--max-examples", str(args.max_examples), "--t-sampling", args.t_sampling]
@@ -79,6 +80,6 @@ if __name__ == "__main__":
         "training_curve": curve[:: max(1, len(curve) // 40)] + curve[-1:],
         "evaluation": evaluation,
     }
-    out = write_result(f"{evaluation['experiment']}_budget", record)
+    out = write_result(args.name or f"{evaluation['experiment']}_budget", record)
     print(f"K = {final:.3f} +- {evaluation['stderr_bits_per_pixel']:.3f} bits/pixel, "
           f"NLL {evaluation.get('nll_bits_per_dim', float('nan')):.3f} bits/dim -> {out}")
