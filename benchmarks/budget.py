@@ -4,8 +4,9 @@ Parzen-window log-likelihood), the training curve and the time to a stated bound
     python benchmarks/budget.py RUN_DIR --train-command "..." [--max-examples 200] [--parzen-samples 0]
                                 [--parzen-steps N] [--t-sampling importance|uniform] [--name NAME]
 
-Runs `thermodiff evaluate` (and `thermodiff parzen`) in-process on a finished run and writes
-benchmarks/results/<experiment>_budget.json (or NAME.json). The training curve is the running training
+Runs `thermodiff evaluate` (and `thermodiff parzen`, with a grid of 20 more samples from the same
+chain, NAME_samples.png) in-process on a finished run and writes
+benchmarks/results/NAME.json (default <experiment>_budget). The training curve is the running training
 estimate of K (per pixel, on training batches, smoothed) from the run's metrics log against wall
 time (CPU time for a run trained with train.clock = "cpu"); "time to bound" reads off it when the
 estimate had made 50%, 90% and 100% of its rise. The held-out figure is the evaluation's.
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from record import thermodiff_json, write_result  # a sibling module: benchmarks/ is on sys.path when run
+from record import RESULTS, thermodiff_json, write_result  # a sibling module: benchmarks/ is on sys.path when run
 from thermodiff.run.training import read_metrics
 
 
@@ -59,6 +60,7 @@ if __name__ == "__main__":
     run_dir = Path(args.run_dir)
     evaluate = ["evaluate", str(run_dir), "--max-examples", str(args.max_examples), "--t-sampling", args.t_sampling]
     evaluation = thermodiff_json(evaluate)
+    name = args.name or f"{evaluation['experiment']}_budget"
     commands = [args.train_command, shlex.join(["thermodiff", *evaluate])]
     curve = training_curve(run_dir, evaluation["dim"])
     clock = json.loads((run_dir / "config.json").read_text())["train"].get("clock", "wall")  # whose seconds the curve counts
@@ -68,6 +70,10 @@ if __name__ == "__main__":
         parzen += ["--steps", args.parzen_steps] if args.parzen_steps else []
         record["parzen"] = thermodiff_json(parzen)
         commands.append(shlex.join(["thermodiff", *parzen]))
+        grid = ["sample", str(run_dir), "-n", "20", "--out", str(RESULTS / f"{name}_samples.png"), "--overwrite"]
+        grid += ["--steps", args.parzen_steps] if args.parzen_steps else []
+        thermodiff_json(grid)  # what the samples look like: 20 more of them, from the same chain
+        commands.append(shlex.join(["thermodiff", *grid]))
         if args.parzen_steps:  # the bound of the chain the samples came from
             respaced = [*evaluate, "--respace", args.parzen_steps]
             record["parzen_chain_evaluation"] = thermodiff_json(respaced)
@@ -80,6 +86,6 @@ if __name__ == "__main__":
         "training_curve": curve[:: max(1, len(curve) // 40)] + curve[-1:],
         "evaluation": evaluation,
     }
-    out = write_result(args.name or f"{evaluation['experiment']}_budget", record)
+    out = write_result(name, record)
     print(f"K = {final:.3f} +- {evaluation['stderr_bits_per_pixel']:.3f} bits/pixel, "
           f"NLL {evaluation.get('nll_bits_per_dim', float('nan')):.3f} bits/dim -> {out}")
