@@ -570,14 +570,14 @@ def _train_locked(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, pro
                      if resume else ({}, {}))
     cfg = run_config(cfg, meta, str(run_dir), max_minutes)
     autoconfig.resolve_precision(cfg, ctx.device)  # a new run's "auto"; a resumed run keeps its own
-    if cfg.train.precision == "bf16" and ctx.is_main and not native_bf16(ctx.device):
-        print(f"thermodiff train: warning: train.precision = 'bf16' on {ctx.device}, which has no native bf16 "
-              "arithmetic: bf16 is emulated here, slower than fp32 (--set train.precision=fp32 for a new run)",
-              file=sys.stderr)
     # bad input, and sizes that cannot fit, fail here, before anything on disk changes
     parts = assemble(cfg, memory_device=ctx.device if memory_check else None)
     validate_train_config(cfg, ctx.world_size)  # with every "auto" decided
     resolve_source(cfg)
+    if cfg.train.precision == "bf16" and ctx.is_main and not native_bf16(ctx.device):
+        print(f"thermodiff train: warning: train.precision = 'bf16' on {ctx.device}, which has no native bf16 "
+              "arithmetic: bf16 is emulated here, slower than fp32 (--set train.precision=fp32 for a new run)",
+              file=sys.stderr)
     if resume:
         state = TrainState.from_checkpoint(parts.model, parts.diffusion, cfg.train, cfg.seed, tensors, meta, ctx,
                                            str(run_dir))
