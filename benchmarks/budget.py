@@ -14,6 +14,7 @@ estimate had made 50%, 90% and 100% of its rise. The held-out figure is the eval
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -70,7 +71,8 @@ if __name__ == "__main__":
         parzen += ["--steps", args.parzen_steps] if args.parzen_steps else []
         record["parzen"] = thermodiff_json(parzen)
         commands.append(shlex.join(["thermodiff", *parzen]))
-        grid = ["sample", str(run_dir), "-n", "20", "--out", str(RESULTS / f"{name}_samples.png"), "--overwrite"]
+        figure = os.path.relpath(RESULTS / f"{name}_samples.png")  # as the record's command names it
+        grid = ["sample", str(run_dir), "-n", "20", "--out", figure, "--overwrite"]
         grid += ["--steps", args.parzen_steps] if args.parzen_steps else []
         thermodiff_json(grid)  # what the samples look like: 20 more of them, from the same chain
         commands.append(shlex.join(["thermodiff", *grid]))

@@ -13,19 +13,11 @@ benchmarks/results/parzen_real_mnist.json.
 import argparse
 import time
 
-import numpy as np
-import torch
-
 from record import write_result  # a sibling module: benchmarks/ is on sys.path when run
 from thermodiff.data.images.official import load_mnist
-from thermodiff.tasks.parzen import parzen_score
+from thermodiff.tasks.parzen import parzen_score, unit_pixels
 
 VALID = 10000
-
-
-def unit_rows(images: np.ndarray) -> torch.Tensor:
-    """8-bit images -> (N, D) float64 pixels on [0, 1], as the protocol scales them."""
-    return torch.as_tensor(np.asarray(images, dtype=np.float64)).flatten(1) / 255
 
 
 if __name__ == "__main__":
@@ -38,7 +30,7 @@ if __name__ == "__main__":
     if not 1 <= args.samples <= len(train) - VALID:
         raise SystemExit(f"--samples must lie in 1..{len(train) - VALID} (disjoint from the validation images)")
     start = time.perf_counter()
-    score = parzen_score(unit_rows(train[:args.samples]), unit_rows(train[-VALID:]), unit_rows(test))
+    score = parzen_score(unit_pixels(train[:args.samples]), unit_pixels(train[-VALID:]), unit_pixels(test))
     out = write_result("parzen_real_mnist", {
         "command": f"python benchmarks/parzen_real.py --data-dir DIR --samples {args.samples}",
         **score,

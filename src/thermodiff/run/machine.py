@@ -9,8 +9,8 @@ import torch
 def cpu_bf16_units() -> str | None:
     """This CPU's units that compute bf16 products natively (``"AMX"``, ``"AVX-512 BF16"``), or
     None: without them oneDNN has no bf16 kernels and torch's bf16 convolutions fall back to slow
-    reference loops (the image default's U-Net trains 13 times slower than in fp32 on an AVX2
-    CPU: benchmarks/results/throughput_cpu_avx2.json). torch asks cpuinfo (``torch.cpu``)."""
+    reference loops (the image default's U-Net trains an order of magnitude slower than in fp32 on
+    an AVX2 CPU: benchmarks/results/throughput_cpu_avx2.json). torch asks cpuinfo (``torch.cpu``)."""
     if torch.cpu._is_amx_tile_supported():
         return "AMX"
     return "AVX-512 BF16" if torch.cpu._is_avx512_bf16_supported() else None

@@ -118,11 +118,16 @@ def parzen_score(samples: Tensor, valid: Tensor, test: Tensor, sigmas: Sequence[
     }
 
 
-def _unit_pixels(run: Run, images: np.ndarray) -> Tensor:
-    """Images (N, C, H, W) in original units -> (N, D) float64 on [0, 1]: 8-bit values / 255;
-    binary images are already 0 / 1."""
+def unit_pixels(images: np.ndarray, eight_bit: bool = True) -> Tensor:
+    """Images (N, ...) in original units -> (N, D) float64 on [0, 1], as the protocol scales
+    them: 8-bit values / 255; binary images (``eight_bit`` False) are already 0 / 1."""
     x = torch.as_tensor(np.asarray(images, dtype=np.float64)).flatten(1)
-    return x / 255 if run.dataset.dequantize else x
+    return x / 255 if eight_bit else x
+
+
+def _unit_pixels(run: Run, images: np.ndarray) -> Tensor:
+    """:func:`unit_pixels` for the run's data (8-bit if it dequantises them)."""
+    return unit_pixels(images, run.dataset.dequantize)
 
 
 def _batch_generator(seed: int, index: int) -> torch.Generator:
