@@ -1,6 +1,6 @@
 """Reverse models shared by tests. An exactly solvable case: 1-D Gaussian data N(0, s^2) under
 the forward process, and a reverse model whose kernels are the true reverse conditionals
-q(x_{t-1} | x_t). And :func:`wavy_model`, a fixed nonlinear network output for comparing two
+q(x_{t-1} | x_t) (or, :func:`exact_eps_model`, only its exact mean). And :func:`wavy_model`, a fixed nonlinear network output for comparing two
 chains or parameterisations on the same kernels."""
 
 import math
@@ -39,6 +39,19 @@ def analytic_model(betas, s, parameterization):
     def model(x, t):
         x = x.double()
         return torch.stack([mu_gain[t - 1][:, None] * x, z_sigma[t - 1][:, None].expand_as(x)], 1)
+
+    return model
+
+
+def exact_eps_model(betas, s):
+    """A noise-predicting network (the eps parameterisation) with the exact E[eps | x_t] of data
+    N(0, s^2): sqrt(1 - abar_t) x_t / v_t, v_t = abar_t s^2 + 1 - abar_t (its second output unused)."""
+    abar = torch.cumprod(1 - torch.tensor(betas, dtype=torch.float64), 0)
+    gain = (1 - abar).sqrt() / (abar * s * s + 1 - abar)
+
+    def model(x, t):
+        x = x.double()
+        return torch.stack([gain[t - 1][:, None] * x, torch.zeros_like(x)], 1)
 
     return model
 

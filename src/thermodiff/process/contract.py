@@ -63,10 +63,10 @@ class Trainable(nn.Module, ABC):
     stationary_p: float | None = None
     one_hot_states: int | None = None
 
-    def respaced(self, timesteps: list[int], variance_rule) -> "Trainable":
+    def respaced(self, timesteps: list[int], variance_rule, fit=None) -> "Trainable":
         """The chain on the kept steps ``timesteps`` (1-based, from 1 to T) of this one, with the same
         network (respace.py; ``variance_rule`` a respace.VarianceRule for processes whose kernels it
-        approximates). Only Gaussian processes have one."""
+        approximates, ``fit`` a respace.VarianceFit for its FITTED rule). Only Gaussian processes have one."""
         raise ValueError(f"respacing is for Gaussian diffusion; a {type(self).__name__} keeps its T steps")
 
     def log_alphas_cumprod(self) -> Tensor:

@@ -210,10 +210,14 @@ class GaussianDiffusion(GaussianChain, DiscreteTimeProcess):
     def T(self) -> int:
         return self.schedule.T
 
-    def respaced(self, timesteps: list[int], variance_rule) -> "GaussianDiffusion":
-        from thermodiff.process.respace import RespacedDiffusion  # respace.py builds on this module
+    def respaced(self, timesteps: list[int], variance_rule, fit=None) -> "GaussianDiffusion":
+        from thermodiff.process.respace import RespacedDiffusion, VarianceRule, fitted_x0_errors  # builds on this module
 
-        return RespacedDiffusion(self, timesteps, variance_rule)
+        if VarianceRule(variance_rule) is not VarianceRule.FITTED:
+            return RespacedDiffusion(self, timesteps, variance_rule)
+        if fit is None:
+            raise ValueError("the fitted variance rule needs the network and training data to fit on (respace.VarianceFit)")
+        return RespacedDiffusion(self, timesteps, variance_rule, fitted_x0_errors(self, fit, timesteps))
 
     def log_alphas_cumprod(self) -> Tensor:
         """log abar_t = sum_{s <= t} log(1 - beta_s), t = 1..T (float64)."""

@@ -25,7 +25,8 @@ and keeps the network's own kernel, the decoder included; the last (s_K = T) kee
 With S = 1..T the chain is the original one.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from enum import Enum
 
 import torch
@@ -35,7 +36,7 @@ from thermodiff.errors import UserError
 from thermodiff.process.contract import Process
 from thermodiff.process.gaussian import GaussianDiffusion, GaussianParameterization
 from thermodiff.process.schedules import Schedule
-from thermodiff.process.tensors import gather
+from thermodiff.process.tensors import gather, per_example
 
 
 class VarianceRule(str, Enum):
@@ -43,6 +44,38 @@ class VarianceRule(str, Enum):
 
     MOMENTS = "moments"  # the same belief about x_0 in the respaced posterior
     INTERPOLATE = "interpolate"  # improved-diffusion's: the same v between log beta-tilde and log beta
+    FITTED = "fitted"  # per step, the constant variance that maximises the bound for the network's mean
+
+
+@dataclass(frozen=True)
+class VarianceFit:
+    """What the FITTED rule is fitted on: the network, training data in model units (batches), the
+    generator of the forward draws, and ``callback(done, total)`` for progress in network calls."""
+
+    model: Callable
+    batches: Sequence[Tensor]
+    generator: torch.Generator | None = None
+    callback: Callable[[int, int], None] | None = None
+
+
+@torch.no_grad()
+def fitted_x0_errors(diffusion: GaussianDiffusion, fit: VarianceFit, timesteps: Sequence[int]) -> Tensor:
+    """E_q (x_0 - x0_hat(x_t))^2 per dimension at every step t of ``timesteps`` but the first (0
+    there: the decoder keeps its own kernel), x_t ~ q(x_t | x_0) drawn once per example of
+    ``fit.batches`` and x0_hat the network's E[x_0 | x_t] (float64, shape (len(timesteps),))."""
+    errors = torch.zeros(len(timesteps), dtype=torch.float64)
+    total, done = (len(timesteps) - 1) * len(fit.batches), 0
+    for k, step in enumerate(timesteps[1:], start=1):
+        squared, count = 0.0, 0
+        for x0 in fit.batches:
+            x_t = diffusion.q_sample(x0, torch.full((len(x0),), step, device=x0.device), fit.generator)
+            squared += float(((x0.double() - diffusion.expected_x0(fit.model, x_t, step)) ** 2).sum())
+            count += x0.numel()
+            done += 1
+            if fit.callback:
+                fit.callback(done, total)
+        errors[k] = squared / count
+    return errors
 
 
 def evenly_spaced(T: int, count: int) -> list[int]:
@@ -80,7 +113,8 @@ class RespacedDiffusion(GaussianDiffusion):
     """The chain on the trained steps ``timesteps`` of ``base``, with ``base``'s network."""
 
     def __init__(self, base: GaussianDiffusion, timesteps: Sequence[int],
-                 variance_rule: VarianceRule | str = VarianceRule.MOMENTS):
+                 variance_rule: VarianceRule | str = VarianceRule.MOMENTS, x0_errors: Tensor | None = None):
+        """``x0_errors``: the FITTED rule's (:func:`fitted_x0_errors`), one per kept step."""
         steps = torch.as_tensor(respaced_timesteps(base.T, list(timesteps)))
         with torch.no_grad():
             log_abar = base.log_alphas_cumprod().cpu()[steps - 1]
@@ -89,6 +123,11 @@ class RespacedDiffusion(GaussianDiffusion):
         super().__init__(Schedule(betas), base.parameterization, base.decoder, eps_variance, base.bins)
         self.base = base
         self.variance_rule = VarianceRule(variance_rule)
+        if (self.variance_rule is VarianceRule.FITTED) != (x0_errors is not None):
+            raise ValueError("the fitted variance rule, and only it, takes x0_errors (fitted_x0_errors)")
+        if x0_errors is not None and x0_errors.shape != steps.shape:
+            raise ValueError(f"x0_errors: one per kept step ({len(steps)}), got shape {tuple(x0_errors.shape)}")
+        self.register_buffer("x0_errors", x0_errors)
         self.register_buffer("timesteps", steps)
         self.register_buffer("skips", torch.diff(steps, prepend=steps.new_zeros(1)) > 1)
         self.to(base.schedule.betas().device)
@@ -104,6 +143,10 @@ class RespacedDiffusion(GaussianDiffusion):
         x_t = x_t.double()
         x0 = self.base.x0_from_posterior_mean(mean, x_t, original)
         respaced_mean, beta_tilde = self.q_posterior(x0, x_t, t)
+        if self.variance_rule is VarianceRule.FITTED:
+            fitted = beta_tilde + (gather(self.posterior_tables()[0], t, x_t) ** 2 * gather(self.x0_errors, t, x_t))
+            decoder = per_example(t == 1, mean)
+            return torch.where(decoder, mean, respaced_mean), torch.where(decoder, var, fitted)
         if self.variance_rule is VarianceRule.MOMENTS:
             c0, _, beta_tilde_t = (gather(table, original, x_t) for table in self.base.posterior_tables())
             x0_var = ((var - beta_tilde_t) / c0**2).clamp_min(0)
@@ -114,22 +157,25 @@ class RespacedDiffusion(GaussianDiffusion):
         return torch.where(skips, respaced_mean, mean), torch.where(skips, respaced_var, var)
 
 
-def respace(diffusion: Process, spec: int | str | Sequence[int], variance_rule: VarianceRule | str = VarianceRule.MOMENTS
-            ) -> Process:
+def respace(diffusion: Process, spec: int | str | Sequence[int], variance_rule: VarianceRule | str = VarianceRule.MOMENTS,
+            fit: VarianceFit | None = None) -> Process:
     """``diffusion`` on the steps that ``spec`` names (see :func:`respaced_timesteps`): the
     process's own :meth:`~thermodiff.process.contract.Trainable.respaced` chain (a
     :class:`RespacedDiffusion` for discrete-time Gaussian diffusion, a VDM's exact chain on those
-    times; a ValueError for the others)."""
-    return diffusion.respaced(respaced_timesteps(diffusion.T, spec), VarianceRule(variance_rule))
+    times; a ValueError for the others), its variances fitted on ``fit`` for the FITTED rule."""
+    return diffusion.respaced(respaced_timesteps(diffusion.T, spec), VarianceRule(variance_rule), fit)
 
 
-def respaced_process(diffusion: Process, respace_to: int | str | Sequence[int] | None, flag: str = "--respace"
+def respaced_process(diffusion: Process, respace_to: int | str | Sequence[int] | None, flag: str = "--respace",
+                     variance_rule: VarianceRule | str = VarianceRule.MOMENTS, fit: VarianceFit | None = None
                      ) -> Process:
-    """The process a user's ``--respace`` (or ``flag``) asks for: ``diffusion`` itself when None,
-    else its :func:`respace` (a bad spec is a one-line :class:`UserError` naming ``flag``)."""
-    if respace_to is None:
+    """The process a user's ``--respace`` (or ``flag``) and ``--variance`` ask for: ``diffusion``
+    itself when None with the moments rule (for which all T steps are the chain itself), else its
+    :func:`respace` (all T steps when None; a bad spec is a one-line :class:`UserError` naming ``flag``)."""
+    rule = VarianceRule(variance_rule)
+    if respace_to is None and rule is VarianceRule.MOMENTS:
         return diffusion
     try:
-        return respace(diffusion, respace_to)
+        return respace(diffusion, diffusion.T if respace_to is None else respace_to, rule, fit)
     except ValueError as e:
         raise UserError(f"{flag}: {e}") from None

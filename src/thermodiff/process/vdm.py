@@ -34,6 +34,7 @@ from thermodiff.process.bound import BoundEstimate
 from thermodiff.process.contract import Decoder
 from thermodiff.process.distributions import gaussian_entropy, gaussian_kl, standard_normal_log_prob
 from thermodiff.process.gaussian import GaussianChain
+from thermodiff.process.respace import VarianceRule
 from thermodiff.process.schedules import Schedule, invert_increasing
 from thermodiff.process.tensors import per_example, sum_except_batch
 
@@ -173,11 +174,15 @@ class VDM(GaussianChain):
             return self.step_times.to(t.device)[t - 1]
         return (t - 1).double() / (self.T - 1)
 
-    def respaced(self, timesteps: list[int], variance_rule=None) -> "VDM":
+    def respaced(self, timesteps: list[int], variance_rule=None, fit=None) -> "VDM":
         """The chain on the kept steps ``timesteps`` (1-based, from 1 to T) of this chain, sharing
         the network-free process and its parameters. A VDM is defined at every time, so the respaced
         chain is the model's own chain on those times: exact, with no kernel approximation (unlike
-        :class:`~thermodiff.process.respace.RespacedDiffusion`), hence no ``variance_rule``."""
+        :class:`~thermodiff.process.respace.RespacedDiffusion`), hence no ``variance_rule`` (and no
+        fitted variances: a ValueError)."""
+        if fit is not None or variance_rule == VarianceRule.FITTED:
+            raise ValueError("a VDM's respaced chain is its own model's on those times; its variances are not fitted "
+                             "(--variance fitted is for discrete-time Gaussian diffusion)")
         chain = copy.copy(self)  # shares the schedule's parameters and buffers
         chain.timesteps = torch.as_tensor(timesteps, device=self.gamma.gamma_0.device)  # as RespacedDiffusion's
         chain.step_times = self.times(chain.timesteps)
