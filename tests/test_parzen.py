@@ -142,6 +142,7 @@ def tiny_image_run(cli, tmp_path):
 
 
 def test_samples_are_kept_as_they_are_drawn_and_a_stopped_draw_resumes(tiny_image_run, monkeypatch):
+    from thermodiff.process.respace import respaced_timesteps
     from thermodiff.run.experiment import load_run
     from thermodiff.tasks import parzen
 
@@ -178,6 +179,9 @@ def test_samples_are_kept_as_they_are_drawn_and_a_stopped_draw_resumes(tiny_imag
     assert fp32.precision == "fp32" and "1 of 1 batches reused" in fp32.kept  # the tiny run trained in fp32
     low = parzen.draw_kept_samples(run, 3, 8, seed=1, progress=False, precision="bf16")
     assert "0 of 1 batches reused" in low.kept and low.kept.split(" (")[0].endswith("-bf16")  # nor another precision's
+    fitted = parzen.draw_kept_samples(run, 3, 8, seed=1, progress=False, variance="fitted")
+    assert "0 of 1 batches reused" in fitted.kept and "-fitted" in fitted.kept  # nor another variance rule's
+    assert fitted.chain["variance_rule"] == "fitted" and fitted.chain["respaced_timesteps"] == respaced_timesteps(run.diffusion.T, 3)
 
 
 def test_samples_are_drawn_all_the_same_where_they_cannot_be_kept(tiny_image_run, monkeypatch, capsys):

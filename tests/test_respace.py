@@ -11,7 +11,10 @@ from conftest import assert_one_line_error
 
 from linear_gaussian import analytic_model, exact_eps_model, true_reverse, wavy_model
 from thermodiff import BinomialDiffusion, GaussianDiffusion, ancestral_sample, exact_bound, make_schedule
-from thermodiff.process.respace import RespacedDiffusion, VarianceFit, fitted_x0_errors, respace, respaced_timesteps
+from thermodiff.process.vdm import VDM
+from thermodiff.process.respace import (RespacedDiffusion, VarianceFit, VarianceRule, fitted_x0_errors, respace,
+                                        respaced_timesteps)
+from thermodiff.tasks.options import VARIANCE_RULES
 
 PARAMETERIZATIONS = ["reference", "paper", "eps", "eps_learned_var"]
 
@@ -187,6 +190,7 @@ def test_fitted_variances_maximise_the_bound_for_an_imperfect_mean():
 
 
 def test_fitted_rule_checks_its_inputs():
+    assert VARIANCE_RULES == tuple(rule.value for rule in VarianceRule)  # the command line's choices
     diffusion = GaussianDiffusion(make_schedule("cosine", 20), "eps")
     with pytest.raises(ValueError, match="needs the network"):
         respace(diffusion, 5, "fitted")
@@ -194,6 +198,31 @@ def test_fitted_rule_checks_its_inputs():
         RespacedDiffusion(diffusion, [1, 10, 20], "moments", torch.zeros(3, dtype=torch.float64))
     with pytest.raises(ValueError, match="one per kept step"):
         RespacedDiffusion(diffusion, [1, 10, 20], "fitted", torch.zeros(4, dtype=torch.float64))
+
+
+def test_vdm_chains_take_no_fitted_variances():
+    x0 = torch.zeros(4, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="not fitted"):
+        respace(VDM(10, "learned", 1e-4), 5, "fitted", VarianceFit(wavy_model, [x0]))
+
+
+def test_cli_fitted_variances(cli, copy_run, tmp_path):
+    """--variance fitted on evaluate (a respaced chain, or all T steps) and sample: recorded as
+    such, fitted on the run's training data, and the run's own evaluation.json left alone."""
+    run = copy_run()
+    cli("evaluate", run, "--quiet")
+    saved = (run / "evaluation.json").read_text()
+    fitted = cli("evaluate", run, "--quiet", "--json", "--respace", "3", "--variance", "fitted").json()
+    assert (fitted["variance_rule"], fitted["respaced_timesteps"]) == ("fitted", [1, 3, 6])
+    assert 0 < fitted["variance_fit_examples"] <= 500 and math.isfinite(fitted["K_bits"])
+    whole = cli("evaluate", run, "--quiet", "--json", "--variance", "fitted").json()
+    assert whole["respaced_timesteps"] == [1, 2, 3, 4, 5, 6] and whole["T"] == 6
+    assert (run / "evaluation.json").read_text() == saved
+    assert "respaced from 6, fitted variances" in cli("evaluate", run, "--quiet", "--respace", "3", "--variance",
+                                                      "fitted").out
+    out = cli("sample", run, "-n", "5", "--out", tmp_path / "s.npy", "--quiet", "--respace", "3", "--variance", "fitted")
+    assert out.rc == 0 and np.load(tmp_path / "s.npy").shape == (5, 2)
+    assert_one_line_error(cli("evaluate", run, "--variance", "wide"), "--variance", "fitted")
 
 
 def test_binomial_chains_are_not_respaced():

@@ -21,7 +21,7 @@ from thermodiff.errors import UserError, os_error_message
 from thermodiff.run.config import MEMORY_OVERRIDE_FLAG, MEMORY_OVERRIDE_HELP, RANGES, EvalConfig, ScheduleName
 from thermodiff.run.stopping import RunStopped
 from thermodiff.tasks import reports
-from thermodiff.tasks.options import DENOISE_METHODS, KNOWN_VALUES, SAMPLERS
+from thermodiff.tasks.options import DENOISE_METHODS, KNOWN_VALUES, SAMPLERS, VARIANCE_RULES
 
 if typing.TYPE_CHECKING:
     import numpy as np
@@ -103,12 +103,12 @@ def _evaluate(run_dir: str, args, data: str | None = None) -> dict:
         run = load_run(run_dir, data, split=data is None)
     except SplitUnavailable as e:
         raise UserError(f"{e}; or pass --data FILE to evaluate on other data") from None
-    respace_to = getattr(args, "respace", None)
+    respace_to, variance = getattr(args, "respace", None), getattr(args, "variance", None)
     exact = getattr(args, "exact", False)
     result = evaluate(run, args.draws, 0 if exact else args.max_examples, args.eval_seed, progress=not args.quiet,
                       split_name="test" if data is None else str(data), respace_to=respace_to,
                       t_samples=0 if exact else args.t_samples, per_example=per_example is not None,
-                      ode=_ode_options(args), t_sampling=args.t_sampling)
+                      ode=_ode_options(args), t_sampling=args.t_sampling, variance=variance)
     if per_example is not None:
         _write_npy(Path(per_example), np.asarray(result.pop("per_example_original_units_bits")))
         result["per_example_file"] = str(per_example)
@@ -116,7 +116,7 @@ def _evaluate(run_dir: str, args, data: str | None = None) -> dict:
             ode_file = _ode_per_example_path(per_example)
             _write_npy(ode_file, np.asarray(result.pop("ode_per_example_original_units_bits")))
             result["ode_per_example_file"] = str(ode_file)
-    if data is None and respace_to is None:  # evaluation.json is the full chain's
+    if data is None and "variance_rule" not in result:  # evaluation.json is the run's own chain's
         _save_beside_run(Path(run_dir) / "evaluation.json", result, "evaluate")
     return result
 
@@ -172,7 +172,8 @@ def _evaluate_diffusers(args) -> dict:
     from thermodiff.tasks.foreign import evaluate_diffusers
 
     given = [flag for flag, value in (("RUN_DIR", args.run_dir), ("--respace", args.respace),
-                                      ("--per-example", args.per_example)) if value is not None]
+                                      ("--variance", args.variance), ("--per-example", args.per_example))
+             if value is not None]
     if given:
         raise UserError(f"--diffusers evaluates a saved diffusers pipeline; drop {', '.join(given)}")
     if not args.data:
@@ -197,13 +198,13 @@ def cmd_sample(args) -> None:
     import numpy as np
     import torch
 
-    from thermodiff.process.respace import respaced_process
     from thermodiff.process.samplers import CountingModel, Sampler, checked_sampler, sample
     from thermodiff.process.sampling import sample_in_batches
     from thermodiff.run.checkpoint import atomic_write_bytes
-    from thermodiff.run.experiment import load_run, sampling_memory
+    from thermodiff.run.experiment import SplitUnavailable, load_run, sampling_memory
     from thermodiff.run.memory import require_fits
     from thermodiff.run.training import sampling_network
+    from thermodiff.tasks.evaluation import run_chain
 
     out = Path(args.out)
     if out.suffix not in (".npy", ".png"):
@@ -212,7 +213,10 @@ def cmd_sample(args) -> None:
         if value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
     _refuse_existing(out, args.overwrite)
-    run = load_run(args.run_dir)
+    try:
+        run = load_run(args.run_dir, split=args.variance == "fitted")  # the fit needs the training data
+    except SplitUnavailable as e:
+        raise UserError(f"{e}; --variance fitted fits on the run's training data") from None
     if out.suffix == ".png" and not run.dataset.is_image:
         raise UserError(f"--out {out}: a .png grid needs an image model; write .npy for vector data")
     if not args.ignore_memory_check:
@@ -220,7 +224,7 @@ def cmd_sample(args) -> None:
     if args.respace is not None and args.steps is not None:
         raise UserError("--steps and --respace name the same chain; pass one of them")
     flag = "--respace" if args.respace is not None else "--steps"
-    diffusion = respaced_process(run.diffusion, args.respace or args.steps, flag)
+    diffusion = run_chain(run, args.respace or args.steps, args.variance, flag, args.seed, not args.quiet)
     sampler, eta = checked_sampler(diffusion, args.sampler, args.eta)
     draw = functools.partial(sample, sampler=sampler, eta=eta)
     network = sampling_network(run.model, run.config.train, args.precision)
@@ -297,7 +301,7 @@ def cmd_parzen(args) -> None:
     run = load_run(args.run_dir, split=True)
     result = parzen_evaluate(run, args.samples, args.valid, args.max_test, seed=args.seed, progress=not args.quiet,
                              memory_check=not args.ignore_memory_check, steps=args.steps, sampler=args.sampler,
-                             eta=args.eta, precision=args.precision)
+                             eta=args.eta, precision=args.precision, variance=args.variance)
     _save_beside_run(Path(args.run_dir) / "parzen.json", result, "parzen")
     _emit(args, result, reports.describe_parzen(result))
 
@@ -487,6 +491,10 @@ PRECISION_HELP = ("the network's precision while sampling (default: bf16 if it t
                   "fp32 on a CPU with AMX, and far slower on one without AMX or AVX-512 BF16)")
 RESPACE_HELP = ("a respaced chain: N steps evenly spaced from 1 to T, or a comma-separated list of the trained "
                 "steps to keep, from 1 to T (Gaussian runs)")
+VARIANCE_HELP = ("the chain's reverse variances: moments (default: the network's own, carried to longer steps), "
+                 "interpolate (improved-diffusion's respacing) or fitted (per step, the variance that maximises the "
+                 "bound for the network's mean, fitted on 500 training images: a real bound for a chain respaced from "
+                 "a fixed-variance network; Bao et al. 2022)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -541,6 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="with --diffusers: auto (CUDA if available), cpu, cuda or cuda:N")
     eval_flags(p)
     p.add_argument("--respace", metavar="N|STEPS", help=RESPACE_HELP)
+    p.add_argument("--variance", choices=VARIANCE_RULES, help=VARIANCE_HELP)
     p.add_argument("--exact", action="store_true", help="the exact bound: every step of every test example "
                                                         "(the default may sample steps or examples; the report says)")
     p.add_argument("--per-example", metavar="FILE.npy", help="also write K per example (bits, original units); "
@@ -570,6 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", metavar="N|STEPS", help="the chain's steps, as --respace (default: all T)")
     p.add_argument("--eta", type=_eta, help="DDIM's noise, from 0 (deterministic, the default) to 1 (the ancestral "
                                             "chain's, for a kernel variance of beta-tilde)")
+    p.add_argument("--variance", choices=VARIANCE_RULES, help=VARIANCE_HELP)
     p.add_argument("--precision", choices=SAMPLING_PRECISIONS, help=PRECISION_HELP)
     p.add_argument(MEMORY_OVERRIDE_FLAG, action="store_true", help=MEMORY_OVERRIDE_HELP)
     p.set_defaults(func=cmd_sample)
@@ -616,6 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=SAMPLERS, default="ancestral", help="how the samples are drawn, as thermodiff "
                    "sample --sampler")
     p.add_argument("--eta", type=_eta, help="DDIM's noise, as thermodiff sample --eta")
+    p.add_argument("--variance", choices=VARIANCE_RULES, help="the chain's variances, as thermodiff sample --variance")
     p.add_argument("--precision", choices=SAMPLING_PRECISIONS, help=PRECISION_HELP)
     p.add_argument(MEMORY_OVERRIDE_FLAG, action="store_true", help=MEMORY_OVERRIDE_HELP)
     p.set_defaults(func=cmd_parzen)

@@ -11,7 +11,8 @@ from thermodiff.errors import UserError
 from thermodiff.process.bound import PILOT_EXAMPLES, PILOT_STEPS, BoundEstimate, TSampling, exact_bound, standard_error
 from thermodiff.process.gaussian import GaussianParameterization
 from thermodiff.process.ode import ATOL, METHOD, RTOL, Trace, flow_log_likelihood
-from thermodiff.process.respace import respaced_process
+from thermodiff.process.contract import Process
+from thermodiff.process.respace import VarianceFit, VarianceRule, respaced_process
 from thermodiff.process.tensors import LN2
 from thermodiff.run.autoconfig import default_t_samples
 from thermodiff.run.config import AUTO, EvalConfig
@@ -19,6 +20,41 @@ from thermodiff.run.experiment import Run, paper_row
 from thermodiff.run.machine import hardware
 from thermodiff.tasks.entropy import entropy_examples, entropy_report, entropy_steps
 from thermodiff.tasks.reports import require_finite
+
+
+#: training examples that ``--variance fitted`` fits the chain's variances on (one forward draw each)
+FIT_EXAMPLES = 500
+
+
+def run_chain(run: Run, steps: int | str | None, variance: VarianceRule | str | None, flag: str,
+              seed: int = 0, progress: bool = True) -> Process:
+    """The chain that a command's ``flag`` (--respace, --steps) and --variance name: the run's,
+    respaced to ``steps`` (None: all T) with ``variance``'s rule (respace.VarianceRule, default
+    moments), the fitted rule's variances fitted on the first :data:`FIT_EXAMPLES` training examples."""
+    rule = VarianceRule(variance or VarianceRule.MOMENTS)
+    if rule is not VarianceRule.FITTED:
+        return respaced_process(run.diffusion, steps, flag, rule)
+    if not len(run.dataset.train):
+        raise UserError(f"--variance fitted: {run.path}'s training data are not loaded here; fit on the run's own "
+                        "data (without --data)")
+    generator = torch.Generator().manual_seed(seed)
+    x = run.dataset.to_model(run.dataset.train[:FIT_EXAMPLES], generator, dequantize=run.diffusion.dequantizes)
+    with tqdm(desc="fit variances", unit="call", disable=not progress, leave=False, mininterval=1.0) as bar:
+        def report(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        fit = VarianceFit(run.model, torch.split(x, run.config.eval.batch_size), generator, report)
+        return respaced_process(run.diffusion, steps, flag, rule, fit)
+
+
+def chain_record(run: Run, chain: Process, steps: int | str | None, variance: VarianceRule | str | None) -> dict:
+    """What a report says of a chain from :func:`run_chain`: its steps and variance rule, if not the run's own."""
+    rule = VarianceRule(variance or VarianceRule.MOMENTS)
+    if steps is None and rule is VarianceRule.MOMENTS:
+        return {}
+    return {"T_trained": run.diffusion.T, "respaced_timesteps": chain.timesteps.tolist(), "variance_rule": rule.value,
+            **({"variance_fit_examples": min(FIT_EXAMPLES, len(run.dataset.train))} if rule is VarianceRule.FITTED else {})}
 
 
 def _per(value: float | None, count: int) -> float | None:
@@ -193,10 +229,11 @@ def measure_bound(diffusion, model, dataset, test, n_draws: int, t_samples: int,
 def evaluate(run: Run, n_draws: int | None = None, max_examples: int | None = None, seed: int = 0,
              progress: bool = True, split_name: str = "test", respace_to: int | str | None = None,
              t_samples: int | None = None, per_example: bool = False, ode: OdeOptions | None = None,
-             t_sampling: str | None = None) -> dict:
+             t_sampling: str | None = None, variance: VarianceRule | str | None = None) -> dict:
     """K, K - L_null (bits per sample and per dimension), K in the data's original units, and
     the per-timestep terms, on the run's test split (or the data that replaced it). With
-    ``respace_to`` (see :func:`thermodiff.process.respace.respaced_timesteps`), of the respaced chain.
+    ``respace_to`` (see :func:`thermodiff.process.respace.respaced_timesteps`), of the respaced chain;
+    with ``variance`` (a respace.VarianceRule), of the chain with those variances (:func:`run_chain`).
     ``t_samples`` (default ``eval.t_samples``): steps per example of an unbiased stratified
     estimate, 0 for the exact sum over every step, drawn as ``t_sampling`` says (default
     ``eval.t_sampling``). ``per_example``: also K of every example, in bits
@@ -212,7 +249,7 @@ def evaluate(run: Run, n_draws: int | None = None, max_examples: int | None = No
         return require_finite(evaluate_baseline(run, n_draws, max_examples, seed, split_name), str(run.path))
     if t_samples is None:
         t_samples = cfg.eval.t_samples if cfg.eval.t_samples != AUTO else default_t_samples(run.dataset.is_image)
-    diffusion = respaced_process(run.diffusion, respace_to)
+    diffusion = run_chain(run, respace_to, variance, "--respace", seed, progress)
     test = run.dataset.test[:max_examples] if max_examples else run.dataset.test
     m = measure_bound(diffusion, run.model, run.dataset, test, n_draws, t_samples, seed, cfg.eval.batch_size,
                       progress, str(run.path), t_sampling=t_sampling or cfg.eval.t_sampling)
@@ -253,8 +290,7 @@ def evaluate(run: Run, n_draws: int | None = None, max_examples: int | None = No
                                        entropy_examples(run.dataset.is_image))
     if run.diffusion.parameterization is GaussianParameterization.EPS:
         result["eps_variance"] = run.diffusion.eps_variance.value
-    if respace_to is not None:
-        result |= {"T_trained": run.diffusion.T, "respaced_timesteps": diffusion.timesteps.tolist()}
+    result |= chain_record(run, diffusion, respace_to, variance)
     if per_example:
         result["per_example_original_units_bits"] = (estimate.per_example / LN2 + report["log_det_scaling_bits"]).tolist()
     if ode is not None:

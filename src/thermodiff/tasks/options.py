@@ -15,3 +15,8 @@ KNOWN_VALUES = ("clamp", "forward")
 #: (Song et al. 2021; --eta 0 deterministic), Heun's method on the probability-flow ODE (Karras et al. 2022),
 #: DPM-Solver++(2M) (Lu et al. 2022).
 SAMPLERS = ("ancestral", "ddim", "heun", "dpm2m")
+
+#: How a respaced chain's reverse variances are set (thermodiff.process.respace.VarianceRule): the
+#: network's own belief about x_0 carried to the longer step, improved-diffusion's interpolation, or
+#: per step the variance that maximises the bound for the network's mean, fitted on training data.
+VARIANCE_RULES = ("moments", "interpolate", "fitted")

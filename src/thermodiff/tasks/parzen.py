@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from thermodiff.errors import UserError, os_error_message
 from thermodiff.process.bound import standard_error
-from thermodiff.process.respace import respaced_process, respaced_timesteps
+from thermodiff.process.respace import VarianceRule
 from thermodiff.process.samplers import Sampler, checked_sampler, sample
 from thermodiff.process.tensors import LN2
 from thermodiff.run import memory
@@ -32,7 +32,7 @@ from thermodiff.run.checkpoint import atomic_write_bytes
 from thermodiff.run.config import Precision
 from thermodiff.run.experiment import Run, batch_activations, paper_row, sample_bytes
 from thermodiff.run.training import sampling_network
-from thermodiff.tasks.evaluation import hardware
+from thermodiff.tasks.evaluation import chain_record, hardware, run_chain
 from thermodiff.tasks.reports import require_finite
 
 # Goodfellow et al.'s grid: numpy.logspace(sigma_start=-1, sigma_end=0, num=cross_val=10)
@@ -170,32 +170,36 @@ class KeptSamples(NamedTuple):
     sampler: Sampler
     eta: float  # DDIM's (0 for the other samplers)
     precision: Precision  # the network's
+    chain: dict  # what evaluation.chain_record says of it
 
 
 def draw_kept_samples(run: Run, steps: int | str | None, n_samples: int, seed: int = 0, progress: bool = True,
                       sampler: Sampler | str = Sampler.ANCESTRAL, eta: float | None = None,
-                      precision: Precision | None = None) -> KeptSamples:
-    """``n_samples`` samples of the run's chain (respaced to ``steps``, as :func:`respaced_process`
-    reads them) drawn by ``sampler`` (samplers.sample; ``eta`` DDIM's, checked by
+                      precision: Precision | None = None, variance: VarianceRule | str | None = None) -> KeptSamples:
+    """``n_samples`` samples of the run's chain (respaced to ``steps``, with ``variance``'s rule, as
+    :func:`~thermodiff.tasks.evaluation.run_chain` reads them) drawn by ``sampler`` (samplers.sample; ``eta`` DDIM's, checked by
     :func:`checked_sampler` before any is drawn), the network in ``precision`` (default the one it
     trained in, :func:`sampling_network`), in the data's original units, in batches
     of ``eval.batch_size``, each kept in the run as it is drawn (``RUN/parzen_samples/KEY/NNNNN.npy``,
-    KEY naming the checkpoint's step, the sampler, the chain's kept steps, the seed, the batch
-    size and a precision other than fp32): a stop loses one batch at most, and a second call
+    KEY naming the checkpoint's step, the sampler, the chain's kept steps and a variance rule other
+    than moments, the seed, the batch size and a precision other than fp32): a stop loses one batch at most, and a second call
     reuses what the first drew. Each batch has its own seeded stream, so the samples do not depend
     on where a call stopped. Two calls at once draw the same batches and write the same files
     (each write atomic). A run that cannot be written (read-only, a full disk) is sampled all the
     same and keeps nothing."""
-    diffusion = respaced_process(run.diffusion, steps, "--steps")
+    diffusion = run_chain(run, steps, variance, "--steps", seed, progress)
+    record = chain_record(run, diffusion, steps, variance)
     sampler, eta = checked_sampler(diffusion, sampler, eta)
     network = sampling_network(run.model, run.config.train, precision)
     precision = network.precision
-    kept_steps = list(range(1, run.diffusion.T + 1)) if steps is None else respaced_timesteps(run.diffusion.T, steps)
+    kept_steps = record.get("respaced_timesteps", list(range(1, run.diffusion.T + 1)))
     chain = hashlib.sha256(json.dumps(kept_steps).encode()).hexdigest()[:12]
     batch = run.config.eval.batch_size
     sizes = [min(batch, n_samples - i) for i in range(0, n_samples, batch)]
+    rule = record.get("variance_rule", VarianceRule.MOMENTS.value)
     key = (f"step{run.step}-{sampler_label(sampler, eta)}-chain{diffusion.T}-{chain}-seed{seed}-batch{batch}"
-           + ("" if precision == "fp32" else f"-{precision}"))  # fp32's key is the one samples were first kept under
+           + ("" if rule == VarianceRule.MOMENTS.value else f"-{rule}")
+           + ("" if precision == "fp32" else f"-{precision}"))  # the key samples were first kept under, for moments in fp32
     folder = run.path / "parzen_samples" / key
     parts = [_kept_batch(folder / f"{i:05d}.npy", (size, *run.dataset.event_shape)) for i, size in enumerate(sizes)]
     reused, failure = sum(part is not None for part in parts), None
@@ -209,7 +213,7 @@ def draw_kept_samples(run: Run, steps: int | str | None, n_samples: int, seed: i
             if failure is None and (failure := _keep_batch(folder / f"{i:05d}.npy", parts[i])):
                 print(f"thermodiff parzen: warning: samples not kept as they are drawn, {failure}", file=sys.stderr)
     kept = f"not kept: {failure}" if failure else f"{folder} ({reused} of {len(sizes)} batches reused)"
-    return KeptSamples(np.concatenate(parts), kept, diffusion.T, sampler, eta, precision)
+    return KeptSamples(np.concatenate(parts), kept, diffusion.T, sampler, eta, precision, record)
 
 
 def _check_request(run: Run, n_samples: int, n_valid: int, max_test: int | None) -> None:
@@ -230,7 +234,7 @@ def parzen_evaluate(run: Run, n_samples: int = 10000, n_valid: int = 10000, max_
                     sigmas: Sequence[float] = DEFAULT_SIGMAS, seed: int = 0, progress: bool = True,
                     memory_check: bool = True, steps: int | str | None = None,
                     sampler: Sampler | str = Sampler.ANCESTRAL, eta: float | None = None,
-                    precision: Precision | None = None) -> dict:
+                    precision: Precision | None = None, variance: VarianceRule | str | None = None) -> dict:
     """The Parzen-window log-likelihood of the run's test images (all, or the first ``max_test``)
     in bits and nats, with its standard error over test images.
 
@@ -239,7 +243,7 @@ def parzen_evaluate(run: Run, n_samples: int = 10000, n_valid: int = 10000, max_
     (kept in the run as they are drawn, so a stopped call resumes) and rounded to the data's pixel
     values, on the run's chain or, with ``steps``, on that respaced chain (``thermodiff sample
     --steps``; the protocol's 10000 samples cost T network calls each otherwise, and ``thermodiff
-    evaluate --respace`` gives that chain's bound). The bandwidth is validated on the *last*
+    evaluate --respace`` gives that chain's bound), with ``variance``'s rule for its variances. The bandwidth is validated on the *last*
     ``n_valid`` training images, as Goodfellow et al. took MNIST training images
     50000-59999; unlike their model, a run trained on all 60000 has seen these. ``memory_check``:
     refuse ``n_samples`` whose memory (:func:`parzen_memory`) exceeds the available memory.
@@ -249,7 +253,7 @@ def parzen_evaluate(run: Run, n_samples: int = 10000, n_valid: int = 10000, max_
     train, test = run.dataset.train, run.dataset.test
     if memory_check:
         memory.require_fits(parzen_memory(run, n_samples, len(sigmas)))
-    drawn = draw_kept_samples(run, steps, n_samples, seed, progress, sampler, eta, precision)
+    drawn = draw_kept_samples(run, steps, n_samples, seed, progress, sampler, eta, precision, variance)
     sampler, eta, sampling_steps = drawn.sampler, drawn.eta, drawn.chain_steps
     samples = _unit_pixels(run, drawn.samples)
     valid = _unit_pixels(run, train[-n_valid:])
@@ -268,6 +272,7 @@ def parzen_evaluate(run: Run, n_samples: int = 10000, n_valid: int = 10000, max_
         "sampler": sampler.value,
         "eta": eta if sampler is Sampler.DDIM else None,
         "precision": drawn.precision,
+        **drawn.chain,
         "samples_kept": drawn.kept,
         "protocol": (f"Gaussian Parzen window (Breuleux et al. 2011, Goodfellow et al. 2014) on {n_samples} "
                      f"{sampler_label(sampler, eta)} samples ({sampling_steps} steps of the run's {run.diffusion.T}, "
