@@ -2,7 +2,8 @@
 Parzen-window log-likelihood), the training curve and the time to a stated bound.
 
     python benchmarks/budget.py RUN_DIR --train-command "..." [--max-examples 200] [--parzen-samples 0]
-                                [--parzen-steps N] [--t-sampling importance|uniform] [--name NAME]
+                                [--parzen-steps N] [--parzen-variance RULE] [--also-variance RULE]
+                                [--t-sampling importance|uniform] [--name NAME]
 
 Runs `thermodiff evaluate` (and `thermodiff parzen`, with a grid of 20 more samples from the same
 chain, NAME_samples.png) in-process on a finished run and writes
@@ -23,6 +24,7 @@ import numpy as np
 
 from record import RESULTS, thermodiff_json, write_result  # a sibling module: benchmarks/ is on sys.path when run
 from thermodiff.run.training import read_metrics
+from thermodiff.tasks.options import VARIANCE_RULES
 
 
 def training_curve(run_dir: Path, dim: int, smooth: int = 10) -> list[dict]:
@@ -53,6 +55,10 @@ if __name__ == "__main__":
     parser.add_argument("--parzen-samples", type=int, default=0, help="0: no Parzen estimate")
     parser.add_argument("--parzen-steps", help="draw the Parzen samples on this respaced chain (thermodiff parzen "
                                                "--steps) and evaluate that chain's bound too (evaluate --respace)")
+    parser.add_argument("--parzen-variance", choices=VARIANCE_RULES, default="moments",
+                        help="the respaced chain's variances for the samples and its bound (thermodiff parzen --variance)")
+    parser.add_argument("--also-variance", choices=VARIANCE_RULES,
+                        help="also the bound of the same chain with these variances (parzen_chain_evaluation_RULE)")
     parser.add_argument("--t-sampling", choices=["uniform", "importance"], default="importance",
                         help="how the bound's estimate draws its steps (thermodiff evaluate --t-sampling)")
     parser.add_argument("--notes", default="")
@@ -67,19 +73,22 @@ if __name__ == "__main__":
     clock = json.loads((run_dir / "config.json").read_text())["train"].get("clock", "wall")  # whose seconds the curve counts
     record = {"commands": commands, "notes": args.notes}
     if args.parzen_samples:
-        parzen = ["parzen", str(run_dir), "--samples", str(args.parzen_samples)]
-        parzen += ["--steps", args.parzen_steps] if args.parzen_steps else []
+        chain = ["--steps", args.parzen_steps] if args.parzen_steps else []
+        chain += ["--variance", args.parzen_variance] if args.parzen_variance != "moments" else []
+        parzen = ["parzen", str(run_dir), "--samples", str(args.parzen_samples), *chain]
         record["parzen"] = thermodiff_json(parzen)
         commands.append(shlex.join(["thermodiff", *parzen]))
         figure = os.path.relpath(RESULTS / f"{name}_samples.png")  # as the record's command names it
-        grid = ["sample", str(run_dir), "-n", "20", "--out", figure, "--overwrite"]
-        grid += ["--steps", args.parzen_steps] if args.parzen_steps else []
+        grid = ["sample", str(run_dir), "-n", "20", "--out", figure, "--overwrite", *chain]
         thermodiff_json(grid)  # what the samples look like: 20 more of them, from the same chain
         commands.append(shlex.join(["thermodiff", *grid]))
-        if args.parzen_steps:  # the bound of the chain the samples came from
-            respaced = [*evaluate, "--respace", args.parzen_steps]
-            record["parzen_chain_evaluation"] = thermodiff_json(respaced)
-            commands.append(shlex.join(["thermodiff", *respaced]))
+        # the bound of the chain the samples came from, and of the same steps with other variances
+        for key, variance in (("parzen_chain_evaluation", args.parzen_variance),
+                              (f"parzen_chain_evaluation_{args.also_variance}", args.also_variance)):
+            if args.parzen_steps and variance:
+                respaced = [*evaluate, "--respace", args.parzen_steps, "--variance", variance]
+                record[key] = thermodiff_json(respaced)
+                commands.append(shlex.join(["thermodiff", *respaced]))
     final = evaluation["K_bits_per_pixel"]
     record |= {
         "benchmark_command": "python benchmarks/budget.py " + shlex.join(sys.argv[1:]),
