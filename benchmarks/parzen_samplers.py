@@ -4,6 +4,9 @@ parzen`) from the samples of each sampler at equal network calls, on one trained
     OMP_NUM_THREADS=1 python benchmarks/parzen_samplers.py RUN [--samples 1000] [--steps 20]
                                                           [--samplers ancestral,ddim,dpm2m] [--precision P]
 
+A sampler may name the respaced chain's variances after a colon (``ancestral:fitted``, `thermodiff
+parzen --variance`): the same seeds' draws on the same steps, with other reverse variances.
+
 Each sampler draws --samples images on the run's chain respaced to --steps steps (one network call
 a step for these three), and `thermodiff parzen` scores every test image under a Gaussian window
 on them, its bandwidth validated on the last 10000 training images. The samples are kept in the
@@ -30,9 +33,11 @@ def main() -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     args = parser.parse_args()
     results, start = {}, time.perf_counter()
-    for sampler in args.samplers.split(","):
-        results[sampler] = thermodiff_json(["parzen", args.run, "--samples", str(args.samples), "--steps",
-                                            str(args.steps), "--sampler", sampler, "--precision", args.precision])
+    for spec in args.samplers.split(","):
+        sampler, _, variance = spec.partition(":")
+        results[spec] = thermodiff_json(["parzen", args.run, "--samples", str(args.samples), "--steps", str(args.steps),
+                                         "--sampler", sampler, "--precision", args.precision,
+                                         *(["--variance", variance] if variance else [])])
     experiment = next(iter(results.values()))["experiment"]
     record = {"run": args.run, "experiment": experiment, "samples": args.samples, "steps": args.steps,
               "network_calls_per_sample": args.steps,

@@ -223,6 +223,11 @@ def test_cli_fitted_variances(cli, copy_run, tmp_path):
     out = cli("sample", run, "-n", "5", "--out", tmp_path / "s.npy", "--quiet", "--respace", "3", "--variance", "fitted")
     assert out.rc == 0 and np.load(tmp_path / "s.npy").shape == (5, 2)
     assert_one_line_error(cli("evaluate", run, "--variance", "wide"), "--variance", "fitted")
+    np.save(tmp_path / "other.npy", np.zeros((10, 2)))
+    assert_one_line_error(cli("evaluate", run, "--data", tmp_path / "other.npy", "--respace", "3", "--variance", "fitted"),
+                          "--variance fitted", "training data")
+    assert_one_line_error(cli("sample", run, "-n", "5", "--out", tmp_path / "d.npy", "--sampler", "ddim", "--variance",
+                              "fitted"), "--variance fitted", "ancestral")
 
 
 def test_binomial_chains_are_not_respaced():

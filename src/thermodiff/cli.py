@@ -224,7 +224,7 @@ def cmd_sample(args) -> None:
     if args.respace is not None and args.steps is not None:
         raise UserError("--steps and --respace name the same chain; pass one of them")
     flag = "--respace" if args.respace is not None else "--steps"
-    diffusion = run_chain(run, args.respace or args.steps, args.variance, flag, args.seed, not args.quiet)
+    diffusion = run_chain(run, args.respace or args.steps, args.variance, flag, args.seed, not args.quiet, args.sampler)
     sampler, eta = checked_sampler(diffusion, args.sampler, args.eta)
     draw = functools.partial(sample, sampler=sampler, eta=eta)
     network = sampling_network(run.model, run.config.train, args.precision)

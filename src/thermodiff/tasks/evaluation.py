@@ -13,6 +13,7 @@ from thermodiff.process.gaussian import GaussianParameterization
 from thermodiff.process.ode import ATOL, METHOD, RTOL, Trace, flow_log_likelihood
 from thermodiff.process.contract import Process
 from thermodiff.process.respace import VarianceFit, VarianceRule, respaced_process
+from thermodiff.process.samplers import Sampler
 from thermodiff.process.tensors import LN2
 from thermodiff.run.autoconfig import default_t_samples
 from thermodiff.run.config import AUTO, EvalConfig
@@ -27,11 +28,15 @@ FIT_EXAMPLES = 500
 
 
 def run_chain(run: Run, steps: int | str | None, variance: VarianceRule | str | None, flag: str,
-              seed: int = 0, progress: bool = True) -> Process:
+              seed: int = 0, progress: bool = True, sampler: Sampler | str = Sampler.ANCESTRAL) -> Process:
     """The chain that a command's ``flag`` (--respace, --steps) and --variance name: the run's,
     respaced to ``steps`` (None: all T) with ``variance``'s rule (respace.VarianceRule, default
-    moments), the fitted rule's variances fitted on the first :data:`FIT_EXAMPLES` training examples."""
+    moments), the fitted rule's variances fitted on the first :data:`FIT_EXAMPLES` training examples.
+    The rules set the ancestral kernels' variances: with another ``sampler`` only the default is taken."""
     rule = VarianceRule(variance or VarianceRule.MOMENTS)
+    if rule is not VarianceRule.MOMENTS and Sampler(sampler) is not Sampler.ANCESTRAL:
+        raise UserError(f"--variance {rule.value} sets the ancestral chain's kernel variances; --sampler "
+                        f"{Sampler(sampler).value} steps by its own rule: drop --variance or sample ancestrally")
     if rule is not VarianceRule.FITTED:
         return respaced_process(run.diffusion, steps, flag, rule)
     if not len(run.dataset.train):

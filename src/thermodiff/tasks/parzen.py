@@ -187,7 +187,7 @@ def draw_kept_samples(run: Run, steps: int | str | None, n_samples: int, seed: i
     on where a call stopped. Two calls at once draw the same batches and write the same files
     (each write atomic). A run that cannot be written (read-only, a full disk) is sampled all the
     same and keeps nothing."""
-    diffusion = run_chain(run, steps, variance, "--steps", seed, progress)
+    diffusion = run_chain(run, steps, variance, "--steps", seed, progress, sampler)
     record = chain_record(run, diffusion, steps, variance)
     sampler, eta = checked_sampler(diffusion, sampler, eta)
     network = sampling_network(run.model, run.config.train, precision)
@@ -275,8 +275,9 @@ def parzen_evaluate(run: Run, n_samples: int = 10000, n_valid: int = 10000, max_
         **drawn.chain,
         "samples_kept": drawn.kept,
         "protocol": (f"Gaussian Parzen window (Breuleux et al. 2011, Goodfellow et al. 2014) on {n_samples} "
-                     f"{sampler_label(sampler, eta)} samples ({sampling_steps} steps of the run's {run.diffusion.T}, "
-                     f"the network in {drawn.precision}) rounded to pixel values, pixels scaled to [0, 1]; "
+                     f"{sampler_label(sampler, eta)} samples ({sampling_steps} steps of the run's {run.diffusion.T}"
+                     + (f" with {drawn.chain['variance_rule']} variances" if "variance_rule" in drawn.chain else "")
+                     + f", the network in {drawn.precision}) rounded to pixel values, pixels scaled to [0, 1]; "
                      f"bandwidth chosen from {len(sigmas)} values in [{min(sigmas):.3g}, {max(sigmas):.3g}] by the "
                      f"mean log-likelihood of the last {n_valid} training images; mean log-likelihood of "
                      f"{len(test)} test images, standard error over images"),
