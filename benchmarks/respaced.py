@@ -34,9 +34,10 @@ def sampling_rate(run: str, steps: int, n_samples: int, seed: int) -> dict:
 
 
 def measure_run(run: str, max_examples: int, n_samples: int, seed: int, step_counts: list[int] | None,
-                variances: list[str], t_sampling: str) -> dict:
+                variances: list[str], t_sampling: str | None) -> dict:
     """The bound (and images/s) at T, T/4 and T/10 steps, or ``step_counts``, for one run."""
-    common = ["--max-examples", str(max_examples), "--eval-seed", str(seed), "--t-sampling", t_sampling]
+    common = ["--max-examples", str(max_examples), "--eval-seed", str(seed)]
+    common += ["--t-sampling", t_sampling] if t_sampling else []  # else the run's eval.t_sampling
     full = thermodiff_json(["evaluate", run, *common])
     T, chains = full["T"], []
     for steps in step_counts or (T, max(2, T // 4), max(2, T // 10)):
@@ -62,7 +63,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", help="comma-separated step counts (default T, T/4, T/10)")
     parser.add_argument("--variances", default="moments", help=f"comma-separated rules of {', '.join(VARIANCE_RULES)}")
-    parser.add_argument("--t-sampling", choices=["uniform", "importance"], default="uniform")
+    parser.add_argument("--t-sampling", choices=["uniform", "importance"], help="default: the run's eval.t_sampling")
     parser.add_argument("--name", help="results file: respaced_NAME.json")
     args = parser.parse_args()
     step_counts = [int(n) for n in args.steps.split(",")] if args.steps else None
@@ -76,11 +77,13 @@ def main() -> None:
         "command": f"OMP_NUM_THREADS={torch.get_num_threads()} python benchmarks/respaced.py {' '.join(args.runs)} "
                    f"--max-examples {args.max_examples} --samples {args.samples} --seed {args.seed}"
                    + (f" --steps {args.steps}" if args.steps else "") + f" --variances {args.variances}"
-                   + f" --t-sampling {args.t_sampling}" + (f" --name {args.name}" if args.name else ""),
+                   + (f" --t-sampling {args.t_sampling}" if args.t_sampling else "")
+                   + (f" --name {args.name}" if args.name else ""),
         "date": datetime.date.today().isoformat(),
         "evaluation": {"split": "test, first --max-examples images", "n_examples": args.max_examples, "n_draws": 1,
-                       "bound": f"bound of the (respaced) chain: prior, decoder and the KL terms ({args.t_sampling} "
-                                "steps per example as thermodiff evaluate's default count, or all), float64",
+                       "bound": "bound of the (respaced) chain: prior, decoder and the KL terms (as many steps per "
+                                f"example as thermodiff evaluate's default, drawn {args.t_sampling or 'as the run says'}), "
+                                "float64",
                        "respacing": "evenly spaced steps including 1 and T; variance_rule: thermodiff evaluate "
                                     "--variance (fitted: on the first 500 training images)",
                        "n_samples_timed": args.samples, "speed_up": "images_per_s relative to the first chain"},
