@@ -180,7 +180,7 @@ class VDM(GaussianChain):
         chain is the model's own chain on those times: exact, with no kernel approximation (unlike
         :class:`~thermodiff.process.respace.RespacedDiffusion`), hence no ``variance_rule`` (and no
         fitted variances: a ValueError)."""
-        if fit is not None or variance_rule == VarianceRule.FITTED:
+        if variance_rule == VarianceRule.FITTED:
             raise ValueError("a VDM's respaced chain is its own model's on those times; its variances are not fitted "
                              "(--variance fitted is for discrete-time Gaussian diffusion)")
         chain = copy.copy(self)  # shares the schedule's parameters and buffers

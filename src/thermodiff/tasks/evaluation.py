@@ -2,6 +2,8 @@
 with how it was measured."""
 
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -9,9 +11,9 @@ from tqdm import tqdm
 
 from thermodiff.errors import UserError
 from thermodiff.process.bound import PILOT_EXAMPLES, PILOT_STEPS, BoundEstimate, TSampling, exact_bound, standard_error
+from thermodiff.process.contract import Process
 from thermodiff.process.gaussian import GaussianParameterization
 from thermodiff.process.ode import ATOL, METHOD, RTOL, Trace, flow_log_likelihood
-from thermodiff.process.contract import Process
 from thermodiff.process.respace import VarianceFit, VarianceRule, respaced_process
 from thermodiff.process.samplers import Sampler
 from thermodiff.process.tensors import LN2
@@ -21,6 +23,18 @@ from thermodiff.run.experiment import Run, paper_row
 from thermodiff.run.machine import hardware
 from thermodiff.tasks.entropy import entropy_examples, entropy_report, entropy_steps
 from thermodiff.tasks.reports import require_finite
+
+
+@contextmanager
+def counting_bar(desc: str, enabled: bool) -> Iterator[Callable[[int, int], None]]:
+    """A progress bar of network calls, as the ``callback(done, total)`` that exact_bound and
+    respace.VarianceFit report to."""
+    with tqdm(desc=desc, unit="call", disable=not enabled, leave=False, mininterval=1.0) as bar:
+        def report(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        yield report
 
 
 #: training examples that ``--variance fitted`` fits the chain's variances on (one forward draw each)
@@ -44,20 +58,17 @@ def run_chain(run: Run, steps: int | str | None, variance: VarianceRule | str | 
                         "data (without --data)")
     generator = torch.Generator().manual_seed(seed)
     x = run.dataset.to_model(run.dataset.train[:FIT_EXAMPLES], generator, dequantize=run.diffusion.dequantizes)
-    with tqdm(desc="fit variances", unit="call", disable=not progress, leave=False, mininterval=1.0) as bar:
-        def report(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
-
+    with counting_bar("fit variances", progress) as report:
         fit = VarianceFit(run.model, torch.split(x, run.config.eval.batch_size), generator, report)
         return respaced_process(run.diffusion, steps, flag, rule, fit)
 
 
-def chain_record(run: Run, chain: Process, steps: int | str | None, variance: VarianceRule | str | None) -> dict:
-    """What a report says of a chain from :func:`run_chain`: its steps and variance rule, if not the run's own."""
-    rule = VarianceRule(variance or VarianceRule.MOMENTS)
-    if steps is None and rule is VarianceRule.MOMENTS:
+def chain_record(run: Run, chain: Process, variance: VarianceRule | str | None) -> dict:
+    """What a report says of a chain from :func:`run_chain`: its steps and variance rule, unless it
+    is the run's own."""
+    if chain is run.diffusion:
         return {}
+    rule = VarianceRule(variance or VarianceRule.MOMENTS)
     return {"T_trained": run.diffusion.T, "respaced_timesteps": chain.timesteps.tolist(), "variance_rule": rule.value,
             **({"variance_fit_examples": min(FIT_EXAMPLES, len(run.dataset.train))} if rule is VarianceRule.FITTED else {})}
 
@@ -219,11 +230,7 @@ def measure_bound(diffusion, model, dataset, test, n_draws: int, t_samples: int,
     batches = tuple(b.to(device) for b in torch.split(x, batch_size))
     if batches and batches[0].device.type != "cpu":  # the bound's draws are made where the batches are
         generator = torch.Generator(batches[0].device).manual_seed(seed)
-    with tqdm(desc="bound", unit="call", disable=not progress, leave=False, mininterval=1.0) as bar:
-        def report(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
-
+    with counting_bar("bound", progress) as report:
         estimate = exact_bound(diffusion, model, batches, n_draws, generator, callback=report,
                                t_samples=t_samples or None, t_sampling=t_sampling)
     require_finite_bound(estimate.per_example, origin)
@@ -295,7 +302,7 @@ def evaluate(run: Run, n_draws: int | None = None, max_examples: int | None = No
                                        entropy_examples(run.dataset.is_image))
     if run.diffusion.parameterization is GaussianParameterization.EPS:
         result["eps_variance"] = run.diffusion.eps_variance.value
-    result |= chain_record(run, diffusion, respace_to, variance)
+    result |= chain_record(run, diffusion, variance)
     if per_example:
         result["per_example_original_units_bits"] = (estimate.per_example / LN2 + report["log_det_scaling_bits"]).tolist()
     if ode is not None:

@@ -188,7 +188,7 @@ def draw_kept_samples(run: Run, steps: int | str | None, n_samples: int, seed: i
     (each write atomic). A run that cannot be written (read-only, a full disk) is sampled all the
     same and keeps nothing."""
     diffusion = run_chain(run, steps, variance, "--steps", seed, progress, sampler)
-    record = chain_record(run, diffusion, steps, variance)
+    record = chain_record(run, diffusion, variance)
     sampler, eta = checked_sampler(diffusion, sampler, eta)
     network = sampling_network(run.model, run.config.train, precision)
     precision = network.precision
