@@ -204,7 +204,8 @@ def cmd_sample(args) -> None:
     from thermodiff.run.experiment import SplitUnavailable, load_run, sampling_memory
     from thermodiff.run.memory import require_fits
     from thermodiff.run.training import sampling_network
-    from thermodiff.tasks.evaluation import run_chain
+    from thermodiff.process.respace import VarianceRule
+    from thermodiff.tasks.evaluation import chain_rule, run_chain
 
     out = Path(args.out)
     if out.suffix not in (".npy", ".png"):
@@ -214,7 +215,8 @@ def cmd_sample(args) -> None:
             raise UserError(f"{flag} must be at least 1, got {value}")
     _refuse_existing(out, args.overwrite)
     try:
-        run = load_run(args.run_dir, split=args.variance == "fitted")  # the fit needs the training data
+        fitted = chain_rule(args.respace or args.steps, args.variance) is VarianceRule.FITTED
+        run = load_run(args.run_dir, split=fitted)  # the fit needs the training data
     except SplitUnavailable as e:
         raise UserError(f"{e}; --variance fitted fits on the run's training data") from None
     if out.suffix == ".png" and not run.dataset.is_image:
@@ -489,8 +491,9 @@ SAMPLING_PRECISIONS = ("fp32", "bf16")
 PRECISION_HELP = ("the network's precision while sampling (default: bf16 if it trained in bf16 and this machine "
                   "computes bf16 natively, else fp32; bf16 samples the image default's U-Net 1.7 times as fast as "
                   "fp32 on a CPU with AMX, and far slower on one without AMX or AVX-512 BF16)")
-RESPACE_HELP = ("a respaced chain: N steps evenly spaced from 1 to T, or a comma-separated list of the trained "
-                "steps to keep, from 1 to T (Gaussian runs)")
+RESPACE_HELP = ("a respaced chain: N steps evenly spaced from 1 to T, optimalN for the N steps whose chain with "
+                "fitted variances has the highest bound (chosen on the fit's training images), or a comma-separated "
+                "list of the trained steps to keep, from 1 to T (Gaussian runs)")
 VARIANCE_HELP = ("the chain's reverse variances: moments (default: the network's own, carried to longer steps), "
                  "interpolate (improved-diffusion's respacing) or fitted (per step, the variance that maximises the "
                  "bound for the network's mean, fitted on 500 training images: a real bound for a chain respaced from "

@@ -23,8 +23,16 @@ comparison.
 A kept step whose predecessor is kept as well (always the first: beta'_1 = beta_1) skips nothing
 and keeps the network's own kernel, the decoder included; the last (s_K = T) keeps the prior term.
 With S = 1..T the chain is the original one.
+
+Which steps to keep: ``N`` evenly strided, or ``optimalN``, the N steps whose chain with fitted
+variances has the highest expected bound. With fitted variances each step's expected KL has a closed
+form in the step's two noise levels and the network's x_0 error (:func:`fitted_transition_kl`), so
+the best subsequence of a grid of candidate steps is a shortest path, found exactly by dynamic
+programming (:func:`cheapest_path`; Watson, Ho, Norouzi & Chan 2021, "Learning to Efficiently
+Sample from Diffusion Probabilistic Models").
 """
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -88,6 +96,74 @@ def evenly_spaced(T: int, count: int) -> list[int]:
         steps.append(1 + round(position))
         position += stride
     return steps
+
+
+#: the prefix of a respacing spec that asks for the bound-optimal steps ("optimal20")
+OPTIMAL = "optimal"
+#: candidate steps that optimal spacing fits the x_0 error at and chooses among (T of them when T is smaller)
+CANDIDATES = 128
+
+
+def optimal_count(spec: int | str | Sequence[int]) -> int | None:
+    """N of an ``optimalN`` spec, None for any other spec."""
+    if not (isinstance(spec, str) and spec.startswith(OPTIMAL)):
+        return None
+    try:
+        return int(spec[len(OPTIMAL):])
+    except ValueError:
+        raise ValueError(f"respacing {spec!r}: expected {OPTIMAL}N, N the number of steps (e.g. {OPTIMAL}20)") from None
+
+
+def spacing_of(spec: int | str | Sequence[int] | None) -> str:
+    """How a spec chooses its steps, for reports: "optimal" (``optimalN``), "even" (N; None, all
+    T) or "listed"."""
+    if isinstance(spec, str) and spec.startswith(OPTIMAL):
+        return "optimal"
+    return "listed" if isinstance(spec, Sequence) and not isinstance(spec, str) or "," in str(spec) else "even"
+
+
+def candidate_steps(T: int, count: int) -> list[int]:
+    """The steps optimal spacing chooses ``count`` of: all T when T <= :data:`CANDIDATES`, else
+    half that many evenly strided, as many geometrically spaced (1, 2, 3, ... near the data,
+    where each step's noise level changes fastest relative to itself) and the ``count`` evenly
+    strided ones, so that the chosen chain is never worse than the even one on the fit's data."""
+    even = respaced_timesteps(T, count)  # checks count
+    if T <= CANDIDATES:
+        return list(range(1, T + 1))
+    geometric = torch.logspace(0, math.log10(T), CANDIDATES // 2, dtype=torch.float64).round().long().tolist()
+    return sorted({*evenly_spaced(T, CANDIDATES // 2), *geometric, *even})
+
+
+def fitted_transition_kl(log_abar_s: Tensor, log_abar_t: Tensor, x0_error: Tensor) -> Tensor:
+    """E_q KL(q(x_s | x_t, x_0) || p(x_s | x_t)) per dimension (nats) of one step from t down to
+    s < t, with the FITTED kernel: mean c0 x0_hat + c x_t, variance beta-tilde + c0^2 e, where e =
+    E (x_0 - x0_hat)^2. Per dimension and residual r = x_0 - x0_hat the KL of the two Gaussians is
+    (1/2)[log(v / beta-tilde) + (beta-tilde + c0^2 r^2) / v - 1]; its mean over r with v = beta-tilde
+    + c0^2 e is (1/2) log(1 + c0^2 e / beta-tilde), and c0^2 / beta-tilde = SNR_s - SNR_t with SNR =
+    abar / (1 - abar) (from posterior_tables' c0 and beta-tilde of the step abar_t / abar_s):
+    (1/2) log(1 + (SNR_s - SNR_t) e). Its first-order term is VDM's discrete-time loss
+    (Kingma et al. 2021, Eq. 13)."""
+    snr = lambda log_abar: torch.exp(log_abar) / -torch.expm1(log_abar)  # noqa: E731
+    return 0.5 * torch.log1p((snr(log_abar_s) - snr(log_abar_t)) * x0_error)
+
+
+def cheapest_path(costs: Tensor, count: int) -> list[int]:
+    """The indices 0 = i_1 < i_2 < ... < i_count = M - 1 that minimise sum_k costs[i_k, i_{k+1}]
+    (``costs[i, j]``: of the step from candidate j down to candidate i, M x M, infinite unless i < j),
+    by dynamic programming over the number of steps taken: O(count M^2) (Watson et al. 2021)."""
+    M = len(costs)
+    if not 2 <= count <= M:
+        raise ValueError(f"a path of {count} of {M} candidates: the count must lie in 2..{M}")
+    best = torch.full((M,), math.inf, dtype=costs.dtype)
+    best[0] = 0.0  # best[j]: the cheapest way from candidate 0 to j in the steps taken so far
+    came_from = []
+    for _ in range(count - 1):
+        best, previous = (best[:, None] + costs).min(0)
+        came_from.append(previous)
+    path = [M - 1]
+    for previous in reversed(came_from):
+        path.append(int(previous[path[-1]]))
+    return path[::-1]
 
 
 def respaced_timesteps(T: int, spec: int | str | Sequence[int]) -> list[int]:
@@ -157,13 +233,35 @@ class RespacedDiffusion(GaussianDiffusion):
         return torch.where(skips, respaced_mean, mean), torch.where(skips, respaced_var, var)
 
 
+def optimally_respaced(diffusion: Process, count: int, fit: VarianceFit | None) -> Process:
+    """The chain of ``count`` steps with fitted variances whose expected bound on ``fit``'s data is
+    the highest among :func:`candidate_steps`: the x_0 error fitted at every candidate, each
+    step's expected KL (:func:`fitted_transition_kl`; the decoder's and the prior's terms are the
+    same for every chain), and the cheapest path through them (:func:`cheapest_path`)."""
+    candidates = candidate_steps(diffusion.T, count)
+    grid = diffusion.respaced(candidates, VarianceRule.FITTED, fit)  # the fit; a VDM refuses here
+    log_abar = diffusion.log_alphas_cumprod().detach().cpu()[torch.as_tensor(candidates) - 1]
+    errors = grid.x0_errors.cpu()
+    costs = fitted_transition_kl(log_abar[:, None], log_abar[None, :], errors[None, :])
+    costs = costs.masked_fill(~torch.ones_like(costs, dtype=torch.bool).triu(1), math.inf)
+    chosen = cheapest_path(costs, count)
+    return RespacedDiffusion(diffusion, [candidates[i] for i in chosen], VarianceRule.FITTED, grid.x0_errors[chosen])
+
+
 def respace(diffusion: Process, spec: int | str | Sequence[int], variance_rule: VarianceRule | str = VarianceRule.MOMENTS,
             fit: VarianceFit | None = None) -> Process:
     """``diffusion`` on the steps that ``spec`` names (see :func:`respaced_timesteps`): the
     process's own :meth:`~thermodiff.process.contract.Trainable.respaced` chain (a
     :class:`RespacedDiffusion` for discrete-time Gaussian diffusion, a VDM's exact chain on those
-    times; a ValueError for the others), its variances fitted on ``fit`` for the FITTED rule."""
-    return diffusion.respaced(respaced_timesteps(diffusion.T, spec), VarianceRule(variance_rule), fit)
+    times; a ValueError for the others), its variances fitted on ``fit`` for the FITTED rule.
+    ``optimalN``: the N steps of :func:`optimally_respaced`, for the FITTED rule only."""
+    rule, count = VarianceRule(variance_rule), optimal_count(spec)
+    if count is None:
+        return diffusion.respaced(respaced_timesteps(diffusion.T, spec), rule, fit)
+    if rule is not VarianceRule.FITTED:
+        raise ValueError(f"respacing {spec!r}: the optimal steps are those of the chain with fitted variances; "
+                         f"use the fitted variance rule (--variance fitted) or N evenly spaced steps")
+    return optimally_respaced(diffusion, count, fit)
 
 
 def respaced_process(diffusion: Process, respace_to: int | str | Sequence[int] | None, flag: str = "--respace",

@@ -14,7 +14,7 @@ from thermodiff.process.bound import PILOT_EXAMPLES, PILOT_STEPS, BoundEstimate,
 from thermodiff.process.contract import Process
 from thermodiff.process.gaussian import GaussianParameterization
 from thermodiff.process.ode import ATOL, METHOD, RTOL, Trace, flow_log_likelihood
-from thermodiff.process.respace import VarianceFit, VarianceRule, respaced_process
+from thermodiff.process.respace import VarianceFit, VarianceRule, respaced_process, spacing_of
 from thermodiff.process.samplers import Sampler
 from thermodiff.process.tensors import LN2
 from thermodiff.run.autoconfig import default_t_samples
@@ -28,13 +28,21 @@ from thermodiff.tasks.reports import require_finite
 @contextmanager
 def counting_bar(desc: str, enabled: bool) -> Iterator[Callable[[int, int], None]]:
     """A progress bar of network calls, as the ``callback(done, total)`` that exact_bound and
-    respace.VarianceFit report to."""
-    with tqdm(desc=desc, unit="call", disable=not enabled, leave=False, mininterval=1.0) as bar:
-        def report(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
+    respace.VarianceFit report to; shown from the first call, so that an input refused before any
+    work leaves no bar behind its one-line error."""
+    bar = None
 
+    def report(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(desc=desc, total=total, unit="call", disable=not enabled, leave=False, mininterval=1.0)
+        bar.update(done - bar.n)
+
+    try:
         yield report
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 #: training examples that ``--variance fitted`` fits the chain's variances on (one forward draw each)
@@ -45,9 +53,10 @@ def run_chain(run: Run, steps: int | str | None, variance: VarianceRule | str | 
               seed: int = 0, progress: bool = True, sampler: Sampler | str = Sampler.ANCESTRAL) -> Process:
     """The chain that a command's ``flag`` (--respace, --steps) and --variance name: the run's,
     respaced to ``steps`` (None: all T) with ``variance``'s rule (respace.VarianceRule, default
-    moments), the fitted rule's variances fitted on the first :data:`FIT_EXAMPLES` training examples.
-    The rules set the ancestral kernels' variances: with another ``sampler`` only the default is taken."""
-    rule = VarianceRule(variance or VarianceRule.MOMENTS)
+    moments, fitted for ``optimalN`` steps), the fitted rule's variances fitted on the first
+    :data:`FIT_EXAMPLES` training examples. The rules set the ancestral kernels' variances: with
+    another ``sampler`` only the default is taken."""
+    rule = chain_rule(steps, variance)
     if rule is not VarianceRule.MOMENTS and Sampler(sampler) is not Sampler.ANCESTRAL:
         raise UserError(f"--variance {rule.value} sets the ancestral chain's kernel variances; --sampler "
                         f"{Sampler(sampler).value} steps by its own rule: drop --variance or sample ancestrally")
@@ -63,13 +72,22 @@ def run_chain(run: Run, steps: int | str | None, variance: VarianceRule | str | 
         return respaced_process(run.diffusion, steps, flag, rule, fit)
 
 
-def chain_record(run: Run, chain: Process, variance: VarianceRule | str | None) -> dict:
-    """What a report says of a chain from :func:`run_chain`: its steps and variance rule, unless it
-    is the run's own."""
+def chain_rule(steps: int | str | None, variance: VarianceRule | str | None) -> VarianceRule:
+    """The variance rule of the chain that ``steps`` and ``variance`` name: as given, else fitted
+    for the bound-optimal steps (``optimalN``: chosen for fitted variances), else moments."""
+    if variance is not None:
+        return VarianceRule(variance)
+    return VarianceRule.FITTED if spacing_of(steps) == "optimal" else VarianceRule.MOMENTS
+
+
+def chain_record(run: Run, chain: Process, steps: int | str | None, variance: VarianceRule | str | None) -> dict:
+    """What a report says of a chain from :func:`run_chain` for ``steps`` and ``variance``: its
+    steps, how they were chosen and its variance rule, unless it is the run's own."""
     if chain is run.diffusion:
         return {}
-    rule = VarianceRule(variance or VarianceRule.MOMENTS)
+    rule = chain_rule(steps, variance)
     return {"T_trained": run.diffusion.T, "respaced_timesteps": chain.timesteps.tolist(), "variance_rule": rule.value,
+            "spacing": spacing_of(steps),
             **({"variance_fit_examples": min(FIT_EXAMPLES, len(run.dataset.train))} if rule is VarianceRule.FITTED else {})}
 
 
@@ -302,7 +320,7 @@ def evaluate(run: Run, n_draws: int | None = None, max_examples: int | None = No
                                        entropy_examples(run.dataset.is_image))
     if run.diffusion.parameterization is GaussianParameterization.EPS:
         result["eps_variance"] = run.diffusion.eps_variance.value
-    result |= chain_record(run, diffusion, variance)
+    result |= chain_record(run, diffusion, respace_to, variance)
     if per_example:
         result["per_example_original_units_bits"] = (estimate.per_example / LN2 + report["log_det_scaling_bits"]).tolist()
     if ode is not None:

@@ -188,7 +188,7 @@ def draw_kept_samples(run: Run, steps: int | str | None, n_samples: int, seed: i
     (each write atomic). A run that cannot be written (read-only, a full disk) is sampled all the
     same and keeps nothing."""
     diffusion = run_chain(run, steps, variance, "--steps", seed, progress, sampler)
-    record = chain_record(run, diffusion, variance)
+    record = chain_record(run, diffusion, steps, variance)
     sampler, eta = checked_sampler(diffusion, sampler, eta)
     network = sampling_network(run.model, run.config.train, precision)
     precision = network.precision
@@ -276,7 +276,8 @@ def parzen_evaluate(run: Run, n_samples: int = 10000, n_valid: int = 10000, max_
         "samples_kept": drawn.kept,
         "protocol": (f"Gaussian Parzen window (Breuleux et al. 2011, Goodfellow et al. 2014) on {n_samples} "
                      f"{sampler_label(sampler, eta)} samples ({sampling_steps} steps of the run's {run.diffusion.T}"
-                     + (f" with {drawn.chain['variance_rule']} variances" if "variance_rule" in drawn.chain else "")
+                     + (f", {drawn.chain['spacing']} steps with {drawn.chain['variance_rule']} variances"
+                        if "variance_rule" in drawn.chain else "")
                      + f", the network in {drawn.precision}) rounded to pixel values, pixels scaled to [0, 1]; "
                      f"bandwidth chosen from {len(sigmas)} values in [{min(sigmas):.3g}, {max(sigmas):.3g}] by the "
                      f"mean log-likelihood of the last {n_valid} training images; mean log-likelihood of "

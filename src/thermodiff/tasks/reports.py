@@ -104,7 +104,8 @@ def describe_evaluation(r: dict) -> str:
     estimated, the paper's figures beside it, and the settings chosen from the data."""
     if "model" in r:
         return describe_baseline(r)
-    respaced = f" respaced from {r['T_trained']}, {r['variance_rule']} variances" if "T_trained" in r else ""
+    respaced = (f" respaced from {r['T_trained']} ({r.get('spacing', 'even')} steps), {r['variance_rule']} variances"
+                if "T_trained" in r else "")
     lines = [f"{r['experiment']} ({r['split']} split, {r['n_examples']} of {r['n_test']} examples, {r['n_draws']} draws/t, "
              f"T = {r['T']}{respaced}, {r['parameterization']} parameterisation, {r['schedule']} schedule, "
              f"{r['checkpoint']} weights: step {r['train_steps']})",
