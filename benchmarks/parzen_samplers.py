@@ -5,7 +5,8 @@ parzen`) from the samples of each sampler at equal network calls, on one trained
                                                           [--samplers ancestral,ddim,dpm2m] [--precision P]
 
 A sampler may name the respaced chain's variances after a colon (``ancestral:fitted``, `thermodiff
-parzen --variance`): the same seeds' draws on the same steps, with other reverse variances.
+parzen --variance`): the same seeds' draws on the same steps, with other reverse variances; and its
+steps after an at sign (``ancestral:fitted@optimal20``, `thermodiff parzen --steps`), else --steps.
 
 Each sampler draws --samples images on the run's chain respaced to --steps steps (one network call
 a step for these three), and `thermodiff parzen` scores every test image under a Gaussian window
@@ -29,24 +30,28 @@ def main() -> None:
     parser.add_argument("run")
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--samplers", default="ancestral,ddim,dpm2m")
+    parser.add_argument("--samplers", default="ancestral,ddim,dpm2m",
+                        help="comma-separated SAMPLER[:VARIANCE][@STEPS] (see above)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--name", help="the record's name (default parzen_samplers_NAME..., see above)")
     args = parser.parse_args()
     results, start = {}, time.perf_counter()
     for spec in args.samplers.split(","):
-        sampler, _, variance = spec.partition(":")
-        results[spec] = thermodiff_json(["parzen", args.run, "--samples", str(args.samples), "--steps", str(args.steps),
+        spec_and_variance, _, steps = spec.partition("@")
+        sampler, _, variance = spec_and_variance.partition(":")
+        results[spec] = thermodiff_json(["parzen", args.run, "--samples", str(args.samples), "--steps", steps or str(args.steps),
                                          "--sampler", sampler, "--precision", args.precision,
                                          *(["--variance", variance] if variance else [])])
     experiment = next(iter(results.values()))["experiment"]
     record = {"run": args.run, "experiment": experiment, "samples": args.samples, "steps": args.steps,
-              "network_calls_per_sample": args.steps,
+              "network_calls_per_sample": {spec: r["sampling_steps"] for spec, r in results.items()},
               "command": f"OMP_NUM_THREADS=1 python benchmarks/parzen_samplers.py {args.run} --samples {args.samples} "
-                         f"--steps {args.steps} --samplers {args.samplers} --precision {args.precision}",
+                         f"--steps {args.steps} --samplers {args.samplers} --precision {args.precision}"
+                         + (f" --name {args.name}" if args.name else ""),
               "wall_s": time.perf_counter() - start, "samplers": results}
     suffix = "" if args.precision == "fp32" else f"_{args.precision}"
     suffix += "" if args.steps == 20 else f"_steps{args.steps}"
-    print(write_result(f"parzen_samplers_{experiment.removesuffix('_unet')}{suffix}", record))
+    print(write_result(args.name or f"parzen_samplers_{experiment.removesuffix('_unet')}{suffix}", record))
 
 
 if __name__ == "__main__":

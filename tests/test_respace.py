@@ -326,8 +326,9 @@ def test_cli_optimal_steps(cli, copy_run, tmp_path):
     assert optimal["respaced_timesteps"][::2] == [1, 6] and math.isfinite(optimal["K_bits"])
     assert "(optimal steps), fitted variances" in cli("evaluate", run, "--quiet", "--respace", "optimal3").out
     assert cli("evaluate", run, "--quiet", "--json", "--respace", "3", "--variance", "fitted").json()["spacing"] == "even"
-    out = cli("sample", run, "-n", "5", "--out", tmp_path / "s.npy", "--quiet", "--steps", "optimal3")
-    assert out.rc == 0 and np.load(tmp_path / "s.npy").shape == (5, 2)
+    out = cli("sample", run, "-n", "5", "--out", tmp_path / "s.npy", "--quiet", "--json", "--steps", "optimal3").json()
+    assert (out["spacing"], out["variance_rule"], out["steps"]) == ("optimal", "fitted", 3)
+    assert np.load(tmp_path / "s.npy").shape == (5, 2)
     assert_one_line_error(cli("evaluate", run, "--respace", "optimal3", "--variance", "moments"), "--respace",
                           "--variance fitted")
     assert_one_line_error(cli("evaluate", run, "--respace", "optimalx"), "--respace", "optimalN")

@@ -205,7 +205,7 @@ def cmd_sample(args) -> None:
     from thermodiff.run.memory import require_fits
     from thermodiff.run.training import sampling_network
     from thermodiff.process.respace import VarianceRule
-    from thermodiff.tasks.evaluation import chain_rule, run_chain
+    from thermodiff.tasks.evaluation import chain_record, chain_rule, run_chain
 
     out = Path(args.out)
     if out.suffix not in (".npy", ".png"):
@@ -247,7 +247,8 @@ def cmd_sample(args) -> None:
     counted = f"{calls:g}" if calls else "uncounted"
     _emit(args, {"out": str(out), "n": args.n, "shape": list(samples.shape), "units": "original", "steps": diffusion.T,
                  "sampler": sampler.value, "eta": eta if sampler is Sampler.DDIM else None, "precision": precision,
-                 "network_calls_per_sample": calls, "sample_wall_s": round(wall, 3)},
+                 "network_calls_per_sample": calls, "sample_wall_s": round(wall, 3),
+                 **chain_record(run, diffusion, args.respace or args.steps, args.variance)},
           f"wrote {args.n} samples (original units, {label}, {diffusion.T} steps, {counted} network calls each "
           f"in {precision}, "
           f"{wall:.1f} s) to {out}")
