@@ -5,6 +5,7 @@ Gaussian whose exact log-likelihood the bound must reach."""
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from thermodiff.run.autoconfig import (
     RESOLUTION_NATS,
     nn_distance_quantile,
     precision_choice,
+    resolve_for_device,
 )
 from thermodiff.run.checkpoint import load_checkpoint
 from thermodiff.run.config import load_config
@@ -354,6 +356,28 @@ def test_precision_is_bf16_only_on_a_cpu_that_computes_it_natively(amx, avx512_b
     choice = precision_choice(torch.device("cpu"))
     assert choice.key == "train.precision" and choice.value == expected
     assert ("AMX" if amx else "AVX-512 BF16") in choice.reason if expected == "bf16" else "emulated" in choice.reason
+
+
+@pytest.mark.parametrize("minutes, steps, network, device, compiler, expected, why", [
+    (30.0, 0, "unet", "cpu", True, (True, True), "train_speed_mnist_unet_simple.json"),
+    (5.0, 0, "unet", "cpu", True, (True, False), "a 5-minute run"),  # too short to repay compilation
+    (0.0, 5000, "conv", "cpu", True, (True, True), "train_speed_mnist_unet_simple.json"),
+    (0.0, 200, "unet", "cpu", True, (True, False), "a 200-step run"),
+    (30.0, 0, "unet", "cpu", False, (True, False), "no C++ compiler"),
+    (30.0, 0, "unet", "cuda", True, (False, False), "measured on CPUs only"),
+    (30.0, 0, "resmlp", "cpu", True, (False, False), "measured on image networks"),
+])
+def test_speed_options_follow_the_device_the_network_and_the_runs_length(minutes, steps, network, device, compiler,
+                                                                         expected, why, monkeypatch):
+    """train.channels_last and train.compile = "auto": each decided with its reason, compile only
+    where the run is long enough to repay compilation and a C++ compiler is found."""
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}" if compiler else None)
+    cfg = load_config("images")
+    cfg.train.max_minutes, cfg.train.steps, cfg.model.network = minutes, steps, network
+    assert (cfg.train.compile, cfg.train.channels_last) == ("auto", "auto")
+    resolve_for_device(cfg, torch.device(device))
+    assert (cfg.train.channels_last, cfg.train.compile) == expected
+    assert cfg.auto["train.compile"].startswith(f"{expected[1]}: ") and why in cfg.auto["train.compile"]
 
 
 @pytest.mark.parametrize("native", [True, False])

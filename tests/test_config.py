@@ -155,8 +155,8 @@ def test_image_networks_are_network_names():
     ("baseline.kind=gan", "baseline.kind: expected '' or 'vae' or 'dae', got 'gan'"),
     ("model.activation=gelu", "model.activation: expected 'sigmoid' or 'tanh' or 'relu'"),
     ("train.optimizer_kernel=fast", "train.optimizer_kernel: expected 'default' or 'foreach' or 'fused', got 'fast'"),
-    ("train.compile=yes", "train.compile: expected bool, got 'yes'"),
-    ("train.channels_last=1", "train.channels_last: expected bool, got 1"),
+    ("train.compile=yes", "train.compile: expected bool or 'auto', got 'yes'"),
+    ("train.channels_last=1", "train.channels_last: expected bool or 'auto', got 1"),
 ])
 def test_a_value_outside_its_set_is_refused_at_load_naming_key_and_values(override, message):
     with pytest.raises(UserError) as e:

@@ -27,6 +27,8 @@ too), so the budget need not shrink with N.
 """
 
 import math
+import os
+import shutil
 from dataclasses import dataclass
 
 import numpy as np
@@ -249,9 +251,39 @@ def precision_choice(device: torch.device) -> Choice:
     return Choice("train.precision", "fp32", f"fp32: {where}, so bf16 would be emulated and slower")
 
 
-def resolve_precision(cfg: Config, device: torch.device) -> None:
-    """train.precision, if "auto" (:func:`precision_choice`)."""
-    _apply(cfg, [precision_choice(device)])
+#: torch.compile pays about a minute of compilation at every start (the cpu U-Net on the 2-core
+#: CPU); runs shorter than this many minutes, or of fewer steps without a time budget, train uncompiled.
+COMPILE_MIN_MINUTES, COMPILE_MIN_STEPS = 10.0, 1000
+#: measured side by side in thermodiff's training loop (benchmarks/train_speed.py)
+SPEED_EVIDENCE = ("torch.compile with channels_last trained the cpu U-Net 1.17x as many steps/s on 2 CPU threads "
+                  "(benchmarks/results/train_speed_mnist_unet_simple.json)")
+
+
+def speed_choices(cfg: Config, device: torch.device) -> list[Choice]:
+    """train.channels_last and train.compile: on a CPU both for image networks, where their gain
+    was measured (:data:`SPEED_EVIDENCE`), compile only for a run long enough to repay its
+    compilation and where a C++ compiler can build inductor's CPU kernels; on a GPU, and for vector
+    networks, neither (not measured there)."""
+    t = cfg.train
+    if device.type != "cpu" or cfg.model.network not in ("conv", "unet"):
+        reason = (f"{device}: the speed options were measured on CPUs only" if device.type != "cpu"
+                  else f"model.network = {cfg.model.network!r}: the speed options were measured on image networks")
+        return [Choice("train.channels_last", False, reason), Choice("train.compile", False, reason)]
+    compiler, minutes = os.environ.get("CXX", "g++"), 0.0 if t.max_minutes == AUTO else t.max_minutes
+    long_run = minutes >= COMPILE_MIN_MINUTES if minutes else t.steps >= COMPILE_MIN_STEPS
+    compile_reason = (SPEED_EVIDENCE if long_run else
+                      f"a {f'{minutes:g}-minute' if minutes else f'{t.steps}-step'} run: compilation "
+                      f"(about a minute at every start) pays back from {COMPILE_MIN_MINUTES:g} minutes or "
+                      f"{COMPILE_MIN_STEPS} steps")
+    if long_run and not shutil.which(compiler):
+        long_run, compile_reason = False, f"no C++ compiler ({compiler}) to build inductor's CPU kernels"
+    return [Choice("train.channels_last", True, SPEED_EVIDENCE), Choice("train.compile", long_run, compile_reason)]
+
+
+def resolve_for_device(cfg: Config, device: torch.device) -> None:
+    """train.precision, train.compile and train.channels_last, if "auto" (:func:`precision_choice`,
+    :func:`speed_choices`)."""
+    _apply(cfg, [precision_choice(device), *speed_choices(cfg, device)])
 
 
 def resolve(cfg: Config, train_model_units: np.ndarray | None, kind: str, bins: Bins | None = None) -> None:

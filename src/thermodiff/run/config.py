@@ -126,8 +126,11 @@ class TrainConfig:
     # bf16: autocast, CPU or GPU; fp16: autocast, GPU only; auto: bf16 where the device computes it
     # natively, else fp32 (decided when training starts: autoconfig.precision_choice)
     precision: Precision | Auto = "fp32"
-    compile: bool = False  # torch.compile the network (inductor); the first steps pay for the compilation
-    channels_last: bool = False  # image networks and their batches in channels_last memory format (NHWC)
+    # torch.compile the network (inductor; the first steps pay for the compilation), and image
+    # networks and their batches in channels_last memory format (NHWC); auto: decided when training
+    # starts from the device and the run's length (autoconfig.speed_choices)
+    compile: bool | Auto = False
+    channels_last: bool | Auto = False
     # bound: -K; simple: Ho et al.'s L_simple; hybrid: L_simple + hybrid_lambda L_vlb (Gaussian),
     # -K + hybrid_lambda L_ce (categorical, D3PM)
     loss: LossName = "bound"

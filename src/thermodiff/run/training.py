@@ -569,7 +569,7 @@ def _train_locked(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, pro
     tensors, meta = (load_checkpoint(run_dir / CHECKPOINT, TrainState.RESUME_FIELDS, TrainState.RESUME_TENSORS)
                      if resume else ({}, {}))
     cfg = run_config(cfg, meta, str(run_dir), max_minutes)
-    autoconfig.resolve_precision(cfg, ctx.device)  # a new run's "auto"; a resumed run keeps its own
+    autoconfig.resolve_for_device(cfg, ctx.device)  # a new run's "auto"; a resumed run keeps its own
     # bad input, and sizes that cannot fit, fail here, before anything on disk changes
     parts = assemble(cfg, memory_device=ctx.device if memory_check else None)
     validate_train_config(cfg, ctx.world_size)  # with every "auto" decided
