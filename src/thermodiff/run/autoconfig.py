@@ -260,15 +260,19 @@ SPEED_EVIDENCE = ("torch.compile with channels_last trained the cpu U-Net 1.17x 
 
 
 def speed_choices(cfg: Config, device: torch.device) -> list[Choice]:
-    """train.channels_last and train.compile: on a CPU both for image networks, where their gain
-    was measured (:data:`SPEED_EVIDENCE`), compile only for a run long enough to repay its
-    compilation and where a C++ compiler can build inductor's CPU kernels; on a GPU, and for vector
-    networks, neither (not measured there)."""
+    """train.channels_last and train.compile: both for image networks training in fp32 on a CPU,
+    where their gain was measured (:data:`SPEED_EVIDENCE`), compile only for a run long enough to
+    repay its compilation and where a C++ compiler can build inductor's CPU kernels. Neither in
+    bf16 (on a CPU with AMX, one thread, channels_last trained no faster and compiling gained 3%:
+    docs/results.md), on a GPU or for vector networks (not measured there)."""
     t = cfg.train
-    if device.type != "cpu" or cfg.model.network not in ("conv", "unet"):
-        reason = (f"{device}: the speed options were measured on CPUs only" if device.type != "cpu"
-                  else f"model.network = {cfg.model.network!r}: the speed options were measured on image networks")
-        return [Choice("train.channels_last", False, reason), Choice("train.compile", False, reason)]
+    unmeasured = (f"{device}: the speed options were measured on CPUs only" if device.type != "cpu" else
+                  f"model.network = {cfg.model.network!r}: the speed options were measured on image networks"
+                  if cfg.model.network not in ("conv", "unet") else
+                  f"train.precision = {t.precision!r}: the speed options gained nothing measurable in bf16"
+                  if t.precision != "fp32" else None)
+    if unmeasured:
+        return [Choice("train.channels_last", False, unmeasured), Choice("train.compile", False, unmeasured)]
     compiler, minutes = os.environ.get("CXX", "g++"), 0.0 if t.max_minutes == AUTO else t.max_minutes
     long_run = minutes >= COMPILE_MIN_MINUTES if minutes else t.steps >= COMPILE_MIN_STEPS
     compile_reason = (SPEED_EVIDENCE if long_run else
@@ -283,7 +287,8 @@ def speed_choices(cfg: Config, device: torch.device) -> list[Choice]:
 def resolve_for_device(cfg: Config, device: torch.device) -> None:
     """train.precision, train.compile and train.channels_last, if "auto" (:func:`precision_choice`,
     :func:`speed_choices`)."""
-    _apply(cfg, [precision_choice(device), *speed_choices(cfg, device)])
+    _apply(cfg, [precision_choice(device)])
+    _apply(cfg, speed_choices(cfg, device))  # for the precision decided
 
 
 def resolve(cfg: Config, train_model_units: np.ndarray | None, kind: str, bins: Bins | None = None) -> None:
