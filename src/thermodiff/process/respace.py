@@ -119,7 +119,8 @@ def spacing_of(spec: int | str | Sequence[int] | None) -> str:
     T) or "listed"."""
     if isinstance(spec, str) and spec.startswith(OPTIMAL):
         return "optimal"
-    return "listed" if isinstance(spec, Sequence) and not isinstance(spec, str) or "," in str(spec) else "even"
+    listed = (isinstance(spec, Sequence) and not isinstance(spec, str)) or "," in str(spec)
+    return "listed" if listed else "even"
 
 
 def candidate_steps(T: int, count: int) -> list[int]:
@@ -141,8 +142,8 @@ def fitted_transition_kl(log_abar_s: Tensor, log_abar_t: Tensor, x0_error: Tenso
     (1/2)[log(v / beta-tilde) + (beta-tilde + c0^2 r^2) / v - 1]; its mean over r with v = beta-tilde
     + c0^2 e is (1/2) log(1 + c0^2 e / beta-tilde), and c0^2 / beta-tilde = SNR_s - SNR_t with SNR =
     abar / (1 - abar) (from posterior_tables' c0 and beta-tilde of the step abar_t / abar_s):
-    (1/2) log(1 + (SNR_s - SNR_t) e). Its first-order term is VDM's discrete-time loss
-    (Kingma et al. 2021, Eq. 13)."""
+    (1/2) log(1 + (SNR_s - SNR_t) e). With beta-tilde for the variance it is (1/2)(SNR_s - SNR_t) e,
+    VDM's discrete-time loss (Kingma et al. 2021, Eq. 13), never less: log(1 + u) <= u."""
     snr = lambda log_abar: torch.exp(log_abar) / -torch.expm1(log_abar)  # noqa: E731
     return 0.5 * torch.log1p((snr(log_abar_s) - snr(log_abar_t)) * x0_error)
 

@@ -58,8 +58,9 @@ def run_chain(run: Run, steps: int | str | None, variance: VarianceRule | str | 
     another ``sampler`` only the default is taken."""
     rule = chain_rule(steps, variance)
     if rule is not VarianceRule.MOMENTS and Sampler(sampler) is not Sampler.ANCESTRAL:
-        raise UserError(f"--variance {rule.value} sets the ancestral chain's kernel variances; --sampler "
-                        f"{Sampler(sampler).value} steps by its own rule: drop --variance or sample ancestrally")
+        asked = f"--variance {rule.value}" if variance else f"{flag} {steps} (steps for fitted variances)"
+        raise UserError(f"{asked} sets the ancestral chain's kernel variances; --sampler {Sampler(sampler).value} "
+                        f"steps by its own rule: drop {asked.split()[0]} or sample ancestrally")
     if rule is not VarianceRule.FITTED:
         return respaced_process(run.diffusion, steps, flag, rule)
     if not len(run.dataset.train):
