@@ -332,6 +332,8 @@ def test_cli_optimal_steps(cli, copy_run, tmp_path):
     assert_one_line_error(cli("evaluate", run, "--respace", "optimal3", "--variance", "moments"), "--respace",
                           "--variance fitted")
     assert_one_line_error(cli("evaluate", run, "--respace", "optimalx"), "--respace", "optimalN")
+    assert_one_line_error(cli("sample", run, "-n", "5", "--out", tmp_path / "d.npy", "--steps", "optimal3",
+                              "--sampler", "ddim"), "--steps optimal3", "ancestral")
 
 
 def test_binomial_chains_are_not_respaced():
