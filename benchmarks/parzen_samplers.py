@@ -22,6 +22,8 @@ the run's experiment; parzen_samplers_NAME_bf16.json with --precision bf16, ..._
 import argparse
 import time
 
+import torch
+
 from record import thermodiff_json, write_result  # a sibling module: benchmarks/ is on sys.path when run
 
 
@@ -45,8 +47,8 @@ def main() -> None:
     experiment = next(iter(results.values()))["experiment"]
     record = {"run": args.run, "experiment": experiment, "samples": args.samples, "steps": args.steps,
               "network_calls_per_sample": {spec: r["sampling_steps"] for spec, r in results.items()},
-              "command": f"OMP_NUM_THREADS=1 python benchmarks/parzen_samplers.py {args.run} --samples {args.samples} "
-                         f"--steps {args.steps} --samplers {args.samplers} --precision {args.precision}"
+              "command": f"OMP_NUM_THREADS={torch.get_num_threads()} python benchmarks/parzen_samplers.py {args.run} "
+                         f"--samples {args.samples} --steps {args.steps} --samplers {args.samplers} --precision {args.precision}"
                          + (f" --name {args.name}" if args.name else ""),
               "wall_s": time.perf_counter() - start, "samplers": results}
     suffix = "" if args.precision == "fp32" else f"_{args.precision}"
