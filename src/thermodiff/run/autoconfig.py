@@ -263,13 +263,14 @@ def speed_choices(cfg: Config, device: torch.device) -> list[Choice]:
     """train.channels_last and train.compile: both for image networks training in fp32 on a CPU,
     where their gain was measured (:data:`SPEED_EVIDENCE`), compile only for a run long enough to
     repay its compilation and where a C++ compiler can build inductor's CPU kernels. Neither in
-    bf16 (on a CPU with AMX, one thread, channels_last trained no faster and compiling gained 3%:
-    docs/results.md), on a GPU or for vector networks (not measured there)."""
+    bf16 (on a CPU with AMX channels_last trained no faster in bf16, and all options together
+    slower than two threads alone: docs/results.md), on a GPU or for vector networks (not
+    measured there)."""
     t = cfg.train
     unmeasured = (f"{device}: the speed options were measured on CPUs only" if device.type != "cpu" else
                   f"model.network = {cfg.model.network!r}: the speed options were measured on image networks"
                   if cfg.model.network not in ("conv", "unet") else
-                  f"train.precision = {t.precision!r}: the speed options gained nothing measurable in bf16"
+                  f"train.precision = {t.precision!r}: the speed options were not shown to help in bf16"
                   if t.precision != "fp32" else None)
     if unmeasured:
         return [Choice("train.channels_last", False, unmeasured), Choice("train.compile", False, unmeasured)]
