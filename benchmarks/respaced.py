@@ -10,8 +10,8 @@ For every run: ``thermodiff evaluate RUN --respace N --variance RULE`` (all N - 
 and decoder of the respaced chain, on the first --max-examples test images, one noise draw per
 term, steps drawn as --t-sampling says) and ``thermodiff sample RUN --respace N -n S`` timed (not
 with --samples 0). With ``--spacings even,optimal`` also ``--respace optimalN`` (the N steps of the
-highest expected bound, with fitted variances only; it samples as fast as the even chain). Writes benchmarks/results/respaced_<name>.json (name: --name, or the first run's
-experiment).
+highest expected bound, with fitted variances only; it samples as fast as the even chain). Writes
+benchmarks/results/respaced_<name>.json (name: --name, or the first run's experiment).
 """
 
 import argparse

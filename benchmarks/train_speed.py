@@ -30,14 +30,15 @@ VARIANTS = {
 }
 
 
-def trained(run: Path, steps: int, settings: dict) -> list[dict] | None:
-    """The run's log records if it reached ``steps`` with ``settings``, else None."""
+def trained(run: Path, experiment: str, steps: int, settings: dict) -> list[dict] | None:
+    """The run's log records if it is ``experiment``'s and reached ``steps`` with ``settings``, else None."""
     try:
-        train = json.loads((run / "config.json").read_text())["train"]
+        config = json.loads((run / "config.json").read_text())
         log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError):
         return None
-    matches = all(train[key] == value for key, value in settings.items())
+    matches = config.get("name") == experiment and all(config["train"].get(key) == value
+                                                         for key, value in settings.items())
     return log if matches and log and log[-1]["step"] >= steps else None
 
 
@@ -45,12 +46,13 @@ def measure(args, variant: str) -> dict:
     settings, run = VARIANTS[variant], Path(args.out) / variant
     command = ["thermodiff", "train", args.config, "--data-dir", args.data_dir, "--out", str(run), "--steps",
                str(args.steps), "--overwrite", *[f"--set=train.{key}={str(value).lower()}" for key, value in settings.items()]]
-    log, reused = trained(run, args.steps, settings), True
+    experiment = Path(args.config).stem
+    log, reused = trained(run, experiment, args.steps, settings), True
     if log is None:
         load_before, reused = os.getloadavg(), False
         subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)},
                        stdout=subprocess.DEVNULL)
-        log = trained(run, args.steps, settings)
+        log = trained(run, experiment, args.steps, settings)
     at = {record["step"]: record for record in log}
     first, last = at[args.from_step], at[args.steps]
     steps_per_s = (last["step"] - first["step"]) / (last["elapsed_s"] - first["elapsed_s"])

@@ -358,27 +358,25 @@ def test_precision_is_bf16_only_on_a_cpu_that_computes_it_natively(amx, avx512_b
     assert ("AMX" if amx else "AVX-512 BF16") in choice.reason if expected == "bf16" else "emulated" in choice.reason
 
 
-@pytest.mark.parametrize("minutes, steps, network, device, compiler, expected, why", [
-    (30.0, 0, "unet", "cpu", True, (True, True), "train_speed_mnist_unet_simple.json"),
-    (5.0, 0, "unet", "cpu", True, (True, False), "a 5-minute run"),  # too short to repay compilation
-    (0.0, 5000, "conv", "cpu", True, (True, True), "train_speed_mnist_unet_simple.json"),
-    (0.0, 200, "unet", "cpu", True, (True, False), "a 200-step run"),
-    (30.0, 0, "unet", "cpu", False, (True, False), "no C++ compiler"),
-    (30.0, 0, "unet", "cuda", True, (False, False), "measured on CPUs only"),
-    (30.0, 0, "resmlp", "cpu", True, (False, False), "measured on image networks"),
-    (30.0, 0, "unet", "bf16", True, (False, False), "not shown to help in bf16"),
+@pytest.mark.parametrize("minutes, steps, network, device, amx, compiler, expected, why", [
+    (30.0, 0, "unet", "cpu", False, True, (True, True), "train_speed_mnist_unet_simple.json"),
+    (5.0, 0, "unet", "cpu", False, True, (True, False), "a 5-minute run"),  # too short to repay compilation
+    (0.0, 5000, "conv", "cpu", False, True, (True, True), "train_speed_mnist_unet_simple.json"),
+    (0.0, 200, "unet", "cpu", False, True, (True, False), "a 200-step run"),
+    (30.0, 0, "unet", "cpu", False, False, (True, False), "no C++ compiler"),
+    (30.0, 0, "unet", "cuda", False, True, (False, False), "measured on CPUs only"),
+    (30.0, 0, "resmlp", "cpu", False, True, (False, False), "measured on image networks"),
+    (30.0, 0, "unet", "cpu", True, True, (False, False), "not shown to help in bf16"),  # AMX: precision auto is bf16
 ])
-def test_speed_options_follow_the_device_the_network_and_the_runs_length(minutes, steps, network, device, compiler,
-                                                                         expected, why, monkeypatch):
-    """train.channels_last and train.compile = "auto": each decided with its reason, compile only
-    where the run is long enough to repay compilation and a C++ compiler is found."""
+def test_speed_options_follow_the_device_the_network_and_the_runs_length(minutes, steps, network, device, amx,
+                                                                         compiler, expected, why, monkeypatch):
+    """train.channels_last and train.compile = "auto": each decided with its reason, for fp32 only,
+    compile only where the run is long enough to repay compilation and a C++ compiler is found."""
     monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}" if compiler else None)
-    amx = device == "bf16"  # a CPU that computes bf16: the image configs' precision "auto" picks it
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     cfg = load_config("images")
     cfg.train.max_minutes, cfg.train.steps, cfg.model.network = minutes, steps, network
-    device = "cpu" if amx else device
     assert (cfg.train.compile, cfg.train.channels_last) == ("auto", "auto")
     resolve_for_device(cfg, torch.device(device))
     assert (cfg.train.channels_last, cfg.train.compile) == expected

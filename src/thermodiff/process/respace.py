@@ -104,16 +104,6 @@ OPTIMAL = "optimal"
 CANDIDATES = 128
 
 
-def optimal_count(spec: int | str | Sequence[int]) -> int | None:
-    """N of an ``optimalN`` spec, None for any other spec."""
-    if not (isinstance(spec, str) and spec.startswith(OPTIMAL)):
-        return None
-    try:
-        return int(spec[len(OPTIMAL):])
-    except ValueError:
-        raise ValueError(f"respacing {spec!r}: expected {OPTIMAL}N, N the number of steps (e.g. {OPTIMAL}20)") from None
-
-
 def spacing_of(spec: int | str | Sequence[int] | None) -> str:
     """How a spec chooses its steps, for reports: "optimal" (``optimalN``), "even" (N; None, all
     T) or "listed"."""
@@ -121,6 +111,16 @@ def spacing_of(spec: int | str | Sequence[int] | None) -> str:
         return "optimal"
     listed = (isinstance(spec, Sequence) and not isinstance(spec, str)) or "," in str(spec)
     return "listed" if listed else "even"
+
+
+def optimal_count(spec: int | str | Sequence[int]) -> int | None:
+    """N of an ``optimalN`` spec, None for any other spec."""
+    if spacing_of(spec) != "optimal":
+        return None
+    try:
+        return int(spec[len(OPTIMAL):])
+    except ValueError:
+        raise ValueError(f"respacing {spec!r}: expected {OPTIMAL}N, N the number of steps (e.g. {OPTIMAL}20)") from None
 
 
 def candidate_steps(T: int, count: int) -> list[int]:

@@ -255,7 +255,7 @@ def precision_choice(device: torch.device) -> Choice:
 #: CPU); runs shorter than this many minutes, or of fewer steps without a time budget, train uncompiled.
 COMPILE_MIN_MINUTES, COMPILE_MIN_STEPS = 10.0, 1000
 #: measured side by side in thermodiff's training loop (benchmarks/train_speed.py)
-SPEED_EVIDENCE = ("torch.compile with channels_last trained the cpu U-Net 1.17x as many steps/s on 2 CPU threads "
+SPEED_EVIDENCE = ("torch.compile with channels_last trained the cpu U-Net faster on 2 CPU threads in fp32 "
                   "(benchmarks/results/train_speed_mnist_unet_simple.json)")
 
 
