@@ -2,7 +2,7 @@
 Parzen-window log-likelihood), the training curve and the time to a stated bound.
 
     python benchmarks/budget.py RUN_DIR --train-command "..." [--max-examples 200] [--parzen-samples 0]
-                                [--parzen-steps N] [--parzen-variance RULE] [--also-variance RULE]
+                                [--parzen-steps N] [--parzen-variance RULE] [--also-variance RULE] [--parzen-clip-x0]
                                 [--t-sampling importance|uniform] [--name NAME]
 
 Runs `thermodiff evaluate` (and `thermodiff parzen`, with a grid of 20 more samples from the same
@@ -57,6 +57,8 @@ if __name__ == "__main__":
                                                "--steps) and evaluate that chain's bound too (evaluate --respace)")
     parser.add_argument("--parzen-variance", choices=VARIANCE_RULES, default="moments",
                         help="the respaced chain's variances for the samples and its bound (thermodiff parzen --variance)")
+    parser.add_argument("--parzen-clip-x0", action="store_true",
+                        help="clip the samples' chain's x_0 to the data's range, for them and its bound (--clip-x0)")
     parser.add_argument("--also-variance", choices=VARIANCE_RULES,
                         help="also the bound of the same chain with these variances (parzen_chain_evaluation_RULE)")
     parser.add_argument("--t-sampling", choices=["uniform", "importance"], default="importance",
@@ -75,6 +77,7 @@ if __name__ == "__main__":
     if args.parzen_samples:
         chain = ["--steps", args.parzen_steps] if args.parzen_steps else []
         chain += ["--variance", args.parzen_variance] if args.parzen_variance != "moments" else []
+        chain += ["--clip-x0"] if args.parzen_clip_x0 else []
         parzen = ["parzen", str(run_dir), "--samples", str(args.parzen_samples), *chain]
         record["parzen"] = thermodiff_json(parzen)
         commands.append(shlex.join(["thermodiff", *parzen]))
@@ -86,7 +89,8 @@ if __name__ == "__main__":
         for key, variance in (("parzen_chain_evaluation", args.parzen_variance),
                               (f"parzen_chain_evaluation_{args.also_variance}", args.also_variance)):
             if args.parzen_steps and variance:
-                respaced = [*evaluate, "--respace", args.parzen_steps, "--variance", variance]
+                respaced = [*evaluate, "--respace", args.parzen_steps, "--variance", variance,
+                            *(["--clip-x0"] if args.parzen_clip_x0 else [])]
                 record[key] = thermodiff_json(respaced)
                 commands.append(shlex.join(["thermodiff", *respaced]))
     final = evaluation["K_bits_per_pixel"]

@@ -6,7 +6,9 @@ parzen`) from the samples of each sampler at equal network calls, on one trained
 
 A sampler may name the respaced chain's variances after a colon (``ancestral:fitted``, `thermodiff
 parzen --variance`): the same seeds' draws on the same steps, with other reverse variances; and its
-steps after an at sign (``ancestral:fitted@optimal20``, `thermodiff parzen --steps`), else --steps.
+steps after an at sign (``ancestral:fitted@optimal20``, `thermodiff parzen --steps`), else --steps;
+``+clip`` before them clips the network's x_0 to the data's range (``ancestral:fitted+clip``,
+`thermodiff parzen --clip-x0`).
 
 Each sampler draws --samples images on the run's chain respaced to --steps steps (one network call
 a step for these three), and `thermodiff parzen` scores every test image under a Gaussian window
@@ -33,17 +35,21 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--samplers", default="ancestral,ddim,dpm2m",
-                        help="comma-separated SAMPLER[:VARIANCE][@STEPS] (see above)")
+                        help="comma-separated SAMPLER[:VARIANCE][+clip][@STEPS] (see above)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--name", help="the record's name (default parzen_samplers_NAME..., see above)")
     args = parser.parse_args()
     results, start = {}, time.perf_counter()
     for spec in args.samplers.split(","):
-        spec_and_variance, _, steps = spec.partition("@")
-        sampler, _, variance = spec_and_variance.partition(":")
+        chain, _, steps = spec.partition("@")
+        sampler_and_variance, _, clip = chain.partition("+")
+        sampler, _, variance = sampler_and_variance.partition(":")
+        if clip not in ("", "clip"):
+            parser.error(f"--samplers {spec}: the only option after '+' is clip")
         results[spec] = thermodiff_json(["parzen", args.run, "--samples", str(args.samples), "--steps", steps or str(args.steps),
                                          "--sampler", sampler, "--precision", args.precision,
-                                         *(["--variance", variance] if variance else [])])
+                                         *(["--variance", variance] if variance else []),
+                                         *(["--clip-x0"] if clip else [])])
     experiment = next(iter(results.values()))["experiment"]
     record = {"run": args.run, "experiment": experiment, "samples": args.samples, "steps": args.steps,
               "network_calls_per_sample": {spec: r["sampling_steps"] for spec, r in results.items()},

@@ -14,6 +14,7 @@ import torch
 from conftest import assert_one_line_error
 
 from thermodiff.data.images import dead_leaves
+from thermodiff.tasks.evaluation import ChainSpec
 from thermodiff.tasks.parzen import DEFAULT_SIGMAS, parzen_log_likelihood, select_bandwidth
 
 
@@ -158,30 +159,32 @@ def test_samples_are_kept_as_they_are_drawn_and_a_stopped_draw_resumes(tiny_imag
     monkeypatch.setattr(parzen, "sample", counted)
     run = load_run(tiny_image_run, split=True)
     with pytest.raises(KeyboardInterrupt):
-        parzen.draw_kept_samples(run, 3, 30, seed=1, progress=False)
+        parzen.draw_kept_samples(run, ChainSpec(3), 30, seed=1, progress=False)
     drawn.clear()
     monkeypatch.setattr(parzen, "sample", lambda *a, **k: (drawn.append(a[2][0]), real(*a, **k))[1])
-    resumed, kept = parzen.draw_kept_samples(run, 3, 30, seed=1, progress=False)[:2]
+    resumed, kept = parzen.draw_kept_samples(run, ChainSpec(3), 30, seed=1, progress=False)[:2]
     assert drawn == [8, 6] and "2 of 4 batches reused" in kept  # batches of 8, 8, 8, 6: the first two were kept
 
     folder = Path(kept.split(" (")[0])
     shutil.rmtree(folder)
     drawn.clear()
-    fresh = parzen.draw_kept_samples(run, 3, 30, seed=1, progress=False).samples
+    fresh = parzen.draw_kept_samples(run, ChainSpec(3), 30, seed=1, progress=False).samples
     assert drawn == [8, 8, 8, 6]
     np.testing.assert_array_equal(resumed, fresh)  # each batch its own stream: where it stopped does not matter
     assert resumed.shape == (30, *run.dataset.event_shape)
-    kept_other = parzen.draw_kept_samples(run, 2, 8, seed=1, progress=False).kept
+    kept_other = parzen.draw_kept_samples(run, ChainSpec(2), 8, seed=1, progress=False).kept
     assert "0 of 1 batches reused" in kept_other  # another chain's samples are not taken for this one's
-    kept_ddim = parzen.draw_kept_samples(run, 3, 8, seed=1, progress=False, sampler="ddim", eta=1.0).kept
+    kept_ddim = parzen.draw_kept_samples(run, ChainSpec(3), 8, seed=1, progress=False, sampler="ddim", eta=1.0).kept
     assert "0 of 1 batches reused" in kept_ddim and "ddim_eta1" in kept_ddim  # nor another sampler's
-    fp32 = parzen.draw_kept_samples(run, 3, 8, seed=1, progress=False, precision="fp32")
+    fp32 = parzen.draw_kept_samples(run, ChainSpec(3), 8, seed=1, progress=False, precision="fp32")
     assert fp32.precision == "fp32" and "1 of 1 batches reused" in fp32.kept  # the tiny run trained in fp32
-    low = parzen.draw_kept_samples(run, 3, 8, seed=1, progress=False, precision="bf16")
+    low = parzen.draw_kept_samples(run, ChainSpec(3), 8, seed=1, progress=False, precision="bf16")
     assert "0 of 1 batches reused" in low.kept and low.kept.split(" (")[0].endswith("-bf16")  # nor another precision's
-    fitted = parzen.draw_kept_samples(run, 3, 8, seed=1, progress=False, variance="fitted")
+    fitted = parzen.draw_kept_samples(run, ChainSpec(3, "fitted"), 8, seed=1, progress=False)
     assert "0 of 1 batches reused" in fitted.kept and "-fitted" in fitted.kept  # nor another variance rule's
     assert fitted.chain["variance_rule"] == "fitted" and fitted.chain["respaced_timesteps"] == respaced_timesteps(run.diffusion.T, 3)
+    clipped = parzen.draw_kept_samples(run, ChainSpec(3, clip_x0=True), 8, seed=1, progress=False)
+    assert "0 of 1 batches reused" in clipped.kept and clipped.kept.split(" (")[0].endswith("-clip")  # nor unclipped ones
 
 
 def test_samples_are_drawn_all_the_same_where_they_cannot_be_kept(tiny_image_run, monkeypatch, capsys):
@@ -192,7 +195,7 @@ def test_samples_are_drawn_all_the_same_where_they_cannot_be_kept(tiny_image_run
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     monkeypatch.setattr(parzen, "atomic_write_bytes", full_disk)
-    samples, kept = parzen.draw_kept_samples(load_run(tiny_image_run, split=True), None, 20, progress=False)[:2]
+    samples, kept = parzen.draw_kept_samples(load_run(tiny_image_run, split=True), ChainSpec(), 20, progress=False)[:2]
     assert samples.shape[0] == 20 and kept.startswith("not kept") and "No space left" in kept
     assert capsys.readouterr().err.count("warning: samples not kept") == 1
     assert not (tiny_image_run / "parzen_samples").exists() or not any((tiny_image_run / "parzen_samples").rglob("*.npy"))

@@ -89,7 +89,7 @@ def _evaluate(run_dir: str, args, data: str | None = None) -> dict:
     import numpy as np
 
     from thermodiff.run.experiment import SplitUnavailable, load_run
-    from thermodiff.tasks.evaluation import evaluate
+    from thermodiff.tasks.evaluation import ChainSpec, evaluate
 
     _check_eval_flags(args)
     per_example = getattr(args, "per_example", None)
@@ -103,12 +103,12 @@ def _evaluate(run_dir: str, args, data: str | None = None) -> dict:
         run = load_run(run_dir, data, split=data is None)
     except SplitUnavailable as e:
         raise UserError(f"{e}; or pass --data FILE to evaluate on other data") from None
-    respace_to, variance = getattr(args, "respace", None), getattr(args, "variance", None)
+    chain = ChainSpec(getattr(args, "respace", None), getattr(args, "variance", None), getattr(args, "clip_x0", False))
     exact = getattr(args, "exact", False)
     result = evaluate(run, args.draws, 0 if exact else args.max_examples, args.eval_seed, progress=not args.quiet,
-                      split_name="test" if data is None else str(data), respace_to=respace_to,
+                      split_name="test" if data is None else str(data), chain=chain,
                       t_samples=0 if exact else args.t_samples, per_example=per_example is not None,
-                      ode=_ode_options(args), t_sampling=args.t_sampling, variance=variance)
+                      ode=_ode_options(args), t_sampling=args.t_sampling)
     if per_example is not None:
         _write_npy(Path(per_example), np.asarray(result.pop("per_example_original_units_bits")))
         result["per_example_file"] = str(per_example)
@@ -116,7 +116,7 @@ def _evaluate(run_dir: str, args, data: str | None = None) -> dict:
             ode_file = _ode_per_example_path(per_example)
             _write_npy(ode_file, np.asarray(result.pop("ode_per_example_original_units_bits")))
             result["ode_per_example_file"] = str(ode_file)
-    if data is None and "variance_rule" not in result:  # evaluation.json is the run's own chain's
+    if data is None and chain.is_runs_own and not chain.clip_x0:  # evaluation.json is the run's own chain's
         _save_beside_run(Path(run_dir) / "evaluation.json", result, "evaluate")
     return result
 
@@ -172,7 +172,8 @@ def _evaluate_diffusers(args) -> dict:
     from thermodiff.tasks.foreign import evaluate_diffusers
 
     given = [flag for flag, value in (("RUN_DIR", args.run_dir), ("--respace", args.respace),
-                                      ("--variance", args.variance), ("--per-example", args.per_example))
+                                      ("--variance", args.variance), ("--per-example", args.per_example),
+                                      ("--clip-x0", args.clip_x0 or None))
              if value is not None]
     if given:
         raise UserError(f"--diffusers evaluates a saved diffusers pipeline; drop {', '.join(given)}")
@@ -205,7 +206,7 @@ def cmd_sample(args) -> None:
     from thermodiff.run.memory import require_fits
     from thermodiff.run.training import sampling_network
     from thermodiff.process.respace import VarianceRule
-    from thermodiff.tasks.evaluation import chain_record, chain_rule, run_chain
+    from thermodiff.tasks.evaluation import ChainSpec, chain_record, run_chain
 
     out = Path(args.out)
     if out.suffix not in (".npy", ".png"):
@@ -214,19 +215,19 @@ def cmd_sample(args) -> None:
         if value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
     _refuse_existing(out, args.overwrite)
+    if args.respace is not None and args.steps is not None:
+        raise UserError("--steps and --respace name the same chain; pass one of them")
+    chain = ChainSpec(args.respace or args.steps, args.variance, args.clip_x0)
     try:
-        fitted = chain_rule(args.respace or args.steps, args.variance) is VarianceRule.FITTED
-        run = load_run(args.run_dir, split=fitted)  # the fit needs the training data
+        run = load_run(args.run_dir, split=chain.rule is VarianceRule.FITTED)  # the fit needs the training data
     except SplitUnavailable as e:
         raise UserError(f"{e}; --variance fitted fits on the run's training data") from None
     if out.suffix == ".png" and not run.dataset.is_image:
         raise UserError(f"--out {out}: a .png grid needs an image model; write .npy for vector data")
     if not args.ignore_memory_check:
         require_fits(sampling_memory(run, args.n, args.batch_size))
-    if args.respace is not None and args.steps is not None:
-        raise UserError("--steps and --respace name the same chain; pass one of them")
     flag = "--respace" if args.respace is not None else "--steps"
-    diffusion = run_chain(run, args.respace or args.steps, args.variance, flag, args.seed, not args.quiet, args.sampler)
+    diffusion = run_chain(run, chain, flag, args.seed, not args.quiet, args.sampler)
     sampler, eta = checked_sampler(diffusion, args.sampler, args.eta)
     draw = functools.partial(sample, sampler=sampler, eta=eta)
     network = sampling_network(run.model, run.config.train, args.precision)
@@ -242,13 +243,13 @@ def cmd_sample(args) -> None:
         atomic_write_bytes(out, image_grid_png(run.dataset.grey_levels(samples)))
     else:
         _write_npy(out, samples)
-    label = sampler.value + (f", eta {eta:g}" if sampler is Sampler.DDIM else "")
+    label = sampler.value + (f", eta {eta:g}" if sampler is Sampler.DDIM else "") + (", x_0 clipped" if chain.clip_x0 else "")
     calls = model.calls / math.ceil(args.n / args.batch_size) or None  # None: a VAE, whose decoder is not counted
     counted = f"{calls:g}" if calls else "uncounted"
     _emit(args, {"out": str(out), "n": args.n, "shape": list(samples.shape), "units": "original", "steps": diffusion.T,
                  "sampler": sampler.value, "eta": eta if sampler is Sampler.DDIM else None, "precision": precision,
                  "network_calls_per_sample": calls, "sample_wall_s": round(wall, 3),
-                 **chain_record(run, diffusion, args.respace or args.steps, args.variance)},
+                 **chain_record(run, diffusion, chain)},
           f"wrote {args.n} samples (original units, {label}, {diffusion.T} steps, {counted} network calls each "
           f"in {precision}, "
           f"{wall:.1f} s) to {out}")
@@ -258,7 +259,7 @@ def _plot(run_dir: str, out_dir: str | None, quiet: bool, overwrite: bool) -> tu
     """The figures written, and why those that need the run's data were not (None: all were)."""
     from thermodiff.run.experiment import SplitUnavailable, load_run
     from thermodiff.tasks import plotting
-    from thermodiff.tasks.evaluation import evaluate
+    from thermodiff.tasks.evaluation import ChainSpec, evaluate
 
     try:
         run, unavailable = load_run(run_dir, split=True), None
@@ -299,12 +300,14 @@ def cmd_plot(args) -> None:
 
 def cmd_parzen(args) -> None:
     from thermodiff.run.experiment import load_run
+    from thermodiff.tasks.evaluation import ChainSpec
     from thermodiff.tasks.parzen import parzen_evaluate
 
     run = load_run(args.run_dir, split=True)
     result = parzen_evaluate(run, args.samples, args.valid, args.max_test, seed=args.seed, progress=not args.quiet,
-                             memory_check=not args.ignore_memory_check, steps=args.steps, sampler=args.sampler,
-                             eta=args.eta, precision=args.precision, variance=args.variance)
+                             memory_check=not args.ignore_memory_check,
+                             chain=ChainSpec(args.steps, args.variance, args.clip_x0), sampler=args.sampler,
+                             eta=args.eta, precision=args.precision)
     _save_beside_run(Path(args.run_dir) / "parzen.json", result, "parzen")
     _emit(args, result, reports.describe_parzen(result))
 
@@ -495,6 +498,9 @@ PRECISION_HELP = ("the network's precision while sampling (default: bf16 if it t
 RESPACE_HELP = ("a respaced chain: N steps evenly spaced from 1 to T, optimalN for the N steps whose chain with "
                 "fitted variances has the highest bound (chosen on the fit's training images), or a comma-separated "
                 "list of the trained steps to keep, from 1 to T (Gaussian runs)")
+CLIP_HELP = ("clip the x_0 that the network implies to the data's range in every reverse kernel (DDPM's "
+             "clip_denoised, diffusers' clip_sample): the chain stays Gaussian, so evaluate bounds the clipped chain "
+             "that sample draws from; 8-bit images and integer-valued vectors")
 VARIANCE_HELP = ("the chain's reverse variances: moments (default: the network's own, carried to longer steps), "
                  "interpolate (improved-diffusion's respacing) or fitted (per step, the variance that maximises the "
                  "bound for the network's mean, fitted on 500 training images: a real bound for a chain respaced from "
@@ -554,6 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
     eval_flags(p)
     p.add_argument("--respace", metavar="N|STEPS", help=RESPACE_HELP)
     p.add_argument("--variance", choices=VARIANCE_RULES, help=VARIANCE_HELP)
+    p.add_argument("--clip-x0", action="store_true", help=CLIP_HELP)
     p.add_argument("--exact", action="store_true", help="the exact bound: every step of every test example "
                                                         "(the default may sample steps or examples; the report says)")
     p.add_argument("--per-example", metavar="FILE.npy", help="also write K per example (bits, original units); "
@@ -584,6 +591,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=_eta, help="DDIM's noise, from 0 (deterministic, the default) to 1 (the ancestral "
                                             "chain's, for a kernel variance of beta-tilde)")
     p.add_argument("--variance", choices=VARIANCE_RULES, help=VARIANCE_HELP)
+    p.add_argument("--clip-x0", action="store_true", help=CLIP_HELP)
     p.add_argument("--precision", choices=SAMPLING_PRECISIONS, help=PRECISION_HELP)
     p.add_argument(MEMORY_OVERRIDE_FLAG, action="store_true", help=MEMORY_OVERRIDE_HELP)
     p.set_defaults(func=cmd_sample)
@@ -631,6 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "sample --sampler")
     p.add_argument("--eta", type=_eta, help="DDIM's noise, as thermodiff sample --eta")
     p.add_argument("--variance", choices=VARIANCE_RULES, help="the chain's variances, as thermodiff sample --variance")
+    p.add_argument("--clip-x0", action="store_true", help=CLIP_HELP)
     p.add_argument("--precision", choices=SAMPLING_PRECISIONS, help=PRECISION_HELP)
     p.add_argument(MEMORY_OVERRIDE_FLAG, action="store_true", help=MEMORY_OVERRIDE_HELP)
     p.set_defaults(func=cmd_parzen)

@@ -421,6 +421,23 @@ class Dataset:
         scale = torch.as_tensor(self.scaling.scale, dtype=torch.float64)
         return 1 / (scale * 255) if self.dequantize else 1 / scale
 
+    def model_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The box in model units that the data fill, per dimension (float64, broadcastable against
+        an example): dequantised 8-bit images' [-0.5, 255.5] / 255, an integer lattice's cells.
+        What :meth:`~thermodiff.process.gaussian.GaussianDiffusion.clipped` clips x_0 to."""
+        if self.dequantize:
+            low, high = np.array([-0.5 / 255]), np.array([255.5 / 255])
+        elif self.lattice is not None:
+            low = np.asarray(self.lattice.low) - np.asarray(self.lattice.step) / 2
+            high = low + np.asarray(self.lattice.count) * np.asarray(self.lattice.step)
+        else:
+            raise UserError(f"{self.source}: continuous data have no range to clip x_0 to; --clip-x0 is for 8-bit "
+                            "images and integer-valued vectors")
+        if self.scaling.rotation is not None:
+            raise UserError(f"{self.source}: whitened data (data.scaling = 'pca') have no box in model units to clip "
+                            "x_0 to; drop --clip-x0")
+        return tuple(self.scaling.apply(torch.as_tensor(bound, dtype=torch.float64)) for bound in (low, high))
+
     def log_det(self) -> float:
         """log |d model input / d original units| per example: the scaling's, plus -D log 255 for
         dequantised 8-bit images, so that K + log_det bounds the log-density in pixel units [0, 256)."""

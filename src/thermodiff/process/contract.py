@@ -69,6 +69,12 @@ class Trainable(nn.Module, ABC):
         approximates, ``fit`` a respace.VarianceFit for its FITTED rule). Only Gaussian processes have one."""
         raise ValueError(f"respacing is for Gaussian diffusion; a {type(self).__name__} keeps its T steps")
 
+    def clipped(self, low: Tensor, high: Tensor) -> "Trainable":
+        """This chain with the network's x_0 clipped to [low, high] (model units, broadcastable
+        against an example) in every reverse kernel: DDPM's clip_denoised. Only discrete-time
+        Gaussian diffusion has one (its kernels' means are posterior means at an x_0)."""
+        raise ValueError(f"clipping x_0 is for discrete-time Gaussian diffusion, not a {type(self).__name__}")
+
     def log_alphas_cumprod(self) -> Tensor:
         """log abar_t, t = 1..T (float64) of a chain of Gaussian kernels: x_t = sqrt(abar_t) x_0 +
         sqrt(1 - abar_t) eps. With :meth:`expected_x0`, all that samplers.py's DDIM and ODE samplers

@@ -6,6 +6,7 @@ z into the reverse kernel's mean and variance, so that every parameterisation is
 same bound. Times are the paper's, 1-based: t = 1..T, and tables are float64, indexed at t - 1.
 """
 
+import copy
 from abc import abstractmethod
 from dataclasses import dataclass
 from enum import Enum
@@ -164,6 +165,7 @@ class GaussianDiffusion(GaussianChain, DiscreteTimeProcess):
     """q(x_t | x_{t-1}) = N(x_{t-1} sqrt(1 - beta_t), beta_t I), p(x_T) = N(0, I)."""
 
     outputs_per_dim = 2
+    x0_bounds: tuple[Tensor, Tensor] | None = None  # set by :meth:`clipped`
 
     def __init__(
         self,
@@ -218,6 +220,25 @@ class GaussianDiffusion(GaussianChain, DiscreteTimeProcess):
         if fit is None:
             raise ValueError("the fitted variance rule needs the network and training data to fit on (respace.VarianceFit)")
         return RespacedDiffusion(self, timesteps, variance_rule, fitted_x0_errors(self, fit, timesteps))
+
+    def clipped(self, low: Tensor, high: Tensor) -> "GaussianDiffusion":
+        """This chain with every reverse kernel's mean the posterior mean q(x_{t-1} | x_t, x_0) at
+        the x_0 it implies clipped to [low, high], as DDPM (clip_denoised) and diffusers'
+        DDPMScheduler (clip_sample) sample. Each kernel stays a Gaussian, so the bound is this
+        chain's; ancestral, DDIM and DPM-Solver samples (which read :meth:`expected_x0`) all clip.
+        Respace the clipped chain: a respaced chain reads its base's kernels. The forward decoder
+        calls no network and is left as it is."""
+        chain = copy.copy(self)  # shares the schedule and buffers
+        chain.x0_bounds = (torch.as_tensor(low, dtype=torch.float64), torch.as_tensor(high, dtype=torch.float64))
+        return chain
+
+    def clip_mean(self, mean: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """``mean`` moved to the posterior mean at its x_0 clipped to :attr:`x0_bounds` (unchanged without)."""
+        if self.x0_bounds is None:
+            return mean
+        low, high = (bound.to(mean.device) for bound in self.x0_bounds)
+        x0 = torch.clamp(self.x0_from_posterior_mean(mean, x_t, t), low, high)
+        return self.q_posterior(x0, x_t, t)[0]
 
     def log_alphas_cumprod(self) -> Tensor:
         """log abar_t = sum_{s <= t} log(1 - beta_s), t = 1..T (float64)."""
@@ -343,7 +364,7 @@ class GaussianDiffusion(GaussianChain, DiscreteTimeProcess):
             log_small, log_large = self.log_variance_range()
             log_var = log_large if self.eps_variance is FixedVariance.BETA else log_small
             var = gather(log_var, t, x_t).exp().expand_as(mean)
-        return mean, var
+        return self.clip_mean(mean, x_t.double(), t), var
 
     def flow_gammas(self) -> tuple[float, float]:
         """gamma = log((1 - abar) / abar) at the first step (the bound's resolution beta_1) and the last."""

@@ -49,20 +49,52 @@ def counting_bar(desc: str, enabled: bool) -> Iterator[Callable[[int, int], None
 FIT_EXAMPLES = 500
 
 
-def run_chain(run: Run, steps: int | str | None, variance: VarianceRule | str | None, flag: str,
-              seed: int = 0, progress: bool = True, sampler: Sampler | str = Sampler.ANCESTRAL) -> Process:
-    """The chain that a command's ``flag`` (--respace, --steps) and --variance name: the run's,
-    respaced to ``steps`` (None: all T) with ``variance``'s rule (respace.VarianceRule, default
-    moments, fitted for ``optimalN`` steps), the fitted rule's variances fitted on the first
-    :data:`FIT_EXAMPLES` training examples. The rules set the ancestral kernels' variances: with
-    another ``sampler`` only the default is taken."""
-    rule = chain_rule(steps, variance)
+@dataclass(frozen=True)
+class ChainSpec:
+    """The chain that a command's --respace or --steps, --variance and --clip-x0 name: the run's,
+    respaced to ``steps`` (None: all T; see respace.respaced_timesteps), with ``variance``'s rule
+    (respace.VarianceRule; None: fitted for the bound-optimal ``optimalN`` steps, which are chosen
+    for fitted variances, else moments), and with ``clip_x0`` the network's x_0 clipped to the
+    data's range in every kernel (GaussianDiffusion.clipped)."""
+
+    steps: int | str | None = None
+    variance: VarianceRule | None = None  # a name is read as a VarianceRule
+    clip_x0: bool = False
+
+    def __post_init__(self):
+        if self.variance is not None:
+            object.__setattr__(self, "variance", VarianceRule(self.variance))
+
+    @property
+    def rule(self) -> VarianceRule:
+        if self.variance is not None:
+            return self.variance
+        return VarianceRule.FITTED if spacing_of(self.steps) == "optimal" else VarianceRule.MOMENTS
+
+    @property
+    def is_runs_own(self) -> bool:
+        """Whether the kernels are the run's own (all T steps with the moments rule), clipped or not."""
+        return self.steps is None and self.rule is VarianceRule.MOMENTS
+
+
+def run_chain(run: Run, chain: ChainSpec, flag: str, seed: int = 0, progress: bool = True,
+              sampler: Sampler | str = Sampler.ANCESTRAL) -> Process:
+    """The chain that ``chain`` names (``flag``: the command's --respace or --steps), the fitted
+    rule's variances fitted on the first :data:`FIT_EXAMPLES` training examples. The rules set the
+    ancestral kernels' variances: with another ``sampler`` only the default is taken."""
+    rule = chain.rule
     if rule is not VarianceRule.MOMENTS and Sampler(sampler) is not Sampler.ANCESTRAL:
-        asked = f"--variance {rule.value}" if variance else f"{flag} {steps} (steps for fitted variances)"
+        asked = f"--variance {rule.value}" if chain.variance else f"{flag} {chain.steps} (steps for fitted variances)"
         raise UserError(f"{asked} sets the ancestral chain's kernel variances; --sampler {Sampler(sampler).value} "
                         f"steps by its own rule: drop {asked.split()[0]} or sample ancestrally")
+    base = run.diffusion
+    if chain.clip_x0:
+        try:
+            base = base.clipped(*run.dataset.model_bounds())
+        except ValueError as e:
+            raise UserError(f"--clip-x0: {run.path}: {e}") from None
     if rule is not VarianceRule.FITTED:
-        return respaced_process(run.diffusion, steps, flag, rule)
+        return respaced_process(base, chain.steps, flag, rule)
     if not len(run.dataset.train):
         raise UserError(f"--variance fitted: {run.path}'s training data are not loaded here; fit on the run's own "
                         "data (without --data)")
@@ -70,26 +102,23 @@ def run_chain(run: Run, steps: int | str | None, variance: VarianceRule | str | 
     x = run.dataset.to_model(run.dataset.train[:FIT_EXAMPLES], generator, dequantize=run.diffusion.dequantizes)
     with counting_bar("fit variances", progress) as report:
         fit = VarianceFit(run.model, torch.split(x, run.config.eval.batch_size), generator, report)
-        return respaced_process(run.diffusion, steps, flag, rule, fit)
+        return respaced_process(base, chain.steps, flag, rule, fit)
 
 
-def chain_rule(steps: int | str | None, variance: VarianceRule | str | None) -> VarianceRule:
-    """The variance rule of the chain that ``steps`` and ``variance`` name: as given, else fitted
-    for the bound-optimal steps (``optimalN``: chosen for fitted variances), else moments."""
-    if variance is not None:
-        return VarianceRule(variance)
-    return VarianceRule.FITTED if spacing_of(steps) == "optimal" else VarianceRule.MOMENTS
-
-
-def chain_record(run: Run, chain: Process, steps: int | str | None, variance: VarianceRule | str | None) -> dict:
-    """What a report says of a chain from :func:`run_chain` for ``steps`` and ``variance``: its
-    steps, how they were chosen and its variance rule, unless it is the run's own."""
-    if chain is run.diffusion:
-        return {}
-    rule = chain_rule(steps, variance)
-    return {"T_trained": run.diffusion.T, "respaced_timesteps": chain.timesteps.tolist(), "variance_rule": rule.value,
-            "spacing": spacing_of(steps),
-            **({"variance_fit_examples": min(FIT_EXAMPLES, len(run.dataset.train))} if rule is VarianceRule.FITTED else {})}
+def chain_record(run: Run, process: Process, chain: ChainSpec) -> dict:
+    """What a report says of ``process``, the chain from :func:`run_chain` for ``chain``, unless it
+    is the run's own: its steps, how they were chosen and its variance rule, and the box x_0 is
+    clipped to (model units)."""
+    record = {}
+    if chain.clip_x0:
+        low, high = run.dataset.model_bounds()
+        record["x0_clipped_to"] = [low.tolist(), high.tolist()]
+    if chain.is_runs_own:
+        return record
+    return record | {"T_trained": run.diffusion.T, "respaced_timesteps": process.timesteps.tolist(),
+                     "variance_rule": chain.rule.value, "spacing": spacing_of(chain.steps),
+                     **({"variance_fit_examples": min(FIT_EXAMPLES, len(run.dataset.train))}
+                        if chain.rule is VarianceRule.FITTED else {})}
 
 
 def _per(value: float | None, count: int) -> float | None:
@@ -258,13 +287,12 @@ def measure_bound(diffusion, model, dataset, test, n_draws: int, t_samples: int,
 
 
 def evaluate(run: Run, n_draws: int | None = None, max_examples: int | None = None, seed: int = 0,
-             progress: bool = True, split_name: str = "test", respace_to: int | str | None = None,
+             progress: bool = True, split_name: str = "test", chain: ChainSpec = ChainSpec(),
              t_samples: int | None = None, per_example: bool = False, ode: OdeOptions | None = None,
-             t_sampling: str | None = None, variance: VarianceRule | str | None = None) -> dict:
+             t_sampling: str | None = None) -> dict:
     """K, K - L_null (bits per sample and per dimension), K in the data's original units, and
-    the per-timestep terms, on the run's test split (or the data that replaced it). With
-    ``respace_to`` (see :func:`thermodiff.process.respace.respaced_timesteps`), of the respaced chain;
-    with ``variance`` (a respace.VarianceRule), of the chain with those variances (:func:`run_chain`).
+    the per-timestep terms, on the run's test split (or the data that replaced it), of the chain
+    that ``chain`` names (:func:`run_chain`: respaced, with other variances, x_0 clipped).
     ``t_samples`` (default ``eval.t_samples``): steps per example of an unbiased stratified
     estimate, 0 for the exact sum over every step, drawn as ``t_sampling`` says (default
     ``eval.t_sampling``). ``per_example``: also K of every example, in bits
@@ -280,7 +308,9 @@ def evaluate(run: Run, n_draws: int | None = None, max_examples: int | None = No
         return require_finite(evaluate_baseline(run, n_draws, max_examples, seed, split_name), str(run.path))
     if t_samples is None:
         t_samples = cfg.eval.t_samples if cfg.eval.t_samples != AUTO else default_t_samples(run.dataset.is_image)
-    diffusion = run_chain(run, respace_to, variance, "--respace", seed, progress)
+    if ode is not None and chain.clip_x0:
+        raise UserError("--ode integrates the network's own probability-flow ODE, which clips nothing; drop --clip-x0")
+    diffusion = run_chain(run, chain, "--respace", seed, progress)
     test = run.dataset.test[:max_examples] if max_examples else run.dataset.test
     m = measure_bound(diffusion, run.model, run.dataset, test, n_draws, t_samples, seed, cfg.eval.batch_size,
                       progress, str(run.path), t_sampling=t_sampling or cfg.eval.t_sampling)
@@ -321,7 +351,7 @@ def evaluate(run: Run, n_draws: int | None = None, max_examples: int | None = No
                                        entropy_examples(run.dataset.is_image))
     if run.diffusion.parameterization is GaussianParameterization.EPS:
         result["eps_variance"] = run.diffusion.eps_variance.value
-    result |= chain_record(run, diffusion, respace_to, variance)
+    result |= chain_record(run, diffusion, chain)
     if per_example:
         result["per_example_original_units_bits"] = (estimate.per_example / LN2 + report["log_det_scaling_bits"]).tolist()
     if ode is not None:

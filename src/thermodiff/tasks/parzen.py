@@ -32,7 +32,7 @@ from thermodiff.run.checkpoint import atomic_write_bytes
 from thermodiff.run.config import Precision
 from thermodiff.run.experiment import Run, batch_activations, paper_row, sample_bytes
 from thermodiff.run.training import sampling_network
-from thermodiff.tasks.evaluation import chain_record, hardware, run_chain
+from thermodiff.tasks.evaluation import ChainSpec, chain_record, hardware, run_chain
 from thermodiff.tasks.reports import require_finite
 
 # Goodfellow et al.'s grid: numpy.logspace(sigma_start=-1, sigma_end=0, num=cross_val=10)
@@ -173,32 +173,32 @@ class KeptSamples(NamedTuple):
     chain: dict  # what evaluation.chain_record says of it
 
 
-def draw_kept_samples(run: Run, steps: int | str | None, n_samples: int, seed: int = 0, progress: bool = True,
+def draw_kept_samples(run: Run, chain: ChainSpec, n_samples: int, seed: int = 0, progress: bool = True,
                       sampler: Sampler | str = Sampler.ANCESTRAL, eta: float | None = None,
-                      precision: Precision | None = None, variance: VarianceRule | str | None = None) -> KeptSamples:
-    """``n_samples`` samples of the run's chain (respaced to ``steps``, with ``variance``'s rule, as
-    :func:`~thermodiff.tasks.evaluation.run_chain` reads them) drawn by ``sampler`` (samplers.sample; ``eta`` DDIM's, checked by
+                      precision: Precision | None = None) -> KeptSamples:
+    """``n_samples`` samples of the chain that ``chain`` names (respaced, with other variances, x_0
+    clipped: :func:`~thermodiff.tasks.evaluation.run_chain`) drawn by ``sampler`` (samplers.sample; ``eta`` DDIM's, checked by
     :func:`checked_sampler` before any is drawn), the network in ``precision`` (default the one it
     trained in, :func:`sampling_network`), in the data's original units, in batches
     of ``eval.batch_size``, each kept in the run as it is drawn (``RUN/parzen_samples/KEY/NNNNN.npy``,
-    KEY naming the checkpoint's step, the sampler, the chain's kept steps and a variance rule other
-    than moments, the seed, the batch size and a precision other than fp32): a stop loses one batch at most, and a second call
+    KEY naming the checkpoint's step, the sampler, the chain's kept steps, a variance rule other
+    than moments and clipping, the seed, the batch size and a precision other than fp32): a stop loses one batch at most, and a second call
     reuses what the first drew. Each batch has its own seeded stream, so the samples do not depend
     on where a call stopped. Two calls at once draw the same batches and write the same files
     (each write atomic). A run that cannot be written (read-only, a full disk) is sampled all the
     same and keeps nothing."""
-    diffusion = run_chain(run, steps, variance, "--steps", seed, progress, sampler)
-    record = chain_record(run, diffusion, steps, variance)
+    diffusion = run_chain(run, chain, "--steps", seed, progress, sampler)
+    record = chain_record(run, diffusion, chain)
     sampler, eta = checked_sampler(diffusion, sampler, eta)
     network = sampling_network(run.model, run.config.train, precision)
     precision = network.precision
     kept_steps = record.get("respaced_timesteps", list(range(1, run.diffusion.T + 1)))
-    chain = hashlib.sha256(json.dumps(kept_steps).encode()).hexdigest()[:12]
+    steps_hash = hashlib.sha256(json.dumps(kept_steps).encode()).hexdigest()[:12]
     batch = run.config.eval.batch_size
     sizes = [min(batch, n_samples - i) for i in range(0, n_samples, batch)]
     rule = record.get("variance_rule", VarianceRule.MOMENTS.value)
-    key = (f"step{run.step}-{sampler_label(sampler, eta)}-chain{diffusion.T}-{chain}-seed{seed}-batch{batch}"
-           + ("" if rule == VarianceRule.MOMENTS.value else f"-{rule}")
+    key = (f"step{run.step}-{sampler_label(sampler, eta)}-chain{diffusion.T}-{steps_hash}-seed{seed}-batch{batch}"
+           + ("" if rule == VarianceRule.MOMENTS.value else f"-{rule}") + ("-clip" if chain.clip_x0 else "")
            + ("" if precision == "fp32" else f"-{precision}"))  # the key samples were first kept under, for moments in fp32
     folder = run.path / "parzen_samples" / key
     parts = [_kept_batch(folder / f"{i:05d}.npy", (size, *run.dataset.event_shape)) for i, size in enumerate(sizes)]
@@ -232,19 +232,18 @@ def _check_request(run: Run, n_samples: int, n_valid: int, max_test: int | None)
 
 def parzen_evaluate(run: Run, n_samples: int = 10000, n_valid: int = 10000, max_test: int | None = None,
                     sigmas: Sequence[float] = DEFAULT_SIGMAS, seed: int = 0, progress: bool = True,
-                    memory_check: bool = True, steps: int | str | None = None,
+                    memory_check: bool = True, chain: ChainSpec = ChainSpec(),
                     sampler: Sampler | str = Sampler.ANCESTRAL, eta: float | None = None,
-                    precision: Precision | None = None, variance: VarianceRule | str | None = None) -> dict:
+                    precision: Precision | None = None) -> dict:
     """The Parzen-window log-likelihood of the run's test images (all, or the first ``max_test``)
     in bits and nats, with its standard error over test images.
 
     ``n_samples`` images are drawn by ``sampler`` (ancestral sampling unless told; ``eta`` DDIM's;
     the network in ``precision``, by default the one it trained in) with :func:`draw_kept_samples`
     (kept in the run as they are drawn, so a stopped call resumes) and rounded to the data's pixel
-    values, on the run's chain or, with ``steps``, on that respaced chain (``thermodiff sample
-    --steps``; the protocol's 10000 samples cost T network calls each otherwise, and ``thermodiff
-    evaluate --respace`` gives that chain's bound), with ``variance``'s rule for its variances. The bandwidth is validated on the *last*
-    ``n_valid`` training images, as Goodfellow et al. took MNIST training images
+    values, on the chain that ``chain`` names (its steps: ``thermodiff sample --steps``; the
+    protocol's 10000 samples cost T network calls each on the run's own chain, and ``thermodiff
+    evaluate --respace`` gives a chain's bound). The bandwidth is validated on the *last* ``n_valid`` training images, as Goodfellow et al. took MNIST training images
     50000-59999; unlike their model, a run trained on all 60000 has seen these. ``memory_check``:
     refuse ``n_samples`` whose memory (:func:`parzen_memory`) exceeds the available memory.
     """
@@ -253,7 +252,7 @@ def parzen_evaluate(run: Run, n_samples: int = 10000, n_valid: int = 10000, max_
     train, test = run.dataset.train, run.dataset.test
     if memory_check:
         memory.require_fits(parzen_memory(run, n_samples, len(sigmas)))
-    drawn = draw_kept_samples(run, steps, n_samples, seed, progress, sampler, eta, precision, variance)
+    drawn = draw_kept_samples(run, chain, n_samples, seed, progress, sampler, eta, precision)
     sampler, eta, sampling_steps = drawn.sampler, drawn.eta, drawn.chain_steps
     samples = _unit_pixels(run, drawn.samples)
     valid = _unit_pixels(run, train[-n_valid:])
@@ -278,6 +277,7 @@ def parzen_evaluate(run: Run, n_samples: int = 10000, n_valid: int = 10000, max_
                      f"{sampler_label(sampler, eta)} samples ({sampling_steps} steps of the run's {run.diffusion.T}"
                      + (f", {drawn.chain['spacing']} steps with {drawn.chain['variance_rule']} variances"
                         if "variance_rule" in drawn.chain else "")
+                     + (", x_0 clipped to the data's range" if chain.clip_x0 else "")
                      + f", the network in {drawn.precision}) rounded to pixel values, pixels scaled to [0, 1]; "
                      f"bandwidth chosen from {len(sigmas)} values in [{min(sigmas):.3g}, {max(sigmas):.3g}] by the "
                      f"mean log-likelihood of the last {n_valid} training images; mean log-likelihood of "

@@ -105,7 +105,7 @@ def describe_evaluation(r: dict) -> str:
     if "model" in r:
         return describe_baseline(r)
     respaced = (f" respaced from {r['T_trained']} ({r.get('spacing', 'even')} steps), {r['variance_rule']} variances"
-                if "T_trained" in r else "")
+                if "T_trained" in r else "") + (", x_0 clipped to the data's range" if "x0_clipped_to" in r else "")
     lines = [f"{r['experiment']} ({r['split']} split, {r['n_examples']} of {r['n_test']} examples, {r['n_draws']} draws/t, "
              f"T = {r['T']}{respaced}, {r['parameterization']} parameterisation, {r['schedule']} schedule, "
              f"{r['checkpoint']} weights: step {r['train_steps']})",
@@ -176,7 +176,8 @@ def describe_parzen(r: dict) -> str:
     return (f"{r['experiment']}: Parzen-window log-likelihood of {r['n_test']} test images = "
             f"{r['parzen_bits']:.2f}{plus_minus(r['parzen_stderr_bits'], '.2f')} bits ({r['parzen_nats']:.2f} nats){paper}\n"
             f"  sigma = {r['sigma']:.4g}{edge}, chosen on {r['n_valid']} validation images; "
-            f"{r['n_samples']} {r['sampler']} samples on {r['sampling_steps']} of {r['T']} steps (step {r['train_steps']})\n"
+            f"{r['n_samples']} {r['sampler']} samples on {r['sampling_steps']} of {r['T']} steps (step {r['train_steps']})"
+            f"{', x_0 clipped' if 'x0_clipped_to' in r else ''}\n"
             f"  samples: {r['samples_kept']}")
 
 
