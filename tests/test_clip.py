@@ -3,7 +3,8 @@ kernels' means move to the posterior mean at the clipped x_0, so an exact networ
 the box is left as it is, every example's bound can only rise for data inside the box (each
 kernel's KL is c0^2 |x_0 - x0_hat|^2 / 2 var plus terms clipping leaves alone, and clipping moves
 x0_hat towards every x_0 in the box), the box is the data's own in model units, and the CLI
-bounds and samples the clipped chain."""
+bounds and samples the clipped chain. tests/test_diffusers.py checks the clipped kernels against
+diffusers' DDPMScheduler.step with clip_sample, draw for draw."""
 
 import json
 import math

@@ -27,15 +27,14 @@ INSTALL_DIFFUSERS = "pip install thermodiff[diffusers]"
 
 
 class ForeignNoiseNet(nn.Module):
-    """``net(x_t, t - 1)`` read as a :class:`Prediction` under ``diffusion``'s schedule (its x_0
-    clipped to [-clip_x0, clip_x0] when given) and returned as thermodiff's (eps, v): v the second
-    half of the output's channels when ``learned_range``, else zeros (unused by fixed variances)."""
+    """``net(x_t, t - 1)`` read as a :class:`Prediction` under ``diffusion``'s schedule and returned
+    as thermodiff's (eps, v): v the second half of the output's channels when ``learned_range``, else
+    zeros (unused by fixed variances). A sampler's clip of x_0 is the process's (GaussianDiffusion.clipped)."""
 
-    def __init__(self, net, diffusion: GaussianDiffusion, prediction: Prediction | str, learned_range: bool,
-                 clip_x0: float | None = None):
+    def __init__(self, net, diffusion: GaussianDiffusion, prediction: Prediction | str, learned_range: bool):
         super().__init__()
         self.net, self.diffusion = net, diffusion
-        self.prediction, self.learned_range, self.clip_x0 = Prediction(prediction), learned_range, clip_x0
+        self.prediction, self.learned_range = Prediction(prediction), learned_range
 
     def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
         out = torch.as_tensor(self.net(x_t, t - 1)).double()
@@ -44,7 +43,7 @@ class ForeignNoiseNet(nn.Module):
             raise UserError(f"the model returned shape {tuple(out.shape)} for x_t of shape {tuple(x_t.shape)}; "
                             f"expected {channels} channels ({'the prediction and the variance' if self.learned_range else 'the prediction'})")
         out, v = out.chunk(2, 1) if self.learned_range else (out, torch.zeros_like(out))
-        eps = self.diffusion.eps_from_prediction(x_t.double(), t, out, self.prediction, self.clip_x0)
+        eps = self.diffusion.eps_from_prediction(x_t.double(), t, out, self.prediction)
         return torch.stack([eps, v], 1)
 
 

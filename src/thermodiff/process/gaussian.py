@@ -300,12 +300,10 @@ class GaussianDiffusion(GaussianChain, DiscreteTimeProcess):
         the posterior mean at the x_0 that the noise prediction implies."""
         return (x_t - beta / one_minus_abar.sqrt() * eps) / (1 - beta).sqrt()
 
-    def eps_from_prediction(self, x_t: Tensor, t: Tensor, out: Tensor, prediction: Prediction,
-                            clip_x0: float | None = None) -> Tensor:
+    def eps_from_prediction(self, x_t: Tensor, t: Tensor, out: Tensor, prediction: Prediction) -> Tensor:
         """The noise eps that a network's output ``out`` (a :class:`Prediction`) implies through
         x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (Ho et al. 2020, Eq. 4; for v, Salimans & Ho
-        2022, section 4). With ``clip_x0``, the x_0 it implies is first clipped to [-clip_x0, clip_x0],
-        as diffusers' DDPMScheduler (clip_sample) and improved-diffusion (clip_denoised) sample."""
+        2022, section 4)."""
         log_abar = gather(self.log_alphas_cumprod(), t, x_t)
         a, s = (0.5 * log_abar).exp(), (-torch.expm1(log_abar)).sqrt()
         if prediction is Prediction.EPSILON:
@@ -314,10 +312,7 @@ class GaussianDiffusion(GaussianChain, DiscreteTimeProcess):
             eps = (x_t - a * out) / s
         else:  # x_0 = a x_t - s v and eps = s x_t + a v, as a^2 + s^2 = 1
             eps = s * x_t + a * out
-        if clip_x0 is None:
-            return eps
-        x0 = ((x_t - s * eps) / a).clamp(-clip_x0, clip_x0)
-        return (x_t - a * x0) / s
+        return eps
 
     @staticmethod
     def eps_from_mean(x_t: Tensor, beta: Tensor, one_minus_abar: Tensor, mean: Tensor) -> Tensor:

@@ -84,8 +84,10 @@ def foreign_bound(net, betas, dataset: datasets.Dataset, prediction_type: str, v
     if prediction_type not in {p.value for p in Prediction}:
         raise UserError(f"prediction type {prediction_type!r} is not one of {', '.join(p.value for p in Prediction)}")
     diffusion = foreign_process(betas, variance_type, dataset)
-    model = ForeignNoiseNet(net, diffusion, prediction_type, diffusion.parameterization is GaussianParameterization.EPS_LEARNED_VAR,
-                            clip_x0).to(device)
+    model = ForeignNoiseNet(net, diffusion, prediction_type,
+                            diffusion.parameterization is GaussianParameterization.EPS_LEARNED_VAR).to(device)
+    if clip_x0 is not None:  # the kernels the sampler draws from: x_0 clipped to [-clip_x0, clip_x0]
+        diffusion = diffusion.clipped(-clip_x0, clip_x0)
     m = measure_bound(diffusion, model, dataset, dataset.test, n_draws, t_samples, seed, batch_size, progress, origin,
                       device, t_sampling)
     return {"n_examples": len(dataset.test), "T": diffusion.T, "estimator": estimator_name(m.estimate),
