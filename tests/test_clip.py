@@ -17,6 +17,7 @@ from conftest import assert_one_line_error
 from linear_gaussian import wavy_model
 from thermodiff import GaussianDiffusion, exact_bound, make_schedule
 from thermodiff.data.dataset import Dataset, Lattice, Scaling
+from thermodiff.errors import UserError
 from thermodiff.process.respace import VarianceFit, respace
 from thermodiff.process.samplers import sample
 from thermodiff.process.vdm import VDM
@@ -109,7 +110,7 @@ def test_model_bounds_are_the_datas_cells_in_model_units():
     torch.testing.assert_close(data.scaling.invert(torch.stack([low, high])),
                                torch.tensor([[-1.0, 5.0], [5.0, 35.0]], dtype=torch.float64))
     continuous = Dataset(vectors + 0.5, vectors[:4], Scaling.fit(vectors, "global"), False, "c.csv")
-    with pytest.raises(Exception, match="continuous data"):
+    with pytest.raises(UserError, match="continuous data"):
         continuous.model_bounds()
 
 

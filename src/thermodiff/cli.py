@@ -116,7 +116,7 @@ def _evaluate(run_dir: str, args, data: str | None = None) -> dict:
             ode_file = _ode_per_example_path(per_example)
             _write_npy(ode_file, np.asarray(result.pop("ode_per_example_original_units_bits")))
             result["ode_per_example_file"] = str(ode_file)
-    if data is None and chain.is_runs_own and not chain.clip_x0:  # evaluation.json is the run's own chain's
+    if data is None and chain.is_runs_own:  # evaluation.json is the run's own chain's
         _save_beside_run(Path(run_dir) / "evaluation.json", result, "evaluate")
     return result
 
@@ -259,7 +259,7 @@ def _plot(run_dir: str, out_dir: str | None, quiet: bool, overwrite: bool) -> tu
     """The figures written, and why those that need the run's data were not (None: all were)."""
     from thermodiff.run.experiment import SplitUnavailable, load_run
     from thermodiff.tasks import plotting
-    from thermodiff.tasks.evaluation import ChainSpec, evaluate
+    from thermodiff.tasks.evaluation import evaluate
 
     try:
         run, unavailable = load_run(run_dir, split=True), None

@@ -72,9 +72,14 @@ class ChainSpec:
         return VarianceRule.FITTED if spacing_of(self.steps) == "optimal" else VarianceRule.MOMENTS
 
     @property
+    def respaced(self) -> bool:
+        """Whether the chain is a respaced one (steps, or variances other than the network's own)."""
+        return self.steps is not None or self.rule is not VarianceRule.MOMENTS
+
+    @property
     def is_runs_own(self) -> bool:
-        """Whether the kernels are the run's own (all T steps with the moments rule), clipped or not."""
-        return self.steps is None and self.rule is VarianceRule.MOMENTS
+        """Whether the chain is the run's own: all T steps, its own variances, nothing clipped."""
+        return not self.respaced and not self.clip_x0
 
 
 def run_chain(run: Run, chain: ChainSpec, flag: str, seed: int = 0, progress: bool = True,
@@ -113,7 +118,7 @@ def chain_record(run: Run, process: Process, chain: ChainSpec) -> dict:
     if chain.clip_x0:
         low, high = run.dataset.model_bounds()
         record["x0_clipped_to"] = [low.tolist(), high.tolist()]
-    if chain.is_runs_own:
+    if not chain.respaced:
         return record
     return record | {"T_trained": run.diffusion.T, "respaced_timesteps": process.timesteps.tolist(),
                      "variance_rule": chain.rule.value, "spacing": spacing_of(chain.steps),

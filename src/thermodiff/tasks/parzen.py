@@ -196,9 +196,8 @@ def draw_kept_samples(run: Run, chain: ChainSpec, n_samples: int, seed: int = 0,
     steps_hash = hashlib.sha256(json.dumps(kept_steps).encode()).hexdigest()[:12]
     batch = run.config.eval.batch_size
     sizes = [min(batch, n_samples - i) for i in range(0, n_samples, batch)]
-    rule = record.get("variance_rule", VarianceRule.MOMENTS.value)
     key = (f"step{run.step}-{sampler_label(sampler, eta)}-chain{diffusion.T}-{steps_hash}-seed{seed}-batch{batch}"
-           + ("" if rule == VarianceRule.MOMENTS.value else f"-{rule}") + ("-clip" if chain.clip_x0 else "")
+           + ("" if chain.rule is VarianceRule.MOMENTS else f"-{chain.rule.value}") + ("-clip" if chain.clip_x0 else "")
            + ("" if precision == "fp32" else f"-{precision}"))  # the key samples were first kept under, for moments in fp32
     folder = run.path / "parzen_samples" / key
     parts = [_kept_batch(folder / f"{i:05d}.npy", (size, *run.dataset.event_shape)) for i, size in enumerate(sizes)]
@@ -243,8 +242,8 @@ def parzen_evaluate(run: Run, n_samples: int = 10000, n_valid: int = 10000, max_
     (kept in the run as they are drawn, so a stopped call resumes) and rounded to the data's pixel
     values, on the chain that ``chain`` names (its steps: ``thermodiff sample --steps``; the
     protocol's 10000 samples cost T network calls each on the run's own chain, and ``thermodiff
-    evaluate --respace`` gives a chain's bound). The bandwidth is validated on the *last* ``n_valid`` training images, as Goodfellow et al. took MNIST training images
-    50000-59999; unlike their model, a run trained on all 60000 has seen these. ``memory_check``:
+    evaluate --respace`` gives a chain's bound). The bandwidth is validated on the *last*
+    ``n_valid`` training images, as Goodfellow et al. took MNIST training images 50000-59999; unlike their model, a run trained on all 60000 has seen these. ``memory_check``:
     refuse ``n_samples`` whose memory (:func:`parzen_memory`) exceeds the available memory.
     """
     _check_request(run, n_samples, n_valid, max_test)
