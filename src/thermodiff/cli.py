@@ -457,38 +457,27 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(self.prog, message)
 
 
-def _seed(text: str) -> int:
-    """An argparse type: a seed that every generator accepts (the range of the config's seed)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    ok, requirement = RANGES["seed"]
-    if not ok(value):
-        raise argparse.ArgumentTypeError(f"must {requirement}, got {value}")
-    return value
+def _number_type(convert: typing.Callable[[str], float], expected: str, ok: typing.Callable[[float], bool],
+                 requirement: str) -> typing.Callable[[str], float]:
+    """An argparse type: `convert` the text, then check it; each failure is one line saying what was wanted."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must {requirement}, got {text}")
+        return value
+    return parse
 
 
-def _minutes(text: str) -> float:
-    """An argparse type: a positive, finite training time in minutes."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of minutes, got {text!r}") from None
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
-
-
-def _eta(text: str) -> float:
-    """An argparse type: DDIM's eta, a number in [0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1] (0: deterministic, 1: the ancestral chain's noise), got {text}")
-    return value
+# a seed that every generator accepts (the range of the config's seed)
+_seed = _number_type(int, "an integer", *RANGES["seed"])
+# a positive, finite training time
+_minutes = _number_type(float, "a number of minutes", lambda value: 0 < value < math.inf, "be positive")
+# DDIM's eta
+_eta = _number_type(float, "a number from 0 to 1", lambda value: 0 <= value <= 1,
+                    "lie in [0, 1] (0: deterministic, 1: the ancestral chain's noise)")
 
 
 SAMPLING_PRECISIONS = ("fp32", "bf16")
