@@ -67,6 +67,17 @@ def test_a_seed_beyond_64_bits_names_the_range(args, tiny_config, trained_run, c
     assert "expected int" not in err
 
 
+@pytest.mark.parametrize("flag, text, words", [
+    ("--minutes", "abc", ["a number of minutes", "'abc'"]), ("--minutes", "0", ["be positive", "0"]),
+    ("--minutes", "inf", ["be positive", "inf"]), ("--seed", "x", ["an integer", "'x'"]),
+    ("--seed", "-1", ["0 .. 2**32 - 1", "-1"])])
+def test_a_bad_number_flag_says_what_it_wants_and_what_it_got(flag, text, words, tiny_config, cli, tmp_path):
+    """Both ways a number flag fails (not a number, out of its range) are one line naming the flag; nothing is written."""
+    out = tmp_path / "run"
+    assert_one_line_error(cli("train", tiny_config, flag, text, "--out", out), flag, *words)
+    assert not out.exists()
+
+
 def test_compare_into_an_existing_out_suggests_what_compare_accepts(trained_run, cli, tmp_path):
     out = tmp_path / "cmp"
     (out / "tiny").mkdir(parents=True)

@@ -460,7 +460,7 @@ class _Parser(argparse.ArgumentParser):
 def _number_type(convert: typing.Callable[[str], float], expected: str, ok: typing.Callable[[float], bool],
                  requirement: str) -> typing.Callable[[str], float]:
     """An argparse type: `convert` the text, then check it; each failure is one line saying what was wanted."""
-    def parse(text: str):
+    def parse(text: str) -> float:
         try:
             value = convert(text)
         except ValueError:

@@ -243,8 +243,9 @@ def parzen_evaluate(run: Run, n_samples: int = 10000, n_valid: int = 10000, max_
     values, on the chain that ``chain`` names (its steps: ``thermodiff sample --steps``; the
     protocol's 10000 samples cost T network calls each on the run's own chain, and ``thermodiff
     evaluate --respace`` gives a chain's bound). The bandwidth is validated on the *last*
-    ``n_valid`` training images, as Goodfellow et al. took MNIST training images 50000-59999; unlike their model, a run trained on all 60000 has seen these. ``memory_check``:
-    refuse ``n_samples`` whose memory (:func:`parzen_memory`) exceeds the available memory.
+    ``n_valid`` training images, as Goodfellow et al. took MNIST training images 50000-59999;
+    unlike their model, a run trained on all 60000 has seen these. ``memory_check``: refuse
+    ``n_samples`` whose memory (:func:`parzen_memory`) exceeds the available memory.
     """
     _check_request(run, n_samples, n_valid, max_test)
     sigmas = _check_sigmas(sigmas)  # before the slow sampling
