@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from record import write_result  # sibling modules: benchmarks/ is on sys.path when run
 from thermodiff.run.training import TrainState, draw_batch, train_step
-from throughput import Variant, build, join_process_group, matmul_rates, random_images
+from throughput import MATMUL_N, Variant, build, join_process_group, matmul_rates, random_images
 
 #: profiler operator -> group; an operator's own (self) time, so nested calls are not counted twice
 GROUPS = {"aten::mkldnn_convolution": "convolution_forward", "aten::convolution_backward": "convolution_backward",
@@ -84,7 +84,7 @@ def main() -> None:
         step()
     flops = group_flops(step)
     seconds, top, wall = group_seconds(step, args.steps)
-    peak = matmul_rates(1)["bf16"]  # sets one thread, as the step ran
+    peak = matmul_rates(1, "cpu", MATMUL_N)["bf16"]  # sets one thread, as the step ran
     total = sum(seconds.values())
     groups = {g: group_row(s, flops.get(g, 0.0) / 1e9, total, peak)
               for g, s in sorted(seconds.items(), key=lambda kv: -kv[1])}

@@ -5,7 +5,7 @@ machine: the networks' FLOPs per image times images/s over its measured matmul r
     python benchmarks/throughput.py [--device auto|cpu|cuda] [--presets small,reference_mnist,reference_cifar10]
                                     [--precisions fp32[,bf16]] [--variants threads2,processes2,compile,...,combined]
                                     [--batch-size 128] [--repeats 5] [--iters 3] [--warmup 2] [--threads N]
-                                    [--name NAME] [--notes TEXT]
+                                    [--name NAME] [--results-dir DIR] [--matmul-side N] [--notes TEXT]
 
 The setting is the paper's image setting: a GaussianDiffusion with T = 1000, the reference
 schedule and parameterisation, the network on MNIST-sized (1 x 28 x 28) or CIFAR-sized
@@ -32,15 +32,17 @@ faster than the baseline.
   CUDA also ``torch.cuda.max_memory_allocated`` (weights, optimiser state and activations);
 - utilisation: FLOPs per image (``torch.utils.flop_counter.FlopCounterMode``: forward and
   backward for training, one forward per reverse step for sampling) times images/s, over the
-  rate of a large ``torch.matmul`` on all of the process's CPUs in the same run, fp32 and bf16
-  (``utilisation_pct``: against the rate of the measurement's precision; ``utilisation_bf16_pct``:
-  against the bf16 rate; ``utilisation_peak_pct``: against the faster of the two, the machine's
-  limit: bf16 on a CPU with AMX or AVX-512 BF16, fp32 on one that emulates bf16). CPU only.
+  rate of a large ``torch.matmul`` on the device (a CPU: all of the process's CPUs) in the same run,
+  fp32 and bf16 (``utilisation_pct``: against the rate of the measurement's precision;
+  ``utilisation_bf16_pct``: against the bf16 rate; ``utilisation_peak_pct``: against the faster of
+  the two, the machine's limit: bf16 on a GPU or a CPU with AMX or AVX-512 BF16, fp32 on one that
+  emulates bf16).
 
 Each measurement is timed ``--repeats`` times (``--iters`` steps each) after ``--warmup`` steps
 (``warmup_s``: their times, the first one compiling under ``compile``); the JSON holds every
 repeat, the median, the spread and the load averages at its start and end. Writes
-benchmarks/results/NAME.json (default throughput_<device>) with the machine and the command line.
+RESULTS_DIR/NAME.json (default benchmarks/results/throughput_<device>.json) with the machine and the
+command line.
 """
 
 import argparse
@@ -261,18 +263,26 @@ def run_measurement(preset: str, mode: str, variant: Variant, args: argparse.Nam
     return m
 
 
-def matmul_rates(threads: int) -> dict:
-    """GFLOP/s of a MATMUL_N-square torch.matmul in fp32 and bf16 on ``threads`` threads (the
-    median of repeated timings, after a warm-up)."""
+def matmul_rates(threads: int, device: str, n_side: int) -> dict:
+    """GFLOP/s of an ``n_side``-square torch.matmul in fp32 and bf16 on ``device`` (a CPU with
+    ``threads`` threads): the median of repeated timings, after a warm-up."""
     torch.set_num_threads(threads)
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     rates = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a, b = (torch.randn(MATMUL_N, MATMUL_N).to(dtype) for _ in range(2))
-        once = timed(lambda: a @ b, 1, lambda: None)
+        a, b = (torch.randn(n_side, n_side, device=dev).to(dtype) for _ in range(2))
+        once = timed(lambda: a @ b, 1, sync)
         n = max(1, int(0.5 / once))  # about half a second per timing
-        seconds = [timed(lambda: a @ b, n, lambda: None) for _ in range(5)]
-        rates[name] = 2 * MATMUL_N**3 / statistics.median(seconds) / 1e9
+        seconds = [timed(lambda: a @ b, n, sync) for _ in range(5)]
+        rates[name] = 2 * n_side**3 / statistics.median(seconds) / 1e9
     return rates
+
+
+def matmul_side(device: torch.device) -> int:
+    """The default side of the square matrices whose product times ``device``: a GPU needs larger
+    ones to reach its rate (8192, as its makers quote it)."""
+    return MATMUL_N if device.type == "cpu" else 4 * MATMUL_N
 
 
 def flops_per_image(preset: str, T: int) -> dict:
@@ -332,7 +342,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--variants", default="",
                    help=f"comma-separated, each one factor changed from the first baseline, from {', '.join(FACTORS)}; "
                         "and combined: the fastest of each")
-    p.add_argument("--name", help="results file benchmarks/results/NAME.json (default throughput_<device>)")
+    p.add_argument("--name", help="results file RESULTS_DIR/NAME.json (default throughput_<device>)")
+    p.add_argument("--results-dir", type=Path, default=Path(__file__).parent / "results",
+                   help="folder of the results file (default benchmarks/results)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement")
     p.add_argument("--iters", type=int, default=3, help="steps per timed repeat")
@@ -340,6 +352,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--T", type=int, default=1000, help="diffusion steps")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(),
                    help="torch CPU threads of the baselines (default torch's)")
+    p.add_argument("--matmul-side", type=int, help="side of the square matmul that measures the device's rate "
+                                                    f"(default {MATMUL_N} on a CPU, {4 * MATMUL_N} on a GPU)")
     p.add_argument("--notes", default="", help="free text stored with the results, e.g. that the machine was busy")
     args = p.parse_args(argv)
     args.presets = [s.strip() for s in args.presets.split(",") if s.strip()]
@@ -363,6 +377,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                "cpu" if args.device == "auto" else args.device)
     if args.device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device available")
+    if args.matmul_side is None:
+        args.matmul_side = matmul_side(args.device)
+    if args.matmul_side < 1:
+        p.error("--matmul-side must be at least 1")
     if "fp16" in args.precisions and args.device.type != "cuda":
         p.error("--precisions fp16 needs CUDA (its gradient scaler); use bf16 on a CPU")
     return args
@@ -377,7 +395,7 @@ def show(m: dict) -> None:
           f"{used}{data}", flush=True)
 
 
-def measure_preset(preset: str, args: argparse.Namespace, rates: dict | None, record: dict) -> None:
+def measure_preset(preset: str, args: argparse.Namespace, rates: dict, record: dict) -> None:
     """Every variant of ``preset``, training and sampling, into ``record``."""
     flops = flops_per_image(preset, args.T)
     record["flops_per_image"][preset] = flops
@@ -393,8 +411,7 @@ def measure_preset(preset: str, args: argparse.Namespace, rates: dict | None, re
             if mode == "sample" and variant.name in OPTIMIZER_ONLY:
                 continue
             m = run_measurement(preset, mode, variant, args)
-            if rates is not None:
-                m |= utilisation(m, flops, rates, args.T)
+            m |= utilisation(m, flops, rates, args.T)
             record["measurements"].append(m)
             trained |= {variant.name: m} if mode == "train" else {}
             show(m)
@@ -420,22 +437,22 @@ def main(argv: list[str]) -> None:
                    "memory": "each measurement in fresh processes: rss_peak_mib = its ru_maxrss (torch runtime included; "
                              "summed over processes), rss_setup_mib = that mark before the first step; CUDA: "
                              "max_memory_allocated",
-                   "utilisation": f"FLOPs per image (FlopCounterMode) x images/s over the rate of a {MATMUL_N}-square "
-                                  f"torch.matmul on {cpus} threads measured in this run (CPU only)"},
+                   "utilisation": f"FLOPs per image (FlopCounterMode) x images/s over the rate of a "
+                                  f"{args.matmul_side}-square torch.matmul on {args.device} "
+                                  f"({cpus} threads on a CPU) measured in this run"},
         "notes": args.notes,
         "load_average_start": os.getloadavg(),
         "flops_per_image": {},
         "measurements": [],
     }
-    rates = None
-    if args.device.type == "cpu":
-        rates = in_fresh_processes(matmul_rates, [(cpus,)])[0]
-        record |= {"matmul_gflops_per_s": rates, "matmul_threads": cpus}
-        print(f"matmul on {cpus} threads: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in rates.items()), flush=True)
+    rates = in_fresh_processes(matmul_rates, [(cpus, str(args.device), args.matmul_side)])[0]
+    record |= {"matmul_gflops_per_s": rates, "matmul_threads": cpus if args.device.type == "cpu" else None,
+               "matmul_side": args.matmul_side}
+    print(f"matmul on {args.device}: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in rates.items()), flush=True)
     for preset in args.presets:
         measure_preset(preset, args, rates, record)
     record["load_average_end"] = os.getloadavg()
-    out = Path(__file__).parent / "results" / f"{args.name or 'throughput_' + args.device.type}.json"
+    out = args.results_dir / f"{args.name or 'throughput_' + args.device.type}.json"
     atomic_write_text(out, json.dumps(record, indent=2) + "\n")
     print(f"-> {out}")
 

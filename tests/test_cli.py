@@ -160,6 +160,30 @@ def test_sample_writes_what_the_librarys_batched_sampler_draws(trained_run, cli,
     np.testing.assert_array_equal(np.load(out), np.concatenate([run.dataset.from_model(x) for x in batches]))
 
 
+def test_evaluate_and_sample_run_where_device_says_and_record_it(copy_run, cli, tmp_path):
+    run = copy_run()
+    default = cli("evaluate", run, "--quiet", "--json").json()
+    on_cpu = cli("evaluate", run, "--quiet", "--json", "--device", "cpu").json()
+    assert on_cpu["device"] == default["device"] == "cpu"  # auto is the CPU on a machine without CUDA
+    assert on_cpu["K_bits"] == default["K_bits"] and on_cpu["stderr_bits"] == default["stderr_bits"]
+    assert "GPU" not in on_cpu["hardware"] and "CPU" in on_cpu["hardware"]
+    first, second = tmp_path / "default.npy", tmp_path / "cpu.npy"
+    assert cli("sample", run, "-n", "9", "--out", first, "--quiet").rc == 0
+    r = cli("sample", run, "-n", "9", "--out", second, "--json", "--device", "cpu")
+    assert r.rc == 0 and r.json()["device"] == "cpu", r
+    np.testing.assert_array_equal(np.load(first), np.load(second))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+@pytest.mark.parametrize("command", ["evaluate", "sample"])
+def test_device_cuda_without_cuda_is_one_line_and_writes_nothing(trained_run, cli, tmp_path, command):
+    out = tmp_path / "x.npy"
+    extra = ["--out", out, "-n", "3"] if command == "sample" else ["--per-example", out]
+    assert_one_line_error(cli(command, trained_run["run_dir"], "--device", "cuda", *extra), "--device cuda", "CUDA")
+    assert_one_line_error(cli(command, trained_run["run_dir"], "--device", "tpu", *extra), "--device", "'tpu'")
+    assert os.listdir(tmp_path) == []
+
+
 def test_text_reports_are_the_librarys(copy_run, cli):
     run = copy_run()
     r = cli("evaluate", run, "--quiet")

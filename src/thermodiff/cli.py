@@ -88,6 +88,7 @@ def _check_eval_flags(args) -> None:
 def _evaluate(run_dir: str, args, data: str | None = None) -> dict:
     import numpy as np
 
+    from thermodiff.run.distributed import resolve_device
     from thermodiff.run.experiment import SplitUnavailable, load_run
     from thermodiff.tasks.evaluation import ChainSpec, evaluate
 
@@ -100,7 +101,7 @@ def _evaluate(run_dir: str, args, data: str | None = None) -> dict:
         if getattr(args, "ode", False):
             _refuse_existing(_ode_per_example_path(per_example), args.overwrite)
     try:
-        run = load_run(run_dir, data, split=data is None)
+        run = load_run(run_dir, data, split=data is None, device=resolve_device(args.device))
     except SplitUnavailable as e:
         raise UserError(f"{e}; or pass --data FILE to evaluate on other data") from None
     chain = ChainSpec(getattr(args, "respace", None), getattr(args, "variance", None), getattr(args, "clip_x0", False))
@@ -159,8 +160,8 @@ def cmd_evaluate(args) -> None:
         return
     if args.run_dir is None:
         raise UserError("give a run directory to evaluate, or --diffusers DIR for a saved diffusers pipeline")
-    if args.data_dir is not None or args.device != "auto":
-        raise UserError("--data-dir and --device are for --diffusers; a run evaluates on its own data, on the CPU")
+    if args.data_dir is not None:
+        raise UserError("--data-dir is for --diffusers; a run evaluates on its own data, or on --data FILE")
     result = _evaluate(args.run_dir, args, args.data)
     _emit(args, result, reports.describe_evaluation(result))
 
@@ -202,6 +203,7 @@ def cmd_sample(args) -> None:
     from thermodiff.process.samplers import CountingModel, Sampler, checked_sampler, sample
     from thermodiff.process.sampling import sample_in_batches
     from thermodiff.run.checkpoint import atomic_write_bytes
+    from thermodiff.run.distributed import resolve_device
     from thermodiff.run.experiment import SplitUnavailable, load_run, sampling_memory
     from thermodiff.run.memory import require_fits
     from thermodiff.run.training import sampling_network
@@ -218,8 +220,8 @@ def cmd_sample(args) -> None:
     if args.respace is not None and args.steps is not None:
         raise UserError("--steps and --respace name the same chain; pass one of them")
     chain = ChainSpec(args.respace or args.steps, args.variance, args.clip_x0)
-    try:
-        run = load_run(args.run_dir, split=chain.rule is VarianceRule.FITTED)  # the fit needs the training data
+    try:  # the fit needs the training data
+        run = load_run(args.run_dir, split=chain.rule is VarianceRule.FITTED, device=resolve_device(args.device))
     except SplitUnavailable as e:
         raise UserError(f"{e}; --variance fitted fits on the run's training data") from None
     if out.suffix == ".png" and not run.dataset.is_image:
@@ -234,7 +236,8 @@ def cmd_sample(args) -> None:
     model, precision = CountingModel(network), network.precision
     start = time.perf_counter()
     batches = sample_in_batches(diffusion, model, args.n, run.dataset.event_shape, args.batch_size,
-                                torch.Generator().manual_seed(args.seed), progress=not args.quiet, draw=draw)
+                                torch.Generator(run.device).manual_seed(args.seed), progress=not args.quiet,
+                                draw=draw)
     samples = np.concatenate([run.dataset.from_model(x) for x in batches])
     wall = time.perf_counter() - start
     if out.suffix == ".png":
@@ -248,7 +251,7 @@ def cmd_sample(args) -> None:
     counted = f"{calls:g}" if calls else "uncounted"
     _emit(args, {"out": str(out), "n": args.n, "shape": list(samples.shape), "units": "original", "steps": diffusion.T,
                  "sampler": sampler.value, "eta": eta if sampler is Sampler.DDIM else None, "precision": precision,
-                 "network_calls_per_sample": calls, "sample_wall_s": round(wall, 3),
+                 "network_calls_per_sample": calls, "sample_wall_s": round(wall, 3), "device": str(run.device),
                  **chain_record(run, diffusion, chain)},
           f"wrote {args.n} samples (original units, {label}, {diffusion.T} steps, {counted} network calls each "
           f"in {precision}, "
@@ -484,6 +487,7 @@ SAMPLING_PRECISIONS = ("fp32", "bf16")
 PRECISION_HELP = ("the network's precision while sampling (default: bf16 if it trained in bf16 and this machine "
                   "computes bf16 natively, else fp32; bf16 samples the image default's U-Net 1.7 times as fast as "
                   "fp32 on a CPU with AMX, and far slower on one without AMX or AVX-512 BF16)")
+DEVICE_HELP = "auto (CUDA if available), cpu, cuda or cuda:N"
 RESPACE_HELP = ("a respaced chain: N steps evenly spaced from 1 to T, optimalN for the N steps whose chain with "
                 "fitted variances has the highest bound (chosen on the fit's training images), or a comma-separated "
                 "list of the trained steps to keep, from 1 to T (Gaussian runs)")
@@ -512,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=_seed, help="seed for data, split, init and noise")
         p.add_argument("--schedule", help=" | ".join(typing.get_args(ScheduleName)))
         p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-        p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
+        p.add_argument("--device", default="auto", help=DEVICE_HELP)
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.lr=3e-4")
         p.add_argument(MEMORY_OVERRIDE_FLAG, action="store_true", help=MEMORY_OVERRIDE_HELP)
 
@@ -545,7 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "scheduler/, safetensors): its bound in bits/dim on --data "
                                                       "(needs pip install thermodiff[diffusers])")
     p.add_argument("--data-dir", help="with --diffusers: the folder holding the MNIST / CIFAR-10 files")
-    p.add_argument("--device", default="auto", help="with --diffusers: auto (CUDA if available), cpu, cuda or cuda:N")
+    p.add_argument("--device", default="auto", help=f"where the network runs: {DEVICE_HELP}")
     eval_flags(p)
     p.add_argument("--respace", metavar="N|STEPS", help=RESPACE_HELP)
     p.add_argument("--variance", choices=VARIANCE_RULES, help=VARIANCE_HELP)
@@ -582,6 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variance", choices=VARIANCE_RULES, help=VARIANCE_HELP)
     p.add_argument("--clip-x0", action="store_true", help=CLIP_HELP)
     p.add_argument("--precision", choices=SAMPLING_PRECISIONS, help=PRECISION_HELP)
+    p.add_argument("--device", default="auto", help=f"where the network runs: {DEVICE_HELP} (the draws depend on it)")
     p.add_argument(MEMORY_OVERRIDE_FLAG, action="store_true", help=MEMORY_OVERRIDE_HELP)
     p.set_defaults(func=cmd_sample)
 
@@ -641,7 +646,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/compare", help="folder for the runs (OUT/NAME), compare.json and bound_vs_time.png")
     p.add_argument("--samples", type=int, default=200, help="samples drawn to time sampling")
     p.add_argument("--overwrite", action="store_true", help="replace existing runs of these names")
-    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key in every config")
     p.add_argument(MEMORY_OVERRIDE_FLAG, action="store_true", help=MEMORY_OVERRIDE_HELP)
     eval_flags(p)

@@ -198,7 +198,8 @@ class DAE(Trainable):
     @torch.no_grad()
     def denoise(self, model, dataset, noisy: np.ndarray) -> np.ndarray:
         """The output for noisy examples, both in original units (8-bit images come back as uint8)."""
-        return dataset.from_model(model(dataset.to_model(noisy, dequantize=False)))
+        device = next(model.parameters()).device
+        return dataset.from_model(model(dataset.to_model(noisy, device=device, dequantize=False)))
 
     def denoise_report(self, model, dataset, test: np.ndarray, seed: int = 0) -> dict:
         """``test`` (original units) plus Gaussian noise of noise_std in units of the scaled data (1

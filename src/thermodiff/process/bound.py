@@ -253,8 +253,9 @@ class Stratum:
         if self.probs is None:
             t = self.steps.to(device)[torch.randint(len(self.steps), (n,), generator=generator, device=device)]
             return t, torch.full((n,), float(len(self.steps)), dtype=torch.float64)
-        index = torch.multinomial(self.probs, n, replacement=True, generator=generator)
-        return self.steps[index].to(device), 1 / self.probs[index]
+        probs = self.probs.to(device)  # drawn where the generator is (the examples' device)
+        index = torch.multinomial(probs, n, replacement=True, generator=generator)
+        return self.steps.to(device)[index], (1 / probs[index]).cpu()
 
 
 def strata(T: int, t_samples: int | None) -> list[Stratum]:

@@ -43,9 +43,10 @@ def sample_in_batches(diffusion, model, n: int, event_shape: tuple[int, ...], ba
                       draw: Callable = ancestral_sample) -> Iterator[Tensor]:
     """``n`` draws of ``draw`` (:func:`ancestral_sample`, or a function of its signature such as
     samplers.sample with its sampler fixed) made ``batch_size`` at a time, batch after batch from one
-    ``generator`` (so the draws depend on ``batch_size``), under one progress bar."""
+    ``generator`` (so the draws depend on ``batch_size``), on the generator's device, under one progress bar."""
     sizes = [min(batch_size, n - i) for i in range(0, n, batch_size)]
+    device = generator.device if generator is not None else None
     with tqdm(total=len(sizes) * diffusion.T, desc="sample", unit="t", disable=not progress, mininterval=1.0) as bar:
         for size in sizes:
-            yield draw(diffusion, model, (size, *event_shape), generator,
+            yield draw(diffusion, model, (size, *event_shape), generator, device,
                        callback=lambda t, x: bar.update(1) if t > 0 else None)

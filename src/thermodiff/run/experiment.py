@@ -445,6 +445,7 @@ class Run:
     step: int
     meta: dict
     checkpoint: str = "last"  # which weights: "last" (of checkpoint.safetensors) or "best" (by the validation bound)
+    device: torch.device = torch.device("cpu")  # where the network and the process's tables are
 
 
 def _names(keys: list[str], most: int = 3) -> str:
@@ -523,11 +524,13 @@ def _other_data(path: Path, cfg: Config, expected: tuple[int, ...], run_dir: Pat
     return data
 
 
-def load_run(run_dir: str | Path, data_path: str | None = None, split: bool = False) -> Run:
-    """Rebuild a run's data, process and network from ``run_dir`` and load its weights. With
-    ``data_path``, those data (original units) are the test split; with ``split``, the run's own
-    splits are rebuilt from its training data (:class:`SplitUnavailable` if they are missing or
-    changed); otherwise the data set holds no examples, only what the checkpoint records of them."""
+def load_run(run_dir: str | Path, data_path: str | None = None, split: bool = False,
+             device: torch.device = torch.device("cpu")) -> Run:
+    """Rebuild a run's data, process and network from ``run_dir`` and load its weights onto
+    ``device`` (the data stay in host memory). With ``data_path``, those data (original units) are
+    the test split; with ``split``, the run's own splits are rebuilt from its training data
+    (:class:`SplitUnavailable` if they are missing or changed); otherwise the data set holds no
+    examples, only what the checkpoint records of them."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run directory")
@@ -562,8 +565,8 @@ def load_run(run_dir: str | Path, data_path: str | None = None, split: bool = Fa
     load_state(parts.model, tensors, f"{weights}model.", str(run_dir))
     load_state(parts.diffusion, tensors, f"{weights}diffusion.", str(run_dir))
     parts.model.eval()
-    return Run(run_dir, cfg, parts.dataset, parts.diffusion, parts.model, int(meta["step"]), meta,
-               "best" if checkpoint == best else "last")
+    return Run(run_dir, cfg, parts.dataset, parts.diffusion.to(device), parts.model.to(device), int(meta["step"]), meta,
+               "best" if checkpoint == best else "last", device)
 
 
 def sample_bytes(run: Run) -> int:

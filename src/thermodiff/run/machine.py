@@ -32,7 +32,10 @@ def machine() -> dict:
             "load_average": [round(x, 2) for x in os.getloadavg()]}
 
 
-def hardware() -> str:
-    """:func:`machine` in one line, as reports name it."""
+def hardware(device: torch.device = torch.device("cpu")) -> str:
+    """:func:`machine` in one line, as reports name it, with the GPU where ``device`` is one."""
     m = machine()
-    return f"{m['processor']} CPU ({m['cpu_count']} cores, torch {m['torch']}, {m['threads']} threads)"
+    host = f"{m['processor']} CPU ({m['cpu_count']} cores, torch {m['torch']}, {m['threads']} threads)"
+    if device.type != "cuda":
+        return host
+    return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}) on an {host}"

@@ -104,9 +104,10 @@ def run_chain(run: Run, chain: ChainSpec, flag: str, seed: int = 0, progress: bo
         raise UserError(f"--variance fitted: {run.path}'s training data are not loaded here; fit on the run's own "
                         "data (without --data)")
     generator = torch.Generator().manual_seed(seed)
-    x = run.dataset.to_model(run.dataset.train[:FIT_EXAMPLES], generator, dequantize=run.diffusion.dequantizes)
+    x = run.dataset.to_model(run.dataset.train[:FIT_EXAMPLES], generator, run.device, run.diffusion.dequantizes)
     with counting_bar("fit variances", progress) as report:
-        fit = VarianceFit(run.model, torch.split(x, run.config.eval.batch_size), generator, report)
+        fit = VarianceFit(run.model, torch.split(x, run.config.eval.batch_size), draws_on(run.device, generator, seed),
+                          report)
         return respaced_process(base, chain.steps, flag, rule, fit)
 
 
@@ -186,11 +187,13 @@ def evaluate_baseline(run: Run, n_draws: int, max_examples: int, seed: int, spli
     generator = torch.Generator().manual_seed(seed)
     test = run.dataset.test[:max_examples] if max_examples else run.dataset.test
     result = {"experiment": cfg.name, "run_dir": str(run.path), "train_steps": run.step, "split": split_name,
-              "n_examples": len(test), "model": cfg.baseline.kind, "hardware": hardware()}
+              "n_examples": len(test), "model": cfg.baseline.kind, "hardware": hardware(run.device),
+              "device": str(run.device)}
     if cfg.baseline.kind == "dae":
         return result | {"noise_std": process.noise_std, **process.denoise_report(run.model, run.dataset, test, seed)}
     x = run.dataset.to_model(test, generator)
-    elbo, iw = process.bounds(run.model, torch.split(x, cfg.eval.batch_size), n_draws, generator)
+    elbo, iw = process.bounds(run.model, torch.split(x.to(run.device), cfg.eval.batch_size), n_draws,
+                              draws_on(run.device, generator, seed))
     require_finite_bound(elbo, str(run.path), "the ELBO")
     return result | {"n_draws": n_draws, "latent": process.latent,
                      **bound_report(run.dataset, elbo, process.null_log_likelihood(x.double())),
@@ -216,7 +219,7 @@ def ode_report(run: Run, test, options: OdeOptions, batch_size: int, seed: int) 
     generator = torch.Generator().manual_seed(seed)
     x, log_volume = run.dataset.to_model_density(test, generator)
     start, per_example, nfe = time.perf_counter(), [], []
-    for batch in torch.split(x, batch_size):
+    for batch in torch.split(x.to(run.device), batch_size):  # the probes are drawn on the CPU (flow_log_likelihood)
         result = flow_log_likelihood(run.diffusion, run.model, batch, options.rtol, options.atol,
                                      options.trace, generator)
         per_example.append(result.per_example.cpu())
@@ -270,6 +273,14 @@ class MeasuredBound:
     null: torch.Tensor
 
 
+def draws_on(device: torch.device, generator: torch.Generator, seed: int) -> torch.Generator:
+    """The generator of the draws made on ``device`` once the examples are there: ``generator``
+    itself on the CPU (a CPU evaluation draws what it always drew), else a new one on ``device``
+    seeded with ``seed`` (a torch generator draws on its own device only, so a GPU draws other
+    noise than the CPU: the estimates agree within their standard errors, not to the bit)."""
+    return generator if device.type == "cpu" else torch.Generator(device).manual_seed(seed)
+
+
 def measure_bound(diffusion, model, dataset, test, n_draws: int, t_samples: int, seed: int, batch_size: int,
                   progress: bool, origin: str, device=None, t_sampling: str = EvalConfig.t_sampling) -> MeasuredBound:
     """The bound K of ``model`` under ``diffusion`` on the examples ``test`` (original units) of
@@ -281,13 +292,12 @@ def measure_bound(diffusion, model, dataset, test, n_draws: int, t_samples: int,
     discrete = not diffusion.dequantizes
     x = dataset.to_model(test, generator, dequantize=not discrete)
     batches = tuple(b.to(device) for b in torch.split(x, batch_size))
-    if batches and batches[0].device.type != "cpu":  # the bound's draws are made where the batches are
-        generator = torch.Generator(batches[0].device).manual_seed(seed)
+    generator = draws_on(torch.device(device or "cpu"), generator, seed)
     with counting_bar("bound", progress) as report:
         estimate = exact_bound(diffusion, model, batches, n_draws, generator, callback=report,
                                t_samples=t_samples or None, t_sampling=t_sampling)
     require_finite_bound(estimate.per_example, origin)
-    null = diffusion.null_log_likelihood(x.double())
+    null = diffusion.null_log_likelihood(x.double().to(device)).cpu()
     return MeasuredBound(estimate, bound_report(dataset, estimate.per_example, null, discrete), batches, generator, null)
 
 
@@ -318,7 +328,7 @@ def evaluate(run: Run, n_draws: int | None = None, max_examples: int | None = No
     diffusion = run_chain(run, chain, "--respace", seed, progress)
     test = run.dataset.test[:max_examples] if max_examples else run.dataset.test
     m = measure_bound(diffusion, run.model, run.dataset, test, n_draws, t_samples, seed, cfg.eval.batch_size,
-                      progress, str(run.path), t_sampling=t_sampling or cfg.eval.t_sampling)
+                      progress, str(run.path), run.device, t_sampling or cfg.eval.t_sampling)
     estimate, report, batches, generator, null = m.estimate, m.report, m.batches, m.generator, m.null
     result = {
         "experiment": cfg.name,
@@ -342,7 +352,8 @@ def evaluate(run: Run, n_draws: int | None = None, max_examples: int | None = No
         "t_sampler": cfg.train.t_sampler,
         **report,
         "per_timestep_bits": (estimate.terms / LN2).tolist(),
-        "hardware": hardware(),
+        "hardware": hardware(run.device),
+        "device": str(run.device),
         "auto_choices": cfg.auto,
     }
     if run.diffusion.continuous_time:  # its continuous-time bound too, besides its T-step chain's

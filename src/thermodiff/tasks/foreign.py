@@ -90,6 +90,7 @@ def foreign_bound(net, betas, dataset: datasets.Dataset, prediction_type: str, v
         diffusion = diffusion.clipped(-clip_x0, clip_x0)
     m = measure_bound(diffusion, model, dataset, dataset.test, n_draws, t_samples, seed, batch_size, progress, origin,
                       device, t_sampling)
+    where = torch.device(device or "cpu")
     return {"n_examples": len(dataset.test), "T": diffusion.T, "estimator": estimator_name(m.estimate),
             "t_samples": m.estimate.t_samples, "t_sampling": m.estimate.t_sampling and m.estimate.t_sampling.value, "n_draws": n_draws,
             "prediction_type": prediction_type,
@@ -97,7 +98,8 @@ def foreign_bound(net, betas, dataset: datasets.Dataset, prediction_type: str, v
             "eps_variance": diffusion.eps_variance.value if variance_type != "learned_range" else None,
             "clip_x0": clip_x0, "decoder": diffusion.decoder.value, "beta_1": float(diffusion.schedule.betas()[0]),
             "beta_T": float(diffusion.schedule.betas()[-1]), **m.report,
-            "per_timestep_bits": (m.estimate.terms / LN2).tolist(), "hardware": hardware()}
+            "per_timestep_bits": (m.estimate.terms / LN2).tolist(), "hardware": hardware(where),
+            "device": str(where)}
 
 
 def eps_model_bound(model: Callable, betas, images: torch.Tensor | np.ndarray | Iterable, *,

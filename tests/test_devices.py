@@ -1,0 +1,75 @@
+"""The commands on every device this machine has: the CPU always, and a CUDA GPU where there is
+one (benchmarks/gpu_check.py runs this file on a lent GPU). A tiny image run trains, evaluates
+(every step, importance-sampled steps, fitted variances on a respaced chain, the ODE) and samples
+with ``--device``; a run trained on a GPU loads on the CPU, and the bound measured on the GPU
+agrees with the CPU's within their standard errors (the GPU draws its own noise)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_tiny_images
+
+from thermodiff.cli import main
+from thermodiff.run.experiment import load_run
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def run_json(capsys, *args) -> dict:
+    capsys.readouterr()
+    assert main([str(a) for a in args] + ["--quiet", "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.fixture(scope="module", params=DEVICES)
+def trained(request, tmp_path_factory):
+    """A tiny 8 x 8 image run trained on the device: (device, run directory)."""
+    folder = tmp_path_factory.mktemp(f"run_{request.param}")
+    run = folder / "run"
+    assert main(["train", str(write_tiny_images(folder)), "--out", str(run), "--quiet", "--device", request.param]) == 0
+    return request.param, run
+
+
+@pytest.mark.parametrize("flags", [["--exact"], ["--t-samples", "2", "--t-sampling", "importance"],
+                                   ["--respace", "3", "--variance", "fitted"], ["--ode"]],
+                         ids=["exact", "importance", "fitted", "ode"])
+def test_evaluate_on_the_device(trained, capsys, flags):
+    device, run = trained
+    e = run_json(capsys, "evaluate", run, "--device", device, *flags)
+    assert e["device"].startswith(device) and ("GPU" if device == "cuda" else "CPU") in e["hardware"]
+    assert math.isfinite(e["K_bits"]) and e["n_examples"] == 12
+    if "--ode" in flags:
+        assert math.isfinite(e["ode_log_likelihood_bits"])
+
+
+def test_sample_on_the_device(trained, capsys, tmp_path):
+    device, run = trained
+    for sampler in ("ancestral", "ddim"):
+        out = tmp_path / f"{sampler}.npy"
+        s = run_json(capsys, "sample", run, "-n", "5", "--sampler", sampler, "--steps", "4", "--device", device,
+                     "--out", out)
+        assert s["device"].startswith(device)
+        x = np.load(out)
+        assert x.shape == (5, 1, 8, 8) and x.dtype == np.uint8
+
+
+def test_a_run_trained_on_the_device_loads_on_the_cpu(trained):
+    device, run = trained
+    loaded = load_run(run)
+    assert loaded.device == torch.device("cpu")
+    assert all(p.device.type == "cpu" for p in loaded.model.parameters())
+    assert all(b.device.type == "cpu" for b in loaded.diffusion.buffers())
+
+
+@needs_cuda
+def test_the_gpus_bound_is_the_cpus_within_the_standard_errors(trained, capsys):
+    device, run = trained
+    if device != "cuda":
+        pytest.skip("compares a GPU run's bound on both devices")
+    cpu, gpu = (run_json(capsys, "evaluate", run, "--device", d, "--exact") for d in ("cpu", "cuda"))
+    assert gpu["n_examples"] == cpu["n_examples"]
+    assert abs(gpu["K_bits"] - cpu["K_bits"]) < 4 * math.hypot(gpu["stderr_bits"], cpu["stderr_bits"])
