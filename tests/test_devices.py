@@ -1,7 +1,7 @@
 """The commands on every device this machine has: the CPU always, and a CUDA GPU where there is
 one (benchmarks/gpu_check.py runs this file on a lent GPU). A tiny image run trains, evaluates
-(every step, importance-sampled steps, fitted variances on a respaced chain, the ODE) and samples
-with ``--device``; a run trained on a GPU loads on the CPU, and the bound measured on the GPU
+(every step, importance-sampled steps, fitted variances on a respaced chain, the ODE), samples,
+denoises and inpaints with ``--device``; a run trained on a GPU loads on the CPU, and the bound measured on the GPU
 agrees with the CPU's within their standard errors (the GPU draws its own noise)."""
 
 import json
@@ -55,6 +55,25 @@ def test_sample_on_the_device(trained, capsys, tmp_path):
         assert s["device"].startswith(device)
         x = np.load(out)
         assert x.shape == (5, 1, 8, 8) and x.dtype == np.uint8
+
+
+@pytest.mark.parametrize("command", ["denoise", "inpaint"])
+def test_posteriors_on_the_device(trained, capsys, tmp_path, command):
+    device, run = trained
+    images = np.random.default_rng(0).integers(0, 256, (2, 1, 8, 8)).astype(np.float64)
+    np.save(tmp_path / "in.npy", images)
+    mask = np.zeros((1, 8, 8))
+    mask[:, :, :4] = 1  # the left half known
+    np.save(tmp_path / "mask.npy", mask)
+    flags = ["--sigma", "20"] if command == "denoise" else ["--mask", tmp_path / "mask.npy"]
+    out = tmp_path / "out.npz"
+    r = run_json(capsys, command, run, "--input", tmp_path / "in.npy", *flags, "-n", "2", "--device", device,
+                 "--out", out)
+    assert r["device"].startswith(device)
+    samples = np.load(out)["samples"]
+    assert samples.shape == (2, 2, 1, 8, 8) and np.isfinite(samples).all()
+    if command == "inpaint":
+        np.testing.assert_array_equal(samples[:, :, :, :, :4], np.broadcast_to(images[:, :, :, :4], (2, 2, 1, 8, 4)))
 
 
 def test_a_run_trained_on_the_device_loads_on_the_cpu(trained):

@@ -412,27 +412,29 @@ def _posterior_out(args) -> Path:
 
 
 def cmd_denoise(args) -> None:
+    from thermodiff.run.distributed import resolve_device
     from thermodiff.run.experiment import load_run
     from thermodiff.tasks.conditioning import as_examples, denoise, denoise_mean
 
     out = _posterior_out(args)
-    run = load_run(args.run_dir)
+    run = load_run(args.run_dir, device=resolve_device(args.device))
     noisy = as_examples(_read_input(args.input, run, "--input"), run, args.input)
     samples = denoise(run, noisy, args.sigma, args.n, args.seed, progress=not args.quiet, method=args.method)
     # the model's E[x | y] in one call per draw beats the mean of a few samples (their spread adds to its error)
     mean = denoise_mean(run, noisy, args.sigma, seed=args.seed) if args.method == "start" else None
     _write_posterior(out, noisy, samples, run, mean)
     _emit(args, {"out": str(out), "inputs": len(noisy), "samples_per_input": args.n, "sigma": args.sigma,
-                 "method": args.method},
+                 "method": args.method, "device": str(run.device)},
           f"wrote {args.n} posterior samples and their mean for {len(noisy)} input(s) to {out}")
 
 
 def cmd_inpaint(args) -> None:
+    from thermodiff.run.distributed import resolve_device
     from thermodiff.run.experiment import load_run
     from thermodiff.tasks.conditioning import as_examples, inpaint, inpainting_mask
 
     out = _posterior_out(args)
-    run = load_run(args.run_dir)
+    run = load_run(args.run_dir, device=resolve_device(args.device))
     values = as_examples(_read_input(args.input, run, "--input"), run, args.input)
     mask = _read_input(args.mask, run, "--mask")
     if Path(args.mask).suffix.lower() == ".png":  # black = unknown, white = known
@@ -441,7 +443,7 @@ def cmd_inpaint(args) -> None:
     samples = inpaint(run, values, mask, args.n, args.seed, progress=not args.quiet, known=args.known)
     _write_posterior(out, values, samples, run)
     _emit(args, {"out": str(out), "inputs": len(values), "samples_per_input": args.n,
-                 "known_fraction": float(mask.mean())},
+                 "known_fraction": float(mask.mean()), "device": str(run.device)},
           f"wrote {args.n} completions and their mean for {len(values)} input(s) to {out}")
 
 
@@ -612,6 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      f"samples); mean: {mean} (default INPUT{POSTERIOR_OUT[name]})")
         p.add_argument("-n", type=int, default=4, help="posterior samples per input")
         p.add_argument("--seed", type=_seed, default=0)
+        p.add_argument("--device", default="auto", help=f"where the network runs: {DEVICE_HELP} (the draws depend on it)")
         p.add_argument("--overwrite", action="store_true")
         p.set_defaults(func=cmd_denoise if name == "denoise" else cmd_inpaint)
 

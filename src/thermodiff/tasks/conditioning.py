@@ -41,27 +41,28 @@ def sample_with_factor(run: Run, inputs_shape: tuple[int, ...], n_samples: int, 
                        ) -> np.ndarray:
     """``n_samples`` posterior draws for each input of ``inputs_shape`` (the factor's batch, N x
     example shape), in original units: (n_samples, *inputs_shape). ``start(generator) -> (t, x_t)``
-    begins each chain part-way instead of at the prior."""
-    generator = torch.Generator().manual_seed(seed)
+    begins each chain part-way instead of at the prior. The chains run on the run's device."""
+    generator = torch.Generator(run.device).manual_seed(seed)
     n_inputs, *shape = inputs_shape
     chains = [None if start is None else start(generator) for _ in range(n_samples)]
     steps = sum(run.diffusion.T if c is None else c[0] for c in chains)
     draws = []
     with tqdm(total=steps, desc="posterior", unit="t", disable=not progress, mininterval=1.0) as bar:
         for chain in chains:
-            x = ancestral_sample(run.diffusion, run.model, (n_inputs, *shape), generator, factor=factor, start=chain,
-                                 callback=lambda t, x: bar.update(1) if t > 0 else None)
+            x = ancestral_sample(run.diffusion, run.model, (n_inputs, *shape), generator, run.device, factor=factor,
+                                 start=chain, callback=lambda t, x: bar.update(1) if t > 0 else None)
             draws.append(run.dataset.from_model(x))
     return np.stack(draws)
 
 
 def _observation(run: Run, noisy: np.ndarray, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """y and the noise variance in the model's space, for a Gaussian run."""
+    """y and the noise variance in the model's space, for a Gaussian run, on the run's device."""
     if not 0 < sigma < math.inf:
         raise UserError(f"--sigma must be positive and finite (a noise std in original units), got {sigma}")
     if run.diffusion.binary:
         raise UserError(f"run {run.path} is a binomial diffusion; Gaussian denoising needs a Gaussian one (use inpaint)")
-    return run.dataset.to_model(noisy, dequantize=False), (sigma * run.dataset.model_scale()) ** 2
+    return (run.dataset.to_model(noisy, device=run.device, dequantize=False),
+            ((sigma * run.dataset.model_scale()) ** 2).to(run.device))
 
 
 def _starter(run: Run, y: torch.Tensor, noise_var: torch.Tensor, sigma: float):
@@ -99,8 +100,8 @@ def denoise_mean(run: Run, noisy: np.ndarray, sigma: float, draws: int = 4, seed
     :meth:`~thermodiff.process.gaussian.GaussianDiffusion.expected_x0`, averaged over ``draws`` draws of
     the step's extra noise. Original units."""
     y, noise_var = _observation(run, noisy, sigma)
-    start, generator = _starter(run, y, noise_var, sigma), torch.Generator().manual_seed(seed)
-    total = torch.zeros(y.shape, dtype=torch.float64)
+    start, generator = _starter(run, y, noise_var, sigma), torch.Generator(run.device).manual_seed(seed)
+    total = torch.zeros(y.shape, dtype=torch.float64, device=run.device)
     for _ in range(draws):
         t, x_t = start(generator)
         total += run.diffusion.expected_x0(run.model, x_t, t)
@@ -144,10 +145,10 @@ def inpaint(run: Run, values: np.ndarray, mask: np.ndarray, n_samples: int, seed
     if run.dataset.scaling.rotation is not None:
         raise UserError(f"run {run.path} whitens its data with a rotation (data.scaling = 'pca'), which mixes the "
                         "coordinates a mask refers to; to inpaint, train with --set data.scaling=per_dimension")
-    keep = torch.as_tensor(mask.astype(bool))
+    keep = torch.as_tensor(mask.astype(bool), device=run.device)
     if bool(keep.all()):
         raise UserError("the mask marks every value as known; nothing to fill in")
-    clamp = Clamp(run.dataset.to_model(values, dequantize=False).double(), keep,
+    clamp = Clamp(run.dataset.to_model(values, device=run.device, dequantize=False).double(), keep,
                   forward=run.diffusion if known == "forward" else None)
     samples = sample_with_factor(run, values.shape, n_samples, clamp, seed, progress)
     samples[:, mask.astype(bool)] = np.broadcast_to(values, samples.shape)[:, mask.astype(bool)]  # exact, not rounded
