@@ -20,8 +20,9 @@ Rehearse here on the CPU before spending device time (every step, each cut to se
 
 Every step runs as its own process with its own time limit, and a failing step does not stop the
 next: ``OUT/gpu_check.json`` holds each step's command, exit code, wall time and output's end, and
-the records of the steps that write one (``throughput_gpu.json``, ``evaluation``, ``sample``) are
-copied beside it, with the samples' image grid. Copy them into benchmarks/results afterwards.
+the throughput record (``throughput_gpu.json``) and the samples' image grid are written beside it.
+``--only train,evaluation,sample`` reruns some of the steps (the run is trained in ``--runs``).
+Copy the records into benchmarks/results afterwards.
 """
 
 import argparse
@@ -40,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TRAIN_FILE, TEST_FILE = "cifar10_train.npz", "cifar10_test.npz"
 TRAIN_IMAGES = 10000  # the first training batch: the whole training set (150 MB) does not travel (64 MiB)
 TAIL_CHARS = 4000
+STEPS = ("environment", "tests", "throughput", "train", "evaluation", "sample")  # in the order they run
 
 
 def prepare(data_dir: str, data: Path) -> None:
@@ -116,7 +118,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--runs", type=Path, default=ROOT / "runs", help="where the check's run is trained")
     p.add_argument("--device", default="cuda", help="cuda (default), or cpu to rehearse")
     p.add_argument("--quick", action="store_true", help="every step cut to seconds, to rehearse the script")
+    p.add_argument("--only", help=f"comma-separated steps to run, e.g. to rerun those that failed (of {', '.join(STEPS)})")
     args = p.parse_args(argv)
+    only = STEPS if args.only is None else [name.strip() for name in args.only.split(",")]
+    if not only or not set(only) <= set(STEPS):
+        p.error(f"--only: choose from {', '.join(STEPS)}; got {args.only!r}")
     if args.prepare:
         prepare(args.data_dir, args.data)
         return 0
@@ -128,6 +134,8 @@ def main(argv: list[str]) -> int:
     record = {"script": "benchmarks/gpu_check.py", "argv": argv, "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "device": args.device, "quick": args.quick, "train_images": TRAIN_IMAGES, "steps": {}}
     for name, command, limit_s in steps(args.device, args.quick, args.data, args.out, args.runs):
+        if name not in only:
+            continue
         record["steps"][name] = run_step(name, command, limit_s)
         (args.out / "gpu_check.json").write_text(json.dumps(record, indent=2) + "\n")  # kept as it goes
     return 0 if all(step["rc"] == 0 for step in record["steps"].values()) else 1

@@ -1,6 +1,7 @@
 """benchmarks/gpu_check.py, rehearsed on the CPU as a developer does before a device call: every
-step of the prepared GPU check, each cut to seconds, on random CIFAR-sized images, must pass and
-leave its record, so that no device time is spent finding a broken flag."""
+step of the prepared GPU check but the tests (this suite runs them), each cut to seconds, on random
+CIFAR-sized images, must pass and leave its record, so that no device time is spent finding a
+broken flag."""
 
 import importlib.util
 import json
@@ -26,11 +27,13 @@ def test_the_rehearsal_runs_every_step_and_records_it(gpu_check, tmp_path):
     rng = np.random.default_rng(0)
     for name, n in ((gpu_check.TRAIN_FILE, 64), (gpu_check.TEST_FILE, 16)):
         np.savez_compressed(data / name, images=rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8))
-    rc = gpu_check.main(["--device", "cpu", "--quick", "--data", str(data), "--out", str(out), "--runs", str(tmp_path)])
+    steps = [name for name in gpu_check.STEPS if name != "tests"]  # tests/test_devices.py is in this suite
+    rc = gpu_check.main(["--device", "cpu", "--quick", "--data", str(data), "--out", str(out), "--runs", str(tmp_path),
+                         "--only", ",".join(steps)])
     record = json.loads((out / "gpu_check.json").read_text())
     failed = {name: step["stderr_tail"][-500:] for name, step in record["steps"].items() if step["rc"] != 0}
     assert rc == 0 and not failed, failed
-    assert list(record["steps"]) == ["environment", "tests", "throughput", "train", "evaluation", "sample"]
+    assert list(record["steps"]) == steps
     assert record["steps"]["evaluation"]["report"]["device"] == "cpu"
     assert record["steps"]["sample"]["report"]["device"] == "cpu"
     throughput = json.loads((out / "throughput_gpu.json").read_text())
@@ -38,8 +41,9 @@ def test_the_rehearsal_runs_every_step_and_records_it(gpu_check, tmp_path):
     assert (out / "gpu_check_samples.png").stat().st_size > 0
 
 
-def test_a_check_without_its_data_says_to_prepare_it(gpu_check, tmp_path, capsys):
+@pytest.mark.parametrize("argv, needle", [([], "--prepare"), (["--only", "train,lunch"], "--only")])
+def test_a_check_that_cannot_run_says_why_and_writes_nothing(gpu_check, tmp_path, capsys, argv, needle):
     with pytest.raises(SystemExit):
-        gpu_check.main(["--data", str(tmp_path), "--out", str(tmp_path / "out")])
-    assert "--prepare" in capsys.readouterr().err
+        gpu_check.main(["--data", str(tmp_path), "--out", str(tmp_path / "out"), *argv])
+    assert needle in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
