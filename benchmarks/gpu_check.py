@@ -71,7 +71,8 @@ def steps(device: str, quick: bool, data: Path, out: Path, runs: Path) -> list[t
         ("environment", [python, "-c", "import torch; print(torch.__version__, torch.version.cuda, "
                                        "torch.cuda.is_available() and torch.cuda.get_device_name(0), "
                                        "torch.cuda.is_available() and torch.cuda.is_bf16_supported())"], 60),
-        ("tests", [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_devices.py")], 180),
+        ("tests", [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_devices.py")],
+         180),
         ("throughput", [python, str(ROOT / "benchmarks" / "throughput.py"), "--device", device, *throughput,
                         "--name", "throughput_gpu", "--results-dir", str(out),
                         "--notes", "benchmarks/gpu_check.py on a lent device machine"], 240),
@@ -118,7 +119,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--runs", type=Path, default=ROOT / "runs", help="where the check's run is trained")
     p.add_argument("--device", default="cuda", help="cuda (default), or cpu to rehearse")
     p.add_argument("--quick", action="store_true", help="every step cut to seconds, to rehearse the script")
-    p.add_argument("--only", help=f"comma-separated steps to run, e.g. to rerun those that failed (of {', '.join(STEPS)})")
+    p.add_argument("--only", help=f"comma-separated steps to run, e.g. to rerun those that failed "
+                                  f"(of {', '.join(STEPS)})")
     args = p.parse_args(argv)
     only = STEPS if args.only is None else [name.strip() for name in args.only.split(",")]
     if not only or not set(only) <= set(STEPS):
@@ -131,8 +133,9 @@ def main(argv: list[str]) -> int:
     if not all((args.data / name).is_file() for name in (TRAIN_FILE, TEST_FILE)):
         p.error(f"--data {args.data}: no {TRAIN_FILE} and {TEST_FILE}; run --prepare first, and carry .device")
     args.out.mkdir(parents=True, exist_ok=True)
-    record = {"script": "benchmarks/gpu_check.py", "argv": argv, "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "device": args.device, "quick": args.quick, "train_images": TRAIN_IMAGES, "steps": {}}
+    record = {"script": "benchmarks/gpu_check.py", "argv": argv,
+              "date": datetime.datetime.now().isoformat(timespec="seconds"), "device": args.device, "quick": args.quick,
+              "train_images": TRAIN_IMAGES, "steps": {}}
     for name, command, limit_s in steps(args.device, args.quick, args.data, args.out, args.runs):
         if name not in only:
             continue

@@ -1,7 +1,7 @@
 """The commands on every device this machine has: the CPU always, and a CUDA GPU where there is
 one (benchmarks/gpu_check.py runs this file on a lent GPU). A tiny image run trains, evaluates
 (every step, importance-sampled steps, fitted variances on a respaced chain, the ODE), samples,
-denoises and inpaints with ``--device``; a run trained on a GPU loads on the CPU, and the bound measured on the GPU
+denoises, inpaints and scores Parzen windows with ``--device``; a run trained on a GPU loads on the CPU, and the bound measured on the GPU
 agrees with the CPU's within their standard errors (the GPU draws its own noise)."""
 
 import json
@@ -74,6 +74,15 @@ def test_posteriors_on_the_device(trained, capsys, tmp_path, command):
     assert samples.shape == (2, 2, 1, 8, 8) and np.isfinite(samples).all()
     if command == "inpaint":
         np.testing.assert_array_equal(samples[:, :, :, :, :4], np.broadcast_to(images[:, :, :, :4], (2, 2, 1, 8, 4)))
+
+
+def test_parzen_on_the_device(trained, capsys):
+    device, run = trained
+    p = run_json(capsys, "parzen", run, "--samples", "6", "--valid", "8", "--max-test", "4", "--steps", "3",
+                 "--device", device)
+    assert p["device"].startswith(device) and math.isfinite(p["parzen_bits"])
+    key = p["samples_kept"].split(" (")[0]  # the folder the samples are kept in names a device other than the CPU
+    assert key.endswith("-cuda") == (device == "cuda")
 
 
 def test_a_run_trained_on_the_device_loads_on_the_cpu(trained):

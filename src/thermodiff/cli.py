@@ -302,11 +302,12 @@ def cmd_plot(args) -> None:
 
 
 def cmd_parzen(args) -> None:
+    from thermodiff.run.distributed import resolve_device
     from thermodiff.run.experiment import load_run
     from thermodiff.tasks.evaluation import ChainSpec
     from thermodiff.tasks.parzen import parzen_evaluate
 
-    run = load_run(args.run_dir, split=True)
+    run = load_run(args.run_dir, split=True, device=resolve_device(args.device))
     result = parzen_evaluate(run, args.samples, args.valid, args.max_test, seed=args.seed, progress=not args.quiet,
                              memory_check=not args.ignore_memory_check,
                              chain=ChainSpec(args.steps, args.variance, args.clip_x0), sampler=args.sampler,
@@ -614,7 +615,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      f"samples); mean: {mean} (default INPUT{POSTERIOR_OUT[name]})")
         p.add_argument("-n", type=int, default=4, help="posterior samples per input")
         p.add_argument("--seed", type=_seed, default=0)
-        p.add_argument("--device", default="auto", help=f"where the network runs: {DEVICE_HELP} (the draws depend on it)")
+        p.add_argument("--device", default="auto",
+                       help=f"where the network runs: {DEVICE_HELP} (the draws depend on it)")
         p.add_argument("--overwrite", action="store_true")
         p.set_defaults(func=cmd_denoise if name == "denoise" else cmd_inpaint)
 
@@ -638,6 +640,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variance", choices=VARIANCE_RULES, help="the chain's variances, as thermodiff sample --variance")
     p.add_argument("--clip-x0", action="store_true", help=CLIP_HELP)
     p.add_argument("--precision", choices=SAMPLING_PRECISIONS, help=PRECISION_HELP)
+    p.add_argument("--device", default="auto",
+                   help=f"where the network samples: {DEVICE_HELP} (the draws depend on it)")
     p.add_argument(MEMORY_OVERRIDE_FLAG, action="store_true", help=MEMORY_OVERRIDE_HELP)
     p.set_defaults(func=cmd_parzen)
 

@@ -130,10 +130,10 @@ def _unit_pixels(run: Run, images: np.ndarray) -> Tensor:
     return unit_pixels(images, run.dataset.dequantize)
 
 
-def _batch_generator(seed: int, index: int) -> torch.Generator:
-    """Batch ``index``'s own random stream, from (seed, index): a batch drawn again after a stop
-    is the batch that was lost, whichever batches were kept."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence((seed, index)).generate_state(1)[0]))
+def _batch_generator(seed: int, index: int, device: torch.device) -> torch.Generator:
+    """Batch ``index``'s own random stream on ``device``, from (seed, index): a batch drawn again
+    after a stop is the batch that was lost, whichever batches were kept."""
+    return torch.Generator(device).manual_seed(int(np.random.SeedSequence((seed, index)).generate_state(1)[0]))
 
 
 def _kept_batch(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
@@ -182,7 +182,8 @@ def draw_kept_samples(run: Run, chain: ChainSpec, n_samples: int, seed: int = 0,
     trained in, :func:`sampling_network`), in the data's original units, in batches
     of ``eval.batch_size``, each kept in the run as it is drawn (``RUN/parzen_samples/KEY/NNNNN.npy``,
     KEY naming the checkpoint's step, the sampler, the chain's kept steps, a variance rule other
-    than moments and clipping, the seed, the batch size and a precision other than fp32): a stop loses one batch at most, and a second call
+    than moments and clipping, the seed, the batch size, a precision other than fp32 and a device
+    other than the CPU, whose draws differ): a stop loses one batch at most, and a second call
     reuses what the first drew. Each batch has its own seeded stream, so the samples do not depend
     on where a call stopped. Two calls at once draw the same batches and write the same files
     (each write atomic). A run that cannot be written (read-only, a full disk) is sampled all the
@@ -198,7 +199,8 @@ def draw_kept_samples(run: Run, chain: ChainSpec, n_samples: int, seed: int = 0,
     sizes = [min(batch, n_samples - i) for i in range(0, n_samples, batch)]
     key = (f"step{run.step}-{sampler_label(sampler, eta)}-chain{diffusion.T}-{steps_hash}-seed{seed}-batch{batch}"
            + ("" if chain.rule is VarianceRule.MOMENTS else f"-{chain.rule.value}") + ("-clip" if chain.clip_x0 else "")
-           + ("" if precision == "fp32" else f"-{precision}"))  # the key samples were first kept under, for moments in fp32
+           + ("" if precision == "fp32" else f"-{precision}")  # the key samples were first kept under, for moments in fp32
+           + ("" if run.device.type == "cpu" else f"-{run.device.type}"))  # another device draws other noise
     folder = run.path / "parzen_samples" / key
     parts = [_kept_batch(folder / f"{i:05d}.npy", (size, *run.dataset.event_shape)) for i, size in enumerate(sizes)]
     reused, failure = sum(part is not None for part in parts), None
@@ -206,7 +208,8 @@ def draw_kept_samples(run: Run, chain: ChainSpec, n_samples: int, seed: int = 0,
     with tqdm(total=len(todo) * diffusion.T, desc="parzen: sample", unit="t", disable=not progress, leave=False,
               mininterval=1.0) as bar:
         for i in todo:
-            x = sample(diffusion, network, (sizes[i], *run.dataset.event_shape), _batch_generator(seed, i),
+            generator = _batch_generator(seed, i, run.device)
+            x = sample(diffusion, network, (sizes[i], *run.dataset.event_shape), generator, run.device,
                        callback=lambda t, x: bar.update(1) if t > 0 else None, sampler=sampler, eta=eta)
             parts[i] = run.dataset.from_model(x)
             if failure is None and (failure := _keep_batch(folder / f"{i:05d}.npy", parts[i])):
@@ -282,7 +285,8 @@ def parzen_evaluate(run: Run, n_samples: int = 10000, n_valid: int = 10000, max_
                      f"bandwidth chosen from {len(sigmas)} values in [{min(sigmas):.3g}, {max(sigmas):.3g}] by the "
                      f"mean log-likelihood of the last {n_valid} training images; mean log-likelihood of "
                      f"{len(test)} test images, standard error over images"),
-        "hardware": hardware(),
+        "hardware": hardware(run.device),
+        "device": str(run.device),
     }
     paper = paper_row(run.config)
     if paper and "parzen_bits" in paper:
