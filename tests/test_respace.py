@@ -45,6 +45,38 @@ def test_evenly_spaced_steps_are_improved_diffusions_on_every_count(T):
         assert respaced_timesteps(40, 15)[7] == 20
 
 
+@pytest.mark.parametrize("T", [6, 40, 1000])
+def test_quadratic_steps_are_a_squared_grid_from_1_to_T(T):
+    for count in range(2, min(T, 60) + 1):
+        steps = respaced_timesteps(T, f"quad{count}")
+        assert len(steps) == count and steps[0] == 1 and steps[-1] == T
+        assert all(b > a for a, b in zip(steps, steps[1:])), (count, steps)
+        # each step is its rounded grid point, or (where rounding would repeat a step) one past the step before
+        rounded = 1 + np.rint((T - 1) * (np.arange(count) / (count - 1)) ** 2).astype(int)
+        pushed = np.asarray(steps) != rounded
+        assert (np.asarray(steps) >= rounded).all() and (np.diff(steps)[pushed[1:]] == 1).all(), (count, steps)
+        if (np.diff(rounded) > 0).all():
+            assert not pushed.any(), (count, steps)
+    assert respaced_timesteps(T, f"quad{T}") == list(range(1, T + 1))  # every step kept: the chain itself
+    assert spacing_of(f"quad{min(T, 5)}") == "quadratic"
+
+
+def test_quadratic_steps_of_the_20_step_chain_and_bad_specs():
+    assert respaced_timesteps(1000, "quad20") == [1, 4, 12, 26, 45, 70, 101, 137, 178, 225, 278, 336, 399, 469, 543,
+                                                  624, 709, 801, 898, 1000]
+    with pytest.raises(ValueError, match="quadN"):
+        respaced_timesteps(1000, "quadtwenty")
+    with pytest.raises(ValueError, match="2..40"):
+        respaced_timesteps(40, "quad41")
+
+
+def test_cli_quadratic_steps_are_recorded_as_such(cli, trained_run, tmp_path):
+    e = cli("evaluate", trained_run["run_dir"], "--respace", "quad4", "--quiet", "--json").json()
+    assert e["respaced_timesteps"] == [1, 2, 3, 6] and e["spacing"] == "quadratic" and e["T"] == 4
+    s = cli("sample", trained_run["run_dir"], "--steps", "quad4", "-n", "3", "--out", tmp_path / "s.npy", "--json").json()
+    assert s["respaced_timesteps"] == [1, 2, 3, 6] and s["spacing"] == "quadratic"
+
+
 def test_respaced_timesteps():
     assert respaced_timesteps(40, 10) == [1, 5, 10, 14, 18, 23, 27, 31, 36, 40]
     assert respaced_timesteps(40, "4") == [1, 14, 27, 40]

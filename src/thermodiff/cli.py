@@ -491,9 +491,10 @@ PRECISION_HELP = ("the network's precision while sampling (default: bf16 if it t
                   "computes bf16 natively, else fp32; bf16 samples the image default's U-Net 1.7 times as fast as "
                   "fp32 on a CPU with AMX, and far slower on one without AMX or AVX-512 BF16)")
 DEVICE_HELP = "auto (CUDA if available), cpu, cuda or cuda:N"
-RESPACE_HELP = ("a respaced chain: N steps evenly spaced from 1 to T, optimalN for the N steps whose chain with "
-                "fitted variances has the highest bound (chosen on the fit's training images), or a comma-separated "
-                "list of the trained steps to keep, from 1 to T (Gaussian runs)")
+RESPACE_HELP = ("a respaced chain: N steps evenly spaced from 1 to T, quadN for N quadratically spaced (dense near "
+                "the data, DDIM's quad), optimalN for the N steps whose chain with fitted variances has the highest "
+                "bound (chosen on the fit's training images), or a comma-separated list of the trained steps to keep, "
+                "from 1 to T (Gaussian runs)")
 CLIP_HELP = ("clip the x_0 that the network implies to the data's range in every reverse kernel (DDPM's "
              "clip_denoised, diffusers' clip_sample): the chain stays Gaussian, so evaluate bounds the clipped chain "
              "that sample draws from; 8-bit images and integer-valued vectors")

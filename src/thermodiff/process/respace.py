@@ -24,8 +24,9 @@ A kept step whose predecessor is kept as well (always the first: beta'_1 = beta_
 and keeps the network's own kernel, the decoder included; the last (s_K = T) keeps the prior term.
 With S = 1..T the chain is the original one.
 
-Which steps to keep: ``N`` evenly strided, or ``optimalN``, the N steps whose chain with fitted
-variances has the highest expected bound. With fitted variances each step's expected KL has a closed
+Which steps to keep: ``N`` evenly strided, ``quadN`` quadratically spaced (dense near the data, as
+DDIM's "quad" steps), or ``optimalN``, the N steps whose chain with fitted variances has the
+highest expected bound. With fitted variances each step's expected KL has a closed
 form in the step's two noise levels and the network's x_0 error (:func:`fitted_transition_kl`), so
 the best subsequence of a grid of candidate steps is a shortest path, found exactly by dynamic
 programming (:func:`cheapest_path`; Watson, Ho, Norouzi & Chan 2021, "Learning to Efficiently
@@ -98,29 +99,48 @@ def evenly_spaced(T: int, count: int) -> list[int]:
     return steps
 
 
+def quadratically_spaced(T: int, count: int) -> list[int]:
+    """``count`` of the steps 1..T at 1 + (T - 1) (k / (count - 1))^2, k = 0 .. count - 1, rounded:
+    dense near the data, as DDIM's "quad" steps (Song, Meng & Ermon 2021; theirs stop at 0.8 T, these
+    reach T, the prior's step). Where rounding would repeat a step near t = 1, the next one up is
+    kept instead (so ``count`` = T keeps every step)."""
+    steps = []
+    for k in range(count):
+        step = 1 + round((T - 1) * (k / (count - 1)) ** 2)
+        steps.append(max(step, steps[-1] + 1) if steps else step)
+    return steps
+
+
 #: the prefix of a respacing spec that asks for the bound-optimal steps ("optimal20")
 OPTIMAL = "optimal"
+#: the prefix of a respacing spec that asks for quadratically spaced steps ("quad20")
+QUAD = "quad"
 #: candidate steps that optimal spacing fits the x_0 error at and chooses among (T of them when T is smaller)
 CANDIDATES = 128
 
 
 def spacing_of(spec: int | str | Sequence[int] | None) -> str:
-    """How a spec chooses its steps, for reports: "optimal" (``optimalN``), "even" (N; None, all
-    T) or "listed"."""
+    """How a spec chooses its steps, for reports: "optimal" (``optimalN``), "quadratic"
+    (``quadN``), "even" (N; None, all T) or "listed"."""
     if isinstance(spec, str) and spec.startswith(OPTIMAL):
         return "optimal"
+    if isinstance(spec, str) and spec.startswith(QUAD):
+        return "quadratic"
     listed = (isinstance(spec, Sequence) and not isinstance(spec, str)) or "," in str(spec)
     return "listed" if listed else "even"
 
 
 def optimal_count(spec: int | str | Sequence[int]) -> int | None:
     """N of an ``optimalN`` spec, None for any other spec."""
-    if spacing_of(spec) != "optimal":
-        return None
+    return _prefixed_count(spec, OPTIMAL) if spacing_of(spec) == "optimal" else None
+
+
+def _prefixed_count(spec: str, prefix: str) -> int:
+    """N of a spec ``prefix``N, such as "optimal20"."""
     try:
-        return int(spec[len(OPTIMAL):])
+        return int(spec[len(prefix):])
     except ValueError:
-        raise ValueError(f"respacing {spec!r}: expected {OPTIMAL}N, N the number of steps (e.g. {OPTIMAL}20)") from None
+        raise ValueError(f"respacing {spec!r}: expected {prefix}N, N the number of steps (e.g. {prefix}20)") from None
 
 
 def candidate_steps(T: int, count: int) -> list[int]:
@@ -169,21 +189,28 @@ def cheapest_path(costs: Tensor, count: int) -> list[int]:
 
 def respaced_timesteps(T: int, spec: int | str | Sequence[int]) -> list[int]:
     """The kept steps (1-based, increasing, from 1 to T): ``N`` (or "N") for N steps evenly spaced
-    (:func:`evenly_spaced`), or the steps themselves as a list or comma-separated ("1,10,20,40";
-    unlike ``space_timesteps``, whose lists count steps per section)."""
+    (:func:`evenly_spaced`), "quadN" for N quadratically spaced (:func:`quadratically_spaced`), or
+    the steps themselves as a list or comma-separated ("1,10,20,40"; unlike ``space_timesteps``,
+    whose lists count steps per section)."""
+    if spacing_of(spec) == "quadratic":
+        return quadratically_spaced(T, _step_count(T, _prefixed_count(spec, QUAD)))
     if isinstance(spec, str):
         try:
             spec = [int(s) for s in spec.split(",")] if "," in spec else int(spec)
         except ValueError:
             raise ValueError(f"respacing {spec!r}: expected a number of steps or a comma-separated list of steps") from None
     if isinstance(spec, int):
-        if not 2 <= spec <= T:
-            raise ValueError(f"respacing to {spec} steps: the number of steps must lie in 2..{T}")
-        return evenly_spaced(T, spec)
+        return evenly_spaced(T, _step_count(T, spec))
     steps = [int(s) for s in spec]
     if len(steps) < 2 or steps[0] != 1 or steps[-1] != T or any(b <= a for a, b in zip(steps, steps[1:])):
         raise ValueError(f"respaced steps {steps}: must increase from 1 to T = {T} (the decoder's and the prior's steps)")
     return steps
+
+
+def _step_count(T: int, count: int) -> int:
+    if not 2 <= count <= T:
+        raise ValueError(f"respacing to {count} steps: the number of steps must lie in 2..{T}")
+    return count
 
 
 class RespacedDiffusion(GaussianDiffusion):
