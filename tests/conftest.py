@@ -4,10 +4,12 @@ run that read-only tests share (tests that change a run work on their own copy);
 8 x 8 image config."""
 
 import contextlib
+import importlib.util
 import io
 import json
 import shutil
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -171,3 +173,11 @@ def write_tiny_images(folder: Path) -> Path:
 def tiny_images(tmp_path) -> Path:
     """:func:`write_tiny_images` in this test's tmp_path."""
     return write_tiny_images(tmp_path)
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """The script benchmarks/NAME.py as a module, to test its functions without running it."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -3,22 +3,16 @@ step of the prepared GPU check but the tests (this suite runs them), each cut to
 CIFAR-sized images, must pass and leave its record, so that no device time is spent finding a
 broken flag."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
-
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("gpu_check")
 
 
 def test_the_rehearsal_runs_every_step_and_records_it(gpu_check, tmp_path):

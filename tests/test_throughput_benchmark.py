@@ -1,21 +1,14 @@
 """benchmarks/throughput.py without timing anything: its arguments, the variant it combines from
 the one-factor ones, and one tiny measurement of each mode with the training options on."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
-
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "throughput.py"
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def throughput():
-    spec = importlib.util.spec_from_file_location("throughput", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("throughput")
 
 
 @pytest.mark.parametrize("argv, message", [
