@@ -4,13 +4,14 @@ CLI as a user runs it.
 
     OMP_NUM_THREADS=1 python benchmarks/respaced.py RUN [RUN ...] [--max-examples 50] [--samples 8]
                                                     [--steps 10,20,50] [--variances moments,fitted]
-                                                    [--spacings even,optimal]
+                                                    [--spacings even,quad,optimal]
 
 For every run: ``thermodiff evaluate RUN --respace N --variance RULE`` (all N - 1 KL terms, prior
 and decoder of the respaced chain, on the first --max-examples test images, one noise draw per
 term, steps drawn as --t-sampling says) and ``thermodiff sample RUN --respace N -n S`` timed (not
 with --samples 0). With ``--spacings even,optimal`` also ``--respace optimalN`` (the N steps of the
-highest expected bound, with fitted variances only; it samples as fast as the even chain). Writes
+highest expected bound, with fitted variances only; it samples as fast as the even chain), and with
+``quad`` ``--respace quadN`` (N quadratically spaced steps, with each rule). Writes
 benchmarks/results/respaced_<name>.json (name: --name, or the first run's experiment).
 """
 
@@ -44,10 +45,10 @@ def measure_run(run: str, max_examples: int, n_samples: int, seed: int, step_cou
     T, chains = full["T"], []
     for steps in step_counts or (T, max(2, T // 4), max(2, T // 10)):
         timed = sampling_rate(run, steps, n_samples, seed) if n_samples else {}
-        chosen = [("even", variance) for variance in variances if "even" in spacings]
+        chosen = [(spacing, variance) for spacing in ("even", "quad") if spacing in spacings for variance in variances]
         chosen += [("optimal", "fitted")] if "optimal" in spacings and steps < T else []
         for spacing, variance in chosen:
-            spec = str(steps) if spacing == "even" else f"optimal{steps}"
+            spec = str(steps) if spacing == "even" else f"{spacing}{steps}"
             e = (full if steps == T and variance == "moments" else
                  thermodiff_json(["evaluate", run, "--respace", spec, "--variance", variance, *common]))
             chains.append({"steps": steps, "spacing": spacing, "variance_rule": variance,
@@ -69,7 +70,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", help="comma-separated step counts (default T, T/4, T/10)")
     parser.add_argument("--variances", default="moments", help=f"comma-separated rules of {', '.join(VARIANCE_RULES)}")
-    parser.add_argument("--spacings", default="even", help="comma-separated, of even and optimal (--respace optimalN)")
+    parser.add_argument("--spacings", default="even",
+                        help="comma-separated, of even, quad (--respace quadN) and optimal (--respace optimalN)")
     parser.add_argument("--t-sampling", choices=["uniform", "importance"], help="default: the run's eval.t_sampling")
     parser.add_argument("--name", help="results file: respaced_NAME.json")
     args = parser.parse_args()
@@ -78,8 +80,8 @@ def main() -> None:
     if unknown := set(variances) - set(VARIANCE_RULES):
         parser.error(f"--variances: unknown {', '.join(sorted(unknown))}; choose from {', '.join(VARIANCE_RULES)}")
     spacings = args.spacings.split(",")
-    if unknown := set(spacings) - {"even", "optimal"}:
-        parser.error(f"--spacings: unknown {', '.join(sorted(unknown))}; choose from even, optimal")
+    if unknown := set(spacings) - {"even", "quad", "optimal"}:
+        parser.error(f"--spacings: unknown {', '.join(sorted(unknown))}; choose from even, quad, optimal")
     records = [measure_run(run, args.max_examples, args.samples, args.seed, step_counts, variances, args.t_sampling,
                            spacings) for run in args.runs]
     name = args.name or records[0]["experiment"]
@@ -95,7 +97,8 @@ def main() -> None:
                        "bound": "bound of the (respaced) chain: prior, decoder and the KL terms (as many steps per "
                                 f"example as thermodiff evaluate's default, drawn {args.t_sampling or 'as the run says'}), "
                                 "float64",
-                       "respacing": "spacing even: evenly spaced steps including 1 and T; optimal: --respace optimalN; "
+                       "respacing": "spacing even: evenly spaced steps including 1 and T; quad: --respace quadN "
+                                    "(quadratically spaced, 1 to T); optimal: --respace optimalN; "
                                     "variance_rule: thermodiff evaluate --variance (fitted: on the first 500 "
                                     "training images)",
                        "n_samples_timed": args.samples, "speed_up": "images_per_s relative to the first chain"},
