@@ -356,6 +356,7 @@ def test_precision_is_bf16_only_on_a_cpu_that_computes_it_natively(amx, avx512_b
     choice = precision_choice(torch.device("cpu"))
     assert choice.key == "train.precision" and choice.value == expected
     assert ("AMX" if amx else "AVX-512 BF16") in choice.reason if expected == "bf16" else "emulated" in choice.reason
+    assert not choice.reason.startswith(expected)  # the config writes "value: reason": said once
 
 
 @pytest.mark.parametrize("minutes, steps, network, device, amx, compiler, expected, why", [

@@ -245,10 +245,10 @@ def precision_choice(device: torch.device) -> Choice:
     emulated and runs slower than fp32."""
     if native_bf16(device):
         units = cpu_bf16_units() if device.type == "cpu" else "a CUDA device that supports it"
-        return Choice("train.precision", "bf16", f"bf16 autocast: {units} computes bf16 natively")
+        return Choice("train.precision", "bf16", f"autocast, since {units} computes bf16 natively")
     where = (f"this CPU ({torch.backends.cpu.get_cpu_capability()}) has no AMX or AVX-512 BF16"
              if device.type == "cpu" else f"{device} does not support bf16")
-    return Choice("train.precision", "fp32", f"fp32: {where}, so bf16 would be emulated and slower")
+    return Choice("train.precision", "fp32", f"{where}, so bf16 would be emulated and slower")
 
 
 #: torch.compile pays about a minute of compilation at every start (the cpu U-Net on the 2-core
