@@ -1,7 +1,7 @@
-"""The GPU checks, prepared to run as one call on a lent device machine (about 8 minutes on an
-H200): the tests that need CUDA, the throughput of the image networks on the GPU against its own
-matmul rate, and a short run of the CIFAR-10 config on 10000 training images, evaluated on the
-first 200 of the 1000 test images here and sampled, all with ``--device cuda``.
+"""The GPU checks, prepared for a lent device machine: the tests that need CUDA, the throughput of
+the image networks on the GPU against its own matmul rate, and a 3-minute run of the CIFAR-10
+config on 10000 training images, evaluated on the first 200 of the 1000 test images here and
+sampled, all with ``--device cuda``.
 
 Here, once (writes .device/cifar10_train.npz, the first 10000 training images, and
 .device/cifar10_test.npz, the 1000 test images here: about 30 MiB, from the official CIFAR-10
@@ -9,10 +9,13 @@ files; .device/ is ignored by git and travels only when carried):
 
     python benchmarks/gpu_check.py --prepare --data-dir ../shared/data
 
-There, as the device tool's one command, with ``carry: [".device"]`` (its python3 holds torch;
-thermodiff runs from src/ without installing, its other needs are in that image):
+There, with ``carry: [".device"]`` (its python3 holds torch; thermodiff runs from src/ without
+installing, its other needs are in that image), as two calls of the device tool, the second while
+the machine is still warm: each group's time limits add up to less than the tool's 10 minutes a
+command (a step stopped at its limit is recorded as such, and the next one runs).
 
-    python3 benchmarks/gpu_check.py --out $OUT
+    python3 benchmarks/gpu_check.py --out $OUT --only environment,tests,throughput
+    python3 benchmarks/gpu_check.py --out $OUT --only train,evaluation,sample
 
 Rehearse here on the CPU before spending device time (every step, each cut to seconds):
 
@@ -42,6 +45,9 @@ TRAIN_FILE, TEST_FILE = "cifar10_train.npz", "cifar10_test.npz"
 TRAIN_IMAGES = 10000  # the first training batch: the whole training set (150 MB) does not travel (64 MiB)
 TAIL_CHARS = 4000
 STEPS = ("environment", "tests", "throughput", "train", "evaluation", "sample")  # in the order they run
+#: the steps of each device call (--only): the time limits of each group add up to less than a call's
+GROUPS = (("environment", "tests", "throughput"), ("train", "evaluation", "sample"))
+CALL_LIMIT_S = 600
 
 
 def prepare(data_dir: str, data: Path) -> None:
@@ -77,11 +83,11 @@ def steps(device: str, quick: bool, data: Path, out: Path, runs: Path) -> list[t
                         "--name", "throughput_gpu", "--results-dir", str(out),
                         "--notes", "benchmarks/gpu_check.py on a lent device machine"], 240),
         ("train", [*thermodiff, "train", "cifar10_unet", "--data", str(data / TRAIN_FILE), "--device", device,
-                   "--minutes", minutes, "--out", str(run), "--overwrite", "--quiet", "--json"], 300),
+                   "--minutes", minutes, "--out", str(run), "--overwrite", "--quiet", "--json"], 270),
         ("evaluation", [*thermodiff, "evaluate", str(run), "--data", str(data / TEST_FILE), "--max-examples", examples,
-                        "--device", device, *estimate, "--quiet", "--json"], 180),
+                        "--device", device, *estimate, "--quiet", "--json"], 150),
         ("sample", [*thermodiff, "sample", str(run), "-n", samples, "--steps", sample_steps, "--device", device,
-                    "--out", str(out / "gpu_check_samples.png"), "--overwrite", "--quiet", "--json"], 120),
+                    "--out", str(out / "gpu_check_samples.png"), "--overwrite", "--quiet", "--json"], 90),
     ]
 
 

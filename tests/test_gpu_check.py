@@ -41,3 +41,10 @@ def test_a_check_that_cannot_run_says_why_and_writes_nothing(gpu_check, tmp_path
         gpu_check.main(["--data", str(tmp_path), "--out", str(tmp_path / "out"), *argv])
     assert needle in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_each_device_call_fits_in_the_device_tools_limit(gpu_check, tmp_path):
+    limits = {name: limit for name, _, limit in gpu_check.steps("cuda", False, tmp_path, tmp_path, tmp_path)}
+    assert sorted(name for group in gpu_check.GROUPS for name in group) == sorted(gpu_check.STEPS) == sorted(limits)
+    for group in gpu_check.GROUPS:
+        assert sum(limits[name] for name in group) < gpu_check.CALL_LIMIT_S, group
