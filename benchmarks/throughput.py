@@ -281,7 +281,7 @@ def matmul_rates(threads: int, device: str, n_side: int) -> dict:
 
 def matmul_side(device: torch.device) -> int:
     """The default side of the square matrices whose product times ``device``: a GPU needs larger
-    ones to reach its rate (8192, as its makers quote it)."""
+    ones (8192) to keep its units busy."""
     return MATMUL_N if device.type == "cpu" else 4 * MATMUL_N
 
 
