@@ -1,7 +1,7 @@
 """Shared fixtures for the user-facing tests: a tiny, fast experiment config (Swiss roll, 400
 points, T = 6, a couple of dozen steps), a helper that runs the CLI in-process, and one trained
 run that read-only tests share (tests that change a run work on their own copy); and a tiny
-8 x 8 image config."""
+8 x 8 image config. Every test runs on the CPU unless it names another device."""
 
 import contextlib
 import importlib.util
@@ -13,6 +13,7 @@ from types import ModuleType
 
 import numpy as np
 import pytest
+import torch
 
 from thermodiff.cli import main
 from thermodiff.data.images import dead_leaves
@@ -61,6 +62,15 @@ def write_tiny_config(folder: Path, text: str = TINY_TOML) -> Path:
     path = Path(folder) / "tiny.toml"
     path.write_text(text, encoding="utf-8")
     return path
+
+
+@pytest.fixture(autouse=True)
+def auto_device_is_the_cpu(request, monkeypatch):
+    """``--device auto`` is the CPU in every test but tests/test_devices.py's (which names its
+    devices), so that a machine with a GPU checks the figures a machine without one does: a GPU
+    draws other noise."""
+    if request.module.__name__ != "test_devices":
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
 
 @pytest.fixture
@@ -122,7 +132,7 @@ def trained_run(tmp_path_factory) -> dict:
     run_dir = folder / "run"
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main(["train", str(config), "--out", str(run_dir), "--quiet", "--json"])
+        rc = main(["train", str(config), "--out", str(run_dir), "--quiet", "--json", "--device", "cpu"])
     assert rc == 0, err.getvalue()
     return {"config": config, "run_dir": run_dir, "summary": json.loads(out.getvalue())}
 

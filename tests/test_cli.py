@@ -164,7 +164,7 @@ def test_evaluate_and_sample_run_where_device_says_and_record_it(copy_run, cli, 
     run = copy_run()
     default = cli("evaluate", run, "--quiet", "--json").json()
     on_cpu = cli("evaluate", run, "--quiet", "--json", "--device", "cpu").json()
-    assert on_cpu["device"] == default["device"] == "cpu"  # auto is the CPU on a machine without CUDA
+    assert on_cpu["device"] == default["device"] == "cpu"  # auto is the CPU in these tests (conftest)
     assert on_cpu["K_bits"] == default["K_bits"] and on_cpu["stderr_bits"] == default["stderr_bits"]
     assert "GPU" not in on_cpu["hardware"] and "CPU" in on_cpu["hardware"]
     first, second = tmp_path / "default.npy", tmp_path / "cpu.npy"
