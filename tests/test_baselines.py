@@ -126,6 +126,7 @@ def test_vae_and_dae_runs_through_the_cli(cli, tmp_path, trained_run):
     assert "ELBO" in cli("evaluate", vae_run, "--quiet").out
     assert cli("sample", vae_run, "-n", 6, "--out", tmp_path / "v.npy", "--quiet").rc == 0
     assert np.load(tmp_path / "v.npy").shape == (6, 2)
+    assert_one_line_error(cli("denoise", vae_run, "--input", tmp_path / "v.npy", "--sigma", 0.1), "vae baseline")
     d = cli("evaluate", dae_run, "--json", "--quiet").json()
     assert d["model"] == "dae" and d["output_mse"] > 0 and d["noisy_input_mse"] > 0 and "K_bits" not in d
     assert_one_line_error(cli("sample", dae_run, "-n", 2, "--out", tmp_path / "d.npy"), "not a generative model")

@@ -57,7 +57,7 @@ Precision = Literal["fp32", "bf16", "fp16"]
 Clock = Literal["wall", "cpu"]
 LossName = Literal["bound", "simple", "hybrid"]  # bound.TrainingLoss
 TSampler = Literal["uniform", "loss_aware"]
-BaselineKind = Literal["", "vae", "dae"]
+BaselineKind = Literal["", "vae", "dae", "mcgsm"]
 
 
 @dataclass
@@ -155,11 +155,15 @@ class EvalConfig:
 
 @dataclass
 class BaselineConfig:
-    kind: BaselineKind = ""  # '': the run is a diffusion model; vae, dae: baselines.py, networks from [model]
+    kind: BaselineKind = ""  # '': the run is a diffusion model; vae, dae: baselines.py, networks from [model]; mcgsm: mcgsm.py
     latent: int = 2  # vae: latent dimensions
     min_var: float = 1e-6  # vae: floor of the Gaussian decoder's variance (the bound's resolution, as beta_1)
     n_importance: int = 64  # vae: samples of the importance-weighted bound at evaluation
     noise_std: float = 1.0  # dae: corruption std on the scaled data (1: SNR 1 for unit-variance data)
+    radius: int = 3  # mcgsm: the causal neighbourhood, rows above and pixels either side (3: 24 pixels)
+    components: int = 8  # mcgsm: mixture components c
+    scales: int = 4  # mcgsm: scales s per component
+    features: int = 24  # mcgsm: shared directions b_n of the gates' precision matrices
 
 
 def _at_least(low: int):
@@ -211,6 +215,10 @@ RANGES = {
     "baseline.min_var": _NON_NEGATIVE,
     "baseline.n_importance": _at_least(1),
     "baseline.noise_std": _POSITIVE,
+    "baseline.radius": _at_least(1),
+    "baseline.components": _at_least(1),
+    "baseline.scales": _at_least(1),
+    "baseline.features": _at_least(1),
 }
 
 

@@ -16,6 +16,7 @@ from thermodiff.data import images as image_data
 from thermodiff.errors import UserError, first_line
 from thermodiff.nets.baselines import DAE, VAE, DenoiserNet, VAENet
 from thermodiff.nets.convnet import build_conv_net
+from thermodiff.nets.mcgsm import MCGSM, MCGSMNet
 from thermodiff.nets.unet import build_unet
 from thermodiff.nets.vector import build_vector_net
 from thermodiff.process.binomial import BinomialDiffusion, BinomialParameterization
@@ -301,6 +302,10 @@ def build_baseline(cfg: Config, kind: str, data_mean: float) -> nn.Module:
     try:
         if b.kind == "vae":
             return VAE(b.latent, kind == "binomial", b.min_var, b.n_importance, data_mean)
+        if b.kind == "mcgsm":
+            if kind == "binomial":
+                raise ValueError("the MCGSM is a density of continuous grey images, and these data are binary")
+            return MCGSM()
         return DAE(b.noise_std)
     except ValueError as e:
         raise UserError(f"baseline: {e}") from None
@@ -308,7 +313,7 @@ def build_baseline(cfg: Config, kind: str, data_mean: float) -> nn.Module:
 
 def build_model(cfg: Config, diffusion: nn.Module, event_shape: tuple[int, ...]) -> nn.Module:
     """The configured network for examples of ``event_shape``: (D,) vectors or (C, H, W) images;
-    for a baseline, its MLPs on flattened examples."""
+    for a baseline, its MLPs on flattened examples (an MCGSM: its parameters, from ``[baseline]``)."""
     m = cfg.model
     image = len(event_shape) == 3
     try:
@@ -316,6 +321,9 @@ def build_model(cfg: Config, diffusion: nn.Module, event_shape: tuple[int, ...])
             return VAENet(event_shape, diffusion.latent, diffusion.outputs_per_dim, m.hidden, m.layers, m.activation)
         if cfg.baseline.kind == "dae":
             return DenoiserNet(event_shape, m.hidden, m.layers, m.activation)
+        if cfg.baseline.kind == "mcgsm":
+            b = cfg.baseline
+            return MCGSMNet(event_shape, b.radius, b.components, b.scales, b.features)
     except ValueError as e:
         raise UserError(f"model: {e}") from None
     if diffusion.continuous_time and not image and m.readout != "bumps":

@@ -55,8 +55,16 @@ def sample_with_factor(run: Run, inputs_shape: tuple[int, ...], n_samples: int, 
     return np.stack(draws)
 
 
+def require_diffusion(run: Run) -> None:
+    """Posteriors multiply a diffusion's reverse kernels by a factor (paper section 4); a baseline has none."""
+    if run.config.baseline.kind:
+        raise UserError(f"run {run.path} is a {run.config.baseline.kind} baseline; denoising and inpainting multiply "
+                        "the kernels of a diffusion run, so they need one")
+
+
 def _observation(run: Run, noisy: np.ndarray, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
     """y and the noise variance in the model's space, for a Gaussian run, on the run's device."""
+    require_diffusion(run)
     if not 0 < sigma < math.inf:
         raise UserError(f"--sigma must be positive and finite (a noise std in original units), got {sigma}")
     if run.diffusion.binary:
@@ -142,6 +150,7 @@ def inpaint(run: Run, values: np.ndarray, mask: np.ndarray, n_samples: int, seed
     :data:`KNOWN_VALUES`). Known entries come back exactly as given."""
     if known not in KNOWN_VALUES:
         raise UserError(f"--known must be 'clamp' or 'forward', got {known!r}")
+    require_diffusion(run)
     if run.dataset.scaling.rotation is not None:
         raise UserError(f"run {run.path} whitens its data with a rotation (data.scaling = 'pca'), which mixes the "
                         "coordinates a mask refers to; to inpaint, train with --set data.scaling=per_dimension")

@@ -182,7 +182,8 @@ def bound_report(dataset, per_example: torch.Tensor, null: torch.Tensor, discret
 
 def evaluate_baseline(run: Run, n_draws: int, max_examples: int, seed: int, split_name: str) -> dict:
     """A VAE's ELBO in K's place (same units, same null model) with its importance-weighted bound,
-    or a DAE's denoising error, on the same held-out examples as a diffusion run's."""
+    an MCGSM's exact log-likelihood in K's place, or a DAE's denoising error, on the same held-out
+    examples as a diffusion run's."""
     cfg, process = run.config, run.diffusion
     generator = torch.Generator().manual_seed(seed)
     test = run.dataset.test[:max_examples] if max_examples else run.dataset.test
@@ -192,6 +193,13 @@ def evaluate_baseline(run: Run, n_draws: int, max_examples: int, seed: int, spli
     if cfg.baseline.kind == "dae":
         return result | {"noise_std": process.noise_std, **process.denoise_report(run.model, run.dataset, test, seed)}
     x = run.dataset.to_model(test, generator)
+    if cfg.baseline.kind == "mcgsm":
+        with torch.no_grad():
+            ll = torch.cat([process.log_likelihood(run.model, batch).cpu()
+                            for batch in torch.split(x.to(run.device), cfg.eval.batch_size)])
+        require_finite_bound(ll, str(run.path), "the log-likelihood")
+        return result | {"likelihood": "exact (autoregressive)", "radius": run.model.radius,
+                         **bound_report(run.dataset, ll, process.null_log_likelihood(x.double()))}
     elbo, iw = process.bounds(run.model, torch.split(x.to(run.device), cfg.eval.batch_size), n_draws,
                               draws_on(run.device, generator, seed))
     require_finite_bound(elbo, str(run.path), "the ELBO")

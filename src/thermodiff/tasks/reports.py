@@ -83,17 +83,23 @@ def describe_training(s: dict) -> str:
 
 
 def describe_baseline(r: dict) -> str:
-    """A baseline's evaluation: a DAE's denoising error, or a VAE's ELBO and importance-weighted bound."""
+    """A baseline's evaluation: a DAE's denoising error, an MCGSM's log-likelihood, or a VAE's ELBO and
+    importance-weighted bound."""
     head = f"{r['experiment']} ({r['model']} baseline, {r['split']} split, {r['n_examples']} examples, step {r['train_steps']})"
     if r["model"] == "dae":
         psnr = (lambda name: f" (PSNR {r[f'{name}_psnr_db']:.2f} dB)" if f"{name}_psnr_db" in r else "")
         return "\n".join([head, f"  denoised output: MSE {r['output_mse']:.4g}{plus_minus(r['output_mse_stderr'], '.2g')}{psnr('output')}",
                           f"  noisy input:     MSE {r['noisy_input_mse']:.4g}{plus_minus(r['noisy_input_mse_stderr'], '.2g')}"
                           f"{psnr('noisy_input')} (noise std {r['noise_std']} of the scaled data)"])
-    lines = [head, f"  ELBO           = {r['K_bits']:.4f}{plus_minus(r['stderr_bits'], '.4f')} {r['unit']} ({r['K_bits_per_dim']:.4f} bits/dim, "
-                   f"{r['n_draws']} draws of z)",
-             f"  importance-weighted ({r['n_importance']}) = {r['K_iw_bits']:.4f}{plus_minus(r['K_iw_stderr_bits'], '.4f')} {r['unit']}",
-             f"  ELBO - L_null  = {r['K_minus_L_null_bits']:.4f}{plus_minus(r['K_minus_L_null_stderr_bits'], '.4f')} {r['unit']}"]
+    if r["model"] == "mcgsm":
+        lines = [head, f"  log p          = {r['K_bits']:.4f}{plus_minus(r['stderr_bits'], '.4f')} {r['unit']} "
+                       f"({r['K_bits_per_dim']:.4f} bits/dim, exact)",
+                 f"  log p - L_null = {r['K_minus_L_null_bits']:.4f}{plus_minus(r['K_minus_L_null_stderr_bits'], '.4f')} {r['unit']}"]
+    else:
+        lines = [head, f"  ELBO           = {r['K_bits']:.4f}{plus_minus(r['stderr_bits'], '.4f')} {r['unit']} "
+                       f"({r['K_bits_per_dim']:.4f} bits/dim, {r['n_draws']} draws of z)",
+                 f"  importance-weighted ({r['n_importance']}) = {r['K_iw_bits']:.4f}{plus_minus(r['K_iw_stderr_bits'], '.4f')} {r['unit']}",
+                 f"  ELBO - L_null  = {r['K_minus_L_null_bits']:.4f}{plus_minus(r['K_minus_L_null_stderr_bits'], '.4f')} {r['unit']}"]
     if r.get("nll_bits_per_dim") is not None:
         lines.append(nll_line(r))
     return "\n".join(lines)
