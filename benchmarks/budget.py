@@ -3,10 +3,10 @@ Parzen-window log-likelihood), the training curve and the time to a stated bound
 
     python benchmarks/budget.py RUN_DIR --train-command "..." [--max-examples 200] [--parzen-samples 0]
                                 [--parzen-steps N] [--parzen-variance RULE] [--also-variance RULE] [--parzen-clip-x0]
-                                [--t-sampling importance|uniform] [--name NAME]
+                                [--t-sampling importance|uniform] [--grid] [--name NAME]
 
 Runs `thermodiff evaluate` (and `thermodiff parzen`, with a grid of 20 more samples from the same
-chain, NAME_samples.png) in-process on a finished run and writes
+chain, NAME_samples.png; ``--grid``: the grid alone) in-process on a finished run and writes
 benchmarks/results/NAME.json (default <experiment>_budget). The training curve is the running training
 estimate of K (per pixel, on training batches, smoothed) from the run's metrics log against wall
 time (CPU time for a run trained with train.clock = "cpu"); "time to bound" reads off it when the
@@ -63,6 +63,8 @@ if __name__ == "__main__":
                         help="also the bound of the same chain with these variances (parzen_chain_evaluation_RULE)")
     parser.add_argument("--t-sampling", choices=["uniform", "importance"], default="importance",
                         help="how the bound's estimate draws its steps (thermodiff evaluate --t-sampling)")
+    parser.add_argument("--grid", action="store_true",
+                        help="a grid of 20 samples (NAME_samples.png) without a Parzen estimate (with one, always)")
     parser.add_argument("--notes", default="")
     parser.add_argument("--name", help="the record's name (default <experiment>_budget)")
     args = parser.parse_args()
@@ -74,17 +76,13 @@ if __name__ == "__main__":
     curve = training_curve(run_dir, evaluation["dim"])
     clock = json.loads((run_dir / "config.json").read_text())["train"].get("clock", "wall")  # whose seconds the curve counts
     record = {"commands": commands, "notes": args.notes}
+    chain = ["--steps", args.parzen_steps] if args.parzen_steps else []
+    chain += ["--variance", args.parzen_variance] if args.parzen_variance != "moments" else []
+    chain += ["--clip-x0"] if args.parzen_clip_x0 else []
     if args.parzen_samples:
-        chain = ["--steps", args.parzen_steps] if args.parzen_steps else []
-        chain += ["--variance", args.parzen_variance] if args.parzen_variance != "moments" else []
-        chain += ["--clip-x0"] if args.parzen_clip_x0 else []
         parzen = ["parzen", str(run_dir), "--samples", str(args.parzen_samples), *chain]
         record["parzen"] = thermodiff_json(parzen)
         commands.append(shlex.join(["thermodiff", *parzen]))
-        figure = os.path.relpath(RESULTS / f"{name}_samples.png")  # as the record's command names it
-        grid = ["sample", str(run_dir), "-n", "20", "--out", figure, "--overwrite", *chain]
-        thermodiff_json(grid)  # what the samples look like: 20 more of them, from the same chain
-        commands.append(shlex.join(["thermodiff", *grid]))
         # the bound of the chain the samples came from, and of the same steps with other variances
         for key, variance in (("parzen_chain_evaluation", args.parzen_variance),
                               (f"parzen_chain_evaluation_{args.also_variance}", args.also_variance)):
@@ -93,6 +91,11 @@ if __name__ == "__main__":
                             *(["--clip-x0"] if args.parzen_clip_x0 else [])]
                 record[key] = thermodiff_json(respaced)
                 commands.append(shlex.join(["thermodiff", *respaced]))
+    if args.parzen_samples or args.grid:
+        figure = os.path.relpath(RESULTS / f"{name}_samples.png")  # as the record's command names it
+        grid = ["sample", str(run_dir), "-n", "20", "--out", figure, "--overwrite", *chain]
+        thermodiff_json(grid)  # what the samples look like: 20 more of them, from the Parzen samples' chain
+        commands.append(shlex.join(["thermodiff", *grid]))
     final = evaluation["K_bits_per_pixel"]
     record |= {
         "benchmark_command": "python benchmarks/budget.py " + shlex.join(sys.argv[1:]),
