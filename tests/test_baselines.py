@@ -124,12 +124,16 @@ def test_vae_and_dae_runs_through_the_cli(cli, tmp_path, trained_run):
     assert v["L_null_bits"] == pytest.approx(k["L_null_bits"])  # the same held-out examples, the same null model
     assert math.isfinite(v["K_bits"]) and math.isfinite(v["K_iw_bits"]) and v["n_importance"] == 64
     assert "ELBO" in cli("evaluate", vae_run, "--quiet").out
+    cli("evaluate", vae_run, "--quiet", "--per-example", tmp_path / "v_elbo.npy")
+    assert np.load(tmp_path / "v_elbo.npy").mean() == pytest.approx(v["K_original_units_bits"], rel=1e-9)
     assert cli("sample", vae_run, "-n", 6, "--out", tmp_path / "v.npy", "--quiet").rc == 0
     assert np.load(tmp_path / "v.npy").shape == (6, 2)
     assert_one_line_error(cli("denoise", vae_run, "--input", tmp_path / "v.npy", "--sigma", 0.1), "vae baseline")
     d = cli("evaluate", dae_run, "--json", "--quiet").json()
     assert d["model"] == "dae" and d["output_mse"] > 0 and d["noisy_input_mse"] > 0 and "K_bits" not in d
     assert_one_line_error(cli("sample", dae_run, "-n", 2, "--out", tmp_path / "d.npy"), "not a generative model")
+    assert_one_line_error(cli("evaluate", dae_run, "--per-example", tmp_path / "d.npy"), "--per-example")
+    assert not (tmp_path / "d.npy").exists()
     assert_one_line_error(cli("plot", vae_run), "vae baseline")
     assert_one_line_error(cli("train", write_tiny_config(tmp_path, baseline_toml("gan")), "--out", tmp_path / "g"),
                           "baseline.kind")

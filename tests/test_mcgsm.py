@@ -154,6 +154,8 @@ def test_mcgsm_runs_through_the_cli_in_the_units_of_a_diffusion_run(cli, tmp_pat
     assert m["L_null_bits"] == pytest.approx(d["L_null_bits"], rel=1e-12)  # the same images, the same dequantisation
     assert m["nll_bound"] == "dequantized" and math.isfinite(m["nll_bits_per_dim"])
     assert "exact" in cli("evaluate", tmp_path / "m", "--quiet").out
+    per = cli("evaluate", tmp_path / "m", "--json", "--quiet", "--per-example", tmp_path / "m.npy").json()
+    assert np.load(tmp_path / "m.npy").mean() == pytest.approx(per["K_original_units_bits"], rel=1e-9)
     assert cli("sample", tmp_path / "m", "-n", 3, "--out", tmp_path / "s.npy", "--quiet").rc == 0
     samples = np.load(tmp_path / "s.npy")
     assert samples.shape == (3, 1, 8, 8) and samples.dtype == np.uint8

@@ -180,10 +180,11 @@ def bound_report(dataset, per_example: torch.Tensor, null: torch.Tensor, discret
     return result
 
 
-def evaluate_baseline(run: Run, n_draws: int, max_examples: int, seed: int, split_name: str) -> dict:
+def evaluate_baseline(run: Run, n_draws: int, max_examples: int, seed: int, split_name: str,
+                      per_example: bool = False) -> dict:
     """A VAE's ELBO in K's place (same units, same null model) with its importance-weighted bound,
     an MCGSM's exact log-likelihood in K's place, or a DAE's denoising error, on the same held-out
-    examples as a diffusion run's."""
+    examples as a diffusion run's. ``per_example``: as :func:`evaluate`'s (the ELBO or log p per example)."""
     cfg, process = run.config, run.diffusion
     generator = torch.Generator().manual_seed(seed)
     test = run.dataset.test[:max_examples] if max_examples else run.dataset.test
@@ -191,22 +192,25 @@ def evaluate_baseline(run: Run, n_draws: int, max_examples: int, seed: int, spli
               "n_examples": len(test), "model": cfg.baseline.kind, "hardware": hardware(run.device),
               "device": str(run.device)}
     if cfg.baseline.kind == "dae":
+        if per_example:
+            raise UserError(f"{run.path}: a dae baseline has no bound per example; drop --per-example")
         return result | {"noise_std": process.noise_std, **process.denoise_report(run.model, run.dataset, test, seed)}
     x = run.dataset.to_model(test, generator)
+    batches = torch.split(x.to(run.device), cfg.eval.batch_size)
     if cfg.baseline.kind == "mcgsm":
         with torch.no_grad():
-            ll = torch.cat([process.log_likelihood(run.model, batch).cpu()
-                            for batch in torch.split(x.to(run.device), cfg.eval.batch_size)])
-        require_finite_bound(ll, str(run.path), "the log-likelihood")
-        return result | {"likelihood": "exact (autoregressive)", "radius": run.model.radius,
-                         **bound_report(run.dataset, ll, process.null_log_likelihood(x.double()))}
-    elbo, iw = process.bounds(run.model, torch.split(x.to(run.device), cfg.eval.batch_size), n_draws,
-                              draws_on(run.device, generator, seed))
-    require_finite_bound(elbo, str(run.path), "the ELBO")
-    return result | {"n_draws": n_draws, "latent": process.latent,
-                     **bound_report(run.dataset, elbo, process.null_log_likelihood(x.double())),
-                     "n_importance": process.n_importance, "K_iw_bits": float(iw.mean()) / LN2,
-                     "K_iw_stderr_bits": standard_error(iw, LN2)}
+            k = torch.cat([process.log_likelihood(run.model, batch).cpu() for batch in batches])
+        require_finite_bound(k, str(run.path), "the log-likelihood")
+        result |= {"likelihood": "exact (autoregressive)", "radius": run.model.radius}
+    else:
+        k, iw = process.bounds(run.model, batches, n_draws, draws_on(run.device, generator, seed))
+        require_finite_bound(k, str(run.path), "the ELBO")
+        result |= {"n_draws": n_draws, "latent": process.latent, "n_importance": process.n_importance,
+                   "K_iw_bits": float(iw.mean()) / LN2, "K_iw_stderr_bits": standard_error(iw, LN2)}
+    result |= bound_report(run.dataset, k, process.null_log_likelihood(x.double()))
+    if per_example:
+        result["per_example_original_units_bits"] = (k / LN2 + result["log_det_scaling_bits"]).tolist()
+    return result
 
 
 @dataclass(frozen=True)
@@ -328,7 +332,7 @@ def evaluate(run: Run, n_draws: int | None = None, max_examples: int | None = No
     if cfg.baseline.kind:  # not a diffusion (baselines.py)
         if ode is not None:
             raise UserError(f"{run.path}: --ode is for diffusion runs; a {cfg.baseline.kind} has no probability-flow ODE")
-        return require_finite(evaluate_baseline(run, n_draws, max_examples, seed, split_name), str(run.path))
+        return require_finite(evaluate_baseline(run, n_draws, max_examples, seed, split_name, per_example), str(run.path))
     if t_samples is None:
         t_samples = cfg.eval.t_samples if cfg.eval.t_samples != AUTO else default_t_samples(run.dataset.is_image)
     if ode is not None and chain.clip_x0:
