@@ -8,6 +8,7 @@ import importlib.util
 import io
 import json
 import shutil
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -186,8 +187,12 @@ def tiny_images(tmp_path) -> Path:
 
 
 def load_benchmark(name: str) -> ModuleType:
-    """The script benchmarks/NAME.py as a module, to test its functions without running it."""
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py")
+    """The script benchmarks/NAME.py as a module, to test its functions without running it (with
+    benchmarks/ on sys.path, as when it runs, for its sibling modules)."""
+    folder = str(Path(__file__).resolve().parent.parent / "benchmarks")
+    if folder not in sys.path:
+        sys.path.append(folder)
+    spec = importlib.util.spec_from_file_location(name, Path(folder) / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

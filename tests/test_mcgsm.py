@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, load_benchmark
 from torch.distributions import Categorical, MixtureSameFamily, MultivariateNormal, Normal
 
 from thermodiff.data.images import dead_leaves
@@ -159,6 +159,12 @@ def test_mcgsm_runs_through_the_cli_in_the_units_of_a_diffusion_run(cli, tmp_pat
     assert cli("sample", tmp_path / "m", "-n", 3, "--out", tmp_path / "s.npy", "--quiet").rc == 0
     samples = np.load(tmp_path / "s.npy")
     assert samples.shape == (3, 1, 8, 8) and samples.dtype == np.uint8
+    paired = load_benchmark("paired")  # benchmarks/paired.py: the diffusion run and the MCGSM, image by image
+    (m_eval, m_k, _), (d_eval, d_k, _) = (paired.evaluate(tmp_path / name, 12, "importance") for name in "md")
+    paired.same_images(d_eval, m_eval, tmp_path / "m")
+    diff = paired.paired(m_k, d_k, d_eval["pixels"])
+    assert d_eval["pixels"] == 64 and diff["images"] == 12
+    assert diff["K_difference_bits_per_pixel"] == pytest.approx(m_eval["K_bits_per_pixel"] - d_eval["K_bits_per_pixel"])
     assert_one_line_error(cli("denoise", tmp_path / "m", "--input", tmp_path / "s.npy", "--sigma", 10, "--quiet"),
                           "mcgsm baseline")
     np.save(tmp_path / "mask.npy", np.ones((1, 8, 8)) * (np.arange(8) < 4)[:, None])

@@ -169,6 +169,7 @@ def bound_report(dataset, per_example: torch.Tensor, null: torch.Tensor, discret
             "dequantized" if dataset.dequantize else None
         nll = -result["K_original_units_bits"] / dim if nll_kind else None
         result |= {
+            "pixels": pixels,
             "K_bits_per_pixel": result["K_bits"] / pixels,
             "stderr_bits_per_pixel": _per(result["stderr_bits"], pixels),
             "K_minus_L_null_bits_per_pixel": result["K_minus_L_null_bits"] / pixels,

@@ -1,0 +1,95 @@
+"""Runs of one data set scored on the same held-out images, each paired with the first image by
+image: `thermodiff evaluate RUN --per-example` for every run (the same first test images, the same
+dequantisation noise), then each run's mean difference from the first in K per pixel, with its
+standard error over the images. Runs may be diffusion runs or baselines (an MCGSM's exact
+log-likelihood, a VAE's ELBO stand in K's place).
+
+    python benchmarks/paired.py RUN_A RUN_B [...] --name NAME [--max-examples 200]
+                                [--t-sampling importance|uniform] [--command RUN=COMMAND ...] [--notes TEXT]
+
+Writes benchmarks/results/NAME.json: per run its evaluation (without the per-step terms), steps,
+training time on the run's clock, training curve and the paired difference from the first run
+(above 0: a higher bound, or likelihood, on the same images).
+"""
+
+import argparse
+import json
+import math
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from budget import training_curve  # sibling modules: benchmarks/ is on sys.path when run
+from record import thermodiff_json, write_result
+from thermodiff.run.training import read_metrics
+
+
+def evaluate(run: Path, max_examples: int, t_sampling: str) -> tuple[dict, np.ndarray, list[str]]:
+    """The run's evaluation, its bound per example (bits, original units) and the command."""
+    per_example = run / "K_per_example_paired.npy"
+    argv = ["evaluate", str(run), "--max-examples", str(max_examples), "--t-sampling", t_sampling,
+            "--per-example", str(per_example), "--overwrite"]
+    evaluation = thermodiff_json(argv)
+    evaluation.pop("per_timestep_bits", None)
+    return evaluation, np.load(per_example), argv
+
+
+def paired(k: np.ndarray, reference: np.ndarray, pixels: int) -> dict:
+    """Mean and standard error over images of (k - reference) per pixel."""
+    diff = (k - reference) / pixels
+    return {"K_difference_bits_per_pixel": float(diff.mean()),
+            "stderr_bits_per_pixel": float(diff.std(ddof=1) / math.sqrt(len(diff))), "images": len(diff)}
+
+
+def same_images(first: dict, other: dict, run: Path) -> None:
+    """Refuse runs not scored on the same images in the same units: their null model's mean and
+    scaling must agree."""
+    for key in ("n_examples", "dim"):
+        if first[key] != other[key]:
+            raise SystemExit(f"{run}: {key} {other[key]} differs from the first run's {first[key]}")
+    for key in ("L_null_bits", "log_det_scaling_bits"):
+        if not math.isclose(first[key], other[key], rel_tol=1e-9):
+            raise SystemExit(f"{run}: {key} differs from the first run's: not the same images or scaling")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--name", required=True, help="the record: benchmarks/results/NAME.json")
+    parser.add_argument("--max-examples", type=int, default=200)
+    parser.add_argument("--t-sampling", choices=["uniform", "importance"], default="importance")
+    parser.add_argument("--command", action="append", default=[], metavar="RUN=COMMAND",
+                        help="the command that trained a run, for the record")
+    parser.add_argument("--notes", default="")
+    args = parser.parse_args()
+    if len(args.runs) < 2:
+        raise SystemExit("paired.py needs two runs or more (the first is the reference)")
+    commands = dict(c.split("=", 1) for c in args.command)
+    rows, reference = [], None
+    for run in args.runs:
+        evaluation, k, argv = evaluate(run, args.max_examples, args.t_sampling)
+        if "pixels" not in evaluation:
+            raise SystemExit(f"{run}: not an image run; paired.py compares images per pixel")
+        pixels = evaluation["pixels"]
+        if reference is None:
+            reference, first = k, evaluation
+        same_images(first, evaluation, run)
+        clock = json.loads((run / "config.json").read_text())["train"].get("clock", "wall")
+        rows.append({"run": str(run), "train_command": commands.get(str(run)),
+                     "evaluate_command": shlex.join(["thermodiff", *argv]), "steps": evaluation["train_steps"],
+                     "clock": clock, f"train_{clock}_s": read_metrics(run)[-1]["elapsed_s"],
+                     "evaluation": evaluation, "vs_first": paired(k, reference, pixels),
+                     "curve": training_curve(run, pixels)[::10]})
+    out = write_result(args.name, {"benchmark_command": "python benchmarks/paired.py " + shlex.join(sys.argv[1:]),
+                                   "notes": args.notes, "rows": rows})
+    for r in rows:
+        e, d = r["evaluation"], r["vs_first"]
+        print(f"{r['run']}: K {e['K_bits_per_pixel']:.3f} +- {e['stderr_bits_per_pixel']:.3f} bits/pixel, "
+              f"paired difference from the first {d['K_difference_bits_per_pixel']:+.3f} +- {d['stderr_bits_per_pixel']:.3f}")
+    print(f"-> {out}")
+
+
+if __name__ == "__main__":
+    main()
