@@ -152,7 +152,7 @@ def test_image_networks_are_network_names():
     ("train.precision=fp8", "train.precision: expected 'fp32' or 'bf16' or 'fp16' or 'auto', got 'fp8'"),
     ("diffusion.kind=vae", "diffusion.kind: expected 'gaussian' or 'binomial' or 'categorical' or 'vdm' or 'auto', got 'vae'"),
     ("diffusion.eps_variance=small", "diffusion.eps_variance: expected 'beta_tilde' or 'beta' or none, got 'small'"),
-    ("baseline.kind=gan", "baseline.kind: expected '' or 'vae' or 'dae', got 'gan'"),
+    ("baseline.kind=gan", "baseline.kind: expected '' or 'vae' or 'dae' or 'mcgsm', got 'gan'"),
     ("model.activation=gelu", "model.activation: expected 'sigmoid' or 'tanh' or 'relu'"),
     ("train.optimizer_kernel=fast", "train.optimizer_kernel: expected 'default' or 'foreach' or 'fused', got 'fast'"),
     ("train.compile=yes", "train.compile: expected bool or 'auto', got 'yes'"),
