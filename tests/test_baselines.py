@@ -152,3 +152,14 @@ def test_baselines_on_images_report_bits_per_dim_and_psnr(cli, tmp_path):
     assert d["n_examples"] == 10 and d["noisy_input_psnr_db"] < 20 and math.isfinite(d["output_psnr_db"])
     saved = json.loads((tmp_path / "vae" / "config.json").read_text())
     assert saved["baseline"]["kind"] == "vae"
+
+
+def test_a_baseline_with_a_validation_split_is_refused_before_any_work(cli, tmp_path):
+    """The validator scores checkpoints by a diffusion's bound, which a baseline has not."""
+    np.savez(tmp_path / "images.npz", images=dead_leaves(40, size=8, seed=3)[:, 0])
+    for kind in ("vae", "mcgsm"):
+        config = tmp_path / f"{kind}.toml"
+        config.write_text(f'name = "{kind}"\n[data]\nsource = "{tmp_path / "images.npz"}"\nval_fraction = 0.2\n'
+                          f'[train]\nsteps = 2\n[baseline]\nkind = "{kind}"\n')
+        assert_one_line_error(cli("train", config, "--out", tmp_path / kind), "data.val_fraction", kind)
+        assert not (tmp_path / kind).exists()

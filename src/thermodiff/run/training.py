@@ -87,6 +87,9 @@ def validate_train_config(cfg: Config, world_size: int = 1) -> None:
     t = cfg.train
     if t.batch_size % world_size:
         raise UserError(f"train.batch_size {t.batch_size} must be divisible by the number of processes ({world_size})")
+    if cfg.baseline.kind and cfg.data.val_fraction:  # the validator scores checkpoints by a diffusion's bound
+        raise UserError(f"data.val_fraction = {cfg.data.val_fraction:g} scores checkpoints by a diffusion's bound; a "
+                        f"{cfg.baseline.kind} baseline keeps its last weights: set data.val_fraction = 0")
 
 
 def autocast(precision: Precision, device: torch.device):
