@@ -5,6 +5,7 @@ training steps; both through the CLI on vectors and images, on the same splits a
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,13 +140,19 @@ def test_vae_and_dae_runs_through_the_cli(cli, tmp_path, trained_run):
                           "baseline.kind")
 
 
+def image_baseline_config(folder, kind: str, data: str = "test_fraction = 0.25") -> Path:
+    """A config of a ``kind`` baseline on 40 dead-leaves images of 8 x 8 (written into ``folder``), with
+    ``data`` lines in its [data] table."""
+    np.savez(folder / "images.npz", images=dead_leaves(40, size=8, seed=3)[:, 0])
+    config = folder / f"{kind}.toml"
+    config.write_text(f'name = "{kind}"\n[data]\nsource = "{folder / "images.npz"}"\n{data}\n'
+                      f'[model]\nhidden = 16\n[train]\nsteps = 3\nbatch_size = 8\n[baseline]\nkind = "{kind}"\n')
+    return config
+
+
 def test_baselines_on_images_report_bits_per_dim_and_psnr(cli, tmp_path):
-    np.savez(tmp_path / "images.npz", images=dead_leaves(40, size=8, seed=3)[:, 0])
     for kind in ("vae", "dae"):
-        config = tmp_path / f"{kind}.toml"
-        config.write_text(f'name = "{kind}"\n[data]\nsource = "{tmp_path / "images.npz"}"\ntest_fraction = 0.25\n'
-                          f'[model]\nhidden = 16\n[train]\nsteps = 3\nbatch_size = 8\n[baseline]\nkind = "{kind}"\n')
-        assert cli("train", config, "--out", tmp_path / kind, "--quiet").rc == 0
+        assert cli("train", image_baseline_config(tmp_path, kind), "--out", tmp_path / kind, "--quiet").rc == 0
     v = cli("evaluate", tmp_path / "vae", "--json", "--quiet").json()
     assert v["dim"] == 64 and v["nll_bound"] == "dequantized" and math.isfinite(v["nll_bits_per_dim"])
     d = cli("evaluate", tmp_path / "dae", "--json", "--quiet").json()
@@ -156,10 +163,7 @@ def test_baselines_on_images_report_bits_per_dim_and_psnr(cli, tmp_path):
 
 def test_a_baseline_with_a_validation_split_is_refused_before_any_work(cli, tmp_path):
     """The validator scores checkpoints by a diffusion's bound, which a baseline has not."""
-    np.savez(tmp_path / "images.npz", images=dead_leaves(40, size=8, seed=3)[:, 0])
     for kind in ("vae", "mcgsm"):
-        config = tmp_path / f"{kind}.toml"
-        config.write_text(f'name = "{kind}"\n[data]\nsource = "{tmp_path / "images.npz"}"\nval_fraction = 0.2\n'
-                          f'[train]\nsteps = 2\n[baseline]\nkind = "{kind}"\n')
+        config = image_baseline_config(tmp_path, kind, "val_fraction = 0.2")
         assert_one_line_error(cli("train", config, "--out", tmp_path / kind), "data.val_fraction", kind)
         assert not (tmp_path / kind).exists()
