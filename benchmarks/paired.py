@@ -66,6 +66,8 @@ def main() -> None:
     args = parser.parse_args()
     if len(args.runs) < 2:
         raise SystemExit("paired.py needs two runs or more (the first is the reference)")
+    if any("=" not in c for c in args.command):
+        raise SystemExit("--command takes RUN=COMMAND")
     commands = dict(c.split("=", 1) for c in args.command)
     rows, reference = [], None
     for run in args.runs:
