@@ -20,9 +20,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from budget import training_curve  # sibling modules: benchmarks/ is on sys.path when run
 from record import thermodiff_json, write_result
+from thermodiff.process.bound import standard_error
 from thermodiff.run.training import read_metrics
 
 
@@ -38,9 +40,9 @@ def evaluate(run: Path, max_examples: int, t_sampling: str) -> tuple[dict, np.nd
 
 def paired(k: np.ndarray, reference: np.ndarray, pixels: int) -> dict:
     """Mean and standard error over images of (k - reference) per pixel."""
-    diff = (k - reference) / pixels
-    return {"K_difference_bits_per_pixel": float(diff.mean()),
-            "stderr_bits_per_pixel": float(diff.std(ddof=1) / math.sqrt(len(diff))), "images": len(diff)}
+    diff = torch.from_numpy((k - reference) / pixels)
+    return {"K_difference_bits_per_pixel": float(diff.mean()), "stderr_bits_per_pixel": standard_error(diff),
+            "images": len(diff)}
 
 
 def same_images(first: dict, other: dict, run: Path) -> None:

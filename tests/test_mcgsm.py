@@ -142,9 +142,8 @@ features = 3
 
 
 def test_mcgsm_runs_through_the_cli_in_the_units_of_a_diffusion_run(cli, tmp_path, tiny_images):
-    np.savez(tmp_path / "images.npz", images=dead_leaves(48, size=8, seed=3)[:, 0])  # the tiny_images data
-    config = tmp_path / "mcgsm.toml"
-    config.write_text(MCGSM_TOML.format(name="mcgsm", source=tmp_path / "images.npz"))
+    config = tmp_path / "mcgsm.toml"  # on the data of the tiny_images config, which the fixture wrote beside it
+    config.write_text(MCGSM_TOML.format(name="mcgsm", source=tiny_images.parent / "images.npz"))
     assert cli("train", config, "--out", tmp_path / "m", "--quiet").rc == 0
     assert cli("train", tiny_images, "--out", tmp_path / "d", "--quiet").rc == 0
     m = cli("evaluate", tmp_path / "m", "--json", "--quiet").json()
