@@ -324,6 +324,7 @@ HOSTILE = {
     "lr_infinite": lambda s: (s.train("--set", "train.lr=inf"), ["train.lr"]),
     "grad_clip_nan": lambda s: (s.train("--set", "train.grad_clip=nan"), ["train.grad_clip"]),
     "hidden_zero": lambda s: (s.train("--set", "model.hidden=0"), ["model.hidden"]),
+    "fourier_infinite": lambda s: (s.train("--set", "model.fourier=inf"), ["model.fourier", "positive finite period"]),
     "beta_1_negative": lambda s: (s.train("--set", "diffusion.beta_1=-1e-3"), ["diffusion.beta_1"]),
     "stationary_p_above_1": lambda s: (s.train("--set", "diffusion.stationary_p=1.5"), ["diffusion.stationary_p"]),
     "eval_draws_zero": lambda s: (s.train("--set", "eval.n_draws=0"), ["eval.n_draws"]),

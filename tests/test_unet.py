@@ -13,6 +13,7 @@ from conftest import write_tiny_images
 from thermodiff.cli import main
 from thermodiff.nets.unet import UNET_PRESETS, AttentionBlock, UNet, UNetOptions, build_unet
 from thermodiff.nets.vector import timestep_embedding
+from thermodiff.run.experiment import load_run
 
 
 def randomise_readout(net: UNet) -> None:
@@ -73,11 +74,32 @@ def test_timestep_embedding():
     (dict(preset="small", channel_mults=(1, 2, 2, 2), size=12), "divisible by 2^(levels - 1)"),
     (dict(preset="small", base_channels=12), "divisible by groups"),
     (dict(preset="small", attention_resolutions=(8,), heads=3), "heads 3 must divide the width 32"),
+    (dict(preset="small", fourier_period=-0.1), "fourier_period must be 0, or > 0"),
+    (dict(preset="small", fourier_period=0.1, one_hot_states=4), "fourier_period must be 0, or > 0 for continuous"),
 ])
 def test_bad_options(kwargs, message):
     size = kwargs.pop("size", 16)
     with pytest.raises(ValueError, match=re.escape(message)):
         build_unet(kwargs.pop("preset"), 1, size, 2, 10, **kwargs)
+
+
+def test_fourier_features_are_sin_and_cos_of_x_at_one_and_two_periods():
+    """The stem's input against the features written out in float64: x_t, then per channel sin of
+    2 pi x / p and 2 pi x / 2p, then the cosines; unchanged when x_t moves by whole multiples of 2p,
+    and the stem widened to take them. The tolerance: float32 angles of up to ~800 rad carry
+    rounding errors of about 800 * 2^-24 = 5e-5."""
+    period = 0.05
+    net = build_unet("small", 2, 8, 1, 10, fourier_period=period)
+    assert net.stem.in_channels == 2 * 5 and not any("fourier" in k for k in net.state_dict())
+    x = torch.randn(3, 2, 8, 8, generator=torch.Generator().manual_seed(0)) * 3
+    x64 = x.double()
+    angles = [2 * torch.pi * x64[:, c] / (k * period) for c in range(2) for k in (1, 2)]
+    expected = torch.cat([x64, torch.stack([a.sin() for a in angles], 1), torch.stack([a.cos() for a in angles], 1)], 1)
+    torch.testing.assert_close(net.with_fourier_features(x).double(), expected, rtol=0, atol=1e-4)
+    shifted = net.with_fourier_features(x + 2 * period * torch.randint(-5, 6, x.shape))
+    torch.testing.assert_close(shifted[:, 2:], net.with_fourier_features(x)[:, 2:], rtol=0, atol=1e-4)
+    plain = build_unet("small", 2, 8, 1, 10)
+    assert plain.stem.in_channels == 2 and torch.equal(plain.with_fourier_features(x), x)
 
 
 def test_images_its_pooling_does_not_divide_are_refused():
@@ -98,7 +120,7 @@ def test_config_holds_every_option_and_rebuilds_the_network():
     net = build_unet("small", 1, 8, 2, 10, dropout=0.1)
     assert net.config == dict(channels=1, size=8, outputs_per_dim=2, T=10, one_hot_states=None, base_channels=16,
                               channel_mults=[1, 2], blocks_per_level=1, dropout=0.1, groups=8, attention_resolutions=[],
-                              heads=1)
+                              heads=1, fourier_period=0.0)
     assert UNET_PRESETS["cpu"] == UNetOptions()
     again = UNet(**net.config)
     again.load_state_dict(net.state_dict())
@@ -167,6 +189,33 @@ def test_unet_options_are_validated_through_the_cli(tiny_images, tmp_path, capsy
     assert main([str(a) for a in args]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown U-Net option" in err
+
+
+def test_fourier_period_auto_is_one_grey_level_of_the_data_and_rebuilds(tiny_images, tmp_path, capsys):
+    """model.fourier = "auto" on 8-bit images: two images one grey level apart are one period apart
+    in the model's units, the reason is recorded, and evaluation rebuilds the network with it. On
+    the conv net it resolves to 0, and a period set for the conv net is refused in one line."""
+    run = tmp_path / "run"
+    args = ["train", tiny_images, "--out", run, "--quiet", "--set", "model.network=unet", "--set", "model.fourier=auto",
+            "--set", "diffusion.parameterization=eps"]
+    assert main([str(a) for a in args]) == 0
+    loaded = load_run(run)
+    period = loaded.config.model.fourier
+    grey = np.full((1, 1, 8, 8), 100, np.uint8)
+    one_level = loaded.dataset.to_model(grey + 1, dequantize=False) - loaded.dataset.to_model(grey, dequantize=False)
+    torch.testing.assert_close(one_level, torch.full_like(one_level, period), rtol=1e-5, atol=0)
+    assert loaded.model.stem.in_channels == 5 and "grey level" in loaded.config.auto["model.fourier"]
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--quiet", "--json"]) == 0
+    assert np.isfinite(json.loads(capsys.readouterr().out)["K_bits"])
+
+    conv = tmp_path / "conv"
+    assert main([str(a) for a in ["train", tiny_images, "--out", conv, "--quiet", "--set", "model.fourier=auto"]]) == 0
+    assert load_run(conv).config.model.fourier == 0.0
+    assert main([str(a) for a in ["train", tiny_images, "--out", tmp_path / "bad", "--quiet",
+                                  "--set", "model.fourier=0.01"]]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "fourier = 0.01 is for network = 'unet'" in err
 
 
 def test_fully_convolutional_runs_inpaint_and_denoise_larger_images(unet_run, tiny_images, tmp_path, capsys):

@@ -12,7 +12,8 @@ sits at s = (t - 1) / (T - 1), as for the bump readout, so one network serves bo
 ``one_hot_states`` S (categorical diffusion) the images hold integer states 0..S-1, fed to the stem
 as one-hot codes, C S channels, as Hoogeboom et al. (2021) and D3PM feed theirs.
 
-Layout: a 3x3 stem, then per resolution ``blocks_per_level`` residual blocks (GroupNorm, SiLU,
+Layout: a 3x3 stem (over x_t and, with ``fourier_period`` p > 0, sin and cos of 2 pi x_t / p and of
+2 pi x_t / 2p per channel), then per resolution ``blocks_per_level`` residual blocks (GroupNorm, SiLU,
 3x3 convolution, the time embedding added per channel, again, dropout before the second
 convolution), 2x mean-pool down between levels (the stem, every block and every pooling keep
 their output as a skip); a middle pair of blocks; the mirror image up
@@ -29,6 +30,7 @@ Options: :class:`UNetOptions`; presets: :data:`UNET_PRESETS`, built with :func:`
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -91,6 +93,7 @@ class UNetOptions:
     groups: int = 8
     attention_resolutions: tuple[int, ...] = ()  # pixel sizes with self-attention after every block
     heads: int = 1  # attention heads
+    fourier_period: float = 0.0  # > 0: Fourier features of x_t at this period and twice it join the input
 
 
 class UNet(nn.Module):
@@ -118,7 +121,13 @@ class UNet(nn.Module):
         emb_dim = 4 * base_channels
         self.sinusoid_dim = base_channels
         self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.stem = nn.Conv2d(channels * (one_hot_states or 1), base_channels, 3, padding=1)
+        if o.fourier_period < 0 or (o.fourier_period > 0 and one_hot_states is not None):
+            raise ValueError(f"fourier_period must be 0, or > 0 for continuous images, got {o.fourier_period}")
+        # angular frequencies of the Fourier features: one cycle per period p and per 2p
+        frequencies = [2 * math.pi / (k * o.fourier_period) for k in (1, 2)] if o.fourier_period else []
+        self.register_buffer("fourier_frequencies", torch.tensor(frequencies), persistent=False)
+        inputs_per_channel = (one_hot_states or 1) + 2 * len(frequencies)
+        self.stem = nn.Conv2d(channels * inputs_per_channel, base_channels, 3, padding=1)
 
         def block(c_in: int, c_out: int) -> ResBlock:
             return ResBlock(c_in, c_out, emb_dim, groups, dropout)
@@ -173,6 +182,7 @@ class UNet(nn.Module):
         if self.one_hot_states is not None:  # integer states 0..S-1: (N, C, H, W) -> one-hot (N, C S, H, W)
             x_t = F.one_hot(x_t.round().long(), self.one_hot_states).movedim(-1, 2).flatten(1, 2)
             x_t = x_t.to(torch.get_default_dtype())
+        x_t = self.with_fourier_features(x_t)
         emb = self.time_mlp(timestep_embedding(continuous_time(t, self.T), self.sinusoid_dim).to(x_t.dtype))
         h = self.stem(x_t)
         skips = [h]
@@ -190,6 +200,16 @@ class UNet(nn.Module):
             if i < len(self.up_convs):
                 h = self.up_convs[i](F.interpolate(h, scale_factor=2, mode="nearest"))
         return self.out(h).unflatten(1, (self.outputs_per_dim, self.channels))
+
+    def with_fourier_features(self, x_t: Tensor) -> Tensor:
+        """``x_t`` and, per channel, sin and cos of each Fourier frequency times it (the Fourier
+        features of VDM, Kingma et al. 2021: 2^6 and 2^7 cycles per unit of its [-1, 1] data, a period
+        of two and of one grey level), so that at low noise the network sees where x_t lies within its grey level,
+        which the bound's smallest steps turn on and a stack of smooth convolutions resolves poorly."""
+        if not len(self.fourier_frequencies):
+            return x_t
+        angles = x_t.unsqueeze(2) * self.fourier_frequencies.to(x_t.dtype).view(-1, 1, 1)  # (N, C, F, H, W)
+        return torch.cat([x_t, angles.sin().flatten(1, 2), angles.cos().flatten(1, 2)], dim=1)
 
     def attend(self, key: str, h: Tensor) -> Tensor:
         """``h`` through the attention block that follows block ``key``, if it has one."""

@@ -285,6 +285,26 @@ def speed_choices(cfg: Config, device: torch.device) -> list[Choice]:
     return [Choice("train.channels_last", True, SPEED_EVIDENCE), Choice("train.compile", long_run, compile_reason)]
 
 
+#: VDM's Fourier features, 2^6 and 2^7 cycles per unit on its [-1, 1] scale of 8-bit images:
+#: periods of two grey levels and one
+FOURIER_EVIDENCE = ("the U-Net sees sin and cos of 2 pi x / p and 2 pi x / 2p (VDM's Fourier features, periods of one "
+                    "and two grey levels), so at low noise it sees where x lies within its grey level")
+
+
+def fourier_choice(cfg: Config, kind: str, grey_level: float | None) -> Choice:
+    """model.fourier: one grey level in model units (``grey_level``, None for data that are not
+    dequantised 8-bit images) for a U-Net on Gaussian or VDM diffusion, 0 (none) otherwise."""
+    if cfg.baseline.kind or cfg.model.network != "unet" or kind not in ("gaussian", "vdm") or grey_level is None:
+        return Choice("model.fourier", 0.0, "Fourier features are for a U-Net on Gaussian or VDM diffusion of "
+                      "dequantised 8-bit images")
+    return Choice("model.fourier", float(f"{grey_level:.6g}"), f"one grey level in model units: {FOURIER_EVIDENCE}")
+
+
+def resolve_network_input(cfg: Config, kind: str, grey_level: float | None) -> None:
+    """model.fourier, if "auto" (:func:`fourier_choice`)."""
+    _apply(cfg, [fourier_choice(cfg, kind, grey_level)])
+
+
 def resolve_for_device(cfg: Config, device: torch.device) -> None:
     """train.precision, train.compile and train.channels_last, if "auto" (:func:`precision_choice`,
     :func:`speed_choices`)."""

@@ -96,6 +96,9 @@ class ModelConfig:
     preset: str = "small"  # a key of convnet.PRESETS (conv) or unet.UNET_PRESETS (unet)
     conv: dict = field(default_factory=dict)  # overrides of the conv preset, e.g. {n_conv_layers = 6}
     unet: dict = field(default_factory=dict)  # overrides of the unet preset, e.g. {base_channels = 64}
+    # the U-Net's Fourier features of x_t, periods p and 2p in model units (0: none); auto: p = one
+    # grey level of dequantised 8-bit images (autoconfig.fourier_choice)
+    fourier: float | Auto = 0.0
     hidden: int | Auto = 16
     layers: int | Auto = 1
     activation: ActivationName = "tanh"
@@ -190,6 +193,7 @@ RANGES = {
     "model.hidden": _at_least(1),
     "model.layers": _at_least(1),
     "model.n_basis": _at_least(1),
+    "model.fourier": ((lambda v: 0 <= v < math.inf), "be 0 (none) or a positive finite period"),
     "model.bump_width": _POSITIVE,
     "train.steps": _at_least(0),
     "train.batch_size": _at_least(1),

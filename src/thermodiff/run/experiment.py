@@ -222,6 +222,7 @@ def prepare_dataset(cfg: Config, override: np.ndarray | None = None, scaling: da
     dataset = datasets.Dataset(train, test, scaling, binary, source, dequantize=image and kind not in DISCRETE_KINDS,
                                val=val, lattice=lattice)
     autoconfig.resolve(cfg, None if image else scaling.apply(train), kind, data_bins(dataset))
+    autoconfig.resolve_network_input(cfg, kind, data_bins(dataset).width if dataset.dequantize else None)
     return dataset, kind
 
 
@@ -237,6 +238,8 @@ def resolve_auto(cfg: Config, kind: str) -> None:
                               "categorical": CategoricalParameterization.X0}.get(kind, GaussianParameterization.REFERENCE).value
     if d.decoder == AUTO:  # categorical: the forward decoder is not the absorbing kernel's
         d.decoder = "learned" if kind == "categorical" else "forward"
+    if cfg.model.fourier == AUTO:
+        cfg.model.fourier = 0.0
 
 
 def data_bins(dataset: datasets.Dataset) -> Bins | None:
@@ -338,7 +341,9 @@ def build_model(cfg: Config, diffusion: nn.Module, event_shape: tuple[int, ...])
                 raise ValueError(f"images must be square, got {height} x {width}")
             if m.network == "unet":
                 return build_unet(m.preset, channels, height, diffusion.outputs_per_dim, diffusion.T,
-                                  diffusion.one_hot_states, **m.unet)
+                                  diffusion.one_hot_states, **({"fourier_period": m.fourier} | m.unet))
+            if m.fourier:
+                raise ValueError(f"fourier = {m.fourier} is for network = 'unet'; leave it at 0")
             if diffusion.one_hot_states is not None:
                 raise ValueError("categorical images need model.network = 'unet' (it takes one-hot states)")
             return build_conv_net(m.preset, channels, height, diffusion.outputs_per_dim, diffusion.T, **m.conv)
