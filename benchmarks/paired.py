@@ -6,10 +6,13 @@ log-likelihood, a VAE's ELBO stand in K's place).
 
     python benchmarks/paired.py RUN_A RUN_B [...] --name NAME [--max-examples 200]
                                 [--t-sampling importance|uniform] [--command RUN=COMMAND ...] [--notes TEXT]
+                                [--earlier NAME ...]
 
 Writes benchmarks/results/NAME.json: per run its evaluation (without the per-step terms), steps,
 training time on the run's clock, training curve and the paired difference from the first run
-(above 0: a higher bound, or likelihood, on the same images).
+(above 0: a higher bound, or likelihood, on the same images). With ``--earlier`` records of the same
+runs at smaller budgets, each run's difference by budget and the time at which it would catch up
+with the first run, extrapolated from the last two budgets and labelled as an extrapolation.
 """
 
 import argparse
@@ -23,7 +26,7 @@ import numpy as np
 import torch
 
 from budget import training_curve  # sibling modules: benchmarks/ is on sys.path when run
-from record import thermodiff_json, write_result
+from record import RESULTS, thermodiff_json, write_result
 from thermodiff.process.bound import standard_error
 from thermodiff.run.training import read_metrics
 
@@ -56,6 +59,28 @@ def same_images(first: dict, other: dict, run: Path) -> None:
             raise SystemExit(f"{run}: {key} differs from the first run's: not the same images or scaling")
 
 
+def by_budget(row: dict, earlier: list[str]) -> dict:
+    """The run's paired difference from the first run at its budget and at those of the ``earlier``
+    records (the same runs, trained less, scored the same way), and, from the last two budgets,
+    its rise per doubling of training time and the time at which it would reach 0 (the first run's
+    K) if it kept rising at that rate: an extrapolation, labelled as one (log-linear in time;
+    training curves bend over, so it is optimistic)."""
+    clock = f"train_{row['clock']}_s"
+    points = {row[clock] / 60: row["vs_first"]}
+    for name in earlier:
+        for old in json.loads((RESULTS / f"{name}.json").read_text())["rows"]:
+            if old["run"] == row["run"] and old.get(clock):
+                points[old[clock] / 60] = old["vs_first"]
+    budgets = sorted(points)
+    out = {"by_minutes": [{"minutes": m, "clock": row["clock"], **points[m]} for m in budgets]}
+    if len(budgets) >= 2:
+        (m1, m2), (d1, d2) = budgets[-2:], (points[m]["K_difference_bits_per_pixel"] for m in budgets[-2:])
+        rise = (d2 - d1) / math.log2(m2 / m1)
+        out["extrapolation"] = {"label": "extrapolation, not a measurement", "rise_per_doubling_bits_per_pixel": rise,
+                                "minutes_to_reach_first": m2 * 2 ** (-d2 / rise) if d2 < 0 < rise else None}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path)
@@ -65,6 +90,9 @@ def main() -> None:
     parser.add_argument("--command", action="append", default=[], metavar="RUN=COMMAND",
                         help="the command that trained a run, for the record")
     parser.add_argument("--notes", default="")
+    parser.add_argument("--earlier", action="append", default=[], metavar="NAME",
+                        help="a record of the same runs at a smaller budget (benchmarks/results/NAME.json): each run "
+                             "gets its difference by budget and the time extrapolated to reach the first run's K")
     args = parser.parse_args()
     if len(args.runs) < 2:
         raise SystemExit("paired.py needs two runs or more (the first is the reference)")
@@ -86,6 +114,8 @@ def main() -> None:
                      "clock": clock, f"train_{clock}_s": read_metrics(run)[-1]["elapsed_s"],
                      "evaluation": evaluation, "vs_first": paired(k, reference, pixels),
                      "curve": training_curve(run, pixels)[::10]})
+        if args.earlier and len(rows) > 1:
+            rows[-1]["by_budget"] = by_budget(rows[-1], args.earlier)
     out = write_result(args.name, {"benchmark_command": "python benchmarks/paired.py " + shlex.join(sys.argv[1:]),
                                    "notes": args.notes, "rows": rows})
     for r in rows:

@@ -1,0 +1,40 @@
+"""benchmarks/paired.py's catch-up extrapolation: the run's paired difference by budget, read from
+the earlier records of the same run, and the time at which the log-linear line through the last
+two budgets reaches 0."""
+
+import json
+import math
+
+from conftest import load_benchmark
+
+
+def row(run: str, minutes: float, difference: float) -> dict:
+    return {"run": run, "clock": "cpu", "train_cpu_s": 60 * minutes,
+            "vs_first": {"K_difference_bits_per_pixel": difference, "stderr_bits_per_pixel": 0.01, "images": 200}}
+
+
+def extrapolate(tmp_path, monkeypatch, earlier: list[tuple[float, float]], now: tuple[float, float]) -> dict:
+    paired = load_benchmark("paired")
+    monkeypatch.setattr(paired, "RESULTS", tmp_path)
+    names = []
+    for i, (minutes, difference) in enumerate(earlier):
+        names.append(f"earlier{i}")
+        rows = [row("runs/other", minutes, 0.0), row("runs/a", minutes, difference), row("runs/b", minutes, 5.0)]
+        (tmp_path / f"{names[-1]}.json").write_text(json.dumps({"rows": rows}))
+    return paired.by_budget(row("runs/a", *now), names)
+
+
+def test_the_line_through_the_last_two_budgets_reaches_zero_at_the_extrapolated_time(tmp_path, monkeypatch):
+    out = extrapolate(tmp_path, monkeypatch, [(30, -2.5), (60, -1.6)], (120, -1.0))
+    assert [p["minutes"] for p in out["by_minutes"]] == [30, 60, 120]
+    assert [p["K_difference_bits_per_pixel"] for p in out["by_minutes"]] == [-2.5, -1.6, -1.0]
+    e = out["extrapolation"]
+    assert e["label"] == "extrapolation, not a measurement"
+    line = lambda m: -1.0 + e["rise_per_doubling_bits_per_pixel"] * math.log2(m / 120)  # noqa: E731
+    assert math.isclose(line(60), -1.6) and abs(line(e["minutes_to_reach_first"])) < 1e-12
+
+
+def test_no_catch_up_time_for_a_run_ahead_or_falling_behind(tmp_path, monkeypatch):
+    assert extrapolate(tmp_path, monkeypatch, [(60, -0.2)], (120, 0.3))["extrapolation"]["minutes_to_reach_first"] is None
+    assert extrapolate(tmp_path, monkeypatch, [(60, -0.5)], (120, -0.9))["extrapolation"]["minutes_to_reach_first"] is None
+    assert "extrapolation" not in extrapolate(tmp_path, monkeypatch, [], (120, -0.9))
