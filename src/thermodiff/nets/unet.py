@@ -203,9 +203,10 @@ class UNet(nn.Module):
 
     def with_fourier_features(self, x_t: Tensor) -> Tensor:
         """``x_t`` and, per channel, sin and cos of each Fourier frequency times it (the Fourier
-        features of VDM, Kingma et al. 2021: 2^6 and 2^7 cycles per unit of its [-1, 1] data, a period
-        of two and of one grey level), so that at low noise the network sees where x_t lies within its grey level,
-        which the bound's smallest steps turn on and a stack of smooth convolutions resolves poorly."""
+        features of VDM, Kingma et al. 2021: 2^6 and 2^7 cycles per unit of its [-1, 1] data, a
+        period of two and of one grey level), so that at low noise the network sees where x_t lies
+        within its grey level, which the bound's smallest steps turn on and a stack of smooth
+        convolutions resolves poorly."""
         if not len(self.fourier_frequencies):
             return x_t
         angles = x_t.unsqueeze(2) * self.fourier_frequencies.to(x_t.dtype).view(-1, 1, 1)  # (N, C, F, H, W)

@@ -285,10 +285,11 @@ def speed_choices(cfg: Config, device: torch.device) -> list[Choice]:
     return [Choice("train.channels_last", True, SPEED_EVIDENCE), Choice("train.compile", long_run, compile_reason)]
 
 
-#: VDM's Fourier features, 2^6 and 2^7 cycles per unit on its [-1, 1] scale of 8-bit images:
-#: periods of two grey levels and one
-FOURIER_EVIDENCE = ("the U-Net sees sin and cos of 2 pi x / p and 2 pi x / 2p (VDM's Fourier features, periods of one "
-                    "and two grey levels), so at low noise it sees where x lies within its grey level")
+#: why model.fourier = "auto" gives a U-Net on 8-bit images VDM's Fourier features (2^6 and 2^7
+#: cycles per unit on its [-1, 1] scale: periods of two grey levels and one), and what they bought here
+FOURIER_REASON = ("the U-Net sees sin and cos of 2 pi x / p and 2 pi x / 2p (VDM's Fourier features), so at low "
+                  "noise it sees where x lies within its grey level; at 60 CPU minutes on dead leaves they bought "
+                  "nothing (benchmarks/results/dead_leaves_mcgsm_vs_unet_fourier_60cpumin.json), so the default is 0")
 
 
 def fourier_choice(cfg: Config, kind: str, grey_level: float | None) -> Choice:
@@ -297,7 +298,7 @@ def fourier_choice(cfg: Config, kind: str, grey_level: float | None) -> Choice:
     if cfg.baseline.kind or cfg.model.network != "unet" or kind not in ("gaussian", "vdm") or grey_level is None:
         return Choice("model.fourier", 0.0, "Fourier features are for a U-Net on Gaussian or VDM diffusion of "
                       "dequantised 8-bit images")
-    return Choice("model.fourier", float(f"{grey_level:.6g}"), f"one grey level in model units: {FOURIER_EVIDENCE}")
+    return Choice("model.fourier", float(grey_level), f"one grey level in model units: {FOURIER_REASON}")
 
 
 def resolve_network_input(cfg: Config, kind: str, grey_level: float | None) -> None:
