@@ -221,8 +221,9 @@ def prepare_dataset(cfg: Config, override: np.ndarray | None = None, scaling: da
             raise UserError(f"{source}: {e}") from None
     dataset = datasets.Dataset(train, test, scaling, binary, source, dequantize=image and kind not in DISCRETE_KINDS,
                                val=val, lattice=lattice)
-    autoconfig.resolve(cfg, None if image else scaling.apply(train), kind, data_bins(dataset))
-    autoconfig.resolve_network_input(cfg, kind, data_bins(dataset).width if dataset.dequantize else None)
+    bins = data_bins(dataset)
+    autoconfig.resolve(cfg, None if image else scaling.apply(train), kind, bins)
+    autoconfig.resolve_network_input(cfg, kind, bins.width if dataset.dequantize else None)
     return dataset, kind
 
 
