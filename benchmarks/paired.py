@@ -10,7 +10,8 @@ log-likelihood, a VAE's ELBO stand in K's place).
 
 Writes benchmarks/results/NAME.json: per run its evaluation (without the per-step terms), steps,
 training time on the run's clock, training curve and the paired difference from the first run
-(above 0: a higher bound, or likelihood, on the same images). With ``--earlier`` records of the same
+(above 0: a higher bound, or likelihood, on the same images), and how much its training estimate
+still rose over the last quarter of its training time. With ``--earlier`` records of the same
 runs at smaller budgets, each run's difference by budget and the time at which it would catch up
 with the first run, extrapolated from the last two budgets and labelled as an extrapolation.
 """
@@ -46,6 +47,27 @@ def paired(k: np.ndarray, reference: np.ndarray, pixels: int) -> dict:
     diff = torch.from_numpy((k - reference) / pixels)
     return {"K_difference_bits_per_pixel": float(diff.mean()), "stderr_bits_per_pixel": standard_error(diff),
             "images": len(diff)}
+
+
+def late_rise(metrics: list[dict], pixels: int) -> dict:
+    """Whether training was still paying at the end of the run's budget: the mean training estimate
+    of K per pixel (the log's windows) over the last quarter of its training time against the
+    quarter before, with the standard error of the difference (windows taken as independent). A
+    reference stopped where this is about 0 had levelled off, so a later, longer-trained run that
+    passes it is not passing a model merely stopped early."""
+    records = [r for r in metrics if "K_bits_window" in r]
+    end = records[-1]["elapsed_s"]
+    quarters = [torch.tensor([r["K_bits_window"] / pixels for r in records
+                              if lo * end < r["elapsed_s"] <= hi * end], dtype=torch.float64)
+                for lo, hi in ((0.5, 0.75), (0.75, 1.0))]
+    if min(len(q) for q in quarters) < 2:
+        return {}
+    rise = float(quarters[1].mean() - quarters[0].mean())
+    stderr = math.hypot(standard_error(quarters[0]), standard_error(quarters[1]))
+    return {"third_quarter_K_bits_per_pixel": float(quarters[0].mean()),
+            "last_quarter_K_bits_per_pixel": float(quarters[1].mean()),
+            "rise_bits_per_pixel": rise, "stderr_bits_per_pixel": stderr,
+            "windows": [len(q) for q in quarters], "minutes": end / 60}
 
 
 def same_images(first: dict, other: dict, run: Path) -> None:
@@ -113,7 +135,7 @@ def main() -> None:
                      "evaluate_command": shlex.join(["thermodiff", *argv]), "steps": evaluation["train_steps"],
                      "clock": clock, f"train_{clock}_s": read_metrics(run)[-1]["elapsed_s"],
                      "evaluation": evaluation, "vs_first": paired(k, reference, pixels),
-                     "curve": training_curve(run, pixels)[::10]})
+                     "curve": training_curve(run, pixels)[::10], "late_rise": late_rise(read_metrics(run), pixels)})
         if args.earlier and len(rows) > 1:
             rows[-1]["by_budget"] = by_budget(rows[-1], args.earlier)
     out = write_result(args.name, {"benchmark_command": "python benchmarks/paired.py " + shlex.join(sys.argv[1:]),

@@ -5,6 +5,8 @@ two budgets reaches 0."""
 import json
 import math
 
+import torch
+
 from conftest import load_benchmark
 
 
@@ -38,3 +40,32 @@ def test_no_catch_up_time_for_a_run_ahead_or_falling_behind(tmp_path, monkeypatc
     assert extrapolate(tmp_path, monkeypatch, [(60, -0.2)], (120, 0.3))["extrapolation"]["minutes_to_reach_first"] is None
     assert extrapolate(tmp_path, monkeypatch, [(60, -0.5)], (120, -0.9))["extrapolation"]["minutes_to_reach_first"] is None
     assert "extrapolation" not in extrapolate(tmp_path, monkeypatch, [], (120, -0.9))
+
+
+def windows(k_at, minutes: float = 60, every_s: float = 30) -> list[dict]:
+    """A log of training windows every ``every_s`` seconds whose K (bits per image) is ``k_at(t)``."""
+    times = [every_s * (i + 1) for i in range(int(60 * minutes / every_s))]
+    return [{"step": i, "elapsed_s": t, "K_bits_window": k_at(t)} for i, t in enumerate(times)]
+
+
+def test_late_rise_measures_a_linear_climb_between_the_last_two_quarters():
+    paired = load_benchmark("paired")
+    pixels, per_s = 1024, 0.5  # K rises 0.5 bits per image per second
+    out = paired.late_rise(windows(lambda t: per_s * t), pixels)
+    # Quarter means of a line sit at the quarters' midpoints, a quarter of the run (900 s) apart.
+    assert math.isclose(out["rise_bits_per_pixel"], per_s * 900 / pixels, rel_tol=1e-9)
+    assert out["windows"] == [30, 30] and out["minutes"] == 60
+
+
+def test_late_rise_of_a_level_run_is_zero_within_its_standard_error():
+    paired = load_benchmark("paired")
+    noise = torch.Generator().manual_seed(0)
+    draws = iter(torch.randn(120, generator=noise, dtype=torch.float64).tolist())
+    out = paired.late_rise(windows(lambda t: 3000 + 40 * next(draws)), 1024)
+    assert abs(out["rise_bits_per_pixel"]) < 3 * out["stderr_bits_per_pixel"]
+    expected = 40 / 1024 * math.sqrt(2 / 30)  # two means of 30 windows with sd 40 bits per image
+    assert 0.5 * expected < out["stderr_bits_per_pixel"] < 2 * expected
+
+
+def test_late_rise_needs_two_windows_in_each_quarter():
+    assert load_benchmark("paired").late_rise(windows(lambda t: 1.0, minutes=2), 1024) == {}
