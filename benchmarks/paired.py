@@ -13,7 +13,8 @@ training time on the run's clock, training curve and the paired difference from 
 (above 0: a higher bound, or likelihood, on the same images), and how much its training estimate
 still rose over the last quarter of its training time. With ``--earlier`` records of the same
 runs at smaller budgets, each run's difference by budget and the time at which it would catch up
-with the first run, extrapolated from the last two budgets and labelled as an extrapolation.
+with the first run, extrapolated from the last two budgets (if the first run was not trained
+further between them) and labelled as an extrapolation.
 """
 
 import argparse
@@ -81,22 +82,26 @@ def same_images(first: dict, other: dict, run: Path) -> None:
             raise SystemExit(f"{run}: {key} differs from the first run's: not the same images or scaling")
 
 
-def by_budget(row: dict, earlier: list[str]) -> dict:
+def by_budget(row: dict, first: dict, earlier: list[str]) -> dict:
     """The run's paired difference from the first run at its budget and at those of the ``earlier``
-    records (the same runs, trained less, scored the same way), and, from the last two budgets,
-    its rise per doubling of training time and the time at which it would reach 0 (the first run's
-    K) if it kept rising at that rate: an extrapolation, labelled as one (log-linear in time;
-    training curves bend over, so it is optimistic)."""
+    records (the same runs, trained less, scored the same way), each with the first run's budget,
+    and, from the last two budgets if the first run had the same budget at both, its rise per
+    doubling of training time and the time at which it would reach 0 (the first run's K) if it
+    kept rising at that rate: an extrapolation, labelled as one (log-linear in time; training
+    curves bend over, so it is optimistic)."""
     clock = f"train_{row['clock']}_s"
-    points = {row[clock] / 60: row["vs_first"]}
+    points = {row[clock] / 60: {**row["vs_first"], "first_minutes": first[f"train_{first['clock']}_s"] / 60}}
     for name in earlier:
-        for old in json.loads((RESULTS / f"{name}.json").read_text())["rows"]:
+        rows = json.loads((RESULTS / f"{name}.json").read_text())["rows"]
+        for old in rows:
             if old["run"] == row["run"] and old.get(clock):
-                points[old[clock] / 60] = old["vs_first"]
+                points[old[clock] / 60] = {**old["vs_first"],
+                                           "first_minutes": rows[0][f"train_{rows[0]['clock']}_s"] / 60}
     budgets = sorted(points)
     out = {"by_minutes": [{"minutes": m, "clock": row["clock"], **points[m]} for m in budgets]}
-    if len(budgets) >= 2:
-        (m1, m2), (d1, d2) = budgets[-2:], (points[m]["K_difference_bits_per_pixel"] for m in budgets[-2:])
+    last_two = [points[m] for m in budgets[-2:]]
+    if len(budgets) >= 2 and math.isclose(last_two[0]["first_minutes"], last_two[1]["first_minutes"], rel_tol=1e-6):
+        (m1, m2), (d1, d2) = budgets[-2:], (p["K_difference_bits_per_pixel"] for p in last_two)
         rise = (d2 - d1) / math.log2(m2 / m1)
         out["extrapolation"] = {"label": "extrapolation, not a measurement", "rise_per_doubling_bits_per_pixel": rise,
                                 "minutes_to_reach_first": m2 * 2 ** (-d2 / rise) if d2 < 0 < rise else None}
@@ -137,7 +142,7 @@ def main() -> None:
                      "evaluation": evaluation, "vs_first": paired(k, reference, pixels),
                      "curve": training_curve(run, pixels)[::10], "late_rise": late_rise(read_metrics(run), pixels)})
         if args.earlier and len(rows) > 1:
-            rows[-1]["by_budget"] = by_budget(rows[-1], args.earlier)
+            rows[-1]["by_budget"] = by_budget(rows[-1], rows[0], args.earlier)
     out = write_result(args.name, {"benchmark_command": "python benchmarks/paired.py " + shlex.join(sys.argv[1:]),
                                    "notes": args.notes, "rows": rows})
     for r in rows:

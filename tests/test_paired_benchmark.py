@@ -15,15 +15,19 @@ def row(run: str, minutes: float, difference: float) -> dict:
             "vs_first": {"K_difference_bits_per_pixel": difference, "stderr_bits_per_pixel": 0.01, "images": 200}}
 
 
-def extrapolate(tmp_path, monkeypatch, earlier: list[tuple[float, float]], now: tuple[float, float]) -> dict:
+def extrapolate(tmp_path, monkeypatch, earlier: list[tuple[float, float]], now: tuple[float, float],
+                first_minutes: list[float] | None = None) -> dict:
+    """by_budget for runs/a at ``now`` (minutes, difference) after ``earlier`` records of it; the
+    first run trained for ``first_minutes`` in each record, the last for ``now`` (60 throughout by default)."""
     paired = load_benchmark("paired")
     monkeypatch.setattr(paired, "RESULTS", tmp_path)
+    first_minutes = first_minutes or [60.0] * (len(earlier) + 1)
     names = []
-    for i, (minutes, difference) in enumerate(earlier):
+    for i, ((minutes, difference), first) in enumerate(zip(earlier, first_minutes)):
         names.append(f"earlier{i}")
-        rows = [row("runs/other", minutes, 0.0), row("runs/a", minutes, difference), row("runs/b", minutes, 5.0)]
+        rows = [row("runs/first", first, 0.0), row("runs/a", minutes, difference), row("runs/b", minutes, 5.0)]
         (tmp_path / f"{names[-1]}.json").write_text(json.dumps({"rows": rows}))
-    return paired.by_budget(row("runs/a", *now), names)
+    return paired.by_budget(row("runs/a", *now), row("runs/first", first_minutes[-1], 0.0), names)
 
 
 def test_the_line_through_the_last_two_budgets_reaches_zero_at_the_extrapolated_time(tmp_path, monkeypatch):
@@ -40,6 +44,13 @@ def test_no_catch_up_time_for_a_run_ahead_or_falling_behind(tmp_path, monkeypatc
     assert extrapolate(tmp_path, monkeypatch, [(60, -0.2)], (120, 0.3))["extrapolation"]["minutes_to_reach_first"] is None
     assert extrapolate(tmp_path, monkeypatch, [(60, -0.5)], (120, -0.9))["extrapolation"]["minutes_to_reach_first"] is None
     assert "extrapolation" not in extrapolate(tmp_path, monkeypatch, [], (120, -0.9))
+
+
+def test_no_extrapolation_across_budgets_of_the_first_run(tmp_path, monkeypatch):
+    """A gap to a first run trained longer in the latest record is not on the same line as the earlier gaps."""
+    out = extrapolate(tmp_path, monkeypatch, [(60, -1.6), (120, -1.0)], (240, -0.8), first_minutes=[60, 60, 120])
+    assert [p["first_minutes"] for p in out["by_minutes"]] == [60, 60, 120]
+    assert "extrapolation" not in out
 
 
 def windows(k_at, minutes: float = 60, every_s: float = 30) -> list[dict]:
