@@ -82,6 +82,11 @@ def same_images(first: dict, other: dict, run: Path) -> None:
             raise SystemExit(f"{run}: {key} differs from the first run's: not the same images or scaling")
 
 
+def minutes(row: dict) -> float:
+    """A record row's training time in minutes, on its run's clock."""
+    return row[f"train_{row['clock']}_s"] / 60
+
+
 def by_budget(row: dict, first: dict, earlier: list[str]) -> dict:
     """The run's paired difference from the first run at its budget and at those of the ``earlier``
     records (the same runs, trained less, scored the same way), each with the first run's budget,
@@ -89,14 +94,12 @@ def by_budget(row: dict, first: dict, earlier: list[str]) -> dict:
     doubling of training time and the time at which it would reach 0 (the first run's K) if it
     kept rising at that rate: an extrapolation, labelled as one (log-linear in time; training
     curves bend over, so it is optimistic)."""
-    clock = f"train_{row['clock']}_s"
-    points = {row[clock] / 60: {**row["vs_first"], "first_minutes": first[f"train_{first['clock']}_s"] / 60}}
+    points = {minutes(row): {**row["vs_first"], "first_minutes": minutes(first)}}
     for name in earlier:
         rows = json.loads((RESULTS / f"{name}.json").read_text())["rows"]
         for old in rows:
-            if old["run"] == row["run"] and old.get(clock):
-                points[old[clock] / 60] = {**old["vs_first"],
-                                           "first_minutes": rows[0][f"train_{rows[0]['clock']}_s"] / 60}
+            if old["run"] == row["run"] and old.get(f"train_{row['clock']}_s"):
+                points[minutes(old)] = {**old["vs_first"], "first_minutes": minutes(rows[0])}
     budgets = sorted(points)
     out = {"by_minutes": [{"minutes": m, "clock": row["clock"], **points[m]} for m in budgets]}
     last_two = [points[m] for m in budgets[-2:]]
@@ -136,11 +139,12 @@ def main() -> None:
             reference, first = k, evaluation
         same_images(first, evaluation, run)
         clock = json.loads((run / "config.json").read_text())["train"].get("clock", "wall")
+        metrics = read_metrics(run)
         rows.append({"run": str(run), "train_command": commands.get(str(run)),
                      "evaluate_command": shlex.join(["thermodiff", *argv]), "steps": evaluation["train_steps"],
-                     "clock": clock, f"train_{clock}_s": read_metrics(run)[-1]["elapsed_s"],
+                     "clock": clock, f"train_{clock}_s": metrics[-1]["elapsed_s"],
                      "evaluation": evaluation, "vs_first": paired(k, reference, pixels),
-                     "curve": training_curve(run, pixels)[::10], "late_rise": late_rise(read_metrics(run), pixels)})
+                     "curve": training_curve(run, pixels)[::10], "late_rise": late_rise(metrics, pixels)})
         if args.earlier and len(rows) > 1:
             rows[-1]["by_budget"] = by_budget(rows[-1], rows[0], args.earlier)
     out = write_result(args.name, {"benchmark_command": "python benchmarks/paired.py " + shlex.join(sys.argv[1:]),

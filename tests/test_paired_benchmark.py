@@ -1,6 +1,6 @@
-"""benchmarks/paired.py's catch-up extrapolation: the run's paired difference by budget, read from
+"""benchmarks/paired.py's catch-up extrapolation (the run's paired difference by budget, read from
 the earlier records of the same run, and the time at which the log-linear line through the last
-two budgets reaches 0."""
+two budgets reaches 0) and its late rise (how much a run's training estimate still rose at the end)."""
 
 import json
 import math
