@@ -14,7 +14,8 @@ training time on the run's clock, training curve and the paired difference from 
 still rose over the last quarter of its training time. With ``--earlier`` records of the same
 runs at smaller budgets, each run's difference by budget and the time at which it would catch up
 with the first run, extrapolated from the last two budgets (if the first run was not trained
-further between them) and labelled as an extrapolation.
+further between them) and labelled as an extrapolation. Draws benchmarks/results/NAME_curves.png:
+the runs' training curves and test K by budget, and their differences from the first by budget.
 """
 
 import argparse
@@ -31,6 +32,9 @@ from budget import training_curve  # sibling modules: benchmarks/ is on sys.path
 from record import RESULTS, thermodiff_json, write_result
 from thermodiff.process.bound import standard_error
 from thermodiff.run.training import read_metrics
+from thermodiff.tasks.plotting import save_figure  # selects matplotlib's Agg backend before pyplot loads
+
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 
 def evaluate(run: Path, max_examples: int, t_sampling: str) -> tuple[dict, np.ndarray, list[str]]:
@@ -87,6 +91,16 @@ def minutes(row: dict) -> float:
     return row[f"train_{row['clock']}_s"] / 60
 
 
+def earlier_rows(row: dict, earlier: list[str]) -> list[tuple[dict, dict]]:
+    """The run's rows in the ``earlier`` records (the same run scored the same way at other budgets,
+    on the same clock), each with that record's first row."""
+    pairs = []
+    for name in earlier:
+        rows = json.loads((RESULTS / f"{name}.json").read_text())["rows"]
+        pairs += [(old, rows[0]) for old in rows if old["run"] == row["run"] and old.get(f"train_{row['clock']}_s")]
+    return pairs
+
+
 def by_budget(row: dict, first: dict, earlier: list[str]) -> dict:
     """The run's paired difference from the first run at its budget and at those of the ``earlier``
     records (the same runs, trained less, scored the same way), each with the first run's budget,
@@ -94,12 +108,9 @@ def by_budget(row: dict, first: dict, earlier: list[str]) -> dict:
     doubling of training time and the time at which it would reach 0 (the first run's K) if it
     kept rising at that rate: an extrapolation, labelled as one (log-linear in time; training
     curves bend over, so it is optimistic)."""
-    points = {minutes(row): {**row["vs_first"], "first_minutes": minutes(first)}}
-    for name in earlier:
-        rows = json.loads((RESULTS / f"{name}.json").read_text())["rows"]
-        for old in rows:
-            if old["run"] == row["run"] and old.get(f"train_{row['clock']}_s"):
-                points[minutes(old)] = {**old["vs_first"], "first_minutes": minutes(rows[0])}
+    points = {minutes(old): {**old["vs_first"], "first_minutes": minutes(old_first)}
+              for old, old_first in earlier_rows(row, earlier)}
+    points[minutes(row)] = {**row["vs_first"], "first_minutes": minutes(first)}
     budgets = sorted(points)
     out = {"by_minutes": [{"minutes": m, "clock": row["clock"], **points[m]} for m in budgets]}
     last_two = [points[m] for m in budgets[-2:]]
@@ -109,6 +120,64 @@ def by_budget(row: dict, first: dict, earlier: list[str]) -> dict:
         out["extrapolation"] = {"label": "extrapolation, not a measurement", "rise_per_doubling_bits_per_pixel": rise,
                                 "minutes_to_reach_first": m2 * 2 ** (-d2 / rise) if d2 < 0 < rise else None}
     return out
+
+
+def held_out_k_by_budget(row: dict, earlier: list[str]) -> list[tuple[float, float, float]]:
+    """(minutes, K, standard error) in bits/pixel of the run on the test images at its budget and at
+    those of the ``earlier`` records, by budget."""
+    points = {minutes(old): old["evaluation"] for old, _ in earlier_rows(row, earlier)}
+    points[minutes(row)] = row["evaluation"]
+    return [(m, points[m]["K_bits_per_pixel"], points[m]["stderr_bits_per_pixel"]) for m in sorted(points)]
+
+
+def k_panel(ax, rows: list[dict], earlier: list[str]) -> None:
+    """Each run's training estimate of K against its training time (the record's curve) and its
+    test K at each budget (this record and the earlier ones, +- 1 standard error)."""
+    lowest, earliest = math.inf, math.inf
+    for i, row in enumerate(rows):
+        curve = row["curve"]
+        ax.plot([c["elapsed_s"] / 60 for c in curve], [c["K_bits_per_pixel_running"] for c in curve],
+                color=f"C{i}", alpha=0.4, label=f"{row['run']}: training estimate (running mean)")
+        m, k, se = zip(*held_out_k_by_budget(row, earlier))
+        ax.errorbar(m, k, se, fmt="o", color=f"C{i}", capsize=3, label=f"{row['run']}: test K")
+        lowest, earliest = min(lowest, *k), min(earliest, *m)
+    ax.set(xscale="log", xlabel=f"training time ({rows[0]['clock']} minutes)", ylabel="K (bits/pixel)",
+           title="bound (or log-likelihood) per pixel",  # around the test points, not the first steps
+           xlim=(earliest / 4, None), ylim=(lowest - 0.5, None))
+    ax.legend(fontsize=7)
+
+
+def gap_panel(ax, rows: list[dict]) -> None:
+    """Each later run's paired difference from the first by budget, a line per budget of the first
+    run (gaps to a reference trained further are not on one line), and the catch-up line where one
+    was extrapolated (dashed)."""
+    for i, row in enumerate(rows[1:], start=1):
+        points = row["by_budget"]["by_minutes"]
+        for marker, first_minutes in zip("osD^v<>", sorted({p["first_minutes"] for p in points})):
+            same = [p for p in points if p["first_minutes"] == first_minutes]
+            ax.errorbar([p["minutes"] for p in same], [p["K_difference_bits_per_pixel"] for p in same],
+                        [p["stderr_bits_per_pixel"] for p in same], fmt=f"{marker}-", color=f"C{i}", capsize=3,
+                        label=f"{row['run']} - {rows[0]['run']} at {first_minutes:.0f} minutes")
+        line = row["by_budget"].get("extrapolation", {})
+        if line.get("minutes_to_reach_first"):
+            ax.plot([points[-1]["minutes"], line["minutes_to_reach_first"]], [points[-1]["K_difference_bits_per_pixel"], 0.0],
+                    ls="--", color=f"C{i}", label="extrapolation, not a measurement")
+    ax.axhline(0.0, color="k", lw=0.8)
+    ax.set(xscale="log", xlabel=f"training time ({rows[0]['clock']} minutes)", ylabel="paired difference (bits/pixel)",
+           title=f"difference from {rows[0]['run']}, same test images")
+    ax.legend(fontsize=7)
+
+
+def curves_figure(rows: list[dict], earlier: list[str], path: Path) -> Path:
+    """The record as a figure: K by training time (left) and, with earlier records, the paired
+    differences by budget (right)."""
+    with_budgets = len(rows) > 1 and "by_budget" in rows[1]
+    fig, axes = plt.subplots(1, 1 + with_budgets, figsize=(6 + 6 * with_budgets, 4.5), squeeze=False)
+    k_panel(axes[0, 0], rows, earlier)
+    if with_budgets:
+        gap_panel(axes[0, 1], rows)
+    fig.tight_layout()
+    return save_figure(fig, path)
 
 
 def main() -> None:
@@ -149,11 +218,12 @@ def main() -> None:
             rows[-1]["by_budget"] = by_budget(rows[-1], rows[0], args.earlier)
     out = write_result(args.name, {"benchmark_command": "python benchmarks/paired.py " + shlex.join(sys.argv[1:]),
                                    "notes": args.notes, "rows": rows})
+    figure = curves_figure(rows, args.earlier, RESULTS / f"{args.name}_curves.png")
     for r in rows:
         e, d = r["evaluation"], r["vs_first"]
         print(f"{r['run']}: K {e['K_bits_per_pixel']:.3f} +- {e['stderr_bits_per_pixel']:.3f} bits/pixel, "
               f"paired difference from the first {d['K_difference_bits_per_pixel']:+.3f} +- {d['stderr_bits_per_pixel']:.3f}")
-    print(f"-> {out}")
+    print(f"-> {out}, {figure}")
 
 
 if __name__ == "__main__":
