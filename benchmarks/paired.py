@@ -35,6 +35,7 @@ from thermodiff.run.training import read_metrics
 from thermodiff.tasks.plotting import save_figure  # selects matplotlib's Agg backend before pyplot loads
 
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+from matplotlib.ticker import ScalarFormatter  # noqa: E402
 
 
 def evaluate(run: Path, max_examples: int, t_sampling: str) -> tuple[dict, np.ndarray, list[str]]:
@@ -130,6 +131,13 @@ def held_out_k_by_budget(row: dict, earlier: list[str]) -> list[tuple[float, flo
     return [(m, points[m]["K_bits_per_pixel"], points[m]["stderr_bits_per_pixel"]) for m in sorted(points)]
 
 
+def doublings_axis(ax, clock: str) -> None:
+    """Training time on a log axis with a tick per doubling (the unit of the catch-up line)."""
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.set_xlabel(f"training time ({clock} minutes)")
+
+
 def k_panel(ax, rows: list[dict], earlier: list[str]) -> None:
     """Each run's training estimate of K against its training time (the record's curve) and its
     test K at each budget (this record and the earlier ones, +- 1 standard error)."""
@@ -141,7 +149,8 @@ def k_panel(ax, rows: list[dict], earlier: list[str]) -> None:
         m, k, se = zip(*held_out_k_by_budget(row, earlier))
         ax.errorbar(m, k, se, fmt="o", color=f"C{i}", capsize=3, label=f"{row['run']}: test K")
         lowest, earliest = min(lowest, *k), min(earliest, *m)
-    ax.set(xscale="log", xlabel=f"training time ({rows[0]['clock']} minutes)", ylabel="K (bits/pixel)",
+    doublings_axis(ax, rows[0]["clock"])
+    ax.set(ylabel="K (bits/pixel)",
            title="bound (or log-likelihood) per pixel",  # around the test points, not the first steps
            xlim=(earliest / 4, None), ylim=(lowest - 0.5, None))
     ax.legend(fontsize=7)
@@ -163,7 +172,8 @@ def gap_panel(ax, rows: list[dict]) -> None:
             ax.plot([points[-1]["minutes"], line["minutes_to_reach_first"]], [points[-1]["K_difference_bits_per_pixel"], 0.0],
                     ls="--", color=f"C{i}", label="extrapolation, not a measurement")
     ax.axhline(0.0, color="k", lw=0.8)
-    ax.set(xscale="log", xlabel=f"training time ({rows[0]['clock']} minutes)", ylabel="paired difference (bits/pixel)",
+    doublings_axis(ax, rows[0]["clock"])
+    ax.set(ylabel="paired difference (bits/pixel)",
            title=f"difference from {rows[0]['run']}, same test images")
     ax.legend(fontsize=7)
 
