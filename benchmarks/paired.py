@@ -217,11 +217,10 @@ def main() -> None:
         if reference is None:
             reference, first = k, evaluation
         same_images(first, evaluation, run)
-        clock = json.loads((run / "config.json").read_text())["train"].get("clock", "wall")
-        metrics = read_metrics(run)
+        clock, metrics = evaluation["train_clock"], read_metrics(run)
         rows.append({"run": str(run), "train_command": commands.get(str(run)),
                      "evaluate_command": shlex.join(["thermodiff", *argv]), "steps": evaluation["train_steps"],
-                     "clock": clock, f"train_{clock}_s": metrics[-1]["elapsed_s"],
+                     "clock": clock, f"train_{clock}_s": evaluation["train_s"],  # the scored checkpoint's
                      "evaluation": evaluation, "vs_first": paired(k, reference, pixels),
                      "curve": training_curve(run, pixels)[::10], "late_rise": late_rise(metrics, pixels)})
         if args.earlier and len(rows) > 1:

@@ -105,6 +105,10 @@ def test_evaluate_json(copy_run, cli):
     assert EVAL_KEYS <= set(e)
     assert e["unit"] == "bits/sample" and e["split"] == "test" and e["T"] == 6 and e["dim"] == 2
     assert e["n_examples"] == TINY_MAX_EXAMPLES and e["train_steps"] == TINY_STEPS
+    # the training time of the scored weights, as the checkpoint counted it, on the run's clock
+    last_logged = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["elapsed_s"]
+    assert e["train_clock"] == "wall" and e["train_s"] == load_checkpoint(run / "checkpoint.safetensors")[1]["elapsed_s"]
+    assert e["train_s"] >= last_logged - 1e-3
     assert all(math.isfinite(e[k]) for k in ("K_bits", "stderr_bits", "K_minus_L_null_bits", "K_original_units_bits"))
     assert e["stderr_bits"] > 0
 

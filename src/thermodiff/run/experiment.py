@@ -461,6 +461,12 @@ class Run:
     checkpoint: str = "last"  # which weights: "last" (of checkpoint.safetensors) or "best" (by the validation bound)
     device: torch.device = torch.device("cpu")  # where the network and the process's tables are
 
+    @property
+    def training(self) -> dict:
+        """What the loaded weights were trained for, as every report states it: updates, and time in
+        seconds on the run's clock (None in a checkpoint written before it was recorded)."""
+        return {"train_steps": self.step, "train_clock": self.config.train.clock, "train_s": self.meta.get("elapsed_s")}
+
 
 def _names(keys: list[str], most: int = 3) -> str:
     return ", ".join(keys[:most]) + (f" and {len(keys) - most} more" if len(keys) > most else "")

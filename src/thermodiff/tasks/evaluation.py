@@ -189,7 +189,7 @@ def evaluate_baseline(run: Run, n_draws: int, max_examples: int, seed: int, spli
     cfg, process = run.config, run.diffusion
     generator = torch.Generator().manual_seed(seed)
     test = run.dataset.test[:max_examples] if max_examples else run.dataset.test
-    result = {"experiment": cfg.name, "run_dir": str(run.path), "train_steps": run.step, "split": split_name,
+    result = {"experiment": cfg.name, "run_dir": str(run.path), **run.training, "split": split_name,
               "n_examples": len(test), "model": cfg.baseline.kind, "hardware": hardware(run.device),
               "device": str(run.device)}
     if cfg.baseline.kind == "dae":
@@ -347,7 +347,7 @@ def evaluate(run: Run, n_draws: int | None = None, max_examples: int | None = No
         "experiment": cfg.name,
         "run_dir": str(run.path),
         "checkpoint": run.checkpoint,
-        "train_steps": run.step,
+        **run.training,
         "split": split_name,
         "n_examples": len(test),
         "n_test": len(run.dataset.test),

@@ -263,7 +263,7 @@ def parzen_evaluate(run: Run, n_samples: int = 10000, n_valid: int = 10000, max_
     result = {
         "experiment": run.config.name,
         "run_dir": str(run.path),
-        "train_steps": run.step,
+        **run.training,
         **parzen_score(samples, valid, test, sigmas),
         "n_samples": n_samples,
         "n_valid": n_valid,

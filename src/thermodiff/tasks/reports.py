@@ -82,10 +82,16 @@ def describe_training(s: dict) -> str:
             f"(running K estimate {s['K_bits_running']:.3f} bits per example{kept})")
 
 
+def trained_for(r: dict) -> str:
+    """The scored weights' training, from a report's ``train_*`` entries: "step N, M wall minutes"."""
+    minutes = f", {r['train_s'] / 60:.1f} {r['train_clock']} minutes" if r.get("train_s") is not None else ""
+    return f"step {r['train_steps']}{minutes}"
+
+
 def describe_baseline(r: dict) -> str:
     """A baseline's evaluation: a DAE's denoising error, an MCGSM's log-likelihood, or a VAE's ELBO and
     importance-weighted bound."""
-    head = f"{r['experiment']} ({r['model']} baseline, {r['split']} split, {r['n_examples']} examples, step {r['train_steps']})"
+    head = f"{r['experiment']} ({r['model']} baseline, {r['split']} split, {r['n_examples']} examples, {trained_for(r)})"
     if r["model"] == "dae":
         psnr = (lambda name: f" (PSNR {r[f'{name}_psnr_db']:.2f} dB)" if f"{name}_psnr_db" in r else "")
         return "\n".join([head, f"  denoised output: MSE {r['output_mse']:.4g}{plus_minus(r['output_mse_stderr'], '.2g')}{psnr('output')}",
@@ -114,7 +120,7 @@ def describe_evaluation(r: dict) -> str:
                 if "T_trained" in r else "") + (", x_0 clipped to the data's range" if "x0_clipped_to" in r else "")
     lines = [f"{r['experiment']} ({r['split']} split, {r['n_examples']} of {r['n_test']} examples, {r['n_draws']} draws/t, "
              f"T = {r['T']}{respaced}, {r['parameterization']} parameterisation, {r['schedule']} schedule, "
-             f"{r['checkpoint']} weights: step {r['train_steps']})",
+             f"{r['checkpoint']} weights: {trained_for(r)})",
              f"  bound: {r['estimator']}",
              f"  K              = {r['K_bits']:.4f}{plus_minus(r['stderr_bits'], '.4f')} {r['unit']} ({r['K_bits_per_dim']:.4f} bits/dim)",
              f"  K - L_null     = {r['K_minus_L_null_bits']:.4f}{plus_minus(r['K_minus_L_null_stderr_bits'], '.4f')} {r['unit']}",
@@ -182,7 +188,7 @@ def describe_parzen(r: dict) -> str:
     return (f"{r['experiment']}: Parzen-window log-likelihood of {r['n_test']} test images = "
             f"{r['parzen_bits']:.2f}{plus_minus(r['parzen_stderr_bits'], '.2f')} bits ({r['parzen_nats']:.2f} nats){paper}\n"
             f"  sigma = {r['sigma']:.4g}{edge}, chosen on {r['n_valid']} validation images; "
-            f"{r['n_samples']} {r['sampler']} samples on {r['sampling_steps']} of {r['T']} steps (step {r['train_steps']})"
+            f"{r['n_samples']} {r['sampler']} samples on {r['sampling_steps']} of {r['T']} steps ({trained_for(r)})"
             f"{', x_0 clipped' if 'x0_clipped_to' in r else ''}\n"
             f"  samples: {r['samples_kept']}")
 
