@@ -162,8 +162,9 @@ def gap_panel(ax, rows: list[dict]) -> None:
     was extrapolated (dashed)."""
     for i, row in enumerate(rows[1:], start=1):
         points = row["by_budget"]["by_minutes"]
-        for marker, first_minutes in zip("osD^v<>", sorted({p["first_minutes"] for p in points})):
-            same = [p for p in points if p["first_minutes"] == first_minutes]
+        # budgets to a tenth of a minute: records of one budget read its time from the log or the checkpoint
+        for marker, first_minutes in zip("osD^v<>", sorted({round(p["first_minutes"], 1) for p in points})):
+            same = [p for p in points if round(p["first_minutes"], 1) == first_minutes]
             ax.errorbar([p["minutes"] for p in same], [p["K_difference_bits_per_pixel"] for p in same],
                         [p["stderr_bits_per_pixel"] for p in same], fmt=f"{marker}-", color=f"C{i}", capsize=3,
                         label=f"{row['run']} - {rows[0]['run']} at {first_minutes:.0f} minutes")
