@@ -125,9 +125,10 @@ def by_budget(row: dict, first: dict, earlier: list[str]) -> dict:
 
 def held_out_k_by_budget(row: dict, earlier: list[str]) -> list[tuple[float, float, float]]:
     """(minutes, K, standard error) in bits/pixel of the run on the test images at its budget and at
-    those of the ``earlier`` records, by budget."""
-    points = {minutes(old): old["evaluation"] for old, _ in earlier_rows(row, earlier)}
-    points[minutes(row)] = row["evaluation"]
+    those of the ``earlier`` records, by budget (to a tenth of a minute: records of one budget read its
+    time from the log or from the checkpoint)."""
+    points = {round(minutes(old), 1): old["evaluation"] for old, _ in earlier_rows(row, earlier)}
+    points[round(minutes(row), 1)] = row["evaluation"]
     return [(m, points[m]["K_bits_per_pixel"], points[m]["stderr_bits_per_pixel"]) for m in sorted(points)]
 
 

@@ -82,8 +82,8 @@ def test_late_rise_needs_two_windows_in_each_quarter():
     assert load_benchmark("paired").late_rise(windows(lambda t: 1.0, minutes=2), 1024) == {}
 
 
-def scored(run: str, minutes: float, k: float, first_minutes: float, difference: float) -> dict:
-    """A record row of ``run`` with its test K, its curve and (for a later run) its gaps by budget."""
+def scored(run: str, minutes: float, k: float, difference: float) -> dict:
+    """A record row of ``run`` with its test K, its curve and its paired difference from the first run."""
     return {**row(run, minutes, difference), "evaluation": {"K_bits_per_pixel": k, "stderr_bits_per_pixel": 0.02},
             "curve": [{"step": s, "elapsed_s": 6 * s * minutes, "K_bits_per_pixel_running": k * s / 10} for s in range(1, 11)]}
 
@@ -91,13 +91,13 @@ def scored(run: str, minutes: float, k: float, first_minutes: float, difference:
 def test_held_out_k_by_budget_reads_the_run_in_earlier_records_once_per_budget(tmp_path, monkeypatch):
     paired = load_benchmark("paired")
     monkeypatch.setattr(paired, "RESULTS", tmp_path)
-    for name, (first, a) in {"r1": ((60, 3.0), (120, 2.0)), "r2": ((60, 3.0), (240, 2.5))}.items():
-        rows = [scored("runs/first", *first, 60, 0.0), scored("runs/a", *a, 60, a[1] - first[1])]
+    for name, (first, a) in {"r1": ((60, 3.0), (120, 2.0)), "r2": ((60.0004, 3.0), (240, 2.5))}.items():
+        rows = [scored("runs/first", *first, 0.0), scored("runs/a", *a, a[1] - first[1])]
         (tmp_path / f"{name}.json").write_text(json.dumps({"rows": rows}))
-    assert paired.held_out_k_by_budget(scored("runs/a", 360, 2.8, 90, -0.5), ["r2", "r1"]) == \
+    assert paired.held_out_k_by_budget(scored("runs/a", 360, 2.8, -0.5), ["r2", "r1"]) == \
         [(120, 2.0, 0.02), (240, 2.5, 0.02), (360, 2.8, 0.02)]
-    # The first run appears at 60 minutes in both records: one point.
-    assert paired.held_out_k_by_budget(scored("runs/first", 90, 3.2, 90, 0.0), ["r1", "r2"]) == \
+    # The first run appears at 60 minutes in both records (by the log in one, the checkpoint in the other): one point.
+    assert paired.held_out_k_by_budget(scored("runs/first", 90, 3.2, 0.0), ["r1", "r2"]) == \
         [(60, 3.0, 0.02), (90, 3.2, 0.02)]
 
 
@@ -106,8 +106,8 @@ def test_the_curves_figure_has_a_gap_panel_only_with_budgets(tmp_path, monkeypat
 
     paired = load_benchmark("paired")
     monkeypatch.setattr(paired, "RESULTS", tmp_path)
-    first, later = scored("runs/first", 60, 3.0, 60, 0.0), scored("runs/a", 120, 2.0, 60, -1.0)
-    (tmp_path / "r1.json").write_text(json.dumps({"rows": [first, scored("runs/a", 60, 1.0, 60, -2.0)]}))
+    first, later = scored("runs/first", 60, 3.0, 0.0), scored("runs/a", 120, 2.0, -1.0)
+    (tmp_path / "r1.json").write_text(json.dumps({"rows": [first, scored("runs/a", 60, 1.0, -2.0)]}))
     widths = {}
     for budgets in (False, True):
         if budgets:
