@@ -92,6 +92,12 @@ def minutes(row: dict) -> float:
     return row[f"train_{row['clock']}_s"] / 60
 
 
+def budget(row: dict) -> float:
+    """A row's training minutes to a tenth of a minute: one budget scored in two records is one point
+    (older records read the time from the last log line, newer ones from the checkpoint)."""
+    return round(minutes(row), 1)
+
+
 def earlier_rows(row: dict, earlier: list[str]) -> list[tuple[dict, dict]]:
     """The run's rows in the ``earlier`` records (the same run scored the same way at other budgets,
     on the same clock), each with that record's first row."""
@@ -109,9 +115,9 @@ def by_budget(row: dict, first: dict, earlier: list[str]) -> dict:
     doubling of training time and the time at which it would reach 0 (the first run's K) if it
     kept rising at that rate: an extrapolation, labelled as one (log-linear in time; training
     curves bend over, so it is optimistic)."""
-    points = {minutes(old): {**old["vs_first"], "first_minutes": minutes(old_first)}
+    points = {budget(old): {**old["vs_first"], "first_minutes": minutes(old_first)}
               for old, old_first in earlier_rows(row, earlier)}
-    points[minutes(row)] = {**row["vs_first"], "first_minutes": minutes(first)}
+    points[budget(row)] = {**row["vs_first"], "first_minutes": minutes(first)}
     budgets = sorted(points)
     out = {"by_minutes": [{"minutes": m, "clock": row["clock"], **points[m]} for m in budgets]}
     last_two = [points[m] for m in budgets[-2:]]
@@ -125,10 +131,9 @@ def by_budget(row: dict, first: dict, earlier: list[str]) -> dict:
 
 def held_out_k_by_budget(row: dict, earlier: list[str]) -> list[tuple[float, float, float]]:
     """(minutes, K, standard error) in bits/pixel of the run on the test images at its budget and at
-    those of the ``earlier`` records, by budget (to a tenth of a minute: records of one budget read its
-    time from the log or from the checkpoint)."""
-    points = {round(minutes(old), 1): old["evaluation"] for old, _ in earlier_rows(row, earlier)}
-    points[round(minutes(row), 1)] = row["evaluation"]
+    those of the ``earlier`` records, by budget."""
+    points = {budget(old): old["evaluation"] for old, _ in earlier_rows(row, earlier)}
+    points[budget(row)] = row["evaluation"]
     return [(m, points[m]["K_bits_per_pixel"], points[m]["stderr_bits_per_pixel"]) for m in sorted(points)]
 
 
