@@ -92,10 +92,15 @@ def minutes(row: dict) -> float:
     return row[f"train_{row['clock']}_s"] / 60
 
 
-def budget(row: dict) -> float:
-    """A row's training minutes to a tenth of a minute: one budget scored in two records is one point
+def to_budget(minutes: float) -> float:
+    """Training minutes to a tenth of a minute: one budget scored in two records is one budget
     (older records read the time from the last log line, newer ones from the checkpoint)."""
-    return round(minutes(row), 1)
+    return round(minutes, 1)
+
+
+def budget(row: dict) -> float:
+    """A row's training budget (``to_budget`` of its minutes)."""
+    return to_budget(minutes(row))
 
 
 def earlier_rows(row: dict, earlier: list[str]) -> list[tuple[dict, dict]]:
@@ -168,9 +173,8 @@ def gap_panel(ax, rows: list[dict]) -> None:
     was extrapolated (dashed)."""
     for i, row in enumerate(rows[1:], start=1):
         points = row["by_budget"]["by_minutes"]
-        # budgets to a tenth of a minute: records of one budget read its time from the log or the checkpoint
-        for marker, first_minutes in zip("osD^v<>", sorted({round(p["first_minutes"], 1) for p in points})):
-            same = [p for p in points if round(p["first_minutes"], 1) == first_minutes]
+        for marker, first_minutes in zip("osD^v<>", sorted({to_budget(p["first_minutes"]) for p in points})):
+            same = [p for p in points if to_budget(p["first_minutes"]) == first_minutes]
             ax.errorbar([p["minutes"] for p in same], [p["K_difference_bits_per_pixel"] for p in same],
                         [p["stderr_bits_per_pixel"] for p in same], fmt=f"{marker}-", color=f"C{i}", capsize=3,
                         label=f"{row['run']} - {rows[0]['run']} at {first_minutes:.0f} minutes")
