@@ -504,36 +504,54 @@ VARIANCE_HELP = ("the chain's reverse variances: moments (default: the network's
                  "a fixed-variance network; Bao et al. 2022)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="thermodiff", description="Diffusion probabilistic models (Sohl-Dickstein et al. 2015).")
-    sub = parser.add_subparsers(dest="command", required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    common.add_argument("--quiet", action="store_true", help="no progress bars")
+SAMPLER_HELP = ("ancestral: the reverse chain's kernels; ddim: DDIM (Song et al. 2021), deterministic at --eta 0; heun: "
+                "Heun's method on the probability-flow ODE (Karras et al. 2022), two network calls a step; dpm2m: "
+                "DPM-Solver++(2M) (Lu et al. 2022), second order at one call a step, the best of these at 10 to 20 "
+                "steps (ddim, heun, dpm2m: Gaussian runs)")
 
-    def training_flags(p):
-        p.add_argument("--out", help="run directory (default runs/NAME)")
-        p.add_argument("--steps", type=int, help="training steps (train.steps)")
-        p.add_argument("--minutes", type=_minutes, help="stop after M minutes of training time in all (train.max_minutes; "
-                                                     "like --steps, a new total for --resume)")
-        p.add_argument("--T", type=int, help="diffusion steps (diffusion.T)")
-        p.add_argument("--seed", type=_seed, help="seed for data, split, init and noise")
-        p.add_argument("--schedule", help=" | ".join(typing.get_args(ScheduleName)))
-        p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-        p.add_argument("--device", default="auto", help=DEVICE_HELP)
-        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.lr=3e-4")
-        p.add_argument(MEMORY_OVERRIDE_FLAG, action="store_true", help=MEMORY_OVERRIDE_HELP)
 
-    def eval_flags(p):
-        p.add_argument("--draws", type=int, help="noise draws per example and timestep (eval.n_draws)")
-        p.add_argument("--max-examples", type=int, help="evaluate on the first N test examples")
-        p.add_argument("--t-samples", type=int, help="steps per example of an unbiased stratified estimate of the "
-                                                     "bound (eval.t_samples); 0: the exact sum over every step")
-        p.add_argument("--t-sampling", choices=["uniform", "importance"],
-                       help="how --t-samples draws each step (eval.t_sampling): importance (the default), strata of "
-                            "equal mass of a pilot's terms, or uniform in equal strata")
-        p.add_argument("--eval-seed", type=_seed, default=0)
+def _training_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of every command that trains: train and reproduce."""
+    p.add_argument("--out", help="run directory (default runs/NAME)")
+    p.add_argument("--steps", type=int, help="training steps (train.steps)")
+    p.add_argument("--minutes", type=_minutes, help="stop after M minutes of training time in all (train.max_minutes; "
+                                                 "like --steps, a new total for --resume)")
+    p.add_argument("--T", type=int, help="diffusion steps (diffusion.T)")
+    p.add_argument("--seed", type=_seed, help="seed for data, split, init and noise")
+    p.add_argument("--schedule", help=" | ".join(typing.get_args(ScheduleName)))
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.lr=3e-4")
+    p.add_argument(MEMORY_OVERRIDE_FLAG, action="store_true", help=MEMORY_OVERRIDE_HELP)
 
+
+def _eval_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of every command that scores the bound: evaluate, compare and reproduce."""
+    p.add_argument("--draws", type=int, help="noise draws per example and timestep (eval.n_draws)")
+    p.add_argument("--max-examples", type=int, help="evaluate on the first N test examples")
+    p.add_argument("--t-samples", type=int, help="steps per example of an unbiased stratified estimate of the "
+                                                 "bound (eval.t_samples); 0: the exact sum over every step")
+    p.add_argument("--t-sampling", choices=["uniform", "importance"],
+                   help="how --t-samples draws each step (eval.t_sampling): importance (the default), strata of "
+                        "equal mass of a pilot's terms, or uniform in equal strata")
+    p.add_argument("--eval-seed", type=_seed, default=0)
+
+
+def _chain_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of every command that draws samples from a chain: sample and parzen."""
+    p.add_argument("--steps", metavar="N|STEPS", help=f"{RESPACE_HELP}; default: all T steps (evaluate --respace "
+                                                      "gives the bound of the ancestral chain on these steps)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ancestral", help=SAMPLER_HELP)
+    p.add_argument("--eta", type=_eta, help="DDIM's noise, from 0 (deterministic, the default) to 1 (the ancestral "
+                                            "chain's, for a kernel variance of beta-tilde)")
+    p.add_argument("--variance", choices=VARIANCE_RULES, help=VARIANCE_HELP)
+    p.add_argument("--clip-x0", action="store_true", help=CLIP_HELP)
+    p.add_argument("--precision", choices=SAMPLING_PRECISIONS, help=PRECISION_HELP)
+    p.add_argument("--device", default="auto", help=f"where the network samples: {DEVICE_HELP} (the draws depend on it)")
+    p.add_argument(MEMORY_OVERRIDE_FLAG, action="store_true", help=MEMORY_OVERRIDE_HELP)
+
+
+def _add_train(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("train", parents=[common], help="train a model")
     p.add_argument("config", help="experiment name (configs/NAME.toml) or a .toml path")
     p.add_argument("--data", help="a .npy, .npz or .csv array (N x D) instead of the config's data")
@@ -541,9 +559,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="folder holding MNIST / CIFAR-10 files (data.data_dir)")
     p.add_argument("--download", action="store_true", help="download MNIST / CIFAR-10 and verify md5")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    training_flags(p)
+    _training_flags(p)
     p.set_defaults(func=cmd_train)
 
+
+def _add_evaluate(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("evaluate", parents=[common], help="the bound K on held-out data, and each reverse step's entropy "
                                                           "against the paper's bounds")
     p.add_argument("run_dir", nargs="?", help="a run directory (or --diffusers DIR)")
@@ -554,14 +574,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "(needs pip install thermodiff[diffusers])")
     p.add_argument("--data-dir", help="with --diffusers: the folder holding the MNIST / CIFAR-10 files")
     p.add_argument("--device", default="auto", help=f"where the network runs: {DEVICE_HELP}")
-    eval_flags(p)
+    _eval_flags(p)
     p.add_argument("--respace", metavar="N|STEPS", help=RESPACE_HELP)
     p.add_argument("--variance", choices=VARIANCE_RULES, help=VARIANCE_HELP)
     p.add_argument("--clip-x0", action="store_true", help=CLIP_HELP)
     p.add_argument("--exact", action="store_true", help="the exact bound: every step of every test example "
                                                         "(the default may sample steps or examples; the report says)")
     p.add_argument("--per-example", metavar="FILE.npy", help="also write K per example (bits, original units); "
-                                                                      "with --ode its log p to FILE_ode.npy")
+                                                             "with --ode its log p to FILE_ode.npy")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --per-example file")
     p.add_argument("--ode", action="store_true", help="also the exact log-likelihood through the probability-flow "
                                                       "ODE (Song et al. 2021) on the same examples")
@@ -571,6 +591,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                    "per dimension) instead of Hutchinson's estimate")
     p.set_defaults(func=cmd_evaluate)
 
+
+def _add_sample(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("sample", parents=[common], help="draw samples (original units) to a .npy file")
     p.add_argument("run_dir")
     p.add_argument("-n", type=int, default=1000)
@@ -578,22 +600,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--respace", metavar="N|STEPS", help=RESPACE_HELP)
-    p.add_argument("--sampler", choices=SAMPLERS, default="ancestral",
-                   help="ancestral: the reverse chain's kernels; ddim: DDIM (Song et al. 2021), deterministic at "
-                        "--eta 0; heun: Heun's method on the probability-flow ODE (Karras et al. 2022), two network "
-                        "calls a step; dpm2m: DPM-Solver++(2M) (Lu et al. 2022), second order at one call a step, "
-                        "the best of these at 10 to 20 steps (ddim, heun, dpm2m: Gaussian runs)")
-    p.add_argument("--steps", metavar="N|STEPS", help="the chain's steps, as --respace (default: all T)")
-    p.add_argument("--eta", type=_eta, help="DDIM's noise, from 0 (deterministic, the default) to 1 (the ancestral "
-                                            "chain's, for a kernel variance of beta-tilde)")
-    p.add_argument("--variance", choices=VARIANCE_RULES, help=VARIANCE_HELP)
-    p.add_argument("--clip-x0", action="store_true", help=CLIP_HELP)
-    p.add_argument("--precision", choices=SAMPLING_PRECISIONS, help=PRECISION_HELP)
-    p.add_argument("--device", default="auto", help=f"where the network runs: {DEVICE_HELP} (the draws depend on it)")
-    p.add_argument(MEMORY_OVERRIDE_FLAG, action="store_true", help=MEMORY_OVERRIDE_HELP)
+    p.add_argument("--respace", metavar="N|STEPS", help="the same as --steps")
+    _chain_flags(p)
     p.set_defaults(func=cmd_sample)
 
+
+def _add_posteriors(sub, common: argparse.ArgumentParser) -> None:
     for name, help_text in (("denoise", "posterior samples of clean data given noisy data (paper Fig. 3)"),
                             ("inpaint", "fill in unknown values, known ones kept (paper Fig. 5)")):
         p = sub.add_parser(name, parents=[common], help=help_text)
@@ -621,31 +633,27 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--overwrite", action="store_true")
         p.set_defaults(func=cmd_denoise if name == "denoise" else cmd_inpaint)
 
+
+def _add_plot(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("plot", parents=[common], help="figures of a run (Figure 1 for 2-D data)")
     p.add_argument("run_dir")
     p.add_argument("--out", help="folder for the PNGs (default the run directory)")
     p.add_argument("--overwrite", action="store_true", help="replace figures that exist")
     p.set_defaults(func=cmd_plot)
 
+
+def _add_parzen(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("parzen", parents=[common], help="Parzen-window log-likelihood of the test images (paper Table 2)")
     p.add_argument("run_dir")
     p.add_argument("--samples", type=int, default=10000, help="samples the window is fitted on")
     p.add_argument("--valid", type=int, default=10000, help="validation images for the bandwidth (the last training images)")
     p.add_argument("--max-test", type=int, help="use the first N test images")
     p.add_argument("--seed", type=_seed, default=0, help="seed of the sampling")
-    p.add_argument("--steps", metavar="N|STEPS", help="sample on this respaced chain, as thermodiff sample --steps "
-                   "(default: all T; `evaluate --respace` gives the ancestral chain's bound)")
-    p.add_argument("--sampler", choices=SAMPLERS, default="ancestral", help="how the samples are drawn, as thermodiff "
-                   "sample --sampler")
-    p.add_argument("--eta", type=_eta, help="DDIM's noise, as thermodiff sample --eta")
-    p.add_argument("--variance", choices=VARIANCE_RULES, help="the chain's variances, as thermodiff sample --variance")
-    p.add_argument("--clip-x0", action="store_true", help=CLIP_HELP)
-    p.add_argument("--precision", choices=SAMPLING_PRECISIONS, help=PRECISION_HELP)
-    p.add_argument("--device", default="auto",
-                   help=f"where the network samples: {DEVICE_HELP} (the draws depend on it)")
-    p.add_argument(MEMORY_OVERRIDE_FLAG, action="store_true", help=MEMORY_OVERRIDE_HELP)
+    _chain_flags(p)
     p.set_defaults(func=cmd_parzen)
 
+
+def _add_compare(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("compare", parents=[common], help="train several configs on one data set: one table, bound vs training time")
     p.add_argument("configs", nargs="+", metavar="CONFIG", help="experiment names or .toml paths, all with the same [data] and seed")
     budget = p.add_mutually_exclusive_group()
@@ -657,14 +665,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key in every config")
     p.add_argument(MEMORY_OVERRIDE_FLAG, action="store_true", help=MEMORY_OVERRIDE_HELP)
-    eval_flags(p)
+    _eval_flags(p)
     p.set_defaults(func=cmd_compare)
 
+
+def _add_reproduce(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("reproduce", parents=[common], help="train, evaluate and plot a paper experiment")
     p.add_argument("experiment", help="a config of one of the paper's experiments: swissroll, swissroll_paper, heartbeat, ...")
-    training_flags(p)
-    eval_flags(p)
+    _training_flags(p)
+    _eval_flags(p)
     p.set_defaults(func=cmd_reproduce)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="thermodiff", description="Diffusion probabilistic models (Sohl-Dickstein et al. 2015).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    common.add_argument("--quiet", action="store_true", help="no progress bars")
+    for add_command in (_add_train, _add_evaluate, _add_sample, _add_posteriors, _add_plot, _add_parzen, _add_compare,
+                        _add_reproduce):
+        add_command(sub, common)
     return parser
 
 
