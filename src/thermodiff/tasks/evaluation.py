@@ -314,6 +314,37 @@ def measure_bound(diffusion, model, dataset, test, n_draws: int, t_samples: int,
     return MeasuredBound(estimate, bound_report(dataset, estimate.per_example, null, discrete), batches, generator, null)
 
 
+def _bound_record(run: Run, diffusion, measured: MeasuredBound, split_name: str, n_examples: int, n_draws: int) -> dict:
+    """What :func:`evaluate` measured and how: the run, the split, the estimator, the process, the bound."""
+    cfg, estimate = run.config, measured.estimate
+    return {
+        "experiment": cfg.name,
+        "run_dir": str(run.path),
+        "checkpoint": run.checkpoint,
+        **run.training,
+        "split": split_name,
+        "n_examples": n_examples,
+        "n_test": len(run.dataset.test),
+        "estimator": estimator_name(estimate),
+        "t_samples": estimate.t_samples,
+        "t_sampling": estimate.t_sampling and estimate.t_sampling.value,
+        "n_draws": n_draws,
+        "T": diffusion.T,
+        "diffusion": type(run.diffusion).__name__,
+        "parameterization": run.diffusion.parameterization.value,
+        "decoder": run.diffusion.decoder.value,
+        "schedule": cfg.diffusion.schedule,
+        "beta_1": float(run.diffusion.schedule.betas()[0].detach()),
+        "train_loss": cfg.train.loss,
+        "t_sampler": cfg.train.t_sampler,
+        **measured.report,
+        "per_timestep_bits": (estimate.terms / LN2).tolist(),
+        "hardware": hardware(run.device),
+        "device": str(run.device),
+        "auto_choices": cfg.auto,
+    }
+
+
 def evaluate(run: Run, n_draws: int | None = None, max_examples: int | None = None, seed: int = 0,
              progress: bool = True, split_name: str = "test", chain: ChainSpec = ChainSpec(),
              t_samples: int | None = None, per_example: bool = False, ode: OdeOptions | None = None,
@@ -343,32 +374,7 @@ def evaluate(run: Run, n_draws: int | None = None, max_examples: int | None = No
     m = measure_bound(diffusion, run.model, run.dataset, test, n_draws, t_samples, seed, cfg.eval.batch_size,
                       progress, str(run.path), run.device, t_sampling or cfg.eval.t_sampling)
     estimate, report, batches, generator, null = m.estimate, m.report, m.batches, m.generator, m.null
-    result = {
-        "experiment": cfg.name,
-        "run_dir": str(run.path),
-        "checkpoint": run.checkpoint,
-        **run.training,
-        "split": split_name,
-        "n_examples": len(test),
-        "n_test": len(run.dataset.test),
-        "estimator": estimator_name(estimate),
-        "t_samples": estimate.t_samples,
-        "t_sampling": estimate.t_sampling and estimate.t_sampling.value,
-        "n_draws": n_draws,
-        "T": diffusion.T,
-        "diffusion": type(run.diffusion).__name__,
-        "parameterization": run.diffusion.parameterization.value,
-        "decoder": run.diffusion.decoder.value,
-        "schedule": cfg.diffusion.schedule,
-        "beta_1": float(run.diffusion.schedule.betas()[0].detach()),
-        "train_loss": cfg.train.loss,
-        "t_sampler": cfg.train.t_sampler,
-        **report,
-        "per_timestep_bits": (estimate.terms / LN2).tolist(),
-        "hardware": hardware(run.device),
-        "device": str(run.device),
-        "auto_choices": cfg.auto,
-    }
+    result = _bound_record(run, diffusion, m, split_name, len(test), n_draws)
     if run.diffusion.continuous_time:  # its continuous-time bound too, besides its T-step chain's
         continuous = run.diffusion.continuous_bound(run.model, batches, n_draws, generator)
         result["continuous_time"] = bound_report(run.dataset, continuous.per_example, null) | {
