@@ -96,6 +96,20 @@ class UNetOptions:
     fourier_period: float = 0.0  # > 0: Fourier features of x_t at this period and twice it join the input
 
 
+def _check_options(o: UNetOptions, size: int, T: int, one_hot_states: int | None) -> None:
+    """Refuse options no U-Net can be built from, each with what to change."""
+    levels = len(o.channel_mults)
+    if levels < 1 or size % 2 ** (levels - 1):
+        raise ValueError(f"image size {size} must be divisible by 2^(levels - 1) = {2 ** (levels - 1)}")
+    widths = [o.base_channels * m for m in o.channel_mults]
+    if any(w % o.groups for w in [o.base_channels, *widths]):
+        raise ValueError(f"every width {[o.base_channels, *widths]} must be divisible by groups = {o.groups}")
+    if T < 2:
+        raise ValueError("the U-Net needs T >= 2 (times are scaled by T - 1)")
+    if o.fourier_period < 0 or (o.fourier_period > 0 and one_hot_states is not None):
+        raise ValueError(f"fourier_period must be 0, or > 0 for continuous images, got {o.fourier_period}")
+
+
 class UNet(nn.Module):
     """U-Net over ``channels`` x ``size`` x ``size`` images (module docstring); the keyword
     ``options`` are the fields of :class:`UNetOptions`."""
@@ -104,15 +118,8 @@ class UNet(nn.Module):
                  **options):
         super().__init__()
         o = UNetOptions(**options)
-        base_channels, groups, dropout = o.base_channels, o.groups, o.dropout
-        levels = len(o.channel_mults)
-        if levels < 1 or size % 2 ** (levels - 1):
-            raise ValueError(f"image size {size} must be divisible by 2^(levels - 1) = {2 ** (levels - 1)}")
-        widths = [base_channels * m for m in o.channel_mults]
-        if any(w % groups for w in [base_channels, *widths]):
-            raise ValueError(f"every width {[base_channels, *widths]} must be divisible by groups = {groups}")
-        if T < 2:
-            raise ValueError("the U-Net needs T >= 2 (times are scaled by T - 1)")
+        _check_options(o, size, T, one_hot_states)
+        base_channels, groups = o.base_channels, o.groups
         self.channels, self.size, self.outputs_per_dim, self.T = channels, size, outputs_per_dim, T
         self.one_hot_states = one_hot_states
         self.config = dict(channels=channels, size=size, outputs_per_dim=outputs_per_dim, T=T,
@@ -121,16 +128,26 @@ class UNet(nn.Module):
         emb_dim = 4 * base_channels
         self.sinusoid_dim = base_channels
         self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        if o.fourier_period < 0 or (o.fourier_period > 0 and one_hot_states is not None):
-            raise ValueError(f"fourier_period must be 0, or > 0 for continuous images, got {o.fourier_period}")
         # angular frequencies of the Fourier features: one cycle per period p and per 2p
         frequencies = [2 * math.pi / (k * o.fourier_period) for k in (1, 2)] if o.fourier_period else []
         self.register_buffer("fourier_frequencies", torch.tensor(frequencies), persistent=False)
         inputs_per_channel = (one_hot_states or 1) + 2 * len(frequencies)
         self.stem = nn.Conv2d(channels * inputs_per_channel, base_channels, 3, padding=1)
+        width = self._build_levels(o, size, emb_dim)
+        self.out = nn.Sequential(nn.GroupNorm(groups, width), nn.SiLU(),
+                                 nn.Conv2d(width, outputs_per_dim * channels, 3, padding=1))
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
+
+    def _build_levels(self, o: UNetOptions, size: int, emb_dim: int) -> int:
+        """The down path, the middle and the up path, with attention where ``o`` asks; returns the
+        width of the last up block. Modules are made in a fixed order, so a seed gives the same weights."""
+        base_channels, groups = o.base_channels, o.groups
+        widths = [base_channels * m for m in o.channel_mults]
+        levels = len(widths)
 
         def block(c_in: int, c_out: int) -> ResBlock:
-            return ResBlock(c_in, c_out, emb_dim, groups, dropout)
+            return ResBlock(c_in, c_out, emb_dim, groups, o.dropout)
 
         # keyed by the block they follow ("down_LEVEL_BLOCK", "middle", "up_LEVEL_BLOCK"): the blocks'
         # own parameter names stay those of a U-Net without attention
@@ -165,10 +182,7 @@ class UNet(nn.Module):
             self.up.append(level)
             if i > 0:
                 self.up_convs.append(nn.Conv2d(width, width, 3, padding=1))
-        self.out = nn.Sequential(nn.GroupNorm(groups, width), nn.SiLU(),
-                                 nn.Conv2d(width, outputs_per_dim * channels, 3, padding=1))
-        nn.init.zeros_(self.out[-1].weight)
-        nn.init.zeros_(self.out[-1].bias)
+        return width
 
     @property
     def size_multiple(self) -> int:
