@@ -194,6 +194,20 @@ def _refuse_existing(path: Path, overwrite: bool) -> None:
         raise UserError(f"{path}: already exists; pass --overwrite to replace it")
 
 
+def _checked_sample_args(args) -> Path:
+    """``thermodiff sample``'s --out, once the flags that need no run are checked (one-line errors)."""
+    out = Path(args.out)
+    if out.suffix not in (".npy", ".png"):
+        raise UserError(f"--out {out}: samples are written as .npy (original units) or .png (an image grid)")
+    for flag, value in (("-n", args.n), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
+    _refuse_existing(out, args.overwrite)
+    if args.respace is not None and args.steps is not None:
+        raise UserError("--steps and --respace name the same chain; pass one of them")
+    return out
+
+
 def cmd_sample(args) -> None:
     import time
 
@@ -210,15 +224,7 @@ def cmd_sample(args) -> None:
     from thermodiff.process.respace import VarianceRule
     from thermodiff.tasks.evaluation import ChainSpec, chain_record, run_chain
 
-    out = Path(args.out)
-    if out.suffix not in (".npy", ".png"):
-        raise UserError(f"--out {out}: samples are written as .npy (original units) or .png (an image grid)")
-    for flag, value in (("-n", args.n), ("--batch-size", args.batch_size)):
-        if value < 1:
-            raise UserError(f"{flag} must be at least 1, got {value}")
-    _refuse_existing(out, args.overwrite)
-    if args.respace is not None and args.steps is not None:
-        raise UserError("--steps and --respace name the same chain; pass one of them")
+    out = _checked_sample_args(args)
     chain = ChainSpec(args.respace or args.steps, args.variance, args.clip_x0)
     try:  # the fit needs the training data
         run = load_run(args.run_dir, split=chain.rule is VarianceRule.FITTED, device=resolve_device(args.device))
