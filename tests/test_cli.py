@@ -611,3 +611,19 @@ def test_vectors_config_resolves_auto_choices_into_the_saved_config(cli, tmp_pat
 def test_vectors_config_without_data_is_a_one_line_error(cli, tmp_path):
     assert_one_line_error(cli("train", "vectors", "--out", tmp_path / "run", "--quiet"), "--data")
     assert not (tmp_path / "run").exists()
+
+
+def test_sample_and_parzen_read_the_chain_flags_alike():
+    """The chain that parzen scores is the one sample draws from: both take one set of flags."""
+    from thermodiff.cli import build_parser
+
+    chain = ["--steps", "quad20", "--sampler", "ddim", "--eta", "0.5", "--variance", "fitted", "--clip-x0",
+             "--precision", "fp32", "--device", "cpu", "--ignore-memory-check"]
+    parser = build_parser()
+    sample = vars(parser.parse_args(["sample", "RUN", "--out", "s.npy", *chain]))
+    parzen = vars(parser.parse_args(["parzen", "RUN", *chain]))
+    names = ("steps", "sampler", "eta", "variance", "clip_x0", "precision", "device", "ignore_memory_check")
+    assert {k: sample[k] for k in names} == {k: parzen[k] for k in names} == {
+        "steps": "quad20", "sampler": "ddim", "eta": 0.5, "variance": "fitted", "clip_x0": True,
+        "precision": "fp32", "device": "cpu", "ignore_memory_check": True}
+    assert parser.parse_args(["sample", "RUN", "--out", "s.npy", "--respace", "20"]).respace == "20"
