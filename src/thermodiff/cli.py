@@ -544,7 +544,7 @@ def _eval_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _chain_flags(p: argparse.ArgumentParser) -> None:
-    """The flags of every command that draws samples from a chain: sample and parzen."""
+    """The flags that choose the chain and its sampler, shared by sample and parzen (parzen scores what sample draws)."""
     p.add_argument("--steps", metavar="N|STEPS", help=f"{RESPACE_HELP}; default: all T steps (evaluate --respace "
                                                       "gives the bound of the ancestral chain on these steps)")
     p.add_argument("--sampler", choices=SAMPLERS, default="ancestral", help=SAMPLER_HELP)

@@ -95,15 +95,19 @@ class UNetOptions:
     heads: int = 1  # attention heads
     fourier_period: float = 0.0  # > 0: Fourier features of x_t at this period and twice it join the input
 
+    @property
+    def widths(self) -> list[int]:
+        """The channels of each resolution, finest first."""
+        return [self.base_channels * m for m in self.channel_mults]
+
 
 def _check_options(o: UNetOptions, size: int, T: int, one_hot_states: int | None) -> None:
     """Refuse options no U-Net can be built from, each with what to change."""
     levels = len(o.channel_mults)
     if levels < 1 or size % 2 ** (levels - 1):
         raise ValueError(f"image size {size} must be divisible by 2^(levels - 1) = {2 ** (levels - 1)}")
-    widths = [o.base_channels * m for m in o.channel_mults]
-    if any(w % o.groups for w in [o.base_channels, *widths]):
-        raise ValueError(f"every width {[o.base_channels, *widths]} must be divisible by groups = {o.groups}")
+    if any(w % o.groups for w in [o.base_channels, *o.widths]):
+        raise ValueError(f"every width {[o.base_channels, *o.widths]} must be divisible by groups = {o.groups}")
     if T < 2:
         raise ValueError("the U-Net needs T >= 2 (times are scaled by T - 1)")
     if o.fourier_period < 0 or (o.fourier_period > 0 and one_hot_states is not None):
@@ -142,8 +146,7 @@ class UNet(nn.Module):
     def _build_levels(self, o: UNetOptions, size: int, emb_dim: int) -> int:
         """The down path, the middle and the up path, with attention where ``o`` asks; returns the
         width of the last up block. Modules are made in a fixed order, so a seed gives the same weights."""
-        base_channels, groups = o.base_channels, o.groups
-        widths = [base_channels * m for m in o.channel_mults]
+        base_channels, groups, widths = o.base_channels, o.groups, o.widths
         levels = len(widths)
 
         def block(c_in: int, c_out: int) -> ResBlock:
