@@ -232,6 +232,19 @@ def _check_request(run: Run, n_samples: int, n_valid: int, max_test: int | None)
         raise UserError(f"the number of test images must be at least 1, got {max_test}")
 
 
+def _protocol(drawn: KeptSamples, clip_x0: bool, T: int, sigmas: Sequence[float], n_valid: int, n_test: int) -> str:
+    """The record's one-sentence account of how its Parzen figure was measured."""
+    chain = (f"{drawn.chain_steps} steps of the run's {T}"
+             + (f", {drawn.chain['spacing']} steps with {drawn.chain['variance_rule']} variances"
+                if "variance_rule" in drawn.chain else "")
+             + (", x_0 clipped to the data's range" if clip_x0 else ""))
+    return (f"Gaussian Parzen window (Breuleux et al. 2011, Goodfellow et al. 2014) on {len(drawn.samples)} "
+            f"{sampler_label(drawn.sampler, drawn.eta)} samples ({chain}, the network in {drawn.precision}) rounded "
+            f"to pixel values, pixels scaled to [0, 1]; bandwidth chosen from {len(sigmas)} values in "
+            f"[{min(sigmas):.3g}, {max(sigmas):.3g}] by the mean log-likelihood of the last {n_valid} training "
+            f"images; mean log-likelihood of {n_test} test images, standard error over images")
+
+
 def parzen_evaluate(run: Run, n_samples: int = 10000, n_valid: int = 10000, max_test: int | None = None,
                     sigmas: Sequence[float] = DEFAULT_SIGMAS, seed: int = 0, progress: bool = True,
                     memory_check: bool = True, chain: ChainSpec = ChainSpec(),
@@ -256,7 +269,6 @@ def parzen_evaluate(run: Run, n_samples: int = 10000, n_valid: int = 10000, max_
     if memory_check:
         memory.require_fits(parzen_memory(run, n_samples, len(sigmas)))
     drawn = draw_kept_samples(run, chain, n_samples, seed, progress, sampler, eta, precision)
-    sampler, eta, sampling_steps = drawn.sampler, drawn.eta, drawn.chain_steps
     samples = _unit_pixels(run, drawn.samples)
     valid = _unit_pixels(run, train[-n_valid:])
     test = _unit_pixels(run, test[:max_test])
@@ -270,21 +282,13 @@ def parzen_evaluate(run: Run, n_samples: int = 10000, n_valid: int = 10000, max_
         "n_test": len(test),
         "seed": seed,
         "T": run.diffusion.T,
-        "sampling_steps": sampling_steps,
-        "sampler": sampler.value,
-        "eta": eta if sampler is Sampler.DDIM else None,
+        "sampling_steps": drawn.chain_steps,
+        "sampler": drawn.sampler.value,
+        "eta": drawn.eta if drawn.sampler is Sampler.DDIM else None,
         "precision": drawn.precision,
         **drawn.chain,
         "samples_kept": drawn.kept,
-        "protocol": (f"Gaussian Parzen window (Breuleux et al. 2011, Goodfellow et al. 2014) on {n_samples} "
-                     f"{sampler_label(sampler, eta)} samples ({sampling_steps} steps of the run's {run.diffusion.T}"
-                     + (f", {drawn.chain['spacing']} steps with {drawn.chain['variance_rule']} variances"
-                        if "variance_rule" in drawn.chain else "")
-                     + (", x_0 clipped to the data's range" if chain.clip_x0 else "")
-                     + f", the network in {drawn.precision}) rounded to pixel values, pixels scaled to [0, 1]; "
-                     f"bandwidth chosen from {len(sigmas)} values in [{min(sigmas):.3g}, {max(sigmas):.3g}] by the "
-                     f"mean log-likelihood of the last {n_valid} training images; mean log-likelihood of "
-                     f"{len(test)} test images, standard error over images"),
+        "protocol": _protocol(drawn, chain.clip_x0, run.diffusion.T, sigmas, n_valid, len(test)),
         "hardware": hardware(run.device),
         "device": str(run.device),
     }
