@@ -14,7 +14,6 @@ estimate had made 50%, 90% and 100% of its rise. The held-out figure is the eval
 """
 
 import argparse
-import json
 import os
 import shlex
 import sys
@@ -74,7 +73,6 @@ if __name__ == "__main__":
     name = args.name or f"{evaluation['experiment']}_budget"
     commands = [args.train_command, shlex.join(["thermodiff", *evaluate])]
     curve = training_curve(run_dir, evaluation["dim"])
-    clock = json.loads((run_dir / "config.json").read_text())["train"].get("clock", "wall")  # whose seconds the curve counts
     record = {"commands": commands, "notes": args.notes}
     chain = ["--steps", args.parzen_steps] if args.parzen_steps else []
     chain += ["--variance", args.parzen_variance] if args.parzen_variance != "moments" else []
@@ -99,7 +97,9 @@ if __name__ == "__main__":
     final = evaluation["K_bits_per_pixel"]
     record |= {
         "benchmark_command": "python benchmarks/budget.py " + shlex.join(sys.argv[1:]),
-        "train": {"steps": curve[-1]["step"], f"{clock}_s": curve[-1]["elapsed_s"], "clock": clock, "device": "cpu"},
+        # the scored checkpoint's updates and time (the log's last line trails it by up to an interval)
+        "train": {"steps": evaluation["train_steps"], f"{evaluation['train_clock']}_s": evaluation["train_s"],
+                  "clock": evaluation["train_clock"], "device": "cpu"},
         "time_to_bound": [time_to(curve, fraction) for fraction in (0.5, 0.9, 1.0)],
         "training_curve": curve[:: max(1, len(curve) // 40)] + curve[-1:],
         "evaluation": evaluation,
